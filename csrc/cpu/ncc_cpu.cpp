@@ -1,0 +1,526 @@
+// CPU kernels of the wide-search NCC operators.
+//
+// Every (n, c) plane is independent: at::parallel_for hands planes to threads
+// and each plane is computed by one thread with its own scratch buffers, so
+// no two threads ever write the same element (results are deterministic).
+//
+// The forward pass uses the box-sum decomposition of docs/ncc_layer.md:
+//   NCC(p, q) = (X(p, q) - n mu_a(p) mu_b(q)) / ((n - 1) sig_a(p) sig_b(q))
+// where X(p, q) = sum over the patch of a(p + t) b(q + t). For a row offset d
+// and a row u of `a`, the horizontal part
+//   Hs_u(w, col) = sum_j a(u, w + j) b(u + d, col + j)
+// is a W x W matrix (P multiply-adds per element), and X for output row r is
+// the sum of Hs_u over the P rows u = r - h .. r + h. Hs rows are kept in a
+// ring buffer of P rows per offset d, so each is computed once.
+// Patch statistics are computed exactly (two passes, in double).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../ncc_checks.h"
+
+namespace mspcnn {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Per-plane helpers
+// ---------------------------------------------------------------------------
+
+// Zero-padded copy of an H x W plane: `top` extra rows above and below,
+// `side` extra columns left and right.
+template <typename scalar_t>
+void pad_plane(const scalar_t* x, int64_t H, int64_t W, int64_t top,
+               int64_t side, scalar_t* out) {
+  const int64_t Wp = W + 2 * side;
+  std::fill(out, out + (H + 2 * top) * Wp, scalar_t(0));
+  for (int64_t u = 0; u < H; ++u) {
+    std::copy(x + u * W, x + (u + 1) * W, out + (u + top) * Wp + side);
+  }
+}
+
+// Patch mean and standard deviation (without eps) of a plane, for centres at
+// rows row0 .. row0 + rows - 1 (which may lie outside the map) and columns
+// 0 .. W - 1. Zero padding outside the map; two passes in double.
+template <typename scalar_t>
+void patch_stats(const scalar_t* x, int64_t H, int64_t W, int64_t P,
+                 int64_t row0, int64_t rows, double* mean, double* sdev) {
+  const int64_t h = P / 2;
+  const double n = double(P * P);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t cr = row0 + r;
+    const int64_t u0 = std::max<int64_t>(cr - h, 0);
+    const int64_t u1 = std::min<int64_t>(cr + h + 1, H);
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t v0 = std::max<int64_t>(w - h, 0);
+      const int64_t v1 = std::min<int64_t>(w + h + 1, W);
+      double sum = 0.0;
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t v = v0; v < v1; ++v) sum += double(x[u * W + v]);
+      const double mu = sum / n;
+      double ss = 0.0;
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t v = v0; v < v1; ++v) {
+          const double dv = double(x[u * W + v]) - mu;
+          ss += dv * dv;
+        }
+      const int64_t inside = std::max<int64_t>(u1 - u0, 0) * (v1 - v0);
+      ss += double(P * P - inside) * mu * mu;  // the zero-padded pixels
+      mean[r * W + w] = mu;
+      sdev[r * W + w] = std::sqrt(ss / (n - 1.0));
+    }
+  }
+}
+
+// Statistics of both maps of one plane, in the forms the inner loops use.
+struct PlaneStats {
+  // a: H x W centres. b: (H + 2 R2) x W centres, row index u + R2.
+  std::vector<double> ma, sa, mb, sb;
+  void compute_sizes(const NccGeometry& g) {
+    ma.resize(g.plane());
+    sa.resize(g.plane());
+    mb.resize(g.b_rows() * g.W);
+    sb.resize(g.b_rows() * g.W);
+  }
+  template <typename scalar_t>
+  void compute(const NccGeometry& g, const scalar_t* a, const scalar_t* b) {
+    compute_sizes(g);
+    patch_stats(a, g.H, g.W, g.P, 0, g.H, ma.data(), sa.data());
+    patch_stats(b, g.H, g.W, g.P, -g.R2(), g.b_rows(), mb.data(), sb.data());
+  }
+};
+
+// Total order used for the maximum: larger value first, NaN above every
+// number (as torch.max), ties broken by the smaller candidate index
+// k * W + col (as torch.argmax, which returns the first maximum).
+template <typename scalar_t>
+inline bool better(scalar_t v, int64_t k, scalar_t best, int64_t best_k) {
+  const bool v_nan = v != v, b_nan = best != best;
+  if (b_nan) return v_nan && k < best_k;
+  if (v_nan) return true;
+  return v > best || (v == best && k < best_k);
+}
+
+// Forward pass of one plane. Writes the whole volume (volume != nullptr) or
+// the maximum over candidates and its index (values/index != nullptr).
+template <typename scalar_t>
+void forward_plane(const NccGeometry& g, const scalar_t* a, const scalar_t* b,
+                   scalar_t* volume, scalar_t* values, int64_t* index) {
+  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R = g.R, R2 = g.R2();
+  const int64_t Wp = W + 2 * h, WW = W * W, HW = H * W;
+  const double n = double(g.n());
+
+  PlaneStats st;
+  st.compute(g, a, b);
+  // Per-position factors of NCC = (X - n ma mb) * ka * kb.
+  std::vector<scalar_t> nma(HW), ka(HW), mb(g.b_rows() * W), kb(g.b_rows() * W);
+  for (int64_t i = 0; i < HW; ++i) {
+    nma[i] = scalar_t(n * st.ma[i]);
+    ka[i] = scalar_t(1.0 / ((n - 1.0) * (st.sa[i] + g.eps)));
+  }
+  for (int64_t i = 0; i < g.b_rows() * W; ++i) {
+    mb[i] = scalar_t(st.mb[i]);
+    kb[i] = scalar_t(1.0 / (st.sb[i] + g.eps));
+  }
+
+  std::vector<scalar_t> apad((H + 2 * h) * Wp), bpad((H + 2 * R2 + 2 * h) * Wp);
+  pad_plane(a, H, W, h, h, apad.data());
+  pad_plane(b, H, W, R2 + h, h, bpad.data());
+
+  // ring[k][slot] holds Hs_u for offset d = k - R2 and row u, slot (u + h) % P.
+  std::vector<scalar_t> ring(R * P * WW), xsum(WW), best(WW);
+  std::vector<int64_t> best_k(WW);
+
+  auto compute_hs = [&](int64_t u, int64_t d, scalar_t* out) {
+    if (u < 0 || u >= H || u + d < 0 || u + d >= H) {
+      std::fill(out, out + WW, scalar_t(0));
+      return;
+    }
+    const scalar_t* arow = apad.data() + (u + h) * Wp;
+    const scalar_t* brow = bpad.data() + (u + d + R2 + h) * Wp;
+    for (int64_t w = 0; w < W; ++w) {
+      scalar_t* __restrict__ o = out + w * W;
+      for (int64_t col = 0; col < W; ++col) o[col] = scalar_t(0);
+      for (int64_t j = 0; j < P; ++j) {
+        const scalar_t av = arow[w + j];
+        const scalar_t* __restrict__ bj = brow + j;
+        for (int64_t col = 0; col < W; ++col) o[col] += av * bj[col];
+      }
+    }
+  };
+  auto slot = [&](int64_t k, int64_t u) {
+    return ring.data() + (k * P + (u + h) % P) * WW;
+  };
+
+  // Rows -h .. h-1 before the first output row.
+  for (int64_t k = 0; k < R; ++k)
+    for (int64_t u = -h; u < h; ++u) compute_hs(u, k - R2, slot(k, u));
+
+  for (int64_t r = 0; r < H; ++r) {
+    for (int64_t k = 0; k < R; ++k) {
+      const int64_t d = k - R2;
+      compute_hs(r + h, d, slot(k, r + h));
+      // X = sum of the P ring rows (order-independent up to rounding).
+      scalar_t* __restrict__ x = xsum.data();
+      const scalar_t* s0 = ring.data() + k * P * WW;
+      std::copy(s0, s0 + WW, x);
+      for (int64_t s = 1; s < P; ++s) {
+        const scalar_t* __restrict__ hs = s0 + s * WW;
+        for (int64_t e = 0; e < WW; ++e) x[e] += hs[e];
+      }
+      const scalar_t* mbr = mb.data() + (r + d + R2) * W;
+      const scalar_t* kbr = kb.data() + (r + d + R2) * W;
+      for (int64_t w = 0; w < W; ++w) {
+        const scalar_t c1 = nma[r * W + w], c2 = ka[r * W + w];
+        const scalar_t* __restrict__ xr = x + w * W;
+        if (volume) {
+          scalar_t* vo = volume + (k * W) * HW + r * W + w;
+          for (int64_t col = 0; col < W; ++col)
+            vo[col * HW] = (xr[col] - c1 * mbr[col]) * c2 * kbr[col];
+        } else {
+          scalar_t* __restrict__ bv = best.data() + w * W;
+          int64_t* __restrict__ bk = best_k.data() + w * W;
+          for (int64_t col = 0; col < W; ++col) {
+            const scalar_t v = (xr[col] - c1 * mbr[col]) * c2 * kbr[col];
+            if (k == 0 || better(v, k, bv[col], bk[col])) {
+              bv[col] = v;
+              bk[col] = k;
+            }
+          }
+        }
+      }
+    }
+    if (!volume) {
+      for (int64_t w = 0; w < W; ++w) {
+        scalar_t bv = best[w * W];
+        int64_t bidx = best_k[w * W] * W;
+        for (int64_t col = 1; col < W; ++col) {
+          const int64_t idx = best_k[w * W + col] * W + col;
+          if (better(best[w * W + col], idx, bv, bidx)) {
+            bv = best[w * W + col];
+            bidx = idx;
+          }
+        }
+        values[r * W + w] = bv;
+        index[r * W + w] = bidx;
+      }
+    }
+  }
+}
+
+// Backward pass of ncc_max for one plane: each output sends its gradient to
+// the two patches of its selected candidate (2 n multiply-adds per output).
+// The NCC of the selected pair is recomputed in double.
+template <typename scalar_t>
+void max_backward_plane(const NccGeometry& g, const scalar_t* grad,
+                        const scalar_t* a, const scalar_t* b,
+                        const int64_t* index, scalar_t* grad_a,
+                        scalar_t* grad_b) {
+  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R2 = g.R2();
+  const int64_t n = g.n();
+  PlaneStats st;
+  st.compute(g, a, b);
+  std::vector<double> ga(H * W, 0.0), gb(H * W, 0.0), xc(n), yc(n);
+  std::vector<int64_t> ia(n), ib(n);  // flat index in the map, -1 if padding
+  for (int64_t r = 0; r < H; ++r) {
+    for (int64_t w = 0; w < W; ++w) {
+      const double gv = double(grad[r * W + w]);
+      if (gv == 0.0) continue;
+      const int64_t idx = index[r * W + w];
+      const int64_t qr = r + idx / W - R2, qc = idx % W;
+      const double mua = st.ma[r * W + w], sa = st.sa[r * W + w];
+      const double mub = st.mb[(qr + R2) * W + qc], sb = st.sb[(qr + R2) * W + qc];
+      double cov = 0.0;
+      for (int64_t i = 0; i < P; ++i) {
+        for (int64_t j = 0; j < P; ++j) {
+          const int64_t t = i * P + j;
+          const int64_t ua = r + i - h, va = w + j - h;
+          const int64_t ub = qr + i - h, vb = qc + j - h;
+          const bool ina = ua >= 0 && ua < H && va >= 0 && va < W;
+          const bool inb = ub >= 0 && ub < H && vb >= 0 && vb < W;
+          ia[t] = ina ? ua * W + va : -1;
+          ib[t] = inb ? ub * W + vb : -1;
+          xc[t] = (ina ? double(a[ua * W + va]) : 0.0) - mua;
+          yc[t] = (inb ? double(b[ub * W + vb]) : 0.0) - mub;
+          cov += xc[t] * yc[t];
+        }
+      }
+      const double siga = sa + g.eps, sigb = sb + g.eps;
+      const double nm1 = double(n - 1);
+      const double ncc = cov / (nm1 * siga * sigb);
+      // A constant patch has s = 0 and every xc = 0: its 1/s term is 0.
+      const double inv_sa = sa > 0.0 ? 1.0 / sa : 0.0;
+      const double inv_sb = sb > 0.0 ? 1.0 / sb : 0.0;
+      const double fa = gv / (nm1 * siga), fb = gv / (nm1 * sigb);
+      for (int64_t t = 0; t < n; ++t) {
+        if (ia[t] >= 0) ga[ia[t]] += fa * (yc[t] / sigb - ncc * xc[t] * inv_sa);
+        if (ib[t] >= 0) gb[ib[t]] += fb * (xc[t] / siga - ncc * yc[t] * inv_sb);
+      }
+    }
+  }
+  for (int64_t i = 0; i < H * W; ++i) {
+    grad_a[i] = scalar_t(ga[i]);
+    grad_b[i] = scalar_t(gb[i]);
+  }
+}
+
+// Sum of f over the patch centres c (rows c0 .. c0 + rows - 1, columns
+// 0 .. W - 1 of a centre grid) whose patch covers map pixel (u, v).
+inline double centre_box(const std::vector<double>& f, int64_t row0,
+                         int64_t rows, int64_t W, int64_t h, int64_t u,
+                         int64_t v) {
+  const int64_t r0 = std::max<int64_t>(u - h, row0);
+  const int64_t r1 = std::min<int64_t>(u + h, row0 + rows - 1);
+  const int64_t w0 = std::max<int64_t>(v - h, 0);
+  const int64_t w1 = std::min<int64_t>(v + h, W - 1);
+  double s = 0.0;
+  for (int64_t r = r0; r <= r1; ++r)
+    for (int64_t w = w0; w <= w1; ++w) s += f[(r - row0) * W + w];
+  return s;
+}
+
+// Backward pass of ncc_volume for one plane, with the same decomposition as
+// the forward pass (docs/ncc_layer.md, "Backward of the volume"):
+//   grad_a(u) = T1a(u) - box(T3a)(u) - a(u) box(Ha)(u) + box(Ha ma)(u)
+//   grad_b(v) = T1b(v) - box(T3b)(v) - b(v) box(Hb)(v) + box(Hb mb)(v)
+// T1a/T1b are correlations of V_u = sum_i G1_{u-i} with the other map, where
+// G1 = g ka kb is the incoming gradient scaled per candidate.
+template <typename scalar_t>
+void volume_backward_plane(const NccGeometry& g, const scalar_t* grad,
+                           const scalar_t* a, const scalar_t* b,
+                           const scalar_t* volume, scalar_t* grad_a,
+                           scalar_t* grad_b) {
+  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R = g.R, R2 = g.R2();
+  const int64_t Wp = W + 2 * h, WW = W * W, HW = H * W, BR = g.b_rows();
+  const double nm1 = double(g.n() - 1);
+
+  PlaneStats st;
+  st.compute(g, a, b);
+  std::vector<scalar_t> ka(HW), kb(BR * W);
+  for (int64_t i = 0; i < HW; ++i)
+    ka[i] = scalar_t(1.0 / (nm1 * (st.sa[i] + g.eps)));
+  for (int64_t i = 0; i < BR * W; ++i) kb[i] = scalar_t(1.0 / (st.sb[i] + g.eps));
+
+  std::vector<scalar_t> apad((H + 2 * h) * Wp), bpad((BR + 2 * h) * Wp);
+  pad_plane(a, H, W, h, h, apad.data());
+  pad_plane(b, H, W, R2 + h, h, bpad.data());
+  // Padded accumulators of the T1 terms (same layouts as apad / bpad).
+  std::vector<scalar_t> t1a((H + 2 * h) * Wp, scalar_t(0)),
+      t1b((BR + 2 * h) * Wp, scalar_t(0));
+  std::vector<double> gnA(HW, 0.0), t3a(HW, 0.0), gnB(BR * W, 0.0),
+      t3b(BR * W, 0.0);
+  std::vector<scalar_t> g1(H * WW), vsum(WW);
+
+  for (int64_t k = 0; k < R; ++k) {
+    const int64_t d = k - R2;
+    // G1_r(w, col) = g * ka(r, w) * kb(r + d, col), and the per-centre sums.
+    for (int64_t r = 0; r < H; ++r) {
+      const int64_t qrow = (r + d + R2) * W;
+      for (int64_t col = 0; col < W; ++col) {
+        const scalar_t* gp = grad + (k * W + col) * HW + r * W;
+        const scalar_t* vp = volume + (k * W + col) * HW + r * W;
+        const scalar_t kbq = kb[qrow + col];
+        const double mbq = st.mb[qrow + col];
+        double gn_q = 0.0, t3_q = 0.0;
+        for (int64_t w = 0; w < W; ++w) {
+          const scalar_t gv = gp[w];
+          const scalar_t g1v = gv * ka[r * W + w] * kbq;
+          g1[r * WW + w * W + col] = g1v;
+          const double gn = double(gv) * double(vp[w]);
+          gnA[r * W + w] += gn;
+          gn_q += gn;
+          t3a[r * W + w] += double(g1v) * mbq;
+          t3_q += double(g1v) * st.ma[r * W + w];
+        }
+        gnB[qrow + col] += gn_q;
+        t3b[qrow + col] += t3_q;
+      }
+    }
+    // V_u = sum of G1_r over the rows r whose patch covers row u.
+    for (int64_t u = 0; u < H; ++u) {
+      if (u + d < 0 || u + d >= H) continue;  // b row u + d is padding
+      const int64_t r0 = std::max<int64_t>(u - h, 0);
+      const int64_t r1 = std::min<int64_t>(u + h, H - 1);
+      scalar_t* __restrict__ vs = vsum.data();
+      std::copy(g1.data() + r0 * WW, g1.data() + (r0 + 1) * WW, vs);
+      for (int64_t r = r0 + 1; r <= r1; ++r) {
+        const scalar_t* __restrict__ src = g1.data() + r * WW;
+        for (int64_t e = 0; e < WW; ++e) vs[e] += src[e];
+      }
+      const scalar_t* arow = apad.data() + (u + h) * Wp;
+      const scalar_t* brow = bpad.data() + (u + d + R2 + h) * Wp;
+      scalar_t* ta = t1a.data() + (u + h) * Wp;
+      scalar_t* __restrict__ tb = t1b.data() + (u + d + R2 + h) * Wp;
+      for (int64_t w = 0; w < W; ++w) {
+        const scalar_t* __restrict__ vr = vs + w * W;
+        for (int64_t j = 0; j < P; ++j) {
+          const scalar_t* __restrict__ bj = brow + j;
+          scalar_t acc = 0;
+          for (int64_t col = 0; col < W; ++col) acc += vr[col] * bj[col];
+          ta[w + j] += acc;
+          const scalar_t av = arow[w + j];
+          scalar_t* __restrict__ tbj = tb + j;
+          for (int64_t col = 0; col < W; ++col) tbj[col] += av * vr[col];
+        }
+      }
+    }
+  }
+
+  // Scalar per-centre factors of the second and third terms.
+  std::vector<double> Ha(HW), Hama(HW), Hb(BR * W), Hbmb(BR * W);
+  for (int64_t i = 0; i < HW; ++i) {
+    const double inv_s = st.sa[i] > 0.0 ? 1.0 / st.sa[i] : 0.0;
+    Ha[i] = gnA[i] * double(ka[i]) * inv_s;
+    Hama[i] = Ha[i] * st.ma[i];
+  }
+  for (int64_t i = 0; i < BR * W; ++i) {
+    const double inv_s = st.sb[i] > 0.0 ? 1.0 / st.sb[i] : 0.0;
+    Hb[i] = gnB[i] * double(kb[i]) * inv_s / nm1;
+    Hbmb[i] = Hb[i] * st.mb[i];
+  }
+  for (int64_t u = 0; u < H; ++u) {
+    for (int64_t v = 0; v < W; ++v) {
+      const double xa = double(a[u * W + v]), xb = double(b[u * W + v]);
+      grad_a[u * W + v] = scalar_t(
+          double(t1a[(u + h) * Wp + v + h]) - centre_box(t3a, 0, H, W, h, u, v) -
+          xa * centre_box(Ha, 0, H, W, h, u, v) + centre_box(Hama, 0, H, W, h, u, v));
+      grad_b[u * W + v] = scalar_t(
+          double(t1b[(u + R2 + h) * Wp + v + h]) -
+          centre_box(t3b, -R2, BR, W, h, u, v) -
+          xb * centre_box(Hb, -R2, BR, W, h, u, v) +
+          centre_box(Hbmb, -R2, BR, W, h, u, v));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Operator entry points
+// ---------------------------------------------------------------------------
+
+void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": `", name,
+              "` must be a CPU tensor for the CPU kernel, got ", t.device());
+}
+
+template <typename F>
+void for_each_plane(const NccGeometry& g, F&& f) {
+  at::parallel_for(0, g.planes(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) f(p);
+  });
+}
+
+at::Tensor ncc_volume_cpu(const at::Tensor& a_, const at::Tensor& b_,
+                          int64_t patch, int64_t search_rows, double eps) {
+  const auto g = check_inputs(a_, b_, patch, search_rows, eps, "ncc_volume");
+  check_cpu(a_, "ncc_volume", "a");
+  const auto a = a_.contiguous(), b = b_.contiguous();
+  auto out = at::empty({g.N, g.C * g.R * g.W, g.H, g.W}, a.options());
+  if (out.numel() == 0) return out;
+  const int64_t per = g.R * g.W * g.plane();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ncc_volume_cpu", [&] {
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    for_each_plane(g, [&](int64_t p) {
+      forward_plane<scalar_t>(g, pa + p * g.plane(), pb + p * g.plane(),
+                              po + p * per, nullptr, nullptr);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> ncc_max_cpu(const at::Tensor& a_,
+                                               const at::Tensor& b_,
+                                               int64_t patch,
+                                               int64_t search_rows,
+                                               double eps) {
+  const auto g = check_inputs(a_, b_, patch, search_rows, eps, "ncc_max");
+  check_cpu(a_, "ncc_max", "a");
+  const auto a = a_.contiguous(), b = b_.contiguous();
+  auto values = at::empty({g.N, g.C, g.H, g.W}, a.options());
+  auto index = at::empty({g.N, g.C, g.H, g.W}, a.options().dtype(at::kLong));
+  if (values.numel() == 0) return {values, index};
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ncc_max_cpu", [&] {
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    scalar_t* pv = values.data_ptr<scalar_t>();
+    int64_t* pi = index.data_ptr<int64_t>();
+    for_each_plane(g, [&](int64_t p) {
+      const int64_t o = p * g.plane();
+      forward_plane<scalar_t>(g, pa + o, pb + o, nullptr, pv + o, pi + o);
+    });
+  });
+  return {values, index};
+}
+
+std::tuple<at::Tensor, at::Tensor> ncc_max_backward_cpu(
+    const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& b_,
+    const at::Tensor& index_, int64_t patch, int64_t search_rows, double eps) {
+  const char* op = "ncc_max_backward";
+  const auto g = check_inputs(a_, b_, patch, search_rows, eps, op);
+  check_cpu(a_, op, "a");
+  check_like(grad_, a_, a_.sizes(), op, "grad", true);
+  check_like(index_, a_, a_.sizes(), op, "index", false);
+  const auto a = a_.contiguous(), b = b_.contiguous();
+  const auto grad = grad_.contiguous(), index = index_.contiguous();
+  auto grad_a = at::empty_like(a), grad_b = at::empty_like(b);
+  if (a.numel() == 0) return {grad_a, grad_b};
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ncc_max_backward_cpu", [&] {
+    const scalar_t* pg = grad.data_ptr<scalar_t>();
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    const int64_t* pi = index.data_ptr<int64_t>();
+    scalar_t* ga = grad_a.data_ptr<scalar_t>();
+    scalar_t* gb = grad_b.data_ptr<scalar_t>();
+    for_each_plane(g, [&](int64_t p) {
+      const int64_t o = p * g.plane();
+      max_backward_plane<scalar_t>(g, pg + o, pa + o, pb + o, pi + o, ga + o, gb + o);
+    });
+  });
+  return {grad_a, grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor> ncc_volume_backward_cpu(
+    const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& b_,
+    const at::Tensor& volume_, int64_t patch, int64_t search_rows,
+    double eps) {
+  const char* op = "ncc_volume_backward";
+  const auto g = check_inputs(a_, b_, patch, search_rows, eps, op);
+  check_cpu(a_, op, "a");
+  const std::vector<int64_t> vshape{g.N, g.C * g.R * g.W, g.H, g.W};
+  check_like(grad_, a_, vshape, op, "grad", true);
+  check_like(volume_, a_, vshape, op, "volume", true);
+  const auto a = a_.contiguous(), b = b_.contiguous();
+  const auto grad = grad_.contiguous(), volume = volume_.contiguous();
+  auto grad_a = at::empty_like(a), grad_b = at::empty_like(b);
+  if (a.numel() == 0) return {grad_a, grad_b};
+  const int64_t per = g.R * g.W * g.plane();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ncc_volume_backward_cpu", [&] {
+    const scalar_t* pg = grad.data_ptr<scalar_t>();
+    const scalar_t* pv = volume.data_ptr<scalar_t>();
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    scalar_t* ga = grad_a.data_ptr<scalar_t>();
+    scalar_t* gb = grad_b.data_ptr<scalar_t>();
+    for_each_plane(g, [&](int64_t p) {
+      const int64_t o = p * g.plane();
+      volume_backward_plane<scalar_t>(g, pg + p * per, pa + o, pb + o,
+                                      pv + p * per, ga + o, gb + o);
+    });
+  });
+  return {grad_a, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mspcnn, CPU, m) {
+  m.impl("ncc_volume", &ncc_volume_cpu);
+  m.impl("ncc_volume_backward", &ncc_volume_backward_cpu);
+  m.impl("ncc_max", &ncc_max_cpu);
+  m.impl("ncc_max_backward", &ncc_max_backward_cpu);
+}
+
+}  // namespace mspcnn

@@ -1,0 +1,54 @@
+"""Argument checks of the NCC operators (shared by the operators, their fake
+implementations and the reference). Each error names the argument and what was
+expected; the C++ kernels repeat the checks for direct ``torch.ops`` calls."""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_map(op, name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(
+            f"{op}: `{name}` must be a 4-D tensor N x C x H x W, "
+            f"got a {t.dim()}-D tensor of shape {list(t.shape)}"
+        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: `{name}` must be float32 or float64, got {t.dtype}")
+
+
+def check_odd(op, name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: `{name}` must be an int, got {type(value).__name__}")
+    if value < minimum or value % 2 == 0:
+        raise ValueError(f"{op}: `{name}` must be an odd integer >= {minimum}, got {value}")
+
+
+def check_inputs(op, a, b, patch, search_rows, eps):
+    """Validate the arguments of ncc_volume / ncc_max (and their references)."""
+    check_map(op, "a", a)
+    check_map(op, "b", b)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{op}: `a` and `b` must have the same shape, got {list(a.shape)} and {list(b.shape)}"
+        )
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: `a` and `b` must have the same dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(
+            f"{op}: `a` and `b` must be on the same device, got {a.device} and {b.device}"
+        )
+    check_odd(op, "patch", patch, 3)
+    check_odd(op, "search_rows", search_rows, 1)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{op}: `eps` must be a float, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: `eps` must be finite and >= 0, got {eps}")
+    if a.device.type == "cuda":
+        from .ncc import cuda_limits  # late import: ncc imports this module
+
+        cuda_limits(op, a, patch, search_rows)

@@ -1,0 +1,165 @@
+"""The wide-search NCC operators as PyTorch custom operators.
+
+The schemas are declared once in C++ (csrc/ncc_ops.cpp) and the kernels are
+registered per device (csrc/cpu/ncc_cpu.cpp, csrc/cuda/ncc_cuda.cpp). This
+module adds what Python owns:
+
+* fake implementations (output shapes for torch.compile and meta tensors),
+* the autograd formulas, which call the backward operators,
+* the user-facing functions with argument checking and documentation.
+
+The backward operators compute the exact derivative (eps included); they are
+not themselves differentiable (no double backward).
+"""
+import torch
+
+from ._checks import check_inputs
+
+try:
+    from mspcnn import _C  # noqa: F401  loading the library registers the kernels
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "mspcnn._C, the compiled NCC extension, could not be loaded. Build it with "
+        "`pip install -e . --no-build-isolation` in the repository root "
+        f"(after `pip install torch`). Cause: {exc}"
+    ) from exc
+
+__all__ = ["ncc_volume", "ncc_max", "cuda_limits"]
+
+# Limits of the CUDA kernels (csrc/cuda/ncc_kernels.cu): a block keeps the
+# rows of both maps it needs and one row of outputs in shared memory.
+CUDA_MAX_WIDTH = 64
+CUDA_MAX_PATCH = 15
+CUDA_MAX_SEARCH_ROWS = 15
+
+
+def cuda_limits(op, a, patch, search_rows):
+    """Raise ValueError when a CUDA input exceeds the kernels' limits."""
+    W = a.shape[3]
+    if W > CUDA_MAX_WIDTH:
+        raise ValueError(
+            f"{op}: the CUDA kernel supports maps at most {CUDA_MAX_WIDTH} wide, `a` is {W} "
+            "wide (move the inputs to the CPU)"
+        )
+    if patch > CUDA_MAX_PATCH:
+        raise ValueError(f"{op}: the CUDA kernel supports `patch` <= {CUDA_MAX_PATCH}, got {patch}")
+    if search_rows > CUDA_MAX_SEARCH_ROWS:
+        raise ValueError(
+            f"{op}: the CUDA kernel supports `search_rows` <= {CUDA_MAX_SEARCH_ROWS}, "
+            f"got {search_rows}"
+        )
+
+
+# --------------------------------------------------------------------------
+# Fake implementations: shapes, dtypes and devices of the outputs only.
+# --------------------------------------------------------------------------
+@torch.library.register_fake("mspcnn::ncc_volume")
+def _ncc_volume_fake(a, b, patch, search_rows, eps):
+    check_inputs("ncc_volume", a, b, patch, search_rows, eps)
+    N, C, H, W = a.shape
+    return a.new_empty((N, C * search_rows * W, H, W))
+
+
+@torch.library.register_fake("mspcnn::ncc_max")
+def _ncc_max_fake(a, b, patch, search_rows, eps):
+    check_inputs("ncc_max", a, b, patch, search_rows, eps)
+    return a.new_empty(a.shape), a.new_empty(a.shape, dtype=torch.long)
+
+
+@torch.library.register_fake("mspcnn::ncc_volume_backward")
+def _ncc_volume_backward_fake(grad, a, b, volume, patch, search_rows, eps):
+    return torch.empty_like(a, memory_format=torch.contiguous_format), torch.empty_like(
+        b, memory_format=torch.contiguous_format
+    )
+
+
+@torch.library.register_fake("mspcnn::ncc_max_backward")
+def _ncc_max_backward_fake(grad, a, b, index, patch, search_rows, eps):
+    return torch.empty_like(a, memory_format=torch.contiguous_format), torch.empty_like(
+        b, memory_format=torch.contiguous_format
+    )
+
+
+# --------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------
+def _volume_setup_context(ctx, inputs, output):
+    a, b, patch, search_rows, eps = inputs
+    ctx.save_for_backward(a, b, output)
+    ctx.params = (patch, search_rows, eps)
+
+
+def _volume_backward(ctx, grad):
+    a, b, volume = ctx.saved_tensors
+    grad_a, grad_b = torch.ops.mspcnn.ncc_volume_backward.default(
+        grad, a, b, volume, *ctx.params
+    )
+    return grad_a, grad_b, None, None, None
+
+
+def _max_setup_context(ctx, inputs, output):
+    a, b, patch, search_rows, eps = inputs
+    _, index = output
+    ctx.mark_non_differentiable(index)
+    ctx.save_for_backward(a, b, index)
+    ctx.params = (patch, search_rows, eps)
+
+
+def _max_backward(ctx, grad_values, _grad_index):
+    a, b, index = ctx.saved_tensors
+    grad_a, grad_b = torch.ops.mspcnn.ncc_max_backward.default(
+        grad_values, a, b, index, *ctx.params
+    )
+    return grad_a, grad_b, None, None, None
+
+
+torch.library.register_autograd(
+    "mspcnn::ncc_volume", _volume_backward, setup_context=_volume_setup_context
+)
+torch.library.register_autograd(
+    "mspcnn::ncc_max", _max_backward, setup_context=_max_setup_context
+)
+
+
+# --------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------
+def ncc_volume(a, b, patch=5, search_rows=5, eps=0.01):
+    """Wide-search normalized cross-correlation volume (METHOD.md section 2).
+
+    For every channel c and position (r, w) of ``a``, the P x P patch of ``a``
+    centred there is compared with the patches of ``b`` centred at rows
+    r - R//2 .. r + R//2 and every column 0 .. W-1 (zero padding outside):
+    NCC(x, y) = sum((x - mu_x)(y - mu_y)) / ((n - 1)(s_x + eps)(s_y + eps)),
+    n = P*P, s the unbiased standard deviation of the patch.
+
+    Args:
+        a, b: N x C x H x W float32 or float64 tensors on the same device.
+        patch: odd patch side P >= 3.
+        search_rows: odd number of candidate rows R >= 1.
+        eps: added to each patch's standard deviation.
+
+    Returns:
+        N x (C*R*W) x H x W tensor; channel c*R*W + k*W + col holds the NCC
+        with the patch of ``b`` at row r + k - R//2, column col.
+
+    Differentiable in ``a`` and ``b`` (exact gradient, eps included). Memory is
+    R*W times that of ``a``; use :func:`ncc_max` when only the best match is
+    needed. NaN in an input makes every output whose patches contain it NaN.
+    """
+    check_inputs("ncc_volume", a, b, patch, search_rows, eps)
+    return torch.ops.mspcnn.ncc_volume.default(a, b, int(patch), int(search_rows), float(eps))
+
+
+def ncc_max(a, b, patch=5, search_rows=5, eps=0.01):
+    """Best wide-search NCC match of every patch (the form used by MSP-CNN).
+
+    Same arguments as :func:`ncc_volume`. Returns ``(values, index)``, both
+    N x C x H x W: the maximum of the R*W candidates of each (n, c, r, w) and
+    its candidate index k*W + col (int64; on ties the smallest index, as
+    torch.argmax). The gradient of ``values`` flows to the two patches of the
+    selected candidate only. The volume is never stored. NaN counts as larger
+    than every number: an output with a NaN candidate is NaN.
+    """
+    check_inputs("ncc_max", a, b, patch, search_rows, eps)
+    return torch.ops.mspcnn.ncc_max.default(a, b, int(patch), int(search_rows), float(eps))
