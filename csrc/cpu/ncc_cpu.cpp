@@ -19,6 +19,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../ncc_checks.h"
@@ -44,33 +47,40 @@ void pad_plane(const scalar_t* x, int64_t H, int64_t W, int64_t top,
 
 // Patch mean and standard deviation (without eps) of a plane, for centres at
 // rows row0 .. row0 + rows - 1 (which may lie outside the map) and columns
-// 0 .. W - 1. Zero padding outside the map; two passes in double.
+// 0 .. W - 1, zero padding outside the map. Separable box sums of x and x*x
+// in double: var = (Q - S*S/n) / (n - 1), clamped at 0.
 template <typename scalar_t>
 void patch_stats(const scalar_t* x, int64_t H, int64_t W, int64_t P,
                  int64_t row0, int64_t rows, double* mean, double* sdev) {
   const int64_t h = P / 2;
   const double n = double(P * P);
+  std::vector<double> hs(H * W), hq(H * W);  // horizontal box sums per map row
+  for (int64_t u = 0; u < H; ++u) {
+    for (int64_t w = 0; w < W; ++w) {
+      double s = 0.0, q = 0.0;
+      const int64_t v1 = std::min<int64_t>(w + h + 1, W);
+      for (int64_t v = std::max<int64_t>(w - h, 0); v < v1; ++v) {
+        const double xv = double(x[u * W + v]);
+        s += xv;
+        q += xv * xv;
+      }
+      hs[u * W + w] = s;
+      hq[u * W + w] = q;
+    }
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t cr = row0 + r;
     const int64_t u0 = std::max<int64_t>(cr - h, 0);
     const int64_t u1 = std::min<int64_t>(cr + h + 1, H);
     for (int64_t w = 0; w < W; ++w) {
-      const int64_t v0 = std::max<int64_t>(w - h, 0);
-      const int64_t v1 = std::min<int64_t>(w + h + 1, W);
-      double sum = 0.0;
-      for (int64_t u = u0; u < u1; ++u)
-        for (int64_t v = v0; v < v1; ++v) sum += double(x[u * W + v]);
-      const double mu = sum / n;
-      double ss = 0.0;
-      for (int64_t u = u0; u < u1; ++u)
-        for (int64_t v = v0; v < v1; ++v) {
-          const double dv = double(x[u * W + v]) - mu;
-          ss += dv * dv;
-        }
-      const int64_t inside = std::max<int64_t>(u1 - u0, 0) * (v1 - v0);
-      ss += double(P * P - inside) * mu * mu;  // the zero-padded pixels
-      mean[r * W + w] = mu;
-      sdev[r * W + w] = std::sqrt(ss / (n - 1.0));
+      double s = 0.0, q = 0.0;
+      for (int64_t u = u0; u < u1; ++u) {
+        s += hs[u * W + w];
+        q += hq[u * W + w];
+      }
+      const double var = (q - s * s / n) / (n - 1.0);
+      mean[r * W + w] = s / n;
+      sdev[r * W + w] = var > 0.0 ? std::sqrt(var) : 0.0;
     }
   }
 }
@@ -104,167 +114,279 @@ inline bool better(scalar_t v, int64_t k, scalar_t best, int64_t best_k) {
   return v > best || (v == best && k < best_k);
 }
 
+// SIMD vectors through the GCC/Clang vector extension: 64 bytes (16 floats
+// or 8 doubles). The compiler maps them to AVX-512, two AVX2 registers, or
+// four SSE registers depending on the target (-march).
+template <typename scalar_t>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef int32_t IE;
+  static constexpr int64_t L = 16;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+  typedef int64_t IE;
+  static constexpr int64_t L = 8;
+};
+template <typename V, typename T>
+inline V loadu(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline void storeu(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename scalar_t>
+bool has_nan(const scalar_t* x, int64_t count) {
+  bool nan = false;
+  for (int64_t i = 0; i < count; ++i) nan |= x[i] != x[i];
+  return nan;
+}
+
 // Forward pass of one plane. Writes the whole volume (volume != nullptr) or
 // the maximum over candidates and its index (values/index != nullptr).
-template <typename scalar_t>
+//
+// SIMD lanes run along the output column w: the W output columns are padded
+// to Wv = NV * L, and for a row offset d the horizontal sums are
+//   Hs_u(col, w) = sum_j a(u, w + j) b(u + d, col + j),
+// i.e. P shifted rows of a (vectors over w) times scalars of b. Every
+// candidate (k, col) then gives one vector of NCC values for the L outputs
+// (r, w..w+L-1); the running maximum over candidates is element-wise, and the
+// candidates are visited in index order k * W + col with a strict '>', so
+// the first maximum wins as in torch.argmax. Volume rows are stored
+// contiguously. Lanes past W hold zeros and are never written out.
+//
+// kNaN selects the comparison that treats NaN as larger than any number (used
+// only for planes that contain NaN). kP and kNV, when not 0, fix P and NV at
+// compile time so that the inner loops unroll (common shapes are
+// instantiated in forward_plane_shape); 0 means "read from the geometry".
+template <typename scalar_t, bool kNaN, int kP, int kNV>
 void forward_plane(const NccGeometry& g, const scalar_t* a, const scalar_t* b,
                    scalar_t* volume, scalar_t* values, int64_t* index) {
-  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R = g.R, R2 = g.R2();
-  const int64_t Wp = W + 2 * h, WW = W * W, HW = H * W;
+  using V = typename Simd<scalar_t>::V;
+  using I = typename Simd<scalar_t>::I;
+  using IE = typename Simd<scalar_t>::IE;
+  constexpr int64_t L = Simd<scalar_t>::L;
+  const int64_t H = g.H, W = g.W, R = g.R, R2 = g.R2();
+  const int64_t P = kP ? kP : g.P, h = P / 2;
+  const int64_t BR = g.b_rows(), HW = H * W;
+  const int64_t NV = kNV ? kNV : (W + L - 1) / L, Wv = NV * L;
+  const int64_t Wa = Wv + 2 * h + L;  // padded row of a, room for every load
+  const int64_t Wb = W + 2 * h;       // padded row of b
   const double n = double(g.n());
 
   PlaneStats st;
   st.compute(g, a, b);
-  // Per-position factors of NCC = (X - n ma mb) * ka * kb.
-  std::vector<scalar_t> nma(HW), ka(HW), mb(g.b_rows() * W), kb(g.b_rows() * W);
-  for (int64_t i = 0; i < HW; ++i) {
-    nma[i] = scalar_t(n * st.ma[i]);
-    ka[i] = scalar_t(1.0 / ((n - 1.0) * (st.sa[i] + g.eps)));
+  // NCC = X * (ka kb) - (n ma ka) (mb kb); lanes past W get 0.
+  std::vector<scalar_t> ka(H * Wv, scalar_t(0)), nmaka(H * Wv, scalar_t(0));
+  std::vector<scalar_t> kb(BR * W), mbkb(BR * W);
+  for (int64_t r = 0; r < H; ++r)
+    for (int64_t w = 0; w < W; ++w) {
+      const double k = 1.0 / ((n - 1.0) * (st.sa[r * W + w] + g.eps));
+      ka[r * Wv + w] = scalar_t(k);
+      nmaka[r * Wv + w] = scalar_t(n * st.ma[r * W + w] * k);
+    }
+  for (int64_t i = 0; i < BR * W; ++i) {
+    const double k = 1.0 / (st.sb[i] + g.eps);
+    kb[i] = scalar_t(k);
+    mbkb[i] = scalar_t(st.mb[i] * k);
   }
-  for (int64_t i = 0; i < g.b_rows() * W; ++i) {
-    mb[i] = scalar_t(st.mb[i]);
-    kb[i] = scalar_t(1.0 / (st.sb[i] + g.eps));
+
+  std::vector<scalar_t> apad((H + 2 * h) * Wa, scalar_t(0));
+  std::vector<scalar_t> bpad((BR + 2 * h) * Wb, scalar_t(0));
+  for (int64_t u = 0; u < H; ++u) {
+    std::copy(a + u * W, a + (u + 1) * W, apad.data() + (u + h) * Wa + h);
+    std::copy(b + u * W, b + (u + 1) * W, bpad.data() + (u + R2 + h) * Wb + h);
   }
 
-  std::vector<scalar_t> apad((H + 2 * h) * Wp), bpad((H + 2 * R2 + 2 * h) * Wp);
-  pad_plane(a, H, W, h, h, apad.data());
-  pad_plane(b, H, W, R2 + h, h, bpad.data());
+  // ring[(k * P + slot) * W * NV + col * NV + cv]: Hs_u for offset
+  // d = k - R2 in slot (u + h) % P.
+  const int64_t plane_v = W * NV;
+  std::vector<V> ring(R * P * plane_v), as(P * NV);
 
-  // ring[k][slot] holds Hs_u for offset d = k - R2 and row u, slot (u + h) % P.
-  std::vector<scalar_t> ring(R * P * WW), xsum(WW), best(WW);
-  std::vector<int64_t> best_k(WW);
-
-  auto compute_hs = [&](int64_t u, int64_t d, scalar_t* out) {
+  auto compute_hs = [&](int64_t u, int64_t d, V* out) {
     if (u < 0 || u >= H || u + d < 0 || u + d >= H) {
-      std::fill(out, out + WW, scalar_t(0));
+      std::fill(out, out + plane_v, V{});
       return;
     }
-    const scalar_t* arow = apad.data() + (u + h) * Wp;
-    const scalar_t* brow = bpad.data() + (u + d + R2 + h) * Wp;
-    for (int64_t w = 0; w < W; ++w) {
-      scalar_t* __restrict__ o = out + w * W;
-      for (int64_t col = 0; col < W; ++col) o[col] = scalar_t(0);
-      for (int64_t j = 0; j < P; ++j) {
-        const scalar_t av = arow[w + j];
-        const scalar_t* __restrict__ bj = brow + j;
-        for (int64_t col = 0; col < W; ++col) o[col] += av * bj[col];
+    const scalar_t* arow = apad.data() + (u + h) * Wa;
+    const scalar_t* brow = bpad.data() + (u + d + R2 + h) * Wb;
+    // The P shifted copies of the a row, reused for every candidate column.
+    for (int64_t j = 0; j < P; ++j)
+      for (int64_t cv = 0; cv < NV; ++cv) as[j * NV + cv] = loadu<V>(arow + j + cv * L);
+    for (int64_t col = 0; col < W; ++col) {
+      for (int64_t cv = 0; cv < NV; ++cv) {
+        V acc{};
+        for (int64_t j = 0; j < P; ++j) acc += as[j * NV + cv] * brow[col + j];
+        out[col * NV + cv] = acc;
       }
     }
   };
   auto slot = [&](int64_t k, int64_t u) {
-    return ring.data() + (k * P + (u + h) % P) * WW;
+    return ring.data() + (k * P + (u + h) % P) * plane_v;
   };
 
-  // Rows -h .. h-1 before the first output row.
   for (int64_t k = 0; k < R; ++k)
     for (int64_t u = -h; u < h; ++u) compute_hs(u, k - R2, slot(k, u));
 
+  std::vector<V> best(NV);
+  std::vector<I> best_i(NV);
+  alignas(64) scalar_t lanes[L];
+  alignas(64) IE ilanes[L];
   for (int64_t r = 0; r < H; ++r) {
+    for (int64_t cv = 0; cv < NV; ++cv) {
+      best[cv] = V{} - std::numeric_limits<scalar_t>::infinity();
+      best_i[cv] = I{};
+    }
     for (int64_t k = 0; k < R; ++k) {
       const int64_t d = k - R2;
       compute_hs(r + h, d, slot(k, r + h));
-      // X = sum of the P ring rows (order-independent up to rounding).
-      scalar_t* __restrict__ x = xsum.data();
-      const scalar_t* s0 = ring.data() + k * P * WW;
-      std::copy(s0, s0 + WW, x);
-      for (int64_t s = 1; s < P; ++s) {
-        const scalar_t* __restrict__ hs = s0 + s * WW;
-        for (int64_t e = 0; e < WW; ++e) x[e] += hs[e];
-      }
-      const scalar_t* mbr = mb.data() + (r + d + R2) * W;
-      const scalar_t* kbr = kb.data() + (r + d + R2) * W;
-      for (int64_t w = 0; w < W; ++w) {
-        const scalar_t c1 = nma[r * W + w], c2 = ka[r * W + w];
-        const scalar_t* __restrict__ xr = x + w * W;
-        if (volume) {
-          scalar_t* vo = volume + (k * W) * HW + r * W + w;
-          for (int64_t col = 0; col < W; ++col)
-            vo[col * HW] = (xr[col] - c1 * mbr[col]) * c2 * kbr[col];
-        } else {
-          scalar_t* __restrict__ bv = best.data() + w * W;
-          int64_t* __restrict__ bk = best_k.data() + w * W;
-          for (int64_t col = 0; col < W; ++col) {
-            const scalar_t v = (xr[col] - c1 * mbr[col]) * c2 * kbr[col];
-            if (k == 0 || better(v, k, bv[col], bk[col])) {
-              bv[col] = v;
-              bk[col] = k;
+      const V* s0 = ring.data() + k * P * plane_v;
+      const scalar_t* kbrow = kb.data() + (r + d + R2) * W;
+      const scalar_t* mbrow = mbkb.data() + (r + d + R2) * W;
+      for (int64_t col = 0; col < W; ++col) {
+        const scalar_t kbq = kbrow[col], mq = mbrow[col];
+        const IE idx = IE(k * W + col);
+        for (int64_t cv = 0; cv < NV; ++cv) {
+          const int64_t e = col * NV + cv;
+          V x = s0[e];
+          for (int64_t s = 1; s < P; ++s) x += s0[s * plane_v + e];
+          const V v = x * (loadu<V>(ka.data() + r * Wv + cv * L) * kbq) -
+                      loadu<V>(nmaka.data() + r * Wv + cv * L) * mq;
+          if (volume) {
+            scalar_t* vo = volume + (k * W + col) * HW + r * W + cv * L;
+            const int64_t cols = std::min<int64_t>(L, W - cv * L);
+            if (cols == L) {
+              storeu(vo, v);
+            } else {
+              storeu(lanes, v);
+              std::copy(lanes, lanes + cols, vo);
             }
+          } else {
+            auto m = v > best[cv];
+            if (kNaN) m = m | ((v != v) & (best[cv] == best[cv]));
+            best[cv] = m ? v : best[cv];
+            best_i[cv] = m ? (I{} + idx) : best_i[cv];
           }
         }
       }
     }
     if (!volume) {
-      for (int64_t w = 0; w < W; ++w) {
-        scalar_t bv = best[w * W];
-        int64_t bidx = best_k[w * W] * W;
-        for (int64_t col = 1; col < W; ++col) {
-          const int64_t idx = best_k[w * W + col] * W + col;
-          if (better(best[w * W + col], idx, bv, bidx)) {
-            bv = best[w * W + col];
-            bidx = idx;
-          }
+      for (int64_t cv = 0; cv < NV; ++cv) {
+        storeu(lanes, best[cv]);
+        storeu(ilanes, best_i[cv]);
+        const int64_t cols = std::min<int64_t>(L, W - cv * L);
+        for (int64_t l = 0; l < cols; ++l) {
+          values[r * W + cv * L + l] = lanes[l];
+          index[r * W + cv * L + l] = int64_t(ilanes[l]);
         }
-        values[r * W + w] = bv;
-        index[r * W + w] = bidx;
       }
     }
   }
 }
 
+template <typename scalar_t, bool kNaN>
+void forward_plane_shape(const NccGeometry& g, const scalar_t* a,
+                         const scalar_t* b, scalar_t* volume, scalar_t* values,
+                         int64_t* index) {
+  constexpr int64_t L = Simd<scalar_t>::L;
+  const int64_t NV = (g.W + L - 1) / L;
+#define MSPCNN_FWD(P_, NV_) \
+  if (g.P == P_ && NV == NV_) \
+    return forward_plane<scalar_t, kNaN, P_, NV_>(g, a, b, volume, values, index);
+  MSPCNN_FWD(3, 1) MSPCNN_FWD(3, 2) MSPCNN_FWD(5, 1) MSPCNN_FWD(5, 2)
+  MSPCNN_FWD(5, 4) MSPCNN_FWD(7, 2)
+#undef MSPCNN_FWD
+  forward_plane<scalar_t, kNaN, 0, 0>(g, a, b, volume, values, index);
+}
+
+template <typename scalar_t>
+void forward_plane_dispatch(const NccGeometry& g, const scalar_t* a,
+                            const scalar_t* b, scalar_t* volume,
+                            scalar_t* values, int64_t* index) {
+  if (has_nan(a, g.plane()) || has_nan(b, g.plane()))
+    forward_plane_shape<scalar_t, true>(g, a, b, volume, values, index);
+  else
+    forward_plane_shape<scalar_t, false>(g, a, b, volume, values, index);
+}
+
 // Backward pass of ncc_max for one plane: each output sends its gradient to
-// the two patches of its selected candidate (2 n multiply-adds per output).
-// The NCC of the selected pair is recomputed in double.
+// the two patches of its selected candidate. With x, y the two patches
+// (zero padded), xc = x - mu_a, yc = y - mu_b, s the std without eps and
+// sig = s + eps (docs/ncc_layer.md, "Backward"):
+//   dNCC/dx = (yc / sig_b - NCC xc / s_a) / ((n - 1) sig_a)
+//   dNCC/dy = (xc / sig_a - NCC yc / s_b) / ((n - 1) sig_b)
+// A constant patch has s = 0 and xc = 0, and its 1/s term is taken as 0.
+// The NCC of the selected pair is recomputed in double from padded copies;
+// gradients reaching the padding are dropped.
 template <typename scalar_t>
 void max_backward_plane(const NccGeometry& g, const scalar_t* grad,
                         const scalar_t* a, const scalar_t* b,
                         const int64_t* index, scalar_t* grad_a,
                         scalar_t* grad_b) {
   const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R2 = g.R2();
-  const int64_t n = g.n();
+  const int64_t Wp = W + 2 * h, BR = g.b_rows();
+  const double nm1 = double(g.n() - 1);
   PlaneStats st;
   st.compute(g, a, b);
-  std::vector<double> ga(H * W, 0.0), gb(H * W, 0.0), xc(n), yc(n);
-  std::vector<int64_t> ia(n), ib(n);  // flat index in the map, -1 if padding
+  // Padded copies; the b copy has R2 + h extra rows so that every candidate
+  // patch (centre rows -R2 .. H - 1 + R2) lies inside it.
+  std::vector<double> ap((H + 2 * h) * Wp, 0.0), bp((BR + 2 * h) * Wp, 0.0);
+  std::vector<double> ga(ap.size(), 0.0), gb(bp.size(), 0.0);
+  for (int64_t u = 0; u < H; ++u)
+    for (int64_t v = 0; v < W; ++v) {
+      ap[(u + h) * Wp + v + h] = double(a[u * W + v]);
+      bp[(u + R2 + h) * Wp + v + h] = double(b[u * W + v]);
+    }
   for (int64_t r = 0; r < H; ++r) {
     for (int64_t w = 0; w < W; ++w) {
       const double gv = double(grad[r * W + w]);
       if (gv == 0.0) continue;
       const int64_t idx = index[r * W + w];
-      const int64_t qr = r + idx / W - R2, qc = idx % W;
+      const int64_t qr = r + idx / W - R2, qc = idx % W;  // centre in b
       const double mua = st.ma[r * W + w], sa = st.sa[r * W + w];
       const double mub = st.mb[(qr + R2) * W + qc], sb = st.sb[(qr + R2) * W + qc];
+      // Top-left corners of the two patches in the padded copies.
+      const int64_t oa = r * Wp + w, ob = (qr + R2) * Wp + qc;
       double cov = 0.0;
-      for (int64_t i = 0; i < P; ++i) {
-        for (int64_t j = 0; j < P; ++j) {
-          const int64_t t = i * P + j;
-          const int64_t ua = r + i - h, va = w + j - h;
-          const int64_t ub = qr + i - h, vb = qc + j - h;
-          const bool ina = ua >= 0 && ua < H && va >= 0 && va < W;
-          const bool inb = ub >= 0 && ub < H && vb >= 0 && vb < W;
-          ia[t] = ina ? ua * W + va : -1;
-          ib[t] = inb ? ub * W + vb : -1;
-          xc[t] = (ina ? double(a[ua * W + va]) : 0.0) - mua;
-          yc[t] = (inb ? double(b[ub * W + vb]) : 0.0) - mub;
-          cov += xc[t] * yc[t];
-        }
-      }
+      for (int64_t i = 0; i < P; ++i)
+        for (int64_t j = 0; j < P; ++j)
+          cov += (ap[oa + i * Wp + j] - mua) * (bp[ob + i * Wp + j] - mub);
       const double siga = sa + g.eps, sigb = sb + g.eps;
-      const double nm1 = double(n - 1);
       const double ncc = cov / (nm1 * siga * sigb);
-      // A constant patch has s = 0 and every xc = 0: its 1/s term is 0.
       const double inv_sa = sa > 0.0 ? 1.0 / sa : 0.0;
       const double inv_sb = sb > 0.0 ? 1.0 / sb : 0.0;
+      // grad_x = alpha_a y + beta_a x + gamma_a, and the same for y.
       const double fa = gv / (nm1 * siga), fb = gv / (nm1 * sigb);
-      for (int64_t t = 0; t < n; ++t) {
-        if (ia[t] >= 0) ga[ia[t]] += fa * (yc[t] / sigb - ncc * xc[t] * inv_sa);
-        if (ib[t] >= 0) gb[ib[t]] += fb * (xc[t] / siga - ncc * yc[t] * inv_sb);
+      const double al_a = fa / sigb, be_a = -fa * ncc * inv_sa;
+      const double ga_c = -al_a * mub - be_a * mua;
+      const double al_b = fb / siga, be_b = -fb * ncc * inv_sb;
+      const double gb_c = -al_b * mua - be_b * mub;
+      for (int64_t i = 0; i < P; ++i) {
+        const double* x = ap.data() + oa + i * Wp;
+        const double* y = bp.data() + ob + i * Wp;
+        double* gx = ga.data() + oa + i * Wp;
+        double* gy = gb.data() + ob + i * Wp;
+        for (int64_t j = 0; j < P; ++j) {
+          gx[j] += al_a * y[j] + be_a * x[j] + ga_c;
+          gy[j] += al_b * x[j] + be_b * y[j] + gb_c;
+        }
       }
     }
   }
-  for (int64_t i = 0; i < H * W; ++i) {
-    grad_a[i] = scalar_t(ga[i]);
-    grad_b[i] = scalar_t(gb[i]);
-  }
+  for (int64_t u = 0; u < H; ++u)
+    for (int64_t v = 0; v < W; ++v) {
+      grad_a[u * W + v] = scalar_t(ga[(u + h) * Wp + v + h]);
+      grad_b[u * W + v] = scalar_t(gb[(u + R2 + h) * Wp + v + h]);
+    }
 }
 
 // Sum of f over the patch centres c (rows c0 .. c0 + rows - 1, columns
@@ -425,7 +547,7 @@ at::Tensor ncc_volume_cpu(const at::Tensor& a_, const at::Tensor& b_,
     const scalar_t* pb = b.data_ptr<scalar_t>();
     scalar_t* po = out.data_ptr<scalar_t>();
     for_each_plane(g, [&](int64_t p) {
-      forward_plane<scalar_t>(g, pa + p * g.plane(), pb + p * g.plane(),
+      forward_plane_dispatch<scalar_t>(g, pa + p * g.plane(), pb + p * g.plane(),
                               po + p * per, nullptr, nullptr);
     });
   });
@@ -450,7 +572,7 @@ std::tuple<at::Tensor, at::Tensor> ncc_max_cpu(const at::Tensor& a_,
     int64_t* pi = index.data_ptr<int64_t>();
     for_each_plane(g, [&](int64_t p) {
       const int64_t o = p * g.plane();
-      forward_plane<scalar_t>(g, pa + o, pb + o, nullptr, pv + o, pi + o);
+      forward_plane_dispatch<scalar_t>(g, pa + o, pb + o, nullptr, pv + o, pi + o);
     });
   });
   return {values, index};
