@@ -103,17 +103,6 @@ struct PlaneStats {
   }
 };
 
-// Total order used for the maximum: larger value first, NaN above every
-// number (as torch.max), ties broken by the smaller candidate index
-// k * W + col (as torch.argmax, which returns the first maximum).
-template <typename scalar_t>
-inline bool better(scalar_t v, int64_t k, scalar_t best, int64_t best_k) {
-  const bool v_nan = v != v, b_nan = best != best;
-  if (b_nan) return v_nan && k < best_k;
-  if (v_nan) return true;
-  return v > best || (v == best && k < best_k);
-}
-
 // SIMD vectors through the GCC/Clang vector extension: 64 bytes (16 floats
 // or 8 doubles). The compiler maps them to AVX-512, two AVX2 registers, or
 // four SSE registers depending on the target (-march).

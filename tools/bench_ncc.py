@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Benchmark of the NCC operators against the plain-PyTorch reference.
+
+For ``ncc_volume`` and ``ncc_max``, forward and forward+backward, at the pool1
+shape of MSP-CNN (32 x 72 x 28 per image) for several numbers of pairs, the
+C++/CUDA operator and the reference (mspcnn.ops.ncc_*_reference; for ncc_max the
+reference's volume-then-max path) are timed in the same run, on the same device.
+Prints a table of medians and speed-ups and writes everything to JSON.
+
+On CUDA it also measures the device's ceilings in the same run (device-to-device
+copy bandwidth; float32 matrix-product rate with TF32 off, the practical
+multiply-add peak), times the operator's kernels alone with torch.profiler, and
+reports the fraction of each ceiling they reach (docs/ncc_layer.md explains the
+operation and byte counts).
+
+    python tools/bench_ncc.py                      # CPU, 1/8/32 pairs
+    python tools/bench_ncc.py --device cuda        # GPU, 1/32/128 pairs
+    python tools/bench_ncc.py --pairs 4 --repeat 3 --json out.json
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from mspcnn.ops import ncc_max, ncc_max_reference, ncc_volume, ncc_volume_reference
+
+C, H, W = 32, 72, 28
+PATCH, ROWS = 5, 5
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--pairs", type=int, nargs="+", help="numbers of pairs (default cpu: 1 8 32, cuda: 1 32 128)")
+    p.add_argument("--repeat", type=int, default=5, help="timed repetitions of the operator (median reported)")
+    p.add_argument("--ref-repeat", type=int, default=2, help="timed repetitions of the reference")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--ops", nargs="+", default=["ncc_max", "ncc_volume"], choices=["ncc_max", "ncc_volume"])
+    p.add_argument("--no-reference", action="store_true", help="time the operator only")
+    p.add_argument("--json", default=None, help="output file (default bench_ncc_<device>.json)")
+    args = p.parse_args(argv)
+    if args.pairs is None:
+        args.pairs = [1, 8, 32] if args.device == "cpu" else [1, 32, 128]
+    if min(args.pairs) < 1 or args.repeat < 1 or args.ref_repeat < 1:
+        p.error("--pairs, --repeat and --ref-repeat must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to PyTorch")
+    if args.device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("mspcnn::ncc_max", "CUDA"):
+        p.error("--device cuda: mspcnn was built without the CUDA kernels "
+                "(reinstall with `pip install -e . --no-build-isolation` where nvcc is present)")
+    args.json = args.json or f"bench_ncc_{args.device}.json"
+    return args
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat, warmup=1):
+    """Median wall time in ms of fn() (device synchronised), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def make_case(op, mode, impl, a, b):
+    fn = {
+        ("ncc_volume", "ours"): lambda x, y: ncc_volume(x, y, PATCH, ROWS),
+        ("ncc_volume", "reference"): lambda x, y: ncc_volume_reference(x, y, PATCH, ROWS),
+        ("ncc_max", "ours"): lambda x, y: ncc_max(x, y, PATCH, ROWS)[0],
+        ("ncc_max", "reference"): lambda x, y: ncc_max_reference(x, y, PATCH, ROWS)[0],
+    }[(op, impl)]
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(a, b)
+    else:
+        x = a.detach().clone().requires_grad_(True)
+        y = b.detach().clone().requires_grad_(True)
+
+        def run():
+            out = fn(x, y)
+            out.backward(torch.ones_like(out))
+            x.grad = y.grad = None
+    return run
+
+
+def work_counts(op, mode, pairs):
+    """Operations and minimum bytes of one call (docs/ncc_layer.md, 'Cost').
+
+    ops: multiply-adds (and adds) the decomposed algorithm executes per
+    candidate: P for the horizontal sums, P - 1 for the vertical sums, 3 for
+    the normalisation and, for ncc_max, 2 for the running maximum.
+    bytes: each input read once, each output written once."""
+    elem = 4
+    candidates = pairs * C * H * W * ROWS * W
+    per_candidate = PATCH + (PATCH - 1) + 3 + (2 if op == "ncc_max" else 0)
+    ops = candidates * per_candidate
+    in_bytes = 2 * pairs * C * H * W * elem
+    out_bytes = candidates * elem if op == "ncc_volume" else pairs * C * H * W * (elem + 8)
+    bytes_ = in_bytes + out_bytes
+    if mode == "fwd+bwd":
+        # backward of the volume repeats the forward's work; of the max it is
+        # 2 n multiply-adds per output. Bytes: gradient in, two gradients out.
+        ops += candidates * per_candidate if op == "ncc_volume" else pairs * C * H * W * 4 * PATCH * PATCH
+        bytes_ += out_bytes + in_bytes
+    return ops, bytes_
+
+
+def cuda_ceilings():
+    """Measured device-to-device copy bandwidth (bytes/s, read + write) and
+    float32 matrix-product rate (multiply-adds/s, TF32 off)."""
+    x = torch.empty(2 * 1024**3 // 4, device="cuda")
+    y = torch.empty_like(x)
+    ms, _ = timed(lambda: y.copy_(x), "cuda", 10)
+    bandwidth = 2 * x.numel() * 4 / (ms / 1e3)
+    del x, y
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    m = torch.randn(8192, 8192, device="cuda")
+    ms, _ = timed(lambda: m @ m, "cuda", 10)
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    fma_rate = 8192**3 / (ms / 1e3)
+    return bandwidth, fma_rate
+
+
+def kernel_time_ms(run, repeat=10):
+    """Mean CUDA time per call of the mspcnn kernels, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeat):
+            run()
+        torch.cuda.synchronize()
+    total_us = 0.0
+    for evt in prof.key_averages():
+        if "ncc" in evt.key.lower():
+            total_us += getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+    return total_us / 1e3 / repeat
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    device = args.device
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "shape_per_pair": [C, H, W],
+        "patch": PATCH,
+        "search_rows": ROWS,
+        "dtype": args.dtype,
+    }
+    ceilings = None
+    if device == "cuda":
+        bw, rate = cuda_ceilings()
+        ceilings = {"copy_bandwidth_GBps": bw / 1e9, "fp32_matmul_TFMAps": rate / 1e12}
+        info["ceilings"] = ceilings
+        print(f"device: {info['device']}; measured copy bandwidth {bw / 1e9:.0f} GB/s, "
+              f"fp32 matmul {rate / 1e12:.1f} T multiply-adds/s", flush=True)
+    else:
+        print(f"device: CPU ({info['cpu_capability']}), {info['threads']} threads", flush=True)
+
+    rows = []
+    for pairs in args.pairs:
+        a = torch.randn(pairs, C, H, W, dtype=dtype, device=device)
+        b = torch.randn(pairs, C, H, W, dtype=dtype, device=device)
+        for op in args.ops:
+            for mode in ("fwd", "fwd+bwd"):
+                row = {"op": op, "mode": mode, "pairs": pairs}
+                ours, ours_all = timed(make_case(op, mode, "ours", a, b), device, args.repeat)
+                row.update(ours_ms=ours, ours_all_ms=ours_all)
+                if not args.no_reference:
+                    try:
+                        ref, ref_all = timed(make_case(op, mode, "reference", a, b), device, args.ref_repeat)
+                        row.update(reference_ms=ref, reference_all_ms=ref_all, speedup=ref / ours)
+                    except torch.OutOfMemoryError:
+                        row.update(reference_ms=None, speedup=None, note="reference out of memory")
+                        torch.cuda.empty_cache()
+                if device == "cuda":
+                    kt = kernel_time_ms(make_case(op, mode, "ours", a, b))
+                    ops, nbytes = work_counts(op, mode, pairs)
+                    row.update(kernel_ms=kt, ops=ops, bytes=nbytes)
+                    if kt > 0:
+                        row["fraction_of_fma_peak"] = ops / (kt / 1e3) / (ceilings["fp32_matmul_TFMAps"] * 1e12)
+                        row["fraction_of_bandwidth"] = nbytes / (kt / 1e3) / (ceilings["copy_bandwidth_GBps"] * 1e9)
+                rows.append(row)
+                print_row(row, device, header=len(rows) == 1)
+        del a, b
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    with open(args.json, "w") as f:
+        json.dump({"info": info, "results": rows}, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def print_row(row, device, header=False):
+    cols = f"{'op':<11} {'mode':<8} {'pairs':>5} {'ours ms':>10} {'reference ms':>13} {'speed-up':>9}"
+    if device == "cuda":
+        cols += f" {'kernel ms':>10} {'%FMA peak':>9} {'%bandwidth':>10}"
+    if header:
+        print(cols)
+        print("-" * len(cols))
+    ref = row.get("reference_ms")
+    ref_text = f"{ref:.3f}" if ref else "-"
+    speedup = f"{row['speedup']:.1f}x" if row.get("speedup") else "-"
+    line = (f"{row['op']:<11} {row['mode']:<8} {row['pairs']:>5} {row['ours_ms']:>10.3f} "
+            f"{ref_text:>13} {speedup:>9}")
+    if device == "cuda":
+        line += (f" {row.get('kernel_ms', 0):>10.3f} {100 * row.get('fraction_of_fma_peak', 0):>8.1f}%"
+                 f" {100 * row.get('fraction_of_bandwidth', 0):>9.1f}%")
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
