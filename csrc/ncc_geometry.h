@@ -12,6 +12,14 @@
 #pragma once
 #include <cstdint>
 
+// Member functions are callable from CUDA kernels, which take the geometry
+// by value.
+#if defined(__CUDACC__)
+#define MSPCNN_HD __host__ __device__
+#else
+#define MSPCNN_HD
+#endif
+
 namespace mspcnn {
 
 struct NccGeometry {
@@ -19,14 +27,14 @@ struct NccGeometry {
   int64_t P = 5, R = 5;
   double eps = 0.01;
 
-  int64_t h() const { return P / 2; }
-  int64_t R2() const { return R / 2; }
-  int64_t n() const { return P * P; }
-  int64_t candidates() const { return R * W; }          // per output position
-  int64_t plane() const { return H * W; }
-  int64_t planes() const { return N * C; }
+  MSPCNN_HD int64_t h() const { return P / 2; }
+  MSPCNN_HD int64_t R2() const { return R / 2; }
+  MSPCNN_HD int64_t n() const { return P * P; }
+  MSPCNN_HD int64_t candidates() const { return R * W; }          // per output position
+  MSPCNN_HD int64_t plane() const { return H * W; }
+  MSPCNN_HD int64_t planes() const { return N * C; }
   // Rows of b whose patch statistics are needed: centres -R2 .. H - 1 + R2.
-  int64_t b_rows() const { return H + 2 * R2(); }
+  MSPCNN_HD int64_t b_rows() const { return H + 2 * R2(); }
 };
 
 }  // namespace mspcnn

@@ -148,8 +148,10 @@ def kernel_time_ms(run, repeat=10):
         torch.cuda.synchronize()
     total_us = 0.0
     for evt in prof.key_averages():
-        if "ncc" in evt.key.lower():
-            total_us += getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+        # CUDA kernel events of our kernels (namespace mspcnn::cuda), not the
+        # CPU-side operator events, which would count the same time again.
+        if evt.device_type == torch.autograd.DeviceType.CUDA and "mspcnn" in evt.key:
+            total_us += getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
     return total_us / 1e3 / repeat
 
 

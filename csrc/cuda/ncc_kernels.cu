@@ -1,0 +1,791 @@
+// CUDA kernels of the wide-search NCC operators (docs/ncc_layer.md, "CUDA
+// kernels"). This file includes only CUDA headers and ncc_kernels.h: raw
+// pointers, kernels templated on the scalar type, an explicit stream. The
+// launcher ncc_cuda.cpp checks the tensors and calls the host functions at the
+// end of this file.
+//
+// Kernels:
+//   stats_kernel           patch mean / std of every centre (two passes, double)
+//   max_fast_kernel<P, R>  ncc_max forward, register-blocked decomposition
+//   max_generic_kernel     ncc_max forward for any P, R (direct sums)
+//   volume_kernel          ncc_volume forward (direct sums, coalesced stores)
+//   max_coef_kernel        ncc_max backward: per-output gradient coefficients
+//   max_grad_a_kernel      ... gradient of a, gathered (deterministic)
+//   max_grad_b_atomic      ... gradient of b, scattered with atomicAdd
+//   max_grad_b_gather      ... gradient of b, gathered (deterministic)
+//   volume_centre_a/b      ncc_volume backward: per-centre sums
+//   volume_grad_a/b        ... gradients, gathered (deterministic)
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <climits>
+#include <cstdint>
+
+#include "ncc_kernels.h"
+
+namespace mspcnn {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline int blocks_for(int64_t total) {
+  const int64_t b = (total + kThreads - 1) / kThreads;
+  return int(b < 65535 * 32 ? (b > 0 ? b : 1) : 65535 * 32);
+}
+
+#define GRID_STRIDE(i, total)                                             \
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (total); \
+       i += int64_t(gridDim.x) * blockDim.x)
+
+template <typename T>
+__device__ __forceinline__ T load(const T* p) {
+  return __ldg(p);
+}
+
+// Pixel (u, v) of a plane, 0 outside the map.
+template <typename T>
+__device__ __forceinline__ T pixel(const T* x, int64_t H, int64_t W, int64_t u,
+                                   int64_t v) {
+  return (u >= 0 && u < H && v >= 0 && v < W) ? load(x + u * W + v) : T(0);
+}
+
+// The order of the maximum: larger value first, NaN above every number (as
+// torch.max), ties broken by the smaller candidate index (as torch.argmax).
+template <typename T>
+__device__ __forceinline__ bool better(T v, int k, T best, int best_k) {
+  const bool v_nan = v != v, b_nan = best != best;
+  if (b_nan) return v_nan && k < best_k;
+  if (v_nan) return true;
+  return v > best || (v == best && k < best_k);
+}
+
+// ---------------------------------------------------------------------------
+// Patch statistics
+// ---------------------------------------------------------------------------
+template <typename T>
+__global__ void stats_kernel(NccGeometry g, const T* __restrict__ a,
+                             const T* __restrict__ b, double* ma, double* sa,
+                             double* mb, double* sb) {
+  const int64_t H = g.H, W = g.W, h = g.h(), BR = g.b_rows();
+  const int64_t total_a = g.planes() * H * W, total = total_a + g.planes() * BR * W;
+  const double n = double(g.n());
+  GRID_STRIDE(t, total) {
+    const bool is_a = t < total_a;
+    const int64_t e = is_a ? t : t - total_a;
+    const int64_t rows = is_a ? H : BR;
+    const int64_t w = e % W, rr = (e / W) % rows, plane = e / (W * rows);
+    const T* x = (is_a ? a : b) + plane * H * W;
+    const int64_t cr = is_a ? rr : rr - g.R2();
+    const int64_t u0 = cr - h < 0 ? 0 : cr - h, u1 = cr + h + 1 > H ? H : cr + h + 1;
+    const int64_t v0 = w - h < 0 ? 0 : w - h, v1 = w + h + 1 > W ? W : w + h + 1;
+    double sum = 0.0;
+    for (int64_t u = u0; u < u1; ++u)
+      for (int64_t v = v0; v < v1; ++v) sum += double(load(x + u * W + v));
+    const double mu = sum / n;
+    double ss = 0.0;
+    for (int64_t u = u0; u < u1; ++u)
+      for (int64_t v = v0; v < v1; ++v) {
+        const double dv = double(load(x + u * W + v)) - mu;
+        ss += dv * dv;
+      }
+    const int64_t inside = (u1 > u0 ? u1 - u0 : 0) * (v1 - v0);
+    ss += double(g.n() - inside) * mu * mu;
+    (is_a ? ma : mb)[e] = mu;
+    (is_a ? sa : sb)[e] = sqrt(ss / (n - 1.0));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// ncc_max forward, register-blocked (P in {3, 5}, R in {1, 3, 5}, W <= 32)
+// ---------------------------------------------------------------------------
+// One block computes a tile of `tile_rows` output rows of one plane. Thread
+// (x = col, y = w) owns the candidate column col for output column w: for
+// every row u of a it forms, for each of the R row offsets d,
+//   Hs_u(w, d, col) = sum_j a(u, w + j) b(u + d, col + j)       (P FMAs)
+// and keeps the last P of them per d in registers (win[d][*]); their sum is
+// the patch product X of output row u - h. A warp is one output column w,
+// its 32 lanes the candidate columns: the maximum over col is a warp
+// shuffle reduction, the maximum over d is in registers.
+//
+// Shared memory: the rows of a and b the tile needs (zero padded), and the
+// normalisation factors ka, n ma ka (per output) and kb, mb kb (per centre).
+constexpr int kLanes = 32;
+
+template <typename T, int P>
+__host__ __device__ constexpr int fast_width() {
+  return kLanes + P - 1;
+}
+
+template <typename T, int P, int R>
+__host__ __device__ inline int64_t fast_smem_elems(int tile_rows) {
+  return int64_t(tile_rows + P - 1) * fast_width<T, P>() +
+         int64_t(tile_rows + P + R - 2) * fast_width<T, P>() +
+         2 * int64_t(tile_rows) * kLanes + 2 * int64_t(tile_rows + R - 1) * kLanes;
+}
+
+template <typename T, int P, int R>
+__global__ void __launch_bounds__(1024)
+    max_fast_kernel(NccGeometry g, int tile_rows, int tiles,
+                    const T* __restrict__ a, const T* __restrict__ b,
+                    const double* __restrict__ ma, const double* __restrict__ sa,
+                    const double* __restrict__ mb, const double* __restrict__ sb,
+                    T* __restrict__ values, int64_t* __restrict__ index) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  constexpr int h = P / 2, R2 = R / 2, SW = fast_width<T, P>();
+  const int H = int(g.H), W = int(g.W), BR = int(g.b_rows());
+  const int plane = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  const int r0 = tile * tile_rows;
+  const int TR = min(tile_rows, H - r0);
+  const T* A = a + int64_t(plane) * H * W;
+  const T* B = b + int64_t(plane) * H * W;
+  const double nm1 = double(P * P - 1), eps = g.eps;
+
+  T* As = smem;                                  // (TR + P - 1) x SW
+  T* Bs = As + (tile_rows + P - 1) * SW;         // (TR + P + R - 2) x SW
+  T* kaS = Bs + (tile_rows + P + R - 2) * SW;    // TR x 32
+  T* nmakaS = kaS + tile_rows * kLanes;          // TR x 32
+  T* kbS = nmakaS + tile_rows * kLanes;          // (TR + R - 1) x 32
+  T* mbkbS = kbS + (tile_rows + R - 1) * kLanes;  // (TR + R - 1) x 32
+
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * blockDim.y;
+  for (int i = tid; i < (TR + P - 1) * SW; i += nthreads) {
+    const int row = i / SW, c = i % SW;
+    As[i] = pixel(A, H, W, r0 - h + row, c - h);
+  }
+  for (int i = tid; i < (TR + P + R - 2) * SW; i += nthreads) {
+    const int row = i / SW, c = i % SW;
+    Bs[i] = pixel(B, H, W, r0 - R2 - h + row, c - h);
+  }
+  for (int i = tid; i < TR * kLanes; i += nthreads) {
+    const int row = i / kLanes, w = i % kLanes;
+    T k = 0, m = 0;
+    if (w < W) {
+      const int64_t e = (int64_t(plane) * H + r0 + row) * W + w;
+      const double kd = 1.0 / (nm1 * (sa[e] + eps));
+      k = T(kd);
+      m = T(double(P * P) * ma[e] * kd);
+    }
+    kaS[i] = k;
+    nmakaS[i] = m;
+  }
+  for (int i = tid; i < (TR + R - 1) * kLanes; i += nthreads) {
+    const int row = i / kLanes, col = i % kLanes;
+    T k = 0, m = 0;
+    if (col < W) {
+      // centre row r0 - R2 + row, stored at extended row r0 + row
+      const int64_t e = (int64_t(plane) * BR + r0 + row) * W + col;
+      const double kd = 1.0 / (sb[e] + eps);
+      k = T(kd);
+      m = T(mb[e] * kd);
+    }
+    kbS[i] = k;
+    mbkbS[i] = m;
+  }
+  __syncthreads();
+
+  const int col = threadIdx.x, w = threadIdx.y;
+  T win[R][P];
+#pragma unroll
+  for (int k = 0; k < R; ++k)
+#pragma unroll
+    for (int i = 0; i < P; ++i) win[k][i] = T(0);
+
+  for (int uu = 0; uu < TR + P - 1; ++uu) {
+    T av[P];
+#pragma unroll
+    for (int j = 0; j < P; ++j) av[j] = As[uu * SW + w + j];
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      const T* brow = Bs + (uu + k) * SW + col;
+      T hs = T(0);
+#pragma unroll
+      for (int j = 0; j < P; ++j) hs += av[j] * brow[j];
+#pragma unroll
+      for (int i = 0; i < P - 1; ++i) win[k][i] = win[k][i + 1];
+      win[k][P - 1] = hs;
+    }
+    if (uu < P - 1) continue;
+    const int ri = uu - (P - 1);  // output row r0 + ri
+    const T c2 = kaS[ri * kLanes + w], c1 = nmakaS[ri * kLanes + w];
+    T best = T(0);
+    int best_k = INT_MAX;
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      T x = win[k][0];
+#pragma unroll
+      for (int i = 1; i < P; ++i) x += win[k][i];
+      const T kbq = kbS[(ri + k) * kLanes + col], mq = mbkbS[(ri + k) * kLanes + col];
+      const T v = x * (c2 * kbq) - c1 * mq;
+      const int idx = k * W + col;
+      if (k == 0 || better(v, idx, best, best_k)) {
+        best = v;
+        best_k = idx;
+      }
+    }
+    if (col >= W) {
+      best = -INFINITY;
+      best_k = INT_MAX;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const T ov = __shfl_xor_sync(0xffffffffu, best, off);
+      const int ok = __shfl_xor_sync(0xffffffffu, best_k, off);
+      if (better(ov, ok, best, best_k)) {
+        best = ov;
+        best_k = ok;
+      }
+    }
+    if (col == 0) {
+      const int64_t o = (int64_t(plane) * H + r0 + ri) * W + w;
+      values[o] = best;
+      index[o] = best_k;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Generic forward kernels (any P, R; W <= 64): one block per (plane, row r).
+// ---------------------------------------------------------------------------
+// Shared memory: the P rows of a and the R + P - 1 rows of b the row needs,
+// zero padded to width W + 2h, and the normalisation factors.
+template <typename T>
+__device__ void stage_row(const NccGeometry& g, int64_t plane, int64_t r,
+                          const T* a, const T* b, const double* ma,
+                          const double* sa, const double* mb, const double* sb,
+                          T* smem) {
+  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R = g.R, R2 = g.R2();
+  const int64_t SW = W + 2 * h, BR = g.b_rows();
+  const double nm1 = double(g.n() - 1);
+  T* As = smem;
+  T* Bs = As + P * SW;
+  T* ka = Bs + (R + P - 1) * SW;
+  T* nmaka = ka + W;
+  T* kb = nmaka + W;
+  T* mbkb = kb + R * W;
+  const T* A = a + plane * H * W;
+  const T* B = b + plane * H * W;
+  for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x)
+    As[i] = pixel(A, H, W, r - h + i / SW, i % SW - h);
+  for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x)
+    Bs[i] = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h);
+  for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
+    const int64_t e = (plane * H + r) * W + w;
+    const double k = 1.0 / (nm1 * (sa[e] + g.eps));
+    ka[w] = T(k);
+    nmaka[w] = T(double(g.n()) * ma[e] * k);
+  }
+  for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
+    const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
+    const double k = 1.0 / (sb[e] + g.eps);
+    kb[i] = T(k);
+    mbkb[i] = T(mb[e] * k);
+  }
+}
+
+inline int64_t generic_smem_elems(const NccGeometry& g) {
+  const int64_t SW = g.W + 2 * g.h();
+  return g.P * SW + (g.R + g.P - 1) * SW + 2 * g.W + 2 * g.R * g.W;
+}
+
+template <typename T>
+__device__ __forceinline__ T candidate(const NccGeometry& g, const T* smem,
+                                       int64_t w, int64_t k, int64_t col) {
+  const int64_t W = g.W, P = g.P, h = g.h(), R = g.R, SW = W + 2 * h;
+  const T* As = smem;
+  const T* Bs = As + P * SW;
+  const T* ka = Bs + (R + P - 1) * SW;
+  const T* nmaka = ka + W;
+  const T* kb = nmaka + W;
+  const T* mbkb = kb + R * W;
+  T x = T(0);
+  for (int64_t i = 0; i < P; ++i) {
+    const T* ar = As + i * SW + w;
+    const T* br = Bs + (k + i) * SW + col;
+    for (int64_t j = 0; j < P; ++j) x += ar[j] * br[j];
+  }
+  return x * (ka[w] * kb[k * W + col]) - nmaka[w] * mbkb[k * W + col];
+}
+
+template <typename T>
+__global__ void max_generic_kernel(NccGeometry g, const T* __restrict__ a,
+                                   const T* __restrict__ b, const double* ma,
+                                   const double* sa, const double* mb,
+                                   const double* sb, T* values, int64_t* index) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
+  stage_row(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  __syncthreads();
+  const int64_t W = g.W;
+  for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
+    T best = T(0);
+    int best_k = INT_MAX;
+    for (int64_t k = 0; k < g.R; ++k)
+      for (int64_t col = 0; col < W; ++col) {
+        const T v = candidate(g, smem, w, k, col);
+        const int idx = int(k * W + col);
+        if (best_k == INT_MAX || better(v, idx, best, best_k)) {
+          best = v;
+          best_k = idx;
+        }
+      }
+    values[(plane * g.H + r) * W + w] = best;
+    index[(plane * g.H + r) * W + w] = best_k;
+  }
+}
+
+template <typename T>
+__global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
+                              const T* __restrict__ b, const double* ma,
+                              const double* sa, const double* mb,
+                              const double* sb, T* volume) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
+  stage_row(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  __syncthreads();
+  const int64_t W = g.W, HW = g.H * W, per = g.R * W * W;
+  // e -> (k, col, w) with w fastest: consecutive threads store consecutive w.
+  for (int64_t e = threadIdx.x; e < per; e += blockDim.x) {
+    const int64_t w = e % W, kc = e / W;  // kc = k * W + col
+    volume[(plane * g.R * W + kc) * HW + r * W + w] = candidate(g, smem, w, kc / W, kc % W);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// ncc_max backward
+// ---------------------------------------------------------------------------
+// Per output p with incoming gradient g and selected centre q, the gradient
+// of a at patch element x (partner y) is al_a y + be_a x + c_a, of b at y is
+// al_b x + be_b y + c_b (docs/ncc_layer.md; the same formulas as the CPU).
+template <typename T>
+__global__ void max_coef_kernel(NccGeometry g, const T* __restrict__ grad,
+                                const T* __restrict__ a, const T* __restrict__ b,
+                                const int64_t* __restrict__ index,
+                                const double* ma, const double* sa,
+                                const double* mb, const double* sb, T* coef) {
+  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R2 = g.R2(), BR = g.b_rows();
+  const int64_t total = g.planes() * H * W;
+  const double nm1 = double(g.n() - 1);
+  GRID_STRIDE(e, total) {
+    const double gv = double(grad[e]);
+    double al_a = 0, be_a = 0, c_a = 0, al_b = 0, be_b = 0, c_b = 0;
+    if (gv != 0.0) {
+      const int64_t w = e % W, r = (e / W) % H, plane = e / (H * W);
+      const int64_t idx = index[e];
+      const int64_t qr = r + idx / W - R2, qc = idx % W;
+      const int64_t eb = (plane * BR + qr + R2) * W + qc;
+      const double mua = ma[e], s_a = sa[e], mub = mb[eb], s_b = sb[eb];
+      const T* A = a + plane * H * W;
+      const T* B = b + plane * H * W;
+      double cov = 0.0;
+      for (int64_t i = -h; i <= h; ++i)
+        for (int64_t j = -h; j <= h; ++j)
+          cov += (double(pixel(A, H, W, r + i, w + j)) - mua) *
+                 (double(pixel(B, H, W, qr + i, qc + j)) - mub);
+      const double siga = s_a + g.eps, sigb = s_b + g.eps;
+      const double ncc = cov / (nm1 * siga * sigb);
+      const double inv_sa = s_a > 0.0 ? 1.0 / s_a : 0.0;
+      const double inv_sb = s_b > 0.0 ? 1.0 / s_b : 0.0;
+      const double fa = gv / (nm1 * siga), fb = gv / (nm1 * sigb);
+      al_a = fa / sigb;
+      be_a = -fa * ncc * inv_sa;
+      c_a = -al_a * mub - be_a * mua;
+      al_b = fb / siga;
+      be_b = -fb * ncc * inv_sb;
+      c_b = -al_b * mua - be_b * mub;
+    }
+    coef[0 * total + e] = T(al_a);
+    coef[1 * total + e] = T(be_a);
+    coef[2 * total + e] = T(c_a);
+    coef[3 * total + e] = T(al_b);
+    coef[4 * total + e] = T(be_b);
+    coef[5 * total + e] = T(c_b);
+  }
+  (void)P;
+}
+
+// Gradient of a at pixel u: a sum over the P x P outputs whose patch covers u.
+template <typename T>
+__global__ void max_grad_a_kernel(NccGeometry g, const T* __restrict__ a,
+                                  const T* __restrict__ b,
+                                  const int64_t* __restrict__ index,
+                                  const T* __restrict__ coef, T* grad_a) {
+  const int64_t H = g.H, W = g.W, h = g.h(), R2 = g.R2();
+  const int64_t total = g.planes() * H * W;
+  GRID_STRIDE(e, total) {
+    const int64_t v = e % W, u = (e / W) % H, plane = e / (H * W);
+    const T* B = b + plane * H * W;
+    const double x = double(a[e]);
+    double acc = 0.0;
+    for (int64_t i = -h; i <= h; ++i) {
+      const int64_t pr = u - i;
+      if (pr < 0 || pr >= H) continue;
+      for (int64_t j = -h; j <= h; ++j) {
+        const int64_t pw = v - j;
+        if (pw < 0 || pw >= W) continue;
+        const int64_t p = (plane * H + pr) * W + pw;
+        const int64_t idx = index[p];
+        const int64_t qr = pr + idx / W - R2, qc = idx % W;
+        const double y = double(pixel(B, H, W, qr + i, qc + j));
+        acc += double(coef[p]) * y + double(coef[total + p]) * x + double(coef[2 * total + p]);
+      }
+    }
+    grad_a[e] = T(acc);
+  }
+}
+
+// Gradient of b, scattered: each output adds to the P x P pixels of its
+// selected patch (atomicAdd: the order of the additions, and so the last
+// bits of float results, can differ between runs).
+template <typename T>
+__global__ void max_grad_b_atomic(NccGeometry g, const T* __restrict__ a,
+                                  const T* __restrict__ b,
+                                  const int64_t* __restrict__ index,
+                                  const T* __restrict__ coef, T* grad_b) {
+  const int64_t H = g.H, W = g.W, h = g.h(), R2 = g.R2();
+  const int64_t total = g.planes() * H * W;
+  GRID_STRIDE(p, total) {
+    const T al = coef[3 * total + p], be = coef[4 * total + p], c = coef[5 * total + p];
+    if (al == T(0) && be == T(0) && c == T(0)) continue;
+    const int64_t pw = p % W, pr = (p / W) % H, plane = p / (H * W);
+    const int64_t idx = index[p];
+    const int64_t qr = pr + idx / W - R2, qc = idx % W;
+    const T* A = a + plane * H * W;
+    const T* B = b + plane * H * W;
+    T* G = grad_b + plane * H * W;
+    for (int64_t i = -h; i <= h; ++i) {
+      const int64_t vr = qr + i;
+      if (vr < 0 || vr >= H) continue;
+      for (int64_t j = -h; j <= h; ++j) {
+        const int64_t vc = qc + j;
+        if (vc < 0 || vc >= W) continue;
+        const T x = pixel(A, H, W, pr + i, pw + j);
+        atomicAdd(G + vr * W + vc, al * x + be * load(B + vr * W + vc) + c);
+      }
+    }
+  }
+}
+
+// Gradient of b, gathered: pixel v looks at every output whose candidate rows
+// can reach it and adds the contributions of those that selected a patch
+// covering v, in a fixed order (deterministic).
+template <typename T>
+__global__ void max_grad_b_gather(NccGeometry g, const T* __restrict__ a,
+                                  const T* __restrict__ b,
+                                  const int64_t* __restrict__ index,
+                                  const T* __restrict__ coef, T* grad_b) {
+  const int64_t H = g.H, W = g.W, h = g.h(), R2 = g.R2();
+  const int64_t total = g.planes() * H * W;
+  GRID_STRIDE(e, total) {
+    const int64_t vc = e % W, vr = (e / W) % H, plane = e / (H * W);
+    const T* A = a + plane * H * W;
+    const double y = double(b[e]);
+    double acc = 0.0;
+    const int64_t r_lo = vr - h - R2 < 0 ? 0 : vr - h - R2;
+    const int64_t r_hi = vr + h + R2 >= H ? H - 1 : vr + h + R2;
+    for (int64_t pr = r_lo; pr <= r_hi; ++pr)
+      for (int64_t pw = 0; pw < W; ++pw) {
+        const int64_t p = (plane * H + pr) * W + pw;
+        const int64_t idx = index[p];
+        const int64_t qr = pr + idx / W - R2, qc = idx % W;
+        const int64_t i = vr - qr, j = vc - qc;
+        if (i < -h || i > h || j < -h || j > h) continue;
+        const double x = double(pixel(A, H, W, pr + i, pw + j));
+        acc += double(coef[3 * total + p]) * x + double(coef[4 * total + p]) * y +
+               double(coef[5 * total + p]);
+      }
+    grad_b[e] = T(acc);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// ncc_volume backward (deterministic gathers)
+// ---------------------------------------------------------------------------
+// With G1(p, k, col) = g ka(p) kb(q), q = (r + k - R2, col):
+//   grad_a(u) = sum_{p covers u} sum_{k,col} G1 b(u + q - p)
+//               - box(T3a) - a(u) box(Ha) + box(Ha ma)
+//   grad_b(v) = sum_{q covers v} sum_{p -> q} G1 a(p + v - q)
+//               - box(T3b) - b(v) box(Hb) + box(Hb mb)
+// work holds: ka (planes*H*W), T3a, Ha, then kb (planes*BR*W), T3b, Hb.
+template <typename T>
+__global__ void volume_centre_a(NccGeometry g, const T* __restrict__ grad,
+                                const T* __restrict__ volume, const double* ma,
+                                const double* sa, const double* mb,
+                                const double* sb, double* work) {
+  const int64_t H = g.H, W = g.W, R = g.R, R2 = g.R2(), BR = g.b_rows(), HW = H * W;
+  const int64_t total = g.planes() * HW;
+  const double nm1 = double(g.n() - 1);
+  double* ka = work;
+  double* t3a = ka + total;
+  double* Ha = t3a + total;
+  GRID_STRIDE(e, total) {
+    const int64_t w = e % W, r = (e / W) % H, plane = e / HW;
+    const double k_a = 1.0 / (nm1 * (sa[e] + g.eps));
+    double gn = 0.0, t3 = 0.0;
+    for (int64_t k = 0; k < R; ++k)
+      for (int64_t col = 0; col < W; ++col) {
+        const int64_t o = ((plane * R + k) * W + col) * HW + r * W + w;
+        const double gv = double(grad[o]);
+        const int64_t eb = (plane * BR + r + k) * W + col;  // centre row r + k - R2
+        gn += gv * double(volume[o]);
+        t3 += gv * k_a / (sb[eb] + g.eps) * mb[eb];
+      }
+    ka[e] = k_a;
+    t3a[e] = t3;
+    Ha[e] = sa[e] > 0.0 ? gn * k_a / sa[e] : 0.0;
+  }
+  (void)R2;
+}
+
+template <typename T>
+__global__ void volume_centre_b(NccGeometry g, const T* __restrict__ grad,
+                                const T* __restrict__ volume, const double* ma,
+                                const double* sa, const double* mb,
+                                const double* sb, double* work) {
+  const int64_t H = g.H, W = g.W, R = g.R, R2 = g.R2(), BR = g.b_rows(), HW = H * W;
+  const int64_t total_a = g.planes() * HW, total = g.planes() * BR * W;
+  const double nm1 = double(g.n() - 1);
+  double* kb = work + 3 * total_a;
+  double* t3b = kb + total;
+  double* Hb = t3b + total;
+  GRID_STRIDE(e, total) {
+    const int64_t col = e % W, qe = (e / W) % BR, plane = e / (BR * W);
+    const int64_t qr = qe - R2;
+    const double k_b = 1.0 / (sb[e] + g.eps);
+    double gn = 0.0, t3 = 0.0;
+    for (int64_t k = 0; k < R; ++k) {
+      const int64_t r = qr - (k - R2);
+      if (r < 0 || r >= H) continue;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t o = ((plane * R + k) * W + col) * HW + r * W + w;
+        const int64_t ea = (plane * H + r) * W + w;
+        const double gv = double(grad[o]);
+        gn += gv * double(volume[o]);
+        t3 += gv * k_b / (nm1 * (sa[ea] + g.eps)) * ma[ea];
+      }
+    }
+    kb[e] = k_b;
+    t3b[e] = t3;
+    Hb[e] = sb[e] > 0.0 ? gn * k_b / (sb[e] * nm1) : 0.0;
+  }
+}
+
+template <typename T>
+__global__ void volume_grad_a(NccGeometry g, const T* __restrict__ grad,
+                              const T* __restrict__ a, const T* __restrict__ b,
+                              const double* ma, const double* work, T* grad_a) {
+  const int64_t H = g.H, W = g.W, R = g.R, R2 = g.R2(), h = g.h(), BR = g.b_rows();
+  const int64_t HW = H * W, total = g.planes() * HW;
+  const double* ka = work;
+  const double* t3a = ka + total;
+  const double* Ha = t3a + total;
+  const double* kb = work + 3 * total;
+  GRID_STRIDE(e, total) {
+    const int64_t v = e % W, u = (e / W) % H, plane = e / HW;
+    const T* B = b + plane * HW;
+    double t1 = 0.0, box_t3 = 0.0, box_h = 0.0, box_hm = 0.0;
+    for (int64_t i = -h; i <= h; ++i) {
+      const int64_t pr = u - i;
+      if (pr < 0 || pr >= H) continue;
+      for (int64_t j = -h; j <= h; ++j) {
+        const int64_t pw = v - j;
+        if (pw < 0 || pw >= W) continue;
+        const int64_t p = (plane * H + pr) * W + pw;
+        box_t3 += t3a[p];
+        box_h += Ha[p];
+        box_hm += Ha[p] * ma[p];
+        const double k_a = ka[p];
+        for (int64_t k = 0; k < R; ++k) {
+          const int64_t br = u + k - R2;  // row of b matching pixel u
+          if (br < 0 || br >= H) continue;
+          const double* kbr = kb + (plane * BR + pr + k) * W;
+          const T* grow = grad + ((plane * R + k) * W) * HW + pr * W + pw;
+          for (int64_t col = 0; col < W; ++col) {
+            const int64_t bc = col + j;
+            if (bc < 0 || bc >= W) continue;
+            t1 += double(grow[col * HW]) * k_a * kbr[col] * double(load(B + br * W + bc));
+          }
+        }
+      }
+    }
+    grad_a[e] = T(t1 - box_t3 - double(a[e]) * box_h + box_hm);
+  }
+}
+
+template <typename T>
+__global__ void volume_grad_b(NccGeometry g, const T* __restrict__ grad,
+                              const T* __restrict__ a, const T* __restrict__ b,
+                              const double* mb, const double* work, T* grad_b) {
+  const int64_t H = g.H, W = g.W, R = g.R, R2 = g.R2(), h = g.h(), BR = g.b_rows();
+  const int64_t HW = H * W, total_a = g.planes() * HW, total = g.planes() * BR * W;
+  const double* ka = work;
+  const double* kb = work + 3 * total_a;
+  const double* t3b = kb + total;
+  const double* Hb = t3b + total;
+  GRID_STRIDE(e, total_a) {
+    const int64_t vc = e % W, vr = (e / W) % H, plane = e / HW;
+    const T* A = a + plane * HW;
+    double t1 = 0.0, box_t3 = 0.0, box_h = 0.0, box_hm = 0.0;
+    for (int64_t i = -h; i <= h; ++i) {
+      const int64_t qr = vr - i;  // centre row of b, may lie outside the map
+      if (qr < -R2 || qr >= H + R2) continue;
+      for (int64_t j = -h; j <= h; ++j) {
+        const int64_t qc = vc - j;
+        if (qc < 0 || qc >= W) continue;
+        const int64_t q = (plane * BR + qr + R2) * W + qc;
+        box_t3 += t3b[q];
+        box_h += Hb[q];
+        box_hm += Hb[q] * mb[q];
+        const double k_b = kb[q];
+        for (int64_t k = 0; k < R; ++k) {
+          const int64_t pr = qr - (k - R2);
+          if (pr < 0 || pr >= H) continue;
+          const int64_t ar = pr + i;  // row of a matching pixel v
+          if (ar < 0 || ar >= H) continue;
+          const T* grow = grad + ((plane * R + k) * W + qc) * HW + pr * W;
+          const double* kar = ka + (plane * H + pr) * W;
+          for (int64_t pw = 0; pw < W; ++pw) {
+            const int64_t ac = pw + j;
+            if (ac < 0 || ac >= W) continue;
+            t1 += double(grow[pw]) * kar[pw] * k_b * double(load(A + ar * W + ac));
+          }
+        }
+      }
+    }
+    grad_b[e] = T(t1 - box_t3 - double(b[e]) * box_h + box_hm);
+  }
+}
+
+template <typename T, int P, int R>
+cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
+                        const double* ma, const double* sa, const double* mb,
+                        const double* sb, T* values, int64_t* index, int num_sms,
+                        cudaStream_t stream) {
+  // Enough blocks to fill the GPU twice over, and shared memory <= 48 KB.
+  int tiles = int((2 * int64_t(num_sms) + g.planes() - 1) / g.planes());
+  if (tiles < 1) tiles = 1;
+  if (tiles > g.H) tiles = int(g.H);
+  int tile_rows = int((g.H + tiles - 1) / tiles);
+  while (tile_rows > 1 && fast_smem_elems<T, P, R>(tile_rows) * int64_t(sizeof(T)) > 48 * 1024)
+    tile_rows = (tile_rows + 1) / 2;
+  tiles = int((g.H + tile_rows - 1) / tile_rows);
+  const size_t smem = size_t(fast_smem_elems<T, P, R>(tile_rows)) * sizeof(T);
+  const dim3 block(kLanes, unsigned(g.W));
+  const int64_t grid = g.planes() * tiles;
+  max_fast_kernel<T, P, R><<<unsigned(grid), block, smem, stream>>>(
+      g, tile_rows, tiles, a, b, ma, sa, mb, sb, values, index);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Host entry points
+// ---------------------------------------------------------------------------
+template <typename T>
+cudaError_t patch_stats(const NccGeometry& g, const T* a, const T* b, double* ma,
+                        double* sa, double* mb, double* sb, cudaStream_t stream) {
+  const int64_t total = g.planes() * (g.H + g.b_rows()) * g.W;
+  stats_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(g, a, b, ma, sa, mb, sb);
+  return cudaGetLastError();
+}
+
+bool has_fast_max_kernel(const NccGeometry& g) {
+  return g.W <= kLanes && (g.P == 3 || g.P == 5) && (g.R == 1 || g.R == 3 || g.R == 5);
+}
+
+template <typename T>
+cudaError_t ncc_max_forward(const NccGeometry& g, const T* a, const T* b,
+                            const double* ma, const double* sa, const double* mb,
+                            const double* sb, T* values, int64_t* index,
+                            int num_sms, cudaStream_t stream) {
+  if (has_fast_max_kernel(g)) {
+#define MSPCNN_FAST(P_, R_) \
+  if (g.P == P_ && g.R == R_) \
+    return launch_fast<T, P_, R_>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream);
+    MSPCNN_FAST(3, 1) MSPCNN_FAST(3, 3) MSPCNN_FAST(3, 5)
+    MSPCNN_FAST(5, 1) MSPCNN_FAST(5, 3) MSPCNN_FAST(5, 5)
+#undef MSPCNN_FAST
+  }
+  const size_t smem = size_t(generic_smem_elems(g)) * sizeof(T);
+  max_generic_kernel<T><<<unsigned(g.planes() * g.H), 64, smem, stream>>>(
+      g, a, b, ma, sa, mb, sb, values, index);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,
+                               const double* ma, const double* sa,
+                               const double* mb, const double* sb, T* volume,
+                               cudaStream_t stream) {
+  const size_t smem = size_t(generic_smem_elems(g)) * sizeof(T);
+  volume_kernel<T><<<unsigned(g.planes() * g.H), kThreads, smem, stream>>>(
+      g, a, b, ma, sa, mb, sb, volume);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
+                             const T* b, const int64_t* index, const double* ma,
+                             const double* sa, const double* mb,
+                             const double* sb, T* coef, T* grad_a, T* grad_b,
+                             bool deterministic, cudaStream_t stream) {
+  const int64_t total = g.planes() * g.H * g.W;
+  const int blocks = blocks_for(total);
+  max_coef_kernel<T><<<blocks, kThreads, 0, stream>>>(g, grad, a, b, index, ma, sa, mb, sb, coef);
+  max_grad_a_kernel<T><<<blocks, kThreads, 0, stream>>>(g, a, b, index, coef, grad_a);
+  if (deterministic) {
+    max_grad_b_gather<T><<<blocks, kThreads, 0, stream>>>(g, a, b, index, coef, grad_b);
+  } else {
+    cudaError_t err = cudaMemsetAsync(grad_b, 0, size_t(total) * sizeof(T), stream);
+    if (err != cudaSuccess) return err;
+    max_grad_b_atomic<T><<<blocks, kThreads, 0, stream>>>(g, a, b, index, coef, grad_b);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
+                                const T* a, const T* b, const T* volume,
+                                const double* ma, const double* sa,
+                                const double* mb, const double* sb,
+                                double* work, T* grad_a, T* grad_b,
+                                cudaStream_t stream) {
+  const int64_t total_a = g.planes() * g.H * g.W, total_b = g.planes() * g.b_rows() * g.W;
+  volume_centre_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
+  volume_centre_b<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
+  volume_grad_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, ma, work, grad_a);
+  volume_grad_b<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, mb, work, grad_b);
+  return cudaGetLastError();
+}
+
+#define MSPCNN_INSTANTIATE(T)                                                          \
+  template cudaError_t patch_stats<T>(const NccGeometry&, const T*, const T*, double*, \
+                                      double*, double*, double*, cudaStream_t);        \
+  template cudaError_t ncc_max_forward<T>(const NccGeometry&, const T*, const T*,      \
+                                          const double*, const double*, const double*, \
+                                          const double*, T*, int64_t*, int, cudaStream_t); \
+  template cudaError_t ncc_volume_forward<T>(const NccGeometry&, const T*, const T*,   \
+                                             const double*, const double*,             \
+                                             const double*, const double*, T*,         \
+                                             cudaStream_t);                            \
+  template cudaError_t ncc_max_backward<T>(const NccGeometry&, const T*, const T*,     \
+                                           const T*, const int64_t*, const double*,    \
+                                           const double*, const double*,               \
+                                           const double*, T*, T*, T*, bool,            \
+                                           cudaStream_t);                              \
+  template cudaError_t ncc_volume_backward<T>(const NccGeometry&, const T*, const T*,  \
+                                              const T*, const T*, const double*,       \
+                                              const double*, const double*,            \
+                                              const double*, double*, T*, T*,          \
+                                              cudaStream_t);
+MSPCNN_INSTANTIATE(float)
+MSPCNN_INSTANTIATE(double)
+#undef MSPCNN_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace mspcnn

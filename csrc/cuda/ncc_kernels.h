@@ -1,0 +1,62 @@
+// Host-side entry points of the CUDA kernels in ncc_kernels.cu.
+//
+// Plain C++ with raw pointers and an explicit stream, so that the kernels file
+// includes only CUDA headers and compiles with nvcc alone; the launcher
+// (ncc_cuda.cpp) checks the tensors and passes their pointers and the current
+// stream. Every function is instantiated for float and double. Buffers:
+//   a, b                  N*C planes of H x W
+//   ma, sa                patch mean / std (no eps) of a: N*C x H x W (double)
+//   mb, sb                the same for b, centre rows -R2 .. H-1+R2:
+//                         N*C x (H + 2 R2) x W (double)
+//   volume, grad_volume   N x (C*R*W) x H x W
+// Each returns cudaSuccess or the first launch error.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "../ncc_geometry.h"
+
+namespace mspcnn {
+namespace cuda {
+
+// Patch statistics of a (centre rows 0..H-1) and b (rows -R2..H-1+R2).
+template <typename T>
+cudaError_t patch_stats(const NccGeometry& g, const T* a, const T* b, double* ma,
+                        double* sa, double* mb, double* sb, cudaStream_t stream);
+
+// True when ncc_max_forward has a register-blocked kernel for this geometry
+// (P in {3, 5}, R in {1, 3, 5}, W <= 32); otherwise a generic kernel is used.
+bool has_fast_max_kernel(const NccGeometry& g);
+
+template <typename T>
+cudaError_t ncc_max_forward(const NccGeometry& g, const T* a, const T* b,
+                            const double* ma, const double* sa, const double* mb,
+                            const double* sb, T* values, int64_t* index,
+                            int num_sms, cudaStream_t stream);
+
+template <typename T>
+cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,
+                               const double* ma, const double* sa,
+                               const double* mb, const double* sb, T* volume,
+                               cudaStream_t stream);
+
+// coef: workspace of 6 * N*C*H*W values of T.
+// deterministic: gather the gradient of b instead of atomically adding it.
+template <typename T>
+cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
+                             const T* b, const int64_t* index, const double* ma,
+                             const double* sa, const double* mb,
+                             const double* sb, T* coef, T* grad_a, T* grad_b,
+                             bool deterministic, cudaStream_t stream);
+
+// work: workspace of 3 * N*C*H*W + 3 * N*C*(H + 2 R2)*W doubles.
+// Deterministic (no atomics).
+template <typename T>
+cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
+                                const T* a, const T* b, const T* volume,
+                                const double* ma, const double* sa,
+                                const double* mb, const double* sb,
+                                double* work, T* grad_a, T* grad_b,
+                                cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mspcnn

@@ -1,0 +1,101 @@
+"""CUDA kernels of the NCC operators against the CPU kernels and the reference
+(the device-generic tests in test_ncc_ops.py also run on CUDA). Skipped
+without a GPU."""
+import pytest
+import torch
+
+from mspcnn.ops import ncc_max, ncc_max_reference, ncc_volume
+
+pytestmark = pytest.mark.cuda
+
+
+def pair(shape, dtype=torch.float32, positive=False):
+    a, b = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    if positive:
+        a, b = a.relu(), b.relu()
+    return a, b
+
+
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (3, 3, 28), (7, 5, 28), (5, 5, 40), (3, 1, 64)])
+def test_cuda_matches_cpu(N, patch, rows, W):
+    """Fast kernel (P in {3, 5}, R in {1, 3, 5}, W <= 32) and generic kernel
+    (other shapes) against the CPU kernel, forward and backward, float32."""
+    a, b = pair((N, 8, 30, W), positive=True)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        x = a.to(dev).requires_grad_(True)
+        y = b.to(dev).requires_grad_(True)
+        v, i = ncc_max(x, y, patch, rows)
+        vol = ncc_volume(x, y, patch, rows)
+        gv = torch.linspace(-1, 1, v.numel()).reshape(v.shape).to(dev)
+        gvol = torch.linspace(-1, 1, vol.numel()).reshape(vol.shape).to(dev)
+        ga, gb = torch.autograd.grad((v * gv).sum() + (vol * gvol).sum(), (x, y))
+        outs[dev] = [t.detach().cpu() for t in (v, i, vol, ga, gb)]
+    c, g = outs["cpu"], outs["cuda"]
+    torch.testing.assert_close(g[0], c[0], atol=2e-5, rtol=0)
+    assert (g[1] == c[1]).float().mean() > 0.999  # indices may differ only at near-ties
+    torch.testing.assert_close(g[2], c[2], atol=2e-5, rtol=0)
+    for x, y in ((g[3], c[3]), (g[4], c[4])):
+        assert (x - y).norm() / y.norm() < 1e-4
+
+
+def test_cuda_pool1_against_reference_float64():
+    a, b = pair((2, 32, 72, 28), torch.float64)
+    v, i = ncc_max(a.cuda(), b.cuda())
+    rv, ri = ncc_max_reference(a, b)
+    torch.testing.assert_close(v.cpu(), rv, atol=1e-12, rtol=0)
+    assert (i.cpu() == ri).float().mean() > 0.9999
+
+
+def test_mixed_devices_rejected():
+    a, b = pair((1, 2, 6, 5))
+    with pytest.raises(ValueError, match=r"ncc_max: `a` and `b` must be on the same device, "
+                                         r"got cuda:0 and cpu"):
+        ncc_max(a.cuda(), b)
+    with pytest.raises(RuntimeError, match=r"ncc_volume: `a` and `b` must be on the same device"):
+        torch.ops.mspcnn.ncc_volume(a.cuda(), b, 3, 3, 0.01)
+
+
+def test_cuda_limits_named():
+    a, b = pair((1, 1, 4, 65))
+    with pytest.raises(ValueError, match=r"ncc_max: the CUDA kernel supports maps at most 64 wide, "
+                                         r"`a` is 65 wide"):
+        ncc_max(a.cuda(), b.cuda())
+    a, b = pair((1, 1, 4, 8))
+    with pytest.raises(ValueError, match=r"`patch` <= 15, got 17"):
+        ncc_volume(a.cuda(), b.cuda(), patch=17)
+
+
+def test_deterministic_backward():
+    """With torch.use_deterministic_algorithms(True) the gradient of b is
+    gathered instead of accumulated atomically: bitwise identical runs, and the
+    same values as the atomic path up to rounding."""
+    a, b = pair((4, 32, 72, 28), positive=True)
+    x = a.cuda().requires_grad_(True)
+    y = b.cuda().requires_grad_(True)
+
+    def grads():
+        v, _ = ncc_max(x, y)
+        return torch.autograd.grad(v.sum(), (x, y))
+
+    atomic = grads()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for f, s, t in zip(first, second, atomic):
+        assert torch.equal(f, s)
+        torch.testing.assert_close(f, t, atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_stream_and_device_guard():
+    """Kernels run on the current stream."""
+    a, b = pair((2, 4, 12, 10))
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        v, _ = ncc_max(a.cuda(), b.cuda(), 3, 3)
+    s.synchronize()
+    torch.testing.assert_close(v.cpu(), ncc_max(a, b, 3, 3)[0], atol=2e-5, rtol=0)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU check, in one call: build the CUDA extension, run the whole test
+# suite (the `cuda` tests included), run the CUDA benchmark. Logs and JSON go
+# to ${OUT:-gpu_out}. Usage: bash tools/gpu_check.sh [benchmark arguments]
+set -uo pipefail
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
+start=$(date +%s)
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/build.log" 2>&1 \
+  || { echo "pip build failed, see build.log; trying build_ext --inplace"; \
+       python3 setup.py build_ext --inplace >> "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }; }
+echo "build: $(( $(date +%s) - start )) s"
+python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('mspcnn::ncc_max', 'CUDA'))"
+start=$(date +%s)
+python3 -m pytest -q -x -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_ops.py -k "cuda" 2>&1 | tee "$out/pytest_cuda.log" | tail -15
+echo "cuda tests: $(( $(date +%s) - start )) s"
+python3 tools/bench_ncc.py --device cuda --json "$out/bench_ncc_cuda.json" "$@" 2>&1 | tee "$out/bench_cuda.log"
