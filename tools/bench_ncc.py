@@ -137,22 +137,28 @@ def cuda_ceilings():
 
 
 def kernel_time_ms(run, repeat=10):
-    """Mean CUDA time per call of the mspcnn kernels, from torch.profiler."""
+    """Mean CUDA time per call of the mspcnn kernels, from torch.profiler:
+    the total and a breakdown by kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     run()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         for _ in range(repeat):
             run()
         torch.cuda.synchronize()
     total_us = 0.0
+    breakdown = {}
     for evt in prof.key_averages():
         # CUDA kernel events of our kernels (namespace mspcnn::cuda), not the
         # CPU-side operator events, which would count the same time again.
         if evt.device_type == torch.autograd.DeviceType.CUDA and "mspcnn" in evt.key:
-            total_us += getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
-    return total_us / 1e3 / repeat
+            us = getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
+            total_us += us
+            name = evt.key.replace("void ", "").replace("mspcnn::cuda::", "")
+            name = name.replace("(anonymous namespace)::", "").split("(")[0]
+            breakdown[name] = breakdown.get(name, 0.0) + us / 1e3 / repeat
+    return total_us / 1e3 / repeat, breakdown
 
 
 def main(argv=None):
@@ -197,9 +203,9 @@ def main(argv=None):
                         row.update(reference_ms=None, speedup=None, note="reference out of memory")
                         torch.cuda.empty_cache()
                 if device == "cuda":
-                    kt = kernel_time_ms(make_case(op, mode, "ours", a, b))
+                    kt, kernels = kernel_time_ms(make_case(op, mode, "ours", a, b))
                     ops, nbytes = work_counts(op, mode, pairs)
-                    row.update(kernel_ms=kt, ops=ops, bytes=nbytes)
+                    row.update(kernel_ms=kt, kernels_ms=kernels, ops=ops, bytes=nbytes)
                     if kt > 0:
                         row["fraction_of_fma_peak"] = ops / (kt / 1e3) / (ceilings["fp32_matmul_TFMAps"] * 1e12)
                         row["fraction_of_bandwidth"] = nbytes / (kt / 1e3) / (ceilings["copy_bandwidth_GBps"] * 1e9)
@@ -209,6 +215,11 @@ def main(argv=None):
         if device == "cuda":
             torch.cuda.empty_cache()
 
+    if device == "cuda":
+        print("\nkernel breakdown (ms per call):")
+        for row in rows:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row.get("kernels_ms", {}).items(), key=lambda t: -t[1]))
+            print(f"  {row['op']} {row['mode']} {row['pairs']}: {parts}")
     with open(args.json, "w") as f:
         json.dump({"info": info, "results": rows}, f, indent=2)
     print(f"wrote {args.json}")

@@ -63,36 +63,38 @@ __device__ __forceinline__ bool better(T v, int k, T best, int best_k) {
 // ---------------------------------------------------------------------------
 // Patch statistics
 // ---------------------------------------------------------------------------
+// One block per plane; 32-bit index arithmetic inside the plane.
 template <typename T>
 __global__ void stats_kernel(NccGeometry g, const T* __restrict__ a,
                              const T* __restrict__ b, double* ma, double* sa,
                              double* mb, double* sb) {
-  const int64_t H = g.H, W = g.W, h = g.h(), BR = g.b_rows();
-  const int64_t total_a = g.planes() * H * W, total = total_a + g.planes() * BR * W;
-  const double n = double(g.n());
-  GRID_STRIDE(t, total) {
-    const bool is_a = t < total_a;
-    const int64_t e = is_a ? t : t - total_a;
-    const int64_t rows = is_a ? H : BR;
-    const int64_t w = e % W, rr = (e / W) % rows, plane = e / (W * rows);
+  const int H = int(g.H), W = int(g.W), h = int(g.h()), BR = int(g.b_rows());
+  const int R2 = int(g.R2()), P = int(g.P);
+  const int64_t plane = blockIdx.x;
+  const double n = double(P * P);
+  for (int t = threadIdx.x; t < (H + BR) * W; t += blockDim.x) {
+    const bool is_a = t < H * W;
+    const int e = is_a ? t : t - H * W;
+    const int w = e % W, rr = e / W;
     const T* x = (is_a ? a : b) + plane * H * W;
-    const int64_t cr = is_a ? rr : rr - g.R2();
-    const int64_t u0 = cr - h < 0 ? 0 : cr - h, u1 = cr + h + 1 > H ? H : cr + h + 1;
-    const int64_t v0 = w - h < 0 ? 0 : w - h, v1 = w + h + 1 > W ? W : w + h + 1;
+    const int cr = is_a ? rr : rr - R2;
+    const int u0 = max(cr - h, 0), u1 = min(cr + h + 1, H);
+    const int v0 = max(w - h, 0), v1 = min(w + h + 1, W);
     double sum = 0.0;
-    for (int64_t u = u0; u < u1; ++u)
-      for (int64_t v = v0; v < v1; ++v) sum += double(load(x + u * W + v));
+    for (int u = u0; u < u1; ++u)
+      for (int v = v0; v < v1; ++v) sum += double(load(x + u * W + v));
     const double mu = sum / n;
     double ss = 0.0;
-    for (int64_t u = u0; u < u1; ++u)
-      for (int64_t v = v0; v < v1; ++v) {
+    for (int u = u0; u < u1; ++u)
+      for (int v = v0; v < v1; ++v) {
         const double dv = double(load(x + u * W + v)) - mu;
         ss += dv * dv;
       }
-    const int64_t inside = (u1 > u0 ? u1 - u0 : 0) * (v1 - v0);
-    ss += double(g.n() - inside) * mu * mu;
-    (is_a ? ma : mb)[e] = mu;
-    (is_a ? sa : sb)[e] = sqrt(ss / (n - 1.0));
+    const int inside = (u1 > u0 ? u1 - u0 : 0) * (v1 - v0);
+    ss += double(P * P - inside) * mu * mu;
+    const int64_t o = plane * (is_a ? H : BR) * W + e;
+    (is_a ? ma : mb)[o] = mu;
+    (is_a ? sa : sb)[o] = sqrt(ss / (n - 1.0));
   }
 }
 
@@ -100,12 +102,14 @@ __global__ void stats_kernel(NccGeometry g, const T* __restrict__ a,
 // ncc_max forward, register-blocked (P in {3, 5}, R in {1, 3, 5}, W <= 32)
 // ---------------------------------------------------------------------------
 // One block computes a tile of `tile_rows` output rows of one plane. Thread
-// (x = col, y = w) owns the candidate column col for output column w: for
-// every row u of a it forms, for each of the R row offsets d,
+// (x = col, y) owns candidate column col for the two output columns
+// w0 = y and w1 = y + ceil(W / 2) (two columns per thread halve the
+// shared-memory loads of b, which bound the kernel). For every row u of a it
+// forms, for each of the R row offsets d,
 //   Hs_u(w, d, col) = sum_j a(u, w + j) b(u + d, col + j)       (P FMAs)
 // and keeps the last P of them per d in registers (win[d][*]); their sum is
-// the patch product X of output row u - h. A warp is one output column w,
-// its 32 lanes the candidate columns: the maximum over col is a warp
+// the patch product X of output row u - h. A warp is one pair of output
+// columns, its 32 lanes the candidate columns: the maximum over col is a warp
 // shuffle reduction, the maximum over d is in registers.
 //
 // Shared memory: the rows of a and b the tile needs (zero padded), and the
@@ -124,8 +128,22 @@ __host__ __device__ inline int64_t fast_smem_elems(int tile_rows) {
          2 * int64_t(tile_rows) * kLanes + 2 * int64_t(tile_rows + R - 1) * kLanes;
 }
 
+// Warp-wide maximum of (value, index) in the order of better().
+template <typename T>
+__device__ __forceinline__ void warp_best(T& best, int& best_k) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const T ov = __shfl_xor_sync(0xffffffffu, best, off);
+    const int ok = __shfl_xor_sync(0xffffffffu, best_k, off);
+    if (better(ov, ok, best, best_k)) {
+      best = ov;
+      best_k = ok;
+    }
+  }
+}
+
 template <typename T, int P, int R>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(512)
     max_fast_kernel(NccGeometry g, int tile_rows, int tiles,
                     const T* __restrict__ a, const T* __restrict__ b,
                     const double* __restrict__ ma, const double* __restrict__ sa,
@@ -186,62 +204,84 @@ __global__ void __launch_bounds__(1024)
   }
   __syncthreads();
 
-  const int col = threadIdx.x, w = threadIdx.y;
-  T win[R][P];
+  const int col = threadIdx.x;
+  const int w0 = threadIdx.y, w1 = threadIdx.y + blockDim.y;  // w1 <= 31
+  T win0[R][P], win1[R][P];
 #pragma unroll
   for (int k = 0; k < R; ++k)
 #pragma unroll
-    for (int i = 0; i < P; ++i) win[k][i] = T(0);
+    for (int i = 0; i < P; ++i) win0[k][i] = win1[k][i] = T(0);
 
-  for (int uu = 0; uu < TR + P - 1; ++uu) {
-    T av[P];
+  // The row loop is unrolled by P so that the window slot of row uu is the
+  // compile-time constant uu % P: no register moves.
+  for (int base = 0; base < TR + P - 1; base += P) {
 #pragma unroll
-    for (int j = 0; j < P; ++j) av[j] = As[uu * SW + w + j];
+    for (int s = 0; s < P; ++s) {
+      const int uu = base + s;
+      if (uu >= TR + P - 1) break;
+      T av0[P], av1[P];
 #pragma unroll
-    for (int k = 0; k < R; ++k) {
-      const T* brow = Bs + (uu + k) * SW + col;
-      T hs = T(0);
-#pragma unroll
-      for (int j = 0; j < P; ++j) hs += av[j] * brow[j];
-#pragma unroll
-      for (int i = 0; i < P - 1; ++i) win[k][i] = win[k][i + 1];
-      win[k][P - 1] = hs;
-    }
-    if (uu < P - 1) continue;
-    const int ri = uu - (P - 1);  // output row r0 + ri
-    const T c2 = kaS[ri * kLanes + w], c1 = nmakaS[ri * kLanes + w];
-    T best = T(0);
-    int best_k = INT_MAX;
-#pragma unroll
-    for (int k = 0; k < R; ++k) {
-      T x = win[k][0];
-#pragma unroll
-      for (int i = 1; i < P; ++i) x += win[k][i];
-      const T kbq = kbS[(ri + k) * kLanes + col], mq = mbkbS[(ri + k) * kLanes + col];
-      const T v = x * (c2 * kbq) - c1 * mq;
-      const int idx = k * W + col;
-      if (k == 0 || better(v, idx, best, best_k)) {
-        best = v;
-        best_k = idx;
+      for (int j = 0; j < P; ++j) {
+        av0[j] = As[uu * SW + w0 + j];
+        av1[j] = As[uu * SW + w1 + j];
       }
-    }
-    if (col >= W) {
-      best = -INFINITY;
-      best_k = INT_MAX;
-    }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const T ov = __shfl_xor_sync(0xffffffffu, best, off);
-      const int ok = __shfl_xor_sync(0xffffffffu, best_k, off);
-      if (better(ov, ok, best, best_k)) {
-        best = ov;
-        best_k = ok;
+      for (int k = 0; k < R; ++k) {
+        const T* brow = Bs + (uu + k) * SW + col;
+        T hs0 = T(0), hs1 = T(0);
+#pragma unroll
+        for (int j = 0; j < P; ++j) {
+          const T bv = brow[j];
+          hs0 += av0[j] * bv;
+          hs1 += av1[j] * bv;
+        }
+        win0[k][s] = hs0;
+        win1[k][s] = hs1;
       }
-    }
-    if (col == 0) {
-      const int64_t o = (int64_t(plane) * H + r0 + ri) * W + w;
-      values[o] = best;
-      index[o] = best_k;
+      if (uu < P - 1) continue;
+      const int ri = uu - (P - 1);  // output row r0 + ri
+      const T c2_0 = kaS[ri * kLanes + w0], c1_0 = nmakaS[ri * kLanes + w0];
+      const T c2_1 = kaS[ri * kLanes + w1], c1_1 = nmakaS[ri * kLanes + w1];
+      // Candidates are visited in increasing index k * W + col. Take v when
+      // it is larger, or NaN while the best so far is not: the first maximum
+      // (or the first NaN) wins, as torch.argmax.
+      T best0 = -INFINITY, best1 = -INFINITY;
+      int bk0 = col, bk1 = col;
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        T x0 = win0[k][0], x1 = win1[k][0];
+#pragma unroll
+        for (int i = 1; i < P; ++i) {
+          x0 += win0[k][i];
+          x1 += win1[k][i];
+        }
+        const T kbq = kbS[(ri + k) * kLanes + col], mq = mbkbS[(ri + k) * kLanes + col];
+        const T v0 = x0 * (c2_0 * kbq) - c1_0 * mq;
+        const T v1 = x1 * (c2_1 * kbq) - c1_1 * mq;
+        if (!(v0 <= best0) && best0 == best0) {
+          best0 = v0;
+          bk0 = k * W + col;
+        }
+        if (!(v1 <= best1) && best1 == best1) {
+          best1 = v1;
+          bk1 = k * W + col;
+        }
+      }
+      if (col >= W) {
+        best0 = best1 = -INFINITY;
+        bk0 = bk1 = INT_MAX;
+      }
+      warp_best(best0, bk0);
+      warp_best(best1, bk1);
+      if (col == 0) {
+        const int64_t o = (int64_t(plane) * H + r0 + ri) * W;
+        values[o + w0] = best0;
+        index[o + w0] = bk0;
+        if (w1 < W) {
+          values[o + w1] = best1;
+          index[o + w1] = bk1;
+        }
+      }
     }
   }
 }
@@ -358,6 +398,133 @@ __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
 // ---------------------------------------------------------------------------
 // ncc_max backward
 // ---------------------------------------------------------------------------
+// Fused backward of one plane per block, without atomics (deterministic).
+// Shared memory holds both maps (zero padded), the selected candidate of
+// every output and six per-output gradient coefficients:
+//   phase 1, per output p: statistics of its two patches (two passes), NCC,
+//            and the coefficients with which grad_a(x) = al_a y + be_a x + c_a
+//            and grad_b(y) = al_b x + be_b y + c_b over the patch pair;
+//   phase 2, per pixel u of a: the sum over the P x P outputs whose patch
+//            covers u (gather);
+//   phase 3, per pixel v of b: the sum over the outputs in the rows that can
+//            select a patch covering v, in a fixed order (gather).
+// One read of a, b, grad and index and one write of each gradient.
+template <typename T>
+__global__ void max_backward_fused(NccGeometry g, const T* __restrict__ grad,
+                                   const T* __restrict__ a, const T* __restrict__ b,
+                                   const int64_t* __restrict__ index,
+                                   T* __restrict__ grad_a, T* __restrict__ grad_b) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int H = int(g.H), W = int(g.W), P = int(g.P), h = P / 2, R2 = int(g.R2());
+  const int HW = H * W;
+  const int Wp = W + 2 * h, rows_a = H + 2 * h, rows_b = H + 2 * R2 + 2 * h;
+  const int64_t plane = blockIdx.x;
+  T* Ap = smem;                      // rows_a x Wp
+  T* Bp = Ap + rows_a * Wp;          // rows_b x Wp
+  T* coef = Bp + rows_b * Wp;        // 6 x HW
+  int* sel = reinterpret_cast<int*>(coef + 6 * HW);  // HW: offset of q's patch in Bp
+  const T* A = a + plane * HW;
+  const T* B = b + plane * HW;
+  for (int i = threadIdx.x; i < rows_a * Wp; i += blockDim.x)
+    Ap[i] = pixel(A, H, W, i / Wp - h, i % Wp - h);
+  for (int i = threadIdx.x; i < rows_b * Wp; i += blockDim.x)
+    Bp[i] = pixel(B, H, W, i / Wp - R2 - h, i % Wp - h);
+  __syncthreads();
+
+  const T n = T(P * P), nm1 = T(P * P - 1), eps = T(g.eps);
+  for (int e = threadIdx.x; e < HW; e += blockDim.x) {
+    const int r = e / W, w = e % W;
+    const int idx = int(index[plane * HW + e]);
+    const int qr = r + idx / W - R2, qc = idx % W;
+    sel[e] = (qr + R2) * Wp + qc;
+    const T gv = grad[plane * HW + e];
+    T al_a = 0, be_a = 0, c_a = 0, al_b = 0, be_b = 0, c_b = 0;
+    if (gv != T(0)) {
+      const T* x = Ap + r * Wp + w;
+      const T* y = Bp + sel[e];
+      T sx = 0, sy = 0;
+      for (int i = 0; i < P; ++i)
+        for (int j = 0; j < P; ++j) {
+          sx += x[i * Wp + j];
+          sy += y[i * Wp + j];
+        }
+      const T mua = sx / n, mub = sy / n;
+      T sxx = 0, syy = 0, sxy = 0;
+      for (int i = 0; i < P; ++i)
+        for (int j = 0; j < P; ++j) {
+          const T dx = x[i * Wp + j] - mua, dy = y[i * Wp + j] - mub;
+          sxx += dx * dx;
+          syy += dy * dy;
+          sxy += dx * dy;
+        }
+      const T s_a = sqrt(sxx / nm1), s_b = sqrt(syy / nm1);
+      const T siga = s_a + eps, sigb = s_b + eps;
+      const T ncc = sxy / (nm1 * siga * sigb);
+      const T inv_sa = s_a > T(0) ? T(1) / s_a : T(0);
+      const T inv_sb = s_b > T(0) ? T(1) / s_b : T(0);
+      const T fa = gv / (nm1 * siga), fb = gv / (nm1 * sigb);
+      al_a = fa / sigb;
+      be_a = -fa * ncc * inv_sa;
+      c_a = -al_a * mub - be_a * mua;
+      al_b = fb / siga;
+      be_b = -fb * ncc * inv_sb;
+      c_b = -al_b * mua - be_b * mub;
+    }
+    coef[0 * HW + e] = al_a;
+    coef[1 * HW + e] = be_a;
+    coef[2 * HW + e] = c_a;
+    coef[3 * HW + e] = al_b;
+    coef[4 * HW + e] = be_b;
+    coef[5 * HW + e] = c_b;
+  }
+  __syncthreads();
+
+  for (int e = threadIdx.x; e < HW; e += blockDim.x) {
+    const int u = e / W, v = e % W;
+    // grad a: outputs p = (u - i, v - j) for patch offsets (i, j) in [-h, h].
+    const T x = Ap[(u + h) * Wp + v + h];
+    T acc = 0;
+    for (int i = -h; i <= h; ++i) {
+      const int pr = u - i;
+      if (pr < 0 || pr >= H) continue;
+      for (int j = -h; j <= h; ++j) {
+        const int pw = v - j;
+        if (pw < 0 || pw >= W) continue;
+        const int p = pr * W + pw;
+        const T y = Bp[sel[p] + (i + h) * Wp + (j + h)];
+        acc += coef[p] * y + coef[HW + p] * x + coef[2 * HW + p];
+      }
+    }
+    grad_a[plane * HW + e] = acc;
+    // grad b: outputs in rows u - h - R2 .. u + h + R2 whose selected patch
+    // covers pixel (u, v) of b, i.e. centre (u - i, v - j), |i|, |j| <= h.
+    const T y = Bp[(u + R2 + h) * Wp + v + h];
+    const int centre = (u + R2) * Wp + v;  // sel value of the centre (u, v)
+    T accb = 0;
+    const int r_lo = max(u - h - R2, 0), r_hi = min(u + h + R2, H - 1);
+    for (int pr = r_lo; pr <= r_hi; ++pr) {
+      for (int pw = 0; pw < W; ++pw) {
+        const int p = pr * W + pw;
+        const int d = centre - sel[p];  // (i * Wp + j) for centre + (i, j)
+        const int i = (d + h * Wp + h) / Wp - h, j = d - i * Wp;
+        if (i < -h || i > h || j < -h || j > h) continue;
+        const T xa = Ap[(pr + h + i) * Wp + pw + h + j];
+        accb += coef[3 * HW + p] * xa + coef[4 * HW + p] * y + coef[5 * HW + p];
+      }
+    }
+    grad_b[plane * HW + e] = accb;
+  }
+}
+
+inline int64_t fused_backward_smem_bytes(const NccGeometry& g, size_t elem) {
+  const int64_t Wp = g.W + 2 * g.h();
+  const int64_t HW = g.H * g.W;
+  return ((g.H + 2 * g.h()) + (g.H + 2 * g.R2() + 2 * g.h())) * Wp * int64_t(elem) +
+         6 * HW * int64_t(elem) + HW * int64_t(sizeof(int));
+}
+constexpr int64_t kFusedSmemLimit = 160 * 1024;  // H100/A100 allow more per block
+
 // Per output p with incoming gradient g and selected centre q, the gradient
 // of a at patch element x (partner y) is al_a y + be_a x + c_a, of b at y is
 // al_b x + be_b y + c_b (docs/ncc_layer.md; the same formulas as the CPU).
@@ -674,7 +841,7 @@ cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
     tile_rows = (tile_rows + 1) / 2;
   tiles = int((g.H + tile_rows - 1) / tile_rows);
   const size_t smem = size_t(fast_smem_elems<T, P, R>(tile_rows)) * sizeof(T);
-  const dim3 block(kLanes, unsigned(g.W));
+  const dim3 block(kLanes, unsigned((g.W + 1) / 2));
   const int64_t grid = g.planes() * tiles;
   max_fast_kernel<T, P, R><<<unsigned(grid), block, smem, stream>>>(
       g, tile_rows, tiles, a, b, ma, sa, mb, sb, values, index);
@@ -689,8 +856,7 @@ cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
 template <typename T>
 cudaError_t patch_stats(const NccGeometry& g, const T* a, const T* b, double* ma,
                         double* sa, double* mb, double* sb, cudaStream_t stream) {
-  const int64_t total = g.planes() * (g.H + g.b_rows()) * g.W;
-  stats_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(g, a, b, ma, sa, mb, sb);
+  stats_kernel<T><<<unsigned(g.planes()), kThreads, 0, stream>>>(g, a, b, ma, sa, mb, sb);
   return cudaGetLastError();
 }
 
@@ -735,6 +901,17 @@ cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
                              const double* sb, T* coef, T* grad_a, T* grad_b,
                              bool deterministic, cudaStream_t stream) {
   const int64_t total = g.planes() * g.H * g.W;
+  const int64_t fused_smem = fused_backward_smem_bytes(g, sizeof(T));
+  if (fused_smem <= kFusedSmemLimit) {
+    if (fused_smem > 48 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(
+          max_backward_fused<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(fused_smem));
+      if (err != cudaSuccess) return err;
+    }
+    max_backward_fused<T><<<unsigned(g.planes()), kThreads, size_t(fused_smem), stream>>>(
+        g, grad, a, b, index, grad_a, grad_b);
+    return cudaGetLastError();
+  }
   const int blocks = blocks_for(total);
   max_coef_kernel<T><<<blocks, kThreads, 0, stream>>>(g, grad, a, b, index, ma, sa, mb, sb, coef);
   max_grad_a_kernel<T><<<blocks, kThreads, 0, stream>>>(g, a, b, index, coef, grad_a);
