@@ -115,14 +115,24 @@ std::tuple<at::Tensor, at::Tensor> ncc_max_backward_cuda(
   // gathered instead of accumulated with atomics.
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ncc_max_backward_cuda", [&] {
-    const auto s = compute_stats<scalar_t>(g, a, b, stream, op);
-    auto coef = at::empty({6, a.numel()}, a.options());
+    // The fused kernel recomputes the statistics it needs in shared memory;
+    // the unfused path (planes too large for shared memory) reads them.
+    Stats s;
+    at::Tensor coef;
+    if (cuda::max_backward_needs_stats(g, sizeof(scalar_t))) {
+      s = compute_stats<scalar_t>(g, a, b, stream, op);
+      coef = at::empty({6, a.numel()}, a.options());
+    }
+    auto ptr = [](const at::Tensor& t) {
+      return t.defined() ? t.data_ptr<double>() : static_cast<double*>(nullptr);
+    };
     check_launch(cuda::ncc_max_backward<scalar_t>(
                      g, grad.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
-                     b.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), s.ma.data_ptr<double>(),
-                     s.sa.data_ptr<double>(), s.mb.data_ptr<double>(), s.sb.data_ptr<double>(),
-                     coef.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(),
-                     grad_b.data_ptr<scalar_t>(), deterministic, stream),
+                     b.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), ptr(s.ma), ptr(s.sa),
+                     ptr(s.mb), ptr(s.sb),
+                     coef.defined() ? coef.data_ptr<scalar_t>() : nullptr,
+                     grad_a.data_ptr<scalar_t>(), grad_b.data_ptr<scalar_t>(), deterministic,
+                     stream),
                  op);
   });
   return {grad_a, grad_b};

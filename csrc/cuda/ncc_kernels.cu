@@ -20,6 +20,7 @@
 #include <cfloat>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 
 #include "ncc_kernels.h"
 
@@ -115,6 +116,7 @@ __global__ void stats_kernel(NccGeometry g, const T* __restrict__ a,
 // Shared memory: the rows of a and b the tile needs (zero padded), and the
 // normalisation factors ka, n ma ka (per output) and kb, mb kb (per centre).
 constexpr int kLanes = 32;
+constexpr bool kDefaultTwoColumns = true;
 
 template <typename T, int P>
 __host__ __device__ constexpr int fast_width() {
@@ -142,8 +144,8 @@ __device__ __forceinline__ void warp_best(T& best, int& best_k) {
   }
 }
 
-template <typename T, int P, int R>
-__global__ void __launch_bounds__(512)
+template <typename T, int P, int R, int WPT>
+__global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
     max_fast_kernel(NccGeometry g, int tile_rows, int tiles,
                     const T* __restrict__ a, const T* __restrict__ b,
                     const double* __restrict__ ma, const double* __restrict__ sa,
@@ -205,12 +207,16 @@ __global__ void __launch_bounds__(512)
   __syncthreads();
 
   const int col = threadIdx.x;
-  const int w0 = threadIdx.y, w1 = threadIdx.y + blockDim.y;  // w1 <= 31
-  T win0[R][P], win1[R][P];
+  int wc[WPT];  // the output columns of this thread, all <= 31
 #pragma unroll
-  for (int k = 0; k < R; ++k)
+  for (int c = 0; c < WPT; ++c) wc[c] = threadIdx.y + c * blockDim.y;
+  T win[WPT][R][P];
 #pragma unroll
-    for (int i = 0; i < P; ++i) win0[k][i] = win1[k][i] = T(0);
+  for (int c = 0; c < WPT; ++c)
+#pragma unroll
+    for (int k = 0; k < R; ++k)
+#pragma unroll
+      for (int i = 0; i < P; ++i) win[c][k][i] = T(0);
 
   // The row loop is unrolled by P so that the window slot of row uu is the
   // compile-time constant uu % P: no register moves.
@@ -219,67 +225,66 @@ __global__ void __launch_bounds__(512)
     for (int s = 0; s < P; ++s) {
       const int uu = base + s;
       if (uu >= TR + P - 1) break;
-      T av0[P], av1[P];
+      T av[WPT][P];
 #pragma unroll
-      for (int j = 0; j < P; ++j) {
-        av0[j] = As[uu * SW + w0 + j];
-        av1[j] = As[uu * SW + w1 + j];
-      }
+      for (int c = 0; c < WPT; ++c)
+#pragma unroll
+        for (int j = 0; j < P; ++j) av[c][j] = As[uu * SW + wc[c] + j];
 #pragma unroll
       for (int k = 0; k < R; ++k) {
         const T* brow = Bs + (uu + k) * SW + col;
-        T hs0 = T(0), hs1 = T(0);
+        T hs[WPT];
+#pragma unroll
+        for (int c = 0; c < WPT; ++c) hs[c] = T(0);
 #pragma unroll
         for (int j = 0; j < P; ++j) {
           const T bv = brow[j];
-          hs0 += av0[j] * bv;
-          hs1 += av1[j] * bv;
+#pragma unroll
+          for (int c = 0; c < WPT; ++c) hs[c] += av[c][j] * bv;
         }
-        win0[k][s] = hs0;
-        win1[k][s] = hs1;
+#pragma unroll
+        for (int c = 0; c < WPT; ++c) win[c][k][s] = hs[c];
       }
       if (uu < P - 1) continue;
       const int ri = uu - (P - 1);  // output row r0 + ri
-      const T c2_0 = kaS[ri * kLanes + w0], c1_0 = nmakaS[ri * kLanes + w0];
-      const T c2_1 = kaS[ri * kLanes + w1], c1_1 = nmakaS[ri * kLanes + w1];
+      T c2[WPT], c1[WPT], best[WPT];
+      int bk[WPT];
+#pragma unroll
+      for (int c = 0; c < WPT; ++c) {
+        c2[c] = kaS[ri * kLanes + wc[c]];
+        c1[c] = nmakaS[ri * kLanes + wc[c]];
+        best[c] = -INFINITY;
+        bk[c] = col;
+      }
       // Candidates are visited in increasing index k * W + col. Take v when
       // it is larger, or NaN while the best so far is not: the first maximum
       // (or the first NaN) wins, as torch.argmax.
-      T best0 = -INFINITY, best1 = -INFINITY;
-      int bk0 = col, bk1 = col;
 #pragma unroll
       for (int k = 0; k < R; ++k) {
-        T x0 = win0[k][0], x1 = win1[k][0];
-#pragma unroll
-        for (int i = 1; i < P; ++i) {
-          x0 += win0[k][i];
-          x1 += win1[k][i];
-        }
         const T kbq = kbS[(ri + k) * kLanes + col], mq = mbkbS[(ri + k) * kLanes + col];
-        const T v0 = x0 * (c2_0 * kbq) - c1_0 * mq;
-        const T v1 = x1 * (c2_1 * kbq) - c1_1 * mq;
-        if (!(v0 <= best0) && best0 == best0) {
-          best0 = v0;
-          bk0 = k * W + col;
-        }
-        if (!(v1 <= best1) && best1 == best1) {
-          best1 = v1;
-          bk1 = k * W + col;
+#pragma unroll
+        for (int c = 0; c < WPT; ++c) {
+          T x = win[c][k][0];
+#pragma unroll
+          for (int i = 1; i < P; ++i) x += win[c][k][i];
+          const T v = x * (c2[c] * kbq) - c1[c] * mq;
+          if (!(v <= best[c]) && best[c] == best[c]) {
+            best[c] = v;
+            bk[c] = k * W + col;
+          }
         }
       }
-      if (col >= W) {
-        best0 = best1 = -INFINITY;
-        bk0 = bk1 = INT_MAX;
-      }
-      warp_best(best0, bk0);
-      warp_best(best1, bk1);
-      if (col == 0) {
-        const int64_t o = (int64_t(plane) * H + r0 + ri) * W;
-        values[o + w0] = best0;
-        index[o + w0] = bk0;
-        if (w1 < W) {
-          values[o + w1] = best1;
-          index[o + w1] = bk1;
+#pragma unroll
+      for (int c = 0; c < WPT; ++c) {
+        if (col >= W) {
+          best[c] = -INFINITY;
+          bk[c] = INT_MAX;
+        }
+        warp_best(best[c], bk[c]);
+        if (col == 0 && wc[c] < W) {
+          const int64_t o = (int64_t(plane) * H + r0 + ri) * W + wc[c];
+          values[o] = best[c];
+          index[o] = bk[c];
         }
       }
     }
@@ -398,38 +403,50 @@ __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
 // ---------------------------------------------------------------------------
 // ncc_max backward
 // ---------------------------------------------------------------------------
-// Fused backward of one plane per block, without atomics (deterministic).
-// Shared memory holds both maps (zero padded), the selected candidate of
-// every output and six per-output gradient coefficients:
+// Fused backward of one plane per block, deterministic (no floating-point
+// atomics; shared-memory float atomics are compare-and-swap loops on NVIDIA
+// GPUs and the order of their additions varies). Shared memory holds both
+// maps (zero padded), six gradient coefficients per output and the outputs
+// bucketed by the candidate centre they selected:
 //   phase 1, per output p: statistics of its two patches (two passes), NCC,
 //            and the coefficients with which grad_a(x) = al_a y + be_a x + c_a
 //            and grad_b(y) = al_b x + be_b y + c_b over the patch pair;
-//   phase 2, per pixel u of a: the sum over the P x P outputs whose patch
-//            covers u (gather);
-//   phase 3, per pixel v of b: the sum over the outputs in the rows that can
-//            select a patch covering v, in a fixed order (gather).
-// One read of a, b, grad and index and one write of each gradient.
-template <typename T>
-__global__ void max_backward_fused(NccGeometry g, const T* __restrict__ grad,
-                                   const T* __restrict__ a, const T* __restrict__ b,
-                                   const int64_t* __restrict__ index,
-                                   T* __restrict__ grad_a, T* __restrict__ grad_b) {
+//            count p in the bucket of its selected centre q;
+//   phase 2, buckets: prefix sum of the counts, fill, sort each bucket by p
+//            (buckets are small: on average fewer than one output per centre);
+//   phase 3, per pixel u: grad_a(u) gathers the P x P outputs whose patch
+//            covers u; grad_b(u) gathers the outputs in the buckets of the
+//            P x P centres whose patch covers u, in a fixed order.
+// kP != 0 fixes the patch size at compile time (unrolled loops).
+template <typename T, int kP>
+__global__ void __launch_bounds__(256)
+    max_backward_fused(NccGeometry g, const T* __restrict__ grad,
+                       const T* __restrict__ a, const T* __restrict__ b,
+                       const int64_t* __restrict__ index, T* __restrict__ grad_a,
+                       T* __restrict__ grad_b) {
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  const int H = int(g.H), W = int(g.W), P = int(g.P), h = P / 2, R2 = int(g.R2());
-  const int HW = H * W;
-  const int Wp = W + 2 * h, rows_a = H + 2 * h, rows_b = H + 2 * R2 + 2 * h;
+  const int H = int(g.H), W = int(g.W), R2 = int(g.R2());
+  const int P = kP ? kP : int(g.P), h = P / 2;
+  const int HW = H * W, BR = H + 2 * R2, NQ = BR * W;
+  const int Wp = W + 2 * h, rows_a = H + 2 * h, rows_b = BR + 2 * h;
   const int64_t plane = blockIdx.x;
-  T* Ap = smem;                      // rows_a x Wp
-  T* Bp = Ap + rows_a * Wp;          // rows_b x Wp
-  T* coef = Bp + rows_b * Wp;        // 6 x HW
-  int* sel = reinterpret_cast<int*>(coef + 6 * HW);  // HW: offset of q's patch in Bp
+  T* Ap = smem;                                     // rows_a x Wp
+  T* Bp = Ap + rows_a * Wp;                         // rows_b x Wp
+  T* coef = Bp + rows_b * Wp;                       // 6 x HW
+  int* selq = reinterpret_cast<int*>(coef + 6 * HW);  // HW: selected centre
+  int* start = selq + HW;                           // NQ + 1 bucket starts
+  int* cursor = start + NQ + 1;                     // NQ counts, then cursors
+  int* list = cursor + NQ;                          // HW outputs by bucket
+  __shared__ int chunk_sum[256];
+
   const T* A = a + plane * HW;
   const T* B = b + plane * HW;
   for (int i = threadIdx.x; i < rows_a * Wp; i += blockDim.x)
     Ap[i] = pixel(A, H, W, i / Wp - h, i % Wp - h);
   for (int i = threadIdx.x; i < rows_b * Wp; i += blockDim.x)
     Bp[i] = pixel(B, H, W, i / Wp - R2 - h, i % Wp - h);
+  for (int i = threadIdx.x; i < NQ; i += blockDim.x) cursor[i] = 0;
   __syncthreads();
 
   const T n = T(P * P), nm1 = T(P * P - 1), eps = T(g.eps);
@@ -437,21 +454,27 @@ __global__ void max_backward_fused(NccGeometry g, const T* __restrict__ grad,
     const int r = e / W, w = e % W;
     const int idx = int(index[plane * HW + e]);
     const int qr = r + idx / W - R2, qc = idx % W;
-    sel[e] = (qr + R2) * Wp + qc;
+    const int q = (qr + R2) * W + qc;
+    selq[e] = q;
+    atomicAdd(cursor + q, 1);  // integer count: order-independent
     const T gv = grad[plane * HW + e];
     T al_a = 0, be_a = 0, c_a = 0, al_b = 0, be_b = 0, c_b = 0;
     if (gv != T(0)) {
       const T* x = Ap + r * Wp + w;
-      const T* y = Bp + sel[e];
+      const T* y = Bp + (qr + R2) * Wp + qc;
       T sx = 0, sy = 0;
+#pragma unroll
       for (int i = 0; i < P; ++i)
+#pragma unroll
         for (int j = 0; j < P; ++j) {
           sx += x[i * Wp + j];
           sy += y[i * Wp + j];
         }
       const T mua = sx / n, mub = sy / n;
       T sxx = 0, syy = 0, sxy = 0;
+#pragma unroll
       for (int i = 0; i < P; ++i)
+#pragma unroll
         for (int j = 0; j < P; ++j) {
           const T dx = x[i * Wp + j] - mua, dy = y[i * Wp + j] - mub;
           sxx += dx * dx;
@@ -480,50 +503,87 @@ __global__ void max_backward_fused(NccGeometry g, const T* __restrict__ grad,
   }
   __syncthreads();
 
+  // Exclusive prefix sum of the counts: contiguous chunks per thread.
+  const int chunk = (NQ + blockDim.x - 1) / blockDim.x;
+  const int c0 = min(int(threadIdx.x) * chunk, NQ), c1 = min(c0 + chunk, NQ);
+  int local = 0;
+  for (int i = c0; i < c1; ++i) local += cursor[i];
+  chunk_sum[threadIdx.x] = local;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int run = 0;
+    for (int t = 0; t < int(blockDim.x); ++t) {
+      const int v = chunk_sum[t];
+      chunk_sum[t] = run;
+      run += v;
+    }
+    start[NQ] = run;
+  }
+  __syncthreads();
+  int run = chunk_sum[threadIdx.x];
+  for (int i = c0; i < c1; ++i) {
+    start[i] = run;
+    run += cursor[i];
+    cursor[i] = 0;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < HW; e += blockDim.x) {
+    const int q = selq[e];
+    list[start[q] + atomicAdd(cursor + q, 1)] = e;
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < NQ; q += blockDim.x) {  // sort each bucket by p
+    for (int t = start[q] + 1; t < start[q + 1]; ++t) {
+      const int v = list[t];
+      int m = t - 1;
+      while (m >= start[q] && list[m] > v) {
+        list[m + 1] = list[m];
+        --m;
+      }
+      list[m + 1] = v;
+    }
+  }
+  __syncthreads();
+
   for (int e = threadIdx.x; e < HW; e += blockDim.x) {
     const int u = e / W, v = e % W;
-    // grad a: outputs p = (u - i, v - j) for patch offsets (i, j) in [-h, h].
     const T x = Ap[(u + h) * Wp + v + h];
-    T acc = 0;
+    const T y = Bp[(u + R2 + h) * Wp + v + h];
+    T acc = 0, accb = 0;
+#pragma unroll
     for (int i = -h; i <= h; ++i) {
-      const int pr = u - i;
-      if (pr < 0 || pr >= H) continue;
+#pragma unroll
       for (int j = -h; j <= h; ++j) {
-        const int pw = v - j;
-        if (pw < 0 || pw >= W) continue;
-        const int p = pr * W + pw;
-        const T y = Bp[sel[p] + (i + h) * Wp + (j + h)];
-        acc += coef[p] * y + coef[HW + p] * x + coef[2 * HW + p];
+        // grad a: output p = (u - i, v - j), pixel u is its patch element (i, j).
+        const int pr = u - i, pw = v - j;
+        if (pr >= 0 && pr < H && pw >= 0 && pw < W) {
+          const int p = pr * W + pw;
+          const int q = selq[p];
+          const T yv = Bp[(q / W + i + h) * Wp + q % W + j + h];
+          acc += coef[p] * yv + coef[HW + p] * x + coef[2 * HW + p];
+        }
+        // grad b: outputs that selected the centre (u - i, v - j).
+        const int qr = u - i, qc = v - j;
+        if (qr >= -R2 && qr < H + R2 && qc >= 0 && qc < W) {
+          const int q = (qr + R2) * W + qc;
+          for (int t = start[q]; t < start[q + 1]; ++t) {
+            const int p = list[t];
+            const T xa = Ap[(p / W + h + i) * Wp + p % W + h + j];
+            accb += coef[3 * HW + p] * xa + coef[4 * HW + p] * y + coef[5 * HW + p];
+          }
+        }
       }
     }
     grad_a[plane * HW + e] = acc;
-    // grad b: outputs in rows u - h - R2 .. u + h + R2 whose selected patch
-    // covers pixel (u, v) of b, i.e. centre (u - i, v - j), |i|, |j| <= h.
-    const T y = Bp[(u + R2 + h) * Wp + v + h];
-    const int centre = (u + R2) * Wp + v;  // sel value of the centre (u, v)
-    T accb = 0;
-    const int r_lo = max(u - h - R2, 0), r_hi = min(u + h + R2, H - 1);
-    for (int pr = r_lo; pr <= r_hi; ++pr) {
-      for (int pw = 0; pw < W; ++pw) {
-        const int p = pr * W + pw;
-        const int d = centre - sel[p];  // (i * Wp + j) for centre + (i, j)
-        const int i = (d + h * Wp + h) / Wp - h, j = d - i * Wp;
-        if (i < -h || i > h || j < -h || j > h) continue;
-        const T xa = Ap[(pr + h + i) * Wp + pw + h + j];
-        accb += coef[3 * HW + p] * xa + coef[4 * HW + p] * y + coef[5 * HW + p];
-      }
-    }
     grad_b[plane * HW + e] = accb;
   }
 }
 
 inline int64_t fused_backward_smem_bytes(const NccGeometry& g, size_t elem) {
-  const int64_t Wp = g.W + 2 * g.h();
-  const int64_t HW = g.H * g.W;
-  return ((g.H + 2 * g.h()) + (g.H + 2 * g.R2() + 2 * g.h())) * Wp * int64_t(elem) +
-         6 * HW * int64_t(elem) + HW * int64_t(sizeof(int));
+  const int64_t Wp = g.W + 2 * g.h(), HW = g.H * g.W, NQ = g.b_rows() * g.W;
+  return ((g.H + 2 * g.h()) + (g.b_rows() + 2 * g.h())) * Wp * int64_t(elem) +
+         6 * HW * int64_t(elem) + (2 * HW + 2 * NQ + 1) * int64_t(sizeof(int));
 }
-constexpr int64_t kFusedSmemLimit = 160 * 1024;  // H100/A100 allow more per block
 
 // Per output p with incoming gradient g and selected centre q, the gradient
 // of a at patch element x (partner y) is al_a y + be_a x + c_a, of b at y is
@@ -827,7 +887,7 @@ __global__ void volume_grad_b(NccGeometry g, const T* __restrict__ grad,
   }
 }
 
-template <typename T, int P, int R>
+template <typename T, int P, int R, int WPT>
 cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
                         const double* ma, const double* sa, const double* mb,
                         const double* sb, T* values, int64_t* index, int num_sms,
@@ -841,9 +901,9 @@ cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
     tile_rows = (tile_rows + 1) / 2;
   tiles = int((g.H + tile_rows - 1) / tile_rows);
   const size_t smem = size_t(fast_smem_elems<T, P, R>(tile_rows)) * sizeof(T);
-  const dim3 block(kLanes, unsigned((g.W + 1) / 2));
+  const dim3 block(kLanes, unsigned((g.W + WPT - 1) / WPT));
   const int64_t grid = g.planes() * tiles;
-  max_fast_kernel<T, P, R><<<unsigned(grid), block, smem, stream>>>(
+  max_fast_kernel<T, P, R, WPT><<<unsigned(grid), block, smem, stream>>>(
       g, tile_rows, tiles, a, b, ma, sa, mb, sb, values, index);
   return cudaGetLastError();
 }
@@ -860,6 +920,13 @@ cudaError_t patch_stats(const NccGeometry& g, const T* a, const T* b, double* ma
   return cudaGetLastError();
 }
 
+bool max_backward_needs_stats(const NccGeometry& g, size_t elem_size) {
+  int device = 0, smem_optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return fused_backward_smem_bytes(g, elem_size) > smem_optin;
+}
+
 bool has_fast_max_kernel(const NccGeometry& g) {
   return g.W <= kLanes && (g.P == 3 || g.P == 5) && (g.R == 1 || g.R == 3 || g.R == 5);
 }
@@ -870,9 +937,15 @@ cudaError_t ncc_max_forward(const NccGeometry& g, const T* a, const T* b,
                             const double* sb, T* values, int64_t* index,
                             int num_sms, cudaStream_t stream) {
   if (has_fast_max_kernel(g)) {
-#define MSPCNN_FAST(P_, R_) \
-  if (g.P == P_ && g.R == R_) \
-    return launch_fast<T, P_, R_>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream);
+    // Output columns per thread: 2 halves the shared-memory loads of b, 1
+    // doubles the threads per block (tools/bench_ncc.py compares them with
+    // MSPCNN_NCC_COLS_PER_THREAD=1 or 2; docs/perf_notes.md has the numbers).
+    const char* env = getenv("MSPCNN_NCC_COLS_PER_THREAD");
+    const bool two = env ? env[0] == '2' : kDefaultTwoColumns;
+#define MSPCNN_FAST(P_, R_)                                                                   \
+  if (g.P == P_ && g.R == R_)                                                                 \
+    return two ? launch_fast<T, P_, R_, 2>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream) \
+               : launch_fast<T, P_, R_, 1>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream);
     MSPCNN_FAST(3, 1) MSPCNN_FAST(3, 3) MSPCNN_FAST(3, 5)
     MSPCNN_FAST(5, 1) MSPCNN_FAST(5, 3) MSPCNN_FAST(5, 5)
 #undef MSPCNN_FAST
@@ -902,15 +975,23 @@ cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
                              bool deterministic, cudaStream_t stream) {
   const int64_t total = g.planes() * g.H * g.W;
   const int64_t fused_smem = fused_backward_smem_bytes(g, sizeof(T));
-  if (fused_smem <= kFusedSmemLimit) {
-    if (fused_smem > 48 * 1024) {
-      const cudaError_t err = cudaFuncSetAttribute(
-          max_backward_fused<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(fused_smem));
-      if (err != cudaSuccess) return err;
-    }
-    max_backward_fused<T><<<unsigned(g.planes()), kThreads, size_t(fused_smem), stream>>>(
-        g, grad, a, b, index, grad_a, grad_b);
-    return cudaGetLastError();
+  int device = 0, smem_optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (fused_smem <= smem_optin) {
+    auto launch = [&](auto kernel) {
+      if (fused_smem > 48 * 1024) {
+        const cudaError_t err = cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(fused_smem));
+        if (err != cudaSuccess) return err;
+      }
+      kernel<<<unsigned(g.planes()), kThreads, size_t(fused_smem), stream>>>(
+          g, grad, a, b, index, grad_a, grad_b);
+      return cudaGetLastError();
+    };
+    if (g.P == 3) return launch(max_backward_fused<T, 3>);
+    if (g.P == 5) return launch(max_backward_fused<T, 5>);
+    return launch(max_backward_fused<T, 0>);
   }
   const int blocks = blocks_for(total);
   max_coef_kernel<T><<<blocks, kThreads, 0, stream>>>(g, grad, a, b, index, ma, sa, mb, sb, coef);

@@ -39,7 +39,11 @@ cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,
                                const double* mb, const double* sb, T* volume,
                                cudaStream_t stream);
 
-// coef: workspace of 6 * N*C*H*W values of T.
+// True when the planes are too large for the fused shared-memory backward
+// of ncc_max; only then does ncc_max_backward read ma, sa, mb, sb and coef.
+bool max_backward_needs_stats(const NccGeometry& g, size_t elem_size);
+
+// coef: workspace of 6 * N*C*H*W values of T (used by the unfused path only).
 // deterministic: gather the gradient of b instead of atomically adding it.
 template <typename T>
 cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
