@@ -88,11 +88,17 @@ std::tuple<at::Tensor, at::Tensor> ncc_max_cuda(const at::Tensor& a_, const at::
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ncc_max_cuda", [&] {
-    const auto s = compute_stats<scalar_t>(g, a, b, stream, op);
+    // The register-blocked kernel computes its statistics in shared memory;
+    // the generic kernel reads them from a separate pass.
+    Stats s;
+    if (!cuda::has_fast_max_kernel(g)) s = compute_stats<scalar_t>(g, a, b, stream, op);
+    auto ptr = [](const at::Tensor& t) {
+      return t.defined() ? t.data_ptr<double>() : static_cast<double*>(nullptr);
+    };
     check_launch(cuda::ncc_max_forward<scalar_t>(
-                     g, a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), s.ma.data_ptr<double>(),
-                     s.sa.data_ptr<double>(), s.mb.data_ptr<double>(), s.sb.data_ptr<double>(),
-                     values.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), sms, stream),
+                     g, a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), ptr(s.ma), ptr(s.sa),
+                     ptr(s.mb), ptr(s.sb), values.data_ptr<scalar_t>(),
+                     index.data_ptr<int64_t>(), sms, stream),
                  op);
   });
   return {values, index};
@@ -111,15 +117,15 @@ std::tuple<at::Tensor, at::Tensor> ncc_max_backward_cuda(
   auto grad_a = at::empty_like(a), grad_b = at::empty_like(b);
   if (a.numel() == 0) return {grad_a, grad_b};
   auto stream = at::cuda::getCurrentCUDAStream().stream();
-  // Under torch.use_deterministic_algorithms(True) the gradient of b is
-  // gathered instead of accumulated with atomics.
+  // Under torch.use_deterministic_algorithms(True) both gradients are
+  // gathered instead of accumulated with shared-memory atomics.
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ncc_max_backward_cuda", [&] {
     // The fused kernel recomputes the statistics it needs in shared memory;
     // the unfused path (planes too large for shared memory) reads them.
     Stats s;
     at::Tensor coef;
-    if (cuda::max_backward_needs_stats(g, sizeof(scalar_t))) {
+    if (cuda::max_backward_needs_stats(g, sizeof(scalar_t), deterministic)) {
       s = compute_stats<scalar_t>(g, a, b, stream, op);
       coef = at::empty({6, a.numel()}, a.options());
     }

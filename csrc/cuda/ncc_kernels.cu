@@ -114,9 +114,10 @@ __global__ void stats_kernel(NccGeometry g, const T* __restrict__ a,
 // shuffle reduction, the maximum over d is in registers.
 //
 // Shared memory: the rows of a and b the tile needs (zero padded), and the
-// normalisation factors ka, n ma ka (per output) and kb, mb kb (per centre).
+// normalisation factors ka, n ma ka (per output) and kb, mb kb (per centre),
+// computed from those rows (no separate statistics pass).
 constexpr int kLanes = 32;
-constexpr bool kDefaultTwoColumns = true;
+constexpr bool kDefaultTwoColumns = false;  // measured: docs/perf_notes.md
 
 template <typename T, int P>
 __host__ __device__ constexpr int fast_width() {
@@ -148,13 +149,11 @@ template <typename T, int P, int R, int WPT>
 __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
     max_fast_kernel(NccGeometry g, int tile_rows, int tiles,
                     const T* __restrict__ a, const T* __restrict__ b,
-                    const double* __restrict__ ma, const double* __restrict__ sa,
-                    const double* __restrict__ mb, const double* __restrict__ sb,
                     T* __restrict__ values, int64_t* __restrict__ index) {
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   constexpr int h = P / 2, R2 = R / 2, SW = fast_width<T, P>();
-  const int H = int(g.H), W = int(g.W), BR = int(g.b_rows());
+  const int H = int(g.H), W = int(g.W);
   const int plane = blockIdx.x / tiles, tile = blockIdx.x % tiles;
   const int r0 = tile * tile_rows;
   const int TR = min(tile_rows, H - r0);
@@ -179,30 +178,47 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
     const int row = i / SW, c = i % SW;
     Bs[i] = pixel(B, H, W, r0 - R2 - h + row, c - h);
   }
-  for (int i = tid; i < TR * kLanes; i += nthreads) {
-    const int row = i / kLanes, w = i % kLanes;
+  __syncthreads();
+  // Patch statistics from the staged rows (two passes over the zero-padded
+  // patch): per output the factors ka = 1 / ((n-1) sig_a) and n mu_a ka, per
+  // candidate centre kb = 1 / sig_b and mu_b kb. Lanes past W get 0.
+  for (int i = tid; i < TR * kLanes + (TR + R - 1) * kLanes; i += nthreads) {
+    const bool is_a = i < TR * kLanes;
+    const int e = is_a ? i : i - TR * kLanes;
+    const int row = e / kLanes, c = e % kLanes;
     T k = 0, m = 0;
-    if (w < W) {
-      const int64_t e = (int64_t(plane) * H + r0 + row) * W + w;
-      const double kd = 1.0 / (nm1 * (sa[e] + eps));
-      k = T(kd);
-      m = T(double(P * P) * ma[e] * kd);
+    if (c < W) {
+      const T* x = (is_a ? As : Bs) + row * SW + c;  // top-left of the patch
+      T sum = 0;
+#pragma unroll
+      for (int u = 0; u < P; ++u)
+#pragma unroll
+        for (int v = 0; v < P; ++v) sum += x[u * SW + v];
+      const T mu = sum / T(P * P);
+      T ss = 0;
+#pragma unroll
+      for (int u = 0; u < P; ++u)
+#pragma unroll
+        for (int v = 0; v < P; ++v) {
+          const T d = x[u * SW + v] - mu;
+          ss += d * d;
+        }
+      const T sig = sqrt(ss / T(nm1)) + T(eps);
+      if (is_a) {
+        k = T(1) / (T(nm1) * sig);
+        m = T(P * P) * mu * k;
+      } else {
+        k = T(1) / sig;
+        m = mu * k;
+      }
     }
-    kaS[i] = k;
-    nmakaS[i] = m;
-  }
-  for (int i = tid; i < (TR + R - 1) * kLanes; i += nthreads) {
-    const int row = i / kLanes, col = i % kLanes;
-    T k = 0, m = 0;
-    if (col < W) {
-      // centre row r0 - R2 + row, stored at extended row r0 + row
-      const int64_t e = (int64_t(plane) * BR + r0 + row) * W + col;
-      const double kd = 1.0 / (sb[e] + eps);
-      k = T(kd);
-      m = T(mb[e] * kd);
+    if (is_a) {
+      kaS[e] = k;
+      nmakaS[e] = m;
+    } else {
+      kbS[e] = k;
+      mbkbS[e] = m;
     }
-    kbS[i] = k;
-    mbkbS[i] = m;
   }
   __syncthreads();
 
@@ -403,21 +419,15 @@ __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
 // ---------------------------------------------------------------------------
 // ncc_max backward
 // ---------------------------------------------------------------------------
-// Fused backward of one plane per block, deterministic (no floating-point
-// atomics; shared-memory float atomics are compare-and-swap loops on NVIDIA
-// GPUs and the order of their additions varies). Shared memory holds both
-// maps (zero padded), six gradient coefficients per output and the outputs
-// bucketed by the candidate centre they selected:
-//   phase 1, per output p: statistics of its two patches (two passes), NCC,
-//            and the coefficients with which grad_a(x) = al_a y + be_a x + c_a
-//            and grad_b(y) = al_b x + be_b y + c_b over the patch pair;
-//            count p in the bucket of its selected centre q;
-//   phase 2, buckets: prefix sum of the counts, fill, sort each bucket by p
-//            (buckets are small: on average fewer than one output per centre);
-//   phase 3, per pixel u: grad_a(u) gathers the P x P outputs whose patch
-//            covers u; grad_b(u) gathers the outputs in the buckets of the
-//            P x P centres whose patch covers u, in a fixed order.
-// kP != 0 fixes the patch size at compile time (unrolled loops).
+// Fused backward of one plane per block (the default path): both maps (zero
+// padded) and both gradient accumulators live in shared memory; each thread
+// takes outputs, recomputes the statistics and NCC of its two patches (two
+// passes) and adds its contributions to the accumulators with shared-memory
+// atomics. One read of a, b, grad and index, one write of each gradient.
+// The order of the atomic additions varies between runs, so float results
+// can differ in the last bits; under torch.use_deterministic_algorithms(True)
+// the gather kernels below are used instead. kP != 0 fixes the patch size at
+// compile time (unrolled loops).
 template <typename T, int kP>
 __global__ void __launch_bounds__(256)
     max_backward_fused(NccGeometry g, const T* __restrict__ grad,
@@ -428,161 +438,81 @@ __global__ void __launch_bounds__(256)
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int H = int(g.H), W = int(g.W), R2 = int(g.R2());
   const int P = kP ? kP : int(g.P), h = P / 2;
-  const int HW = H * W, BR = H + 2 * R2, NQ = BR * W;
-  const int Wp = W + 2 * h, rows_a = H + 2 * h, rows_b = BR + 2 * h;
+  const int HW = H * W, Wp = W + 2 * h, rows_a = H + 2 * h, rows_b = H + 2 * R2 + 2 * h;
   const int64_t plane = blockIdx.x;
-  T* Ap = smem;                                     // rows_a x Wp
-  T* Bp = Ap + rows_a * Wp;                         // rows_b x Wp
-  T* coef = Bp + rows_b * Wp;                       // 6 x HW
-  int* selq = reinterpret_cast<int*>(coef + 6 * HW);  // HW: selected centre
-  int* start = selq + HW;                           // NQ + 1 bucket starts
-  int* cursor = start + NQ + 1;                     // NQ counts, then cursors
-  int* list = cursor + NQ;                          // HW outputs by bucket
-  __shared__ int chunk_sum[256];
-
+  T* Ap = smem;
+  T* Bp = Ap + rows_a * Wp;
+  T* GA = Bp + rows_b * Wp;
+  T* GB = GA + rows_a * Wp;
   const T* A = a + plane * HW;
   const T* B = b + plane * HW;
-  for (int i = threadIdx.x; i < rows_a * Wp; i += blockDim.x)
+  for (int i = threadIdx.x; i < rows_a * Wp; i += blockDim.x) {
     Ap[i] = pixel(A, H, W, i / Wp - h, i % Wp - h);
-  for (int i = threadIdx.x; i < rows_b * Wp; i += blockDim.x)
+    GA[i] = T(0);
+  }
+  for (int i = threadIdx.x; i < rows_b * Wp; i += blockDim.x) {
     Bp[i] = pixel(B, H, W, i / Wp - R2 - h, i % Wp - h);
-  for (int i = threadIdx.x; i < NQ; i += blockDim.x) cursor[i] = 0;
+    GB[i] = T(0);
+  }
   __syncthreads();
-
   const T n = T(P * P), nm1 = T(P * P - 1), eps = T(g.eps);
   for (int e = threadIdx.x; e < HW; e += blockDim.x) {
+    const T gv = grad[plane * HW + e];
+    if (gv == T(0)) continue;
     const int r = e / W, w = e % W;
     const int idx = int(index[plane * HW + e]);
     const int qr = r + idx / W - R2, qc = idx % W;
-    const int q = (qr + R2) * W + qc;
-    selq[e] = q;
-    atomicAdd(cursor + q, 1);  // integer count: order-independent
-    const T gv = grad[plane * HW + e];
-    T al_a = 0, be_a = 0, c_a = 0, al_b = 0, be_b = 0, c_b = 0;
-    if (gv != T(0)) {
-      const T* x = Ap + r * Wp + w;
-      const T* y = Bp + (qr + R2) * Wp + qc;
-      T sx = 0, sy = 0;
+    const T* x = Ap + r * Wp + w;           // top-left of the patch of a
+    const T* y = Bp + (qr + R2) * Wp + qc;  // top-left of the patch of b
+    T sx = 0, sy = 0;
 #pragma unroll
-      for (int i = 0; i < P; ++i)
+    for (int i = 0; i < P; ++i)
 #pragma unroll
-        for (int j = 0; j < P; ++j) {
-          sx += x[i * Wp + j];
-          sy += y[i * Wp + j];
-        }
-      const T mua = sx / n, mub = sy / n;
-      T sxx = 0, syy = 0, sxy = 0;
-#pragma unroll
-      for (int i = 0; i < P; ++i)
-#pragma unroll
-        for (int j = 0; j < P; ++j) {
-          const T dx = x[i * Wp + j] - mua, dy = y[i * Wp + j] - mub;
-          sxx += dx * dx;
-          syy += dy * dy;
-          sxy += dx * dy;
-        }
-      const T s_a = sqrt(sxx / nm1), s_b = sqrt(syy / nm1);
-      const T siga = s_a + eps, sigb = s_b + eps;
-      const T ncc = sxy / (nm1 * siga * sigb);
-      const T inv_sa = s_a > T(0) ? T(1) / s_a : T(0);
-      const T inv_sb = s_b > T(0) ? T(1) / s_b : T(0);
-      const T fa = gv / (nm1 * siga), fb = gv / (nm1 * sigb);
-      al_a = fa / sigb;
-      be_a = -fa * ncc * inv_sa;
-      c_a = -al_a * mub - be_a * mua;
-      al_b = fb / siga;
-      be_b = -fb * ncc * inv_sb;
-      c_b = -al_b * mua - be_b * mub;
-    }
-    coef[0 * HW + e] = al_a;
-    coef[1 * HW + e] = be_a;
-    coef[2 * HW + e] = c_a;
-    coef[3 * HW + e] = al_b;
-    coef[4 * HW + e] = be_b;
-    coef[5 * HW + e] = c_b;
-  }
-  __syncthreads();
-
-  // Exclusive prefix sum of the counts: contiguous chunks per thread.
-  const int chunk = (NQ + blockDim.x - 1) / blockDim.x;
-  const int c0 = min(int(threadIdx.x) * chunk, NQ), c1 = min(c0 + chunk, NQ);
-  int local = 0;
-  for (int i = c0; i < c1; ++i) local += cursor[i];
-  chunk_sum[threadIdx.x] = local;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int run = 0;
-    for (int t = 0; t < int(blockDim.x); ++t) {
-      const int v = chunk_sum[t];
-      chunk_sum[t] = run;
-      run += v;
-    }
-    start[NQ] = run;
-  }
-  __syncthreads();
-  int run = chunk_sum[threadIdx.x];
-  for (int i = c0; i < c1; ++i) {
-    start[i] = run;
-    run += cursor[i];
-    cursor[i] = 0;
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < HW; e += blockDim.x) {
-    const int q = selq[e];
-    list[start[q] + atomicAdd(cursor + q, 1)] = e;
-  }
-  __syncthreads();
-  for (int q = threadIdx.x; q < NQ; q += blockDim.x) {  // sort each bucket by p
-    for (int t = start[q] + 1; t < start[q + 1]; ++t) {
-      const int v = list[t];
-      int m = t - 1;
-      while (m >= start[q] && list[m] > v) {
-        list[m + 1] = list[m];
-        --m;
+      for (int j = 0; j < P; ++j) {
+        sx += x[i * Wp + j];
+        sy += y[i * Wp + j];
       }
-      list[m + 1] = v;
-    }
+    const T mua = sx / n, mub = sy / n;
+    T sxx = 0, syy = 0, sxy = 0;
+#pragma unroll
+    for (int i = 0; i < P; ++i)
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const T dx = x[i * Wp + j] - mua, dy = y[i * Wp + j] - mub;
+        sxx += dx * dx;
+        syy += dy * dy;
+        sxy += dx * dy;
+      }
+    const T s_a = sqrt(sxx / nm1), s_b = sqrt(syy / nm1);
+    const T siga = s_a + eps, sigb = s_b + eps;
+    const T ncc = sxy / (nm1 * siga * sigb);
+    const T inv_sa = s_a > T(0) ? T(1) / s_a : T(0);
+    const T inv_sb = s_b > T(0) ? T(1) / s_b : T(0);
+    const T fa = gv / (nm1 * siga), fb = gv / (nm1 * sigb);
+    const T al_a = fa / sigb, be_a = -fa * ncc * inv_sa, c_a = -al_a * mub - be_a * mua;
+    const T al_b = fb / siga, be_b = -fb * ncc * inv_sb, c_b = -al_b * mua - be_b * mub;
+    T* gx = GA + r * Wp + w;
+    T* gy = GB + (qr + R2) * Wp + qc;
+#pragma unroll
+    for (int i = 0; i < P; ++i)
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const T xv = x[i * Wp + j], yv = y[i * Wp + j];
+        atomicAdd(gx + i * Wp + j, al_a * yv + be_a * xv + c_a);
+        atomicAdd(gy + i * Wp + j, al_b * xv + be_b * yv + c_b);
+      }
   }
   __syncthreads();
-
   for (int e = threadIdx.x; e < HW; e += blockDim.x) {
     const int u = e / W, v = e % W;
-    const T x = Ap[(u + h) * Wp + v + h];
-    const T y = Bp[(u + R2 + h) * Wp + v + h];
-    T acc = 0, accb = 0;
-#pragma unroll
-    for (int i = -h; i <= h; ++i) {
-#pragma unroll
-      for (int j = -h; j <= h; ++j) {
-        // grad a: output p = (u - i, v - j), pixel u is its patch element (i, j).
-        const int pr = u - i, pw = v - j;
-        if (pr >= 0 && pr < H && pw >= 0 && pw < W) {
-          const int p = pr * W + pw;
-          const int q = selq[p];
-          const T yv = Bp[(q / W + i + h) * Wp + q % W + j + h];
-          acc += coef[p] * yv + coef[HW + p] * x + coef[2 * HW + p];
-        }
-        // grad b: outputs that selected the centre (u - i, v - j).
-        const int qr = u - i, qc = v - j;
-        if (qr >= -R2 && qr < H + R2 && qc >= 0 && qc < W) {
-          const int q = (qr + R2) * W + qc;
-          for (int t = start[q]; t < start[q + 1]; ++t) {
-            const int p = list[t];
-            const T xa = Ap[(p / W + h + i) * Wp + p % W + h + j];
-            accb += coef[3 * HW + p] * xa + coef[4 * HW + p] * y + coef[5 * HW + p];
-          }
-        }
-      }
-    }
-    grad_a[plane * HW + e] = acc;
-    grad_b[plane * HW + e] = accb;
+    grad_a[plane * HW + e] = GA[(u + h) * Wp + v + h];
+    grad_b[plane * HW + e] = GB[(u + R2 + h) * Wp + v + h];
   }
 }
 
 inline int64_t fused_backward_smem_bytes(const NccGeometry& g, size_t elem) {
-  const int64_t Wp = g.W + 2 * g.h(), HW = g.H * g.W, NQ = g.b_rows() * g.W;
-  return ((g.H + 2 * g.h()) + (g.b_rows() + 2 * g.h())) * Wp * int64_t(elem) +
-         6 * HW * int64_t(elem) + (2 * HW + 2 * NQ + 1) * int64_t(sizeof(int));
+  const int64_t Wp = g.W + 2 * g.h();
+  return 2 * ((g.H + 2 * g.h()) + (g.b_rows() + 2 * g.h())) * Wp * int64_t(elem);
 }
 
 // Per output p with incoming gradient g and selected centre q, the gradient
@@ -843,6 +773,9 @@ __global__ void volume_grad_a(NccGeometry g, const T* __restrict__ grad,
   }
 }
 
+// One warp per pixel v of b, its lanes over the column w of the outputs:
+// the gradient volume is read along its contiguous dimension (w), and the
+// lanes' partial sums are added by a shuffle reduction in a fixed order.
 template <typename T>
 __global__ void volume_grad_b(NccGeometry g, const T* __restrict__ grad,
                               const T* __restrict__ a, const T* __restrict__ b,
@@ -853,37 +786,52 @@ __global__ void volume_grad_b(NccGeometry g, const T* __restrict__ grad,
   const double* kb = work + 3 * total_a;
   const double* t3b = kb + total;
   const double* Hb = t3b + total;
-  GRID_STRIDE(e, total_a) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  for (int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; e < total_a;
+       e += warps) {
     const int64_t vc = e % W, vr = (e / W) % H, plane = e / HW;
     const T* A = a + plane * HW;
-    double t1 = 0.0, box_t3 = 0.0, box_h = 0.0, box_hm = 0.0;
+    T t1 = 0;
     for (int64_t i = -h; i <= h; ++i) {
       const int64_t qr = vr - i;  // centre row of b, may lie outside the map
       if (qr < -R2 || qr >= H + R2) continue;
       for (int64_t j = -h; j <= h; ++j) {
         const int64_t qc = vc - j;
         if (qc < 0 || qc >= W) continue;
-        const int64_t q = (plane * BR + qr + R2) * W + qc;
-        box_t3 += t3b[q];
-        box_h += Hb[q];
-        box_hm += Hb[q] * mb[q];
-        const double k_b = kb[q];
+        const T k_b = T(kb[(plane * BR + qr + R2) * W + qc]);
         for (int64_t k = 0; k < R; ++k) {
           const int64_t pr = qr - (k - R2);
-          if (pr < 0 || pr >= H) continue;
           const int64_t ar = pr + i;  // row of a matching pixel v
-          if (ar < 0 || ar >= H) continue;
+          if (pr < 0 || pr >= H || ar < 0 || ar >= H) continue;
           const T* grow = grad + ((plane * R + k) * W + qc) * HW + pr * W;
           const double* kar = ka + (plane * H + pr) * W;
-          for (int64_t pw = 0; pw < W; ++pw) {
+          for (int64_t pw = lane; pw < W; pw += 32) {
             const int64_t ac = pw + j;
             if (ac < 0 || ac >= W) continue;
-            t1 += double(grow[pw]) * kar[pw] * k_b * double(load(A + ar * W + ac));
+            t1 += grow[pw] * T(kar[pw]) * k_b * load(A + ar * W + ac);
           }
         }
       }
     }
-    grad_b[e] = T(t1 - box_t3 - double(b[e]) * box_h + box_hm);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) t1 += __shfl_down_sync(0xffffffffu, t1, off);
+    if (lane == 0) {
+      double box_t3 = 0.0, box_h = 0.0, box_hm = 0.0;
+      for (int64_t i = -h; i <= h; ++i) {
+        const int64_t qr = vr - i;
+        if (qr < -R2 || qr >= H + R2) continue;
+        for (int64_t j = -h; j <= h; ++j) {
+          const int64_t qc = vc - j;
+          if (qc < 0 || qc >= W) continue;
+          const int64_t q = (plane * BR + qr + R2) * W + qc;
+          box_t3 += t3b[q];
+          box_h += Hb[q];
+          box_hm += Hb[q] * mb[q];
+        }
+      }
+      grad_b[e] = T(double(t1) - box_t3 - double(b[e]) * box_h + box_hm);
+    }
   }
 }
 
@@ -904,7 +852,7 @@ cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
   const dim3 block(kLanes, unsigned((g.W + WPT - 1) / WPT));
   const int64_t grid = g.planes() * tiles;
   max_fast_kernel<T, P, R, WPT><<<unsigned(grid), block, smem, stream>>>(
-      g, tile_rows, tiles, a, b, ma, sa, mb, sb, values, index);
+      g, tile_rows, tiles, a, b, values, index);
   return cudaGetLastError();
 }
 
@@ -920,11 +868,11 @@ cudaError_t patch_stats(const NccGeometry& g, const T* a, const T* b, double* ma
   return cudaGetLastError();
 }
 
-bool max_backward_needs_stats(const NccGeometry& g, size_t elem_size) {
+bool max_backward_needs_stats(const NccGeometry& g, size_t elem_size, bool deterministic) {
   int device = 0, smem_optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return fused_backward_smem_bytes(g, elem_size) > smem_optin;
+  return deterministic || fused_backward_smem_bytes(g, elem_size) > smem_optin;
 }
 
 bool has_fast_max_kernel(const NccGeometry& g) {
@@ -978,7 +926,7 @@ cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
   int device = 0, smem_optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (fused_smem <= smem_optin) {
+  if (!deterministic && fused_smem <= smem_optin) {
     auto launch = [&](auto kernel) {
       if (fused_smem > 48 * 1024) {
         const cudaError_t err = cudaFuncSetAttribute(
@@ -1017,7 +965,7 @@ cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
   volume_centre_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
   volume_centre_b<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
   volume_grad_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, ma, work, grad_a);
-  volume_grad_b<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, mb, work, grad_b);
+  volume_grad_b<T><<<blocks_for(32 * total_a), kThreads, 0, stream>>>(g, grad, a, b, mb, work, grad_b);
   return cudaGetLastError();
 }
 

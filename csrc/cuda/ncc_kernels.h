@@ -39,12 +39,14 @@ cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,
                                const double* mb, const double* sb, T* volume,
                                cudaStream_t stream);
 
-// True when the planes are too large for the fused shared-memory backward
-// of ncc_max; only then does ncc_max_backward read ma, sa, mb, sb and coef.
-bool max_backward_needs_stats(const NccGeometry& g, size_t elem_size);
+// True when ncc_max_backward takes the unfused path (deterministic mode, or
+// planes too large for the fused shared-memory kernel): only then does it
+// read ma, sa, mb, sb and coef.
+bool max_backward_needs_stats(const NccGeometry& g, size_t elem_size, bool deterministic);
 
 // coef: workspace of 6 * N*C*H*W values of T (used by the unfused path only).
-// deterministic: gather the gradient of b instead of atomically adding it.
+// deterministic: gather both gradients (no atomics) instead of the fused
+// shared-memory kernel, whose float atomics make the last bits vary.
 template <typename T>
 cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
                              const T* b, const int64_t* index, const double* ma,
