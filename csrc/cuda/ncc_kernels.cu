@@ -773,9 +773,6 @@ __global__ void volume_grad_a(NccGeometry g, const T* __restrict__ grad,
   }
 }
 
-// One warp per pixel v of b, its lanes over the column w of the outputs:
-// the gradient volume is read along its contiguous dimension (w), and the
-// lanes' partial sums are added by a shuffle reduction in a fixed order.
 template <typename T>
 __global__ void volume_grad_b(NccGeometry g, const T* __restrict__ grad,
                               const T* __restrict__ a, const T* __restrict__ b,
@@ -786,52 +783,37 @@ __global__ void volume_grad_b(NccGeometry g, const T* __restrict__ grad,
   const double* kb = work + 3 * total_a;
   const double* t3b = kb + total;
   const double* Hb = t3b + total;
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
-  for (int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; e < total_a;
-       e += warps) {
+  GRID_STRIDE(e, total_a) {
     const int64_t vc = e % W, vr = (e / W) % H, plane = e / HW;
     const T* A = a + plane * HW;
-    T t1 = 0;
+    double t1 = 0.0, box_t3 = 0.0, box_h = 0.0, box_hm = 0.0;
     for (int64_t i = -h; i <= h; ++i) {
       const int64_t qr = vr - i;  // centre row of b, may lie outside the map
       if (qr < -R2 || qr >= H + R2) continue;
       for (int64_t j = -h; j <= h; ++j) {
         const int64_t qc = vc - j;
         if (qc < 0 || qc >= W) continue;
-        const T k_b = T(kb[(plane * BR + qr + R2) * W + qc]);
+        const int64_t q = (plane * BR + qr + R2) * W + qc;
+        box_t3 += t3b[q];
+        box_h += Hb[q];
+        box_hm += Hb[q] * mb[q];
+        const double k_b = kb[q];
         for (int64_t k = 0; k < R; ++k) {
           const int64_t pr = qr - (k - R2);
+          if (pr < 0 || pr >= H) continue;
           const int64_t ar = pr + i;  // row of a matching pixel v
-          if (pr < 0 || pr >= H || ar < 0 || ar >= H) continue;
+          if (ar < 0 || ar >= H) continue;
           const T* grow = grad + ((plane * R + k) * W + qc) * HW + pr * W;
           const double* kar = ka + (plane * H + pr) * W;
-          for (int64_t pw = lane; pw < W; pw += 32) {
+          for (int64_t pw = 0; pw < W; ++pw) {
             const int64_t ac = pw + j;
             if (ac < 0 || ac >= W) continue;
-            t1 += grow[pw] * T(kar[pw]) * k_b * load(A + ar * W + ac);
+            t1 += double(grow[pw]) * kar[pw] * k_b * double(load(A + ar * W + ac));
           }
         }
       }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) t1 += __shfl_down_sync(0xffffffffu, t1, off);
-    if (lane == 0) {
-      double box_t3 = 0.0, box_h = 0.0, box_hm = 0.0;
-      for (int64_t i = -h; i <= h; ++i) {
-        const int64_t qr = vr - i;
-        if (qr < -R2 || qr >= H + R2) continue;
-        for (int64_t j = -h; j <= h; ++j) {
-          const int64_t qc = vc - j;
-          if (qc < 0 || qc >= W) continue;
-          const int64_t q = (plane * BR + qr + R2) * W + qc;
-          box_t3 += t3b[q];
-          box_h += Hb[q];
-          box_hm += Hb[q] * mb[q];
-        }
-      }
-      grad_b[e] = T(double(t1) - box_t3 - double(b[e]) * box_h + box_hm);
-    }
+    grad_b[e] = T(t1 - box_t3 - double(b[e]) * box_h + box_hm);
   }
 }
 
@@ -965,7 +947,7 @@ cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
   volume_centre_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
   volume_centre_b<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
   volume_grad_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, ma, work, grad_a);
-  volume_grad_b<T><<<blocks_for(32 * total_a), kThreads, 0, stream>>>(g, grad, a, b, mb, work, grad_b);
+  volume_grad_b<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, mb, work, grad_b);
   return cudaGetLastError();
 }
 
