@@ -147,14 +147,16 @@ __device__ __forceinline__ void warp_best(T& best, int& best_k) {
 
 template <typename T, int P, int R, int WPT>
 __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
-    max_fast_kernel(NccGeometry g, int tile_rows, int tiles,
+    max_fast_kernel(NccGeometry g, int tile_rows, int tiles, int wsplit,
                     const T* __restrict__ a, const T* __restrict__ b,
                     T* __restrict__ values, int64_t* __restrict__ index) {
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   constexpr int h = P / 2, R2 = R / 2, SW = fast_width<T, P>();
   const int H = int(g.H), W = int(g.W);
-  const int plane = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  // Block = (plane, row tile, part of the output columns).
+  const int part = blockIdx.x % wsplit;
+  const int plane = blockIdx.x / wsplit / tiles, tile = blockIdx.x / wsplit % tiles;
   const int r0 = tile * tile_rows;
   const int TR = min(tile_rows, H - r0);
   const T* A = a + int64_t(plane) * H * W;
@@ -225,7 +227,7 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
   const int col = threadIdx.x;
   int wc[WPT];  // the output columns of this thread, all <= 31
 #pragma unroll
-  for (int c = 0; c < WPT; ++c) wc[c] = threadIdx.y + c * blockDim.y;
+  for (int c = 0; c < WPT; ++c) wc[c] = part * WPT * blockDim.y + threadIdx.y + c * blockDim.y;
   T win[WPT][R][P];
 #pragma unroll
   for (int c = 0; c < WPT; ++c)
@@ -831,10 +833,18 @@ cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
     tile_rows = (tile_rows + 1) / 2;
   tiles = int((g.H + tile_rows - 1) / tile_rows);
   const size_t smem = size_t(fast_smem_elems<T, P, R>(tile_rows)) * sizeof(T);
-  const dim3 block(kLanes, unsigned((g.W + WPT - 1) / WPT));
-  const int64_t grid = g.planes() * tiles;
+  // MSPCNN_NCC_WSPLIT=2 splits the output columns of a tile over two blocks
+  // of half the size (a tuning knob for tools/bench_ncc.py; 1 by default).
+  const char* env = getenv("MSPCNN_NCC_WSPLIT");
+  const int wsplit = (env && env[0] == '2') ? 2 : 1;
+  if (wsplit > 1)
+    cudaFuncSetAttribute(max_fast_kernel<T, P, R, WPT>,
+                         cudaFuncAttributePreferredSharedMemoryCarveout,
+                         cudaSharedmemCarveoutMaxShared);
+  const dim3 block(kLanes, unsigned((g.W + WPT * wsplit - 1) / (WPT * wsplit)));
+  const int64_t grid = g.planes() * tiles * wsplit;
   max_fast_kernel<T, P, R, WPT><<<unsigned(grid), block, smem, stream>>>(
-      g, tile_rows, tiles, a, b, values, index);
+      g, tile_rows, tiles, wsplit, a, b, values, index);
   return cudaGetLastError();
 }
 
