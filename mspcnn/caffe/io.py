@@ -1,0 +1,173 @@
+"""Reading and writing Caffe's files with the protobuf library.
+
+* prototxt (text format) -> ``NetParameter`` (or any message of
+  :mod:`mspcnn.caffe.proto`), with errors that name the file, the line and the
+  unknown field or value;
+* ``.caffemodel`` (binary ``NetParameter`` with layer blobs), read and written;
+* ``.binaryproto`` (a ``BlobProto``, e.g. an image mean), read and written;
+* ``BlobProto`` <-> numpy, for both the ``shape`` field and the legacy
+  num/channels/height/width dimensions.
+
+Writes go to a temporary file in the same folder that is renamed into place
+when complete, so an interrupted write never leaves a truncated file.
+"""
+import os
+import re
+import tempfile
+
+import numpy as np
+from google.protobuf import message as pb_message
+from google.protobuf import text_format
+
+from . import proto
+
+__all__ = [
+    "CaffeFormatError", "read_prototxt", "parse_prototxt", "write_prototxt",
+    "read_caffemodel", "write_caffemodel", "read_binaryproto", "write_binaryproto",
+    "blob_to_array", "array_to_blob",
+]
+
+
+class CaffeFormatError(ValueError):
+    """A Caffe file that cannot be read: names the file, and the line where known."""
+
+
+def _read_bytes(path, what):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def parse_prototxt(text, message_type=proto.NetParameter, source="<string>"):
+    """Parse Caffe text format into a new ``message_type`` message.
+
+    Raises CaffeFormatError naming ``source`` and the line of an unknown field,
+    unknown enum value or syntax error."""
+    msg = message_type()
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as exc:
+        line = getattr(exc, "GetLine", lambda: None)()
+        detail = str(exc)
+        m = re.match(r"^(\d+):(\d+) : (.*)$", detail, re.S)
+        if m:
+            line, detail = int(m.group(1)), m.group(3)
+        where = f"{source}, line {line}" if line else source
+        raise CaffeFormatError(f"{where}: {detail}") from None
+    return msg
+
+
+def read_prototxt(path, message_type=proto.NetParameter):
+    """Read a prototxt file (a net by default; pass another message type, e.g.
+    ``proto.BlobProto``, for other files)."""
+    data = _read_bytes(path, "prototxt")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CaffeFormatError(f"{path}: not a text file ({exc})") from None
+    return parse_prototxt(text, message_type, source=os.fspath(path))
+
+
+def _atomic_write(path, data, mode="wb"):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_prototxt(msg, path):
+    """Write a message in Caffe text format (atomically)."""
+    _atomic_write(path, text_format.MessageToString(msg), mode="w")
+
+
+def _parse_binary(data, message_type, path, what):
+    msg = message_type()
+    try:
+        msg.ParseFromString(data)
+    except pb_message.DecodeError as exc:
+        raise CaffeFormatError(f"{path}: not a valid {what} ({exc})") from None
+    return msg
+
+
+def read_caffemodel(path):
+    """Read a ``.caffemodel`` (binary ``NetParameter``)."""
+    data = _read_bytes(path, ".caffemodel")
+    net = _parse_binary(data, proto.NetParameter, path, ".caffemodel (binary NetParameter)")
+    if len(data) and not net.layer:
+        raise CaffeFormatError(f"{path}: no layers found; is it a .caffemodel?")
+    return net
+
+
+def write_caffemodel(net, path):
+    """Write a ``NetParameter`` as a ``.caffemodel`` (atomically)."""
+    _atomic_write(path, net.SerializeToString())
+
+
+def blob_to_array(blob):
+    """A ``BlobProto`` as a float32 (or float64 for double_data) numpy array,
+    shaped by ``shape`` or else by the legacy num/channels/height/width."""
+    if blob.HasField("shape"):
+        shape = tuple(int(d) for d in blob.shape.dim)
+    elif blob.num or blob.channels or blob.height or blob.width:
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    else:
+        shape = (len(blob.data) or len(blob.double_data),)
+    if len(blob.double_data):
+        data = np.asarray(blob.double_data, dtype=np.float64)
+    else:
+        data = np.asarray(blob.data, dtype=np.float32)
+    count = int(np.prod(shape)) if shape else 1
+    if data.size != count:
+        raise CaffeFormatError(
+            f"BlobProto holds {data.size} values but its shape {list(shape)} needs {count}"
+        )
+    return data.reshape(shape)
+
+
+def array_to_blob(array, legacy_dims=False):
+    """A numpy array (or tensor) as a float32 ``BlobProto``. ``legacy_dims``
+    writes num/channels/height/width (4-D only) instead of ``shape``, as
+    compute_image_mean does."""
+    arr = np.asarray(array, dtype=np.float32)
+    blob = proto.BlobProto()
+    if legacy_dims:
+        if arr.ndim != 4:
+            raise ValueError(f"legacy_dims needs a 4-D array, got shape {list(arr.shape)}")
+        blob.num, blob.channels, blob.height, blob.width = (int(d) for d in arr.shape)
+    else:
+        blob.shape.dim.extend(int(d) for d in arr.shape)
+    blob.data.extend(arr.ravel().tolist())
+    return blob
+
+
+def read_binaryproto(path):
+    """Read a ``.binaryproto`` mean file as a float array, without its leading
+    num axis when that is 1 (so a mean image is C x H x W)."""
+    data = _read_bytes(path, ".binaryproto")
+    blob = _parse_binary(data, proto.BlobProto, path, ".binaryproto (BlobProto)")
+    try:
+        arr = blob_to_array(blob)
+    except CaffeFormatError as exc:
+        raise CaffeFormatError(f"{path}: {exc}") from None
+    return arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr
+
+
+def write_binaryproto(array, path):
+    """Write a mean image (C x H x W, or 1 x C x H x W) as compute_image_mean
+    does: legacy dims num 1, channels, height, width (atomically)."""
+    arr = np.asarray(array, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    _atomic_write(path, array_to_blob(arr, legacy_dims=True).SerializeToString())
