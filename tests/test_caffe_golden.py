@@ -202,3 +202,17 @@ def test_missing_and_corrupt_files(tmp_path):
     junk.write_bytes(b"\xff\xff\xff\xff not a protobuf")
     with pytest.raises(cio.CaffeFormatError, match="junk.caffemodel: not a valid .caffemodel"):
         cio.read_caffemodel(junk)
+
+
+def test_binaryproto_mean_from_compute_image_mean(tmp_path):
+    mean = cio.read_binaryproto(GOLDEN / "lmdb" / "mean.binaryproto")
+    ref = np.load(GOLDEN / "lmdb" / "mean.npy")
+    assert mean.shape == (3, 160, 64) and mean.dtype == np.float32
+    assert np.array_equal(mean, ref)
+    path = tmp_path / "copy.binaryproto"
+    cio.write_binaryproto(mean, path)
+    assert np.array_equal(cio.read_binaryproto(path), mean)
+    raw = cio.proto.BlobProto()
+    raw.ParseFromString(path.read_bytes())
+    assert (raw.num, raw.channels, raw.height, raw.width) == (1, 3, 160, 64)  # legacy dims
+    assert not raw.HasField("shape")

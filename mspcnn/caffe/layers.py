@@ -22,7 +22,7 @@ from torch import nn
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
 __all__ = ["BatchNorm", "Scale", "Pooling", "pool_output_size", "fill_", "softmax_with_loss",
-           "contrastive_loss", "dropout"]
+           "contrastive_loss", "dropout", "l2_normalize"]
 
 
 # ---------------------------------------------------------------------------
@@ -269,6 +269,12 @@ def contrastive_loss(a, b, y, margin=1.0, legacy_version=False):
     if y.shape != a.shape[:1]:
         raise ValueError(f"contrastive_loss: y must have shape [{a.shape[0]}], got {list(y.shape)}")
     return _ContrastiveLoss.apply(a, b, y, float(margin), bool(legacy_version))
+
+
+def l2_normalize(x, eps=1e-12):
+    """Each row of N x D ``x`` divided by its L2 norm (norm floored at eps).
+    BVLC Caffe has no such layer; prototxt files use the type L2Normalize."""
+    return x / x.norm(dim=1, keepdim=True).clamp(min=eps)
 
 
 def dropout(x, ratio, training, mask=None):

@@ -11,7 +11,8 @@ by layer name.
 
 Supported layer types: Input, Data, MemoryData (inputs), Convolution,
 InnerProduct, BatchNorm, Scale, ReLU, Pooling, Concat, Flatten, Dropout,
-SoftmaxWithLoss, ContrastiveLoss, and MSP-CNN's NCCLoss.
+SoftmaxWithLoss, ContrastiveLoss, and two types that BVLC Caffe lacks:
+L2Normalize (each row divided by its L2 norm) and MSP-CNN's NCCLoss.
 """
 import math
 import os
@@ -24,6 +25,7 @@ from torch import nn
 from . import io as cio
 from . import layers as L
 from . import proto
+from .weights import layer_blobs_to_net, load_layer_blobs
 
 __all__ = ["CaffeNet", "NetDefinitionError", "SUPPORTED_TYPES"]
 
@@ -31,7 +33,7 @@ INPUT_TYPES = ("Input", "Data", "MemoryData")
 LOSS_TYPES = ("SoftmaxWithLoss", "ContrastiveLoss", "NCCLoss")
 SUPPORTED_TYPES = INPUT_TYPES + LOSS_TYPES + (
     "Convolution", "InnerProduct", "BatchNorm", "Scale", "ReLU", "Pooling", "Concat", "Flatten",
-    "Dropout")
+    "Dropout", "L2Normalize")
 
 
 def _key(name):
@@ -51,13 +53,21 @@ def _phase_name(phase):
     return "TRAIN" if phase == 0 else "TEST"
 
 
-def _included(lp, phase):
-    """Caffe's NetStateRule check for the phase (levels and stages unused here)."""
+def _included(lp, phase, stages=()):
+    """Caffe's NetStateRule check for the phase and stages (levels unused):
+    a rule is met when its phase (if set) matches, the net has all of its
+    stages and none of its not_stages."""
     code = 0 if phase == "TRAIN" else 1
+
+    def met(r):
+        return ((not r.HasField("phase") or r.phase == code)
+                and all(s in stages for s in r.stage)
+                and not any(s in stages for s in r.not_stage))
+
     if lp.include:
-        return any(not r.HasField("phase") or r.phase == code for r in lp.include)
+        return any(met(r) for r in lp.include)
     if lp.exclude:
-        return not any(not r.HasField("phase") or r.phase == code for r in lp.exclude)
+        return not any(met(r) for r in lp.exclude)
     return True
 
 
@@ -85,9 +95,11 @@ class CaffeNet(nn.Module):
         input_shapes: shapes of the tops of Data/MemoryData layers (Input
             layers carry their own shapes), e.g. ``{"data": (50, 3, 144, 56)}``.
         generator: a torch.Generator for the fillers (seeded runs).
+        stages: the net state's stages (Caffe's NetState.stage), for layers
+            with ``include { stage: ... }`` rules.
     """
 
-    def __init__(self, net, phase="TRAIN", input_shapes=None, generator=None):
+    def __init__(self, net, phase="TRAIN", input_shapes=None, generator=None, stages=()):
         super().__init__()
         self.source, self._text = None, None
         if isinstance(net, (str, os.PathLike)):
@@ -97,7 +109,8 @@ class CaffeNet(nn.Module):
                 self._text = f.read()
         self.net_param = net
         self.phase = _phase_name(phase)
-        self.layer_params = [lp for lp in net.layer if _included(lp, self.phase)]
+        self.stages = tuple(stages)
+        self.layer_params = [lp for lp in net.layer if _included(lp, self.phase, self.stages)]
         self.layer_modules = nn.ModuleDict()
         self.blob_shapes = {}
         self.input_blobs = []
@@ -211,9 +224,21 @@ class CaffeNet(nn.Module):
             elif t == "BatchNorm":
                 bp = lp.batch_norm_param
                 use_global = bp.use_global_stats if bp.HasField("use_global_stats") else self.phase == "TEST"
-                mod = L.BatchNorm(bottoms[0][1], eps=bp.eps,
-                                  moving_average_fraction=bp.moving_average_fraction,
-                                  use_global_stats=use_global)
+                share = lp.param[0].name if lp.param and lp.param[0].name else None
+                if share and share in self._shared:
+                    # Blobs shared by name: one set of accumulators, updated
+                    # by every layer that uses it; each call still normalises
+                    # with its own batch statistics.
+                    mod = self._shared[share]
+                    if mod.channels != bottoms[0][1]:
+                        raise NetDefinitionError(f"{where}: shared BatchNorm {share!r} has "
+                                                 f"{mod.channels} channels, here {bottoms[0][1]}")
+                else:
+                    mod = L.BatchNorm(bottoms[0][1], eps=bp.eps,
+                                      moving_average_fraction=bp.moving_average_fraction,
+                                      use_global_stats=use_global)
+                    if share:
+                        self._shared[share] = mod
                 tops = [bottoms[0]]
             elif t == "Scale":
                 sp = lp.scale_param
@@ -253,7 +278,7 @@ class CaffeNet(nn.Module):
                 tops = [tuple(base)]
             elif t == "Flatten":
                 tops = [(bottoms[0][0], int(np.prod(bottoms[0][1:])))]
-            elif t == "Dropout":
+            elif t in ("Dropout", "L2Normalize"):
                 tops = [bottoms[0]]
             elif t in LOSS_TYPES:
                 tops = [()]
@@ -324,9 +349,10 @@ class CaffeNet(nn.Module):
             outs = []
             for top in lp.top:
                 x = inputs[top]
-                if tuple(x.shape) != self.blob_shapes[top] and t == "Input":
-                    raise ValueError(f"input {top!r}: expected shape {list(self.blob_shapes[top])}, "
-                                     f"got {list(x.shape)}")
+                want = self.blob_shapes[top]
+                if tuple(x.shape[1:]) != tuple(want[1:]) or x.dim() != len(want):
+                    raise ValueError(f"input {top!r}: expected shape N x {list(want[1:])} "
+                                     f"(N free), got {list(x.shape)}")
                 outs.append(x)
             return outs
         x = bottoms[0]
@@ -340,6 +366,8 @@ class CaffeNet(nn.Module):
             return [torch.cat(bottoms, dim=lp.concat_param.axis)]
         if t == "Flatten":
             return [x.flatten(1)]
+        if t == "L2Normalize":
+            return [L.l2_normalize(x)]
         if t == "Dropout":
             return [L.dropout(x, lp.dropout_param.dropout_ratio, self.training, masks.get(lp.name))]
         if t == "SoftmaxWithLoss":
@@ -377,47 +405,17 @@ class CaffeNet(nn.Module):
 
     def load_caffemodel(self, source, strict=True):
         """Copy weights by layer name from a ``.caffemodel`` (path or
-        NetParameter). Every shape is checked before anything is copied, so a
-        mismatch leaves the net unchanged. ``strict``: every layer with blobs
-        must be in the file."""
-        model = cio.read_caffemodel(source) if isinstance(source, (str, os.PathLike)) else source
-        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "caffemodel"
-        by_name = {lp.name: lp for lp in model.layer}
-        plan = []
-        for name, tensors in self.layer_blobs().items():
-            if name not in by_name:
-                if strict:
-                    raise cio.CaffeFormatError(f"{where}: no layer {name!r} in the file")
-                continue
-            blobs = by_name[name].blobs
-            if len(blobs) != len(tensors):
-                raise cio.CaffeFormatError(f"{where}: layer {name!r} has {len(blobs)} blobs, the "
-                                           f"model expects {len(tensors)}")
-            for i, (blob, t) in enumerate(zip(blobs, tensors)):
-                arr = cio.blob_to_array(blob)
-                if arr.size != t.numel() or (arr.ndim > 1 and tuple(arr.shape) != tuple(t.shape)):
-                    raise cio.CaffeFormatError(
-                        f"{where}: layer {name!r} blob {i} has shape {list(arr.shape)}, the model "
-                        f"expects {list(t.shape)}")
-                plan.append((t, arr))
-        with torch.no_grad():
-            for t, arr in plan:
-                t.copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(t.shape).to(t.dtype))
+        NetParameter); see :func:`mspcnn.caffe.weights.load_layer_blobs`."""
+        load_layer_blobs(self.layer_blobs(), source, strict)
         return self
 
     def to_caffemodel(self):
         """A NetParameter with every layer of this phase and its blobs."""
-        out = proto.NetParameter()
-        out.CopyFrom(self.net_param)
-        del out.layer[:]
-        blobs = self.layer_blobs()
-        for lp in self.layer_params:
-            layer = out.layer.add()
-            layer.CopyFrom(lp)
-            del layer.blobs[:]
-            for t in blobs.get(lp.name, []):
-                layer.blobs.append(cio.array_to_blob(t.detach().cpu().numpy()))
-        return out
+        template = proto.NetParameter()
+        template.CopyFrom(self.net_param)
+        del template.layer[:]
+        template.layer.extend(self.layer_params)
+        return layer_blobs_to_net(self.layer_blobs(), template)
 
     def save_caffemodel(self, path):
         cio.write_caffemodel(self.to_caffemodel(), path)

@@ -15,6 +15,8 @@ Two additions, not in BVLC Caffe:
   numbers are ours.
 * ``LayerParameter.ncc_loss_param`` (field 2001) with ``NCCLossParameter``:
   the parameters of MSP-CNN's low-level (NCC) loss layer, type ``"NCCLoss"``.
+* ``SolverParameter.min_lr`` (1001): the floor of the fork's ``stepdecr``
+  learning-rate policy.
 """
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -31,6 +33,7 @@ _ENUMS = {
     "Phase": [("TRAIN", 0), ("TEST", 1)],
     "FillerParameter.VarianceNorm": [("FAN_IN", 0), ("FAN_OUT", 1), ("AVERAGE", 2)],
     "ParamSpec.DimCheckMode": [("STRICT", 0), ("PERMISSIVE", 1)],
+    "SolverParameter.SolverMode": [("CPU", 0), ("GPU", 1)],
     "LossParameter.NormalizationMode": [("FULL", 0), ("VALID", 1), ("BATCH_SIZE", 2), ("NONE", 3)],
     "ConvolutionParameter.Engine": [("DEFAULT", 0), ("CAFFE", 1), ("CUDNN", 2)],
     "DataParameter.DB": [("LEVELDB", 0), ("LMDB", 1)],
@@ -242,6 +245,51 @@ _MESSAGES = {
     "SoftmaxParameter": [
         ("optional", "SoftmaxParameter.Engine", "engine", 1, "DEFAULT"),
         ("optional", "int32", "axis", 2, "1"),
+    ],
+    "SolverParameter": [
+        ("optional", "string", "net", 24, None),
+        ("optional", "NetParameter", "net_param", 25, None),
+        ("optional", "string", "train_net", 1, None),
+        ("repeated", "string", "test_net", 2, None),
+        ("optional", "NetParameter", "train_net_param", 21, None),
+        ("repeated", "NetParameter", "test_net_param", 22, None),
+        ("optional", "NetState", "train_state", 26, None),
+        ("repeated", "NetState", "test_state", 27, None),
+        ("repeated", "int32", "test_iter", 3, None),
+        ("optional", "int32", "test_interval", 4, "0"),
+        ("optional", "bool", "test_compute_loss", 19, "false"),
+        ("optional", "bool", "test_initialization", 32, "true"),
+        ("optional", "float", "base_lr", 5, None),
+        ("optional", "int32", "display", 6, None),
+        ("optional", "int32", "average_loss", 33, "1"),
+        ("optional", "int32", "max_iter", 7, None),
+        ("optional", "int32", "iter_size", 36, "1"),
+        ("optional", "string", "lr_policy", 8, None),
+        ("optional", "float", "gamma", 9, None),
+        ("optional", "float", "power", 10, None),
+        ("optional", "float", "momentum", 11, None),
+        ("optional", "float", "weight_decay", 12, None),
+        ("optional", "string", "regularization_type", 29, "L2"),
+        ("optional", "int32", "stepsize", 13, None),
+        ("repeated", "int32", "stepvalue", 34, None),
+        ("optional", "float", "clip_gradients", 35, "-1"),
+        ("optional", "int32", "snapshot", 14, "0"),
+        ("optional", "string", "snapshot_prefix", 15, None),
+        ("optional", "bool", "snapshot_diff", 16, "false"),
+        ("optional", "SolverParameter.SolverMode", "solver_mode", 17, "GPU"),
+        ("optional", "int32", "device_id", 18, "0"),
+        ("optional", "int64", "random_seed", 20, "-1"),
+        ("optional", "string", "type", 40, "SGD"),
+        ("optional", "bool", "snapshot_after_train", 28, "true"),
+        # The floor of the `stepdecr` policy of the Caffe fork of Xiao et al.
+        # (CVPR 2016); the field number is ours.
+        ("optional", "float", "min_lr", 1001, "0"),
+    ],
+    "SolverState": [
+        ("optional", "int32", "iter", 1, None),
+        ("optional", "string", "learned_net", 2, None),
+        ("repeated", "BlobProto", "history", 3, None),
+        ("optional", "int32", "current_step", 4, "0"),
     ],
     # MSP-CNN's low-level similarity loss (METHOD.md section 3). The defaults
     # of the thresholds disable them (every patch counts); the sweep that

@@ -1,0 +1,164 @@
+"""The MSP-CNN model against its Caffe definitions in prototxt_equiv/, run by
+the independent prototxt interpreter (mspcnn.caffe.net.CaffeNet)."""
+import numpy as np
+import pytest
+import torch
+
+from mspcnn.caffe import io as cio
+from mspcnn.caffe.layers import BatchNorm, Pooling, pool_output_size
+from mspcnn.caffe.net import CaffeNet
+from mspcnn.model import MSPCNN, MSPCNNBackbone
+from mspcnn.paths import DEPLOY_PROTOTXT, PROTOTXT_DIR, TRAIN_VAL_PROTOTXT
+
+
+def randomise_bn(model, seed=0):
+    """Non-trivial BatchNorm accumulators, so global statistics matter."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, BatchNorm):
+            mod.factor.fill_(2.5)
+            mod.mean_acc.copy_(torch.randn(mod.channels, generator=g))
+            mod.var_acc.copy_(torch.rand(mod.channels, generator=g) * 2 + 0.5)
+
+
+@pytest.fixture(scope="module")
+def deploy_pair(tmp_path_factory):
+    model = MSPCNNBackbone(num_classes=None, generator=torch.Generator().manual_seed(1))
+    randomise_bn(model)
+    path = tmp_path_factory.mktemp("w") / "deploy.caffemodel"
+    model.save_caffemodel(path)
+    net = CaffeNet(DEPLOY_PROTOTXT, "TEST").load_caffemodel(path)
+    return model.eval(), net
+
+
+def test_deploy_layer_list_names_order_and_types(deploy_pair):
+    model, net = deploy_pair
+    proto_layers = [(lp.name, lp.type) for lp in net.layer_params if lp.type != "Input"]
+    assert proto_layers == model.caffe_layers
+
+
+def test_deploy_parameter_shapes(deploy_pair):
+    model, net = deploy_pair
+    ours, theirs = model.layer_blobs(), net.layer_blobs()
+    assert list(ours) == list(theirs)
+    for name in ours:
+        assert [tuple(t.shape) for t in ours[name]] == [tuple(t.shape) for t in theirs[name]], name
+
+
+def test_deploy_output_shapes_and_pooling_rounding(deploy_pair):
+    model, net = deploy_pair
+    shapes = {}
+    hooks = [mod.register_forward_hook(lambda m, i, o, n=name: shapes.__setitem__(n, (i[0].shape, o.shape)))
+             for name, mod in model.named_children()]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 144, 56))
+    for h in hooks:
+        h.remove()
+    tops = {lp.name: lp.top[0] for lp in net.layer_params}
+    for name, (in_shape, out_shape) in shapes.items():
+        assert tuple(out_shape[1:]) == tuple(net.blob_shapes[tops[name]][1:]), name
+        mod = model.m(name)
+        if isinstance(mod, Pooling) and not mod.global_pooling:  # Caffe's formula, every pool
+            want = tuple(pool_output_size(s, k, st, p) for s, k, st, p in
+                         zip(in_shape[-2:], mod.kernel, mod.stride, mod.pad))
+            assert tuple(out_shape[-2:]) == want, name
+    # METHOD.md's table.
+    expected = {"pool1": (32, 72, 28), "inception_1a/output": (256, 72, 28),
+                "inception_1b/output": (384, 36, 14), "inception_2a/output": (512, 36, 14),
+                "inception_2b/output": (768, 18, 7), "inception_3a/output": (1024, 18, 7),
+                "inception_3b/output": (1536, 9, 4), "fc7_bn": (256,)}
+    for blob, shape in expected.items():
+        assert net.blob_shapes[blob][1:] == shape, blob
+
+
+def test_deploy_outputs_equal_the_prototxt_net(deploy_pair):
+    model, net = deploy_pair
+    x = torch.randn(3, 3, 144, 56)
+    with torch.no_grad():
+        ours = model(x)
+        theirs = net({"data": x})
+    for key in ("pool1", "fc7_bn"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
+
+
+def test_parameter_multipliers_and_count():
+    model = MSPCNNBackbone(num_classes=751)
+    assert model.m("conv1").weight.lr_mult == 1 and model.m("conv1").weight.decay_mult == 1
+    assert model.m("conv1").bias.lr_mult == 2 and model.m("conv1").bias.decay_mult == 0
+    assert model.m("fc8").weight.decay_mult == 1 and model.m("conv1_scale").weight.decay_mult == 0
+    assert all(not p.requires_grad or hasattr(p, "lr_mult") for p in model.parameters())
+    backbone = MSPCNNBackbone(num_classes=None)
+    count = sum(p.numel() for p in backbone.parameters())
+    assert count == 6_753_920  # stated in README.md
+
+
+def test_fillers_follow_caffe():
+    model = MSPCNNBackbone(num_classes=10, generator=torch.Generator().manual_seed(0))
+    w = model.m("inception_1a/3x3").weight
+    bound = (3.0 / (w.numel() / w.shape[0])) ** 0.5  # xavier: fan_in = count / num_output
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert torch.all(model.m("conv2").bias == 0.2)
+    assert abs(model.m("fc8").weight.std().item() - 0.001) < 2e-4
+
+
+def test_siamese_model_equals_the_train_val_prototxt(tmp_path):
+    """Same weights, inputs and dropout mask: the hand-written Siamese model and
+    the prototxt net give the same three losses and the same gradients."""
+    torch.manual_seed(0)
+    model = MSPCNN(num_classes=1367, use_low=True, generator=torch.Generator().manual_seed(3))
+    randomise_bn(model, 1)
+    path = tmp_path / "train.caffemodel"
+    model.backbone.save_caffemodel(path, prototxt=TRAIN_VAL_PROTOTXT)
+    net = CaffeNet(TRAIN_VAL_PROTOTXT, "TRAIN", stages=("stage2",))
+    net.load_caffemodel(path, strict=False)  # the "_p" branch shares every blob by name
+    assert net.layer_blobs()["conv1_p"][0] is net.layer_blobs()["conv1"][0]
+    assert net.layer_blobs()["conv1_bn_p"][2] is net.layer_blobs()["conv1_bn"][2]
+
+    n = 3
+    a, b = torch.randn(n, 3, 144, 56), torch.randn(n, 3, 144, 56)
+    label, sim = torch.tensor([5.0, 9.0, 700.0]), torch.tensor([1.0, 0.0, 0.0])
+    mask = (torch.rand(n, 256) > 0.5).float()
+    losses = model(a, b, label, sim, dropout_mask=mask)
+    blobs = net({"data": a, "data_p": b, "label": label, "sim": sim}, dropout_masks={"drop7": mask})
+    for ours, theirs in (("cls", "loss_cls"), ("high", "loss_high"), ("low", "loss_low")):
+        torch.testing.assert_close(losses[ours], blobs[theirs], rtol=1e-4, atol=1e-6)
+    losses["total"].backward()
+    net.loss(blobs).backward()
+    for name in ("conv1", "inception_2a/3x3", "fc7", "fc8"):
+        g_model = model.backbone.m(name).weight.grad
+        g_net = net.layer_blobs()[name][0].grad
+        assert (g_model - g_net).norm() <= 1e-3 * g_net.norm(), name
+    # Both branches updated the shared accumulators: factor 1 + 0.999 after two TRAIN forwards
+    # from factor 2.5 -> 2.5 * 0.999^2 + 0.999 + 1 in each.
+    f_model = model.backbone.m("conv1_bn").factor.item()
+    f_net = net.layer_blobs()["conv1_bn"][2].item()
+    assert abs(f_model - f_net) < 1e-5 and abs(f_model - (2.5 * 0.999 ** 2 + 0.999 + 1)) < 1e-5
+
+
+def test_stage_switch_and_per_branch_statistics():
+    model = MSPCNN(num_classes=20, generator=torch.Generator().manual_seed(0))
+    a, b = torch.randn(2, 3, 144, 56), torch.randn(2, 3, 144, 56) * 3 + 1
+    label, sim = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0])
+    mask = torch.ones(2, 256)
+    stage1 = model(a, b, label, sim, dropout_mask=mask)
+    assert "low" not in stage1
+    model.use_low = True
+    stage2 = model(a, b, label, sim, dropout_mask=mask)
+    assert torch.isclose(stage2["total"], stage2["cls"] + stage2["high"] + stage2["low"])
+    model.merge_bn_batches = True
+    merged = model(a, b, label, sim, dropout_mask=mask)
+    assert not torch.isclose(merged["high"], stage2["high"])  # statistics differ per branch
+    with pytest.raises(ValueError, match=r"expected N x 3 x 144 x 56 images, got \[2, 3, 160, 64\]"):
+        model.backbone(torch.randn(2, 3, 160, 64))
+
+
+def test_prototxt_equiv_files_are_valid_caffe_text():
+    for path in sorted(PROTOTXT_DIR.glob("*.prototxt")):
+        kind = "SolverParameter" if "solver" in path.name else "NetParameter"
+        from mspcnn.caffe import proto
+
+        msg = cio.read_prototxt(path, getattr(proto, kind))
+        assert msg.ListFields(), path.name
+    solver2 = cio.read_prototxt(PROTOTXT_DIR / "solver_stage2.prototxt",
+                                __import__("mspcnn.caffe.proto", fromlist=["x"]).SolverParameter)
+    assert "stage2" in solver2.train_state.stage
