@@ -50,7 +50,7 @@ setup(
     "with a C++/CUDA wide-search NCC layer",
     packages=find_packages(include=["mspcnn", "mspcnn.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "protobuf>=4"],
+    install_requires=["torch>=2.4", "numpy", "protobuf>=4", "opencv-python", "lmdb"],
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

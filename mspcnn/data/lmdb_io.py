@@ -1,0 +1,191 @@
+"""LMDB databases of Caffe ``Datum`` records, as Caffe's ``convert_imageset``
+writes them and its Data layer reads them (../shared/docs/CAFFE_SEMANTICS.md).
+
+* :func:`write_imageset`: a list of ``(relative path, label)`` -> an LMDB whose
+  records are byte-identical to ``convert_imageset --resize_height=160
+  --resize_width=64`` (keys ``%08d_<path>``, BGR, C x H x W, OpenCV bilinear
+  resize, raw or PNG/JPEG-encoded, commits every 1000 records). The database is
+  written under a temporary name and renamed when complete, so an interrupted
+  conversion leaves nothing that looks finished. Unreadable images are
+  skipped, counted and named in a warning (their line index is left as a gap
+  in the keys, as convert_imageset does).
+* :class:`DatumDB`: random access to the records of such a database (raw,
+  encoded or float Datums) as C x H x W arrays and labels.
+"""
+import os
+import shutil
+import sys
+import time
+import warnings
+
+import cv2
+import lmdb
+import numpy as np
+
+from mspcnn.caffe import proto
+
+__all__ = ["write_imageset", "DatumDB", "encode_datum", "decode_datum", "read_image_list"]
+
+MAP_SIZE = 1 << 40  # LMDB reserves address space, not disk
+
+
+def read_image_list(path):
+    """Read a convert_imageset list file: one ``path label`` per line, split at
+    the last space (paths may contain spaces). Returns [(path, label)]."""
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            head, sep, tail = line.rpartition(" ")
+            if not sep or not head:
+                raise ValueError(f"{path}, line {n}: expected 'path label', got {line!r}")
+            try:
+                items.append((head, int(tail)))
+            except ValueError:
+                raise ValueError(f"{path}, line {n}: label {tail!r} is not an integer") from None
+    return items
+
+
+def encode_datum(image_bgr, label, encode_type=None):
+    """Serialize an H x W x 3 BGR uint8 image as a Datum. ``encode_type``
+    None stores raw C x H x W bytes; 'png' or 'jpg' stores the encoded file."""
+    datum = proto.Datum()
+    h, w = image_bgr.shape[:2]
+    c = 1 if image_bgr.ndim == 2 else image_bgr.shape[2]
+    datum.channels, datum.height, datum.width = c, h, w
+    if encode_type:
+        ok, buf = cv2.imencode("." + encode_type, image_bgr)
+        if not ok:
+            raise ValueError(f"OpenCV could not encode the image as {encode_type}")
+        datum.data = buf.tobytes()
+    else:
+        chw = image_bgr if image_bgr.ndim == 2 else image_bgr.transpose(2, 0, 1)
+        datum.data = np.ascontiguousarray(chw).tobytes()
+    datum.label = int(label)
+    datum.encoded = bool(encode_type)
+    return datum.SerializeToString()
+
+
+def decode_datum(value):
+    """(C x H x W array, label) from a serialized Datum: uint8 for raw or
+    encoded images (encoded ones decoded to BGR), float32 for float_data."""
+    datum = proto.Datum()
+    datum.ParseFromString(value)
+    if datum.encoded:
+        img = cv2.imdecode(np.frombuffer(datum.data, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError("an encoded Datum holds bytes OpenCV cannot decode")
+        return img.transpose(2, 0, 1), datum.label
+    shape = (datum.channels, datum.height, datum.width)
+    if datum.data:
+        return np.frombuffer(datum.data, np.uint8).reshape(shape), datum.label
+    return np.asarray(datum.float_data, np.float32).reshape(shape), datum.label
+
+
+def write_imageset(root, items, out_path, resize=(160, 64), encode_type=None, commit_every=1000,
+                   overwrite=False, progress=True):
+    """Write ``items`` [(relative path, label)] read from ``root`` into the LMDB
+    ``out_path``, as convert_imageset does. ``resize`` (height, width) or None.
+
+    Returns {"written": n, "skipped": [(line index, path, reason)]}."""
+    out_path = os.fspath(out_path)
+    if os.path.exists(out_path) and not overwrite:
+        raise FileExistsError(f"{out_path} exists; pass overwrite=True to replace it")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+    tmp = f"{out_path}.partial-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    env = lmdb.open(tmp, map_size=MAP_SIZE, subdir=True, lock=True)
+    skipped, written = [], 0
+    start = time.time()
+    try:
+        txn = env.begin(write=True)
+        for index, (rel, label) in enumerate(items):
+            path = os.path.join(root, rel)
+            img = cv2.imread(path, cv2.IMREAD_COLOR)
+            if img is None:
+                reason = "missing" if not os.path.exists(path) else "unreadable or corrupt"
+                skipped.append((index, rel, reason))
+                continue
+            if resize is not None:
+                img = cv2.resize(img, (resize[1], resize[0]), interpolation=cv2.INTER_LINEAR)
+            key = f"{index:08d}_{rel}".encode()
+            txn.put(key, encode_datum(img, label, encode_type))
+            written += 1
+            if written % commit_every == 0:
+                txn.commit()
+                txn = env.begin(write=True)
+                if progress:
+                    rate = written / max(time.time() - start, 1e-9)
+                    print(f"  {os.path.basename(out_path)}: {written}/{len(items)} images "
+                          f"({rate:.0f}/s)", file=sys.stderr, flush=True)
+        txn.commit()
+    except BaseException:
+        env.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    env.close()
+    lock = os.path.join(tmp, "lock.mdb")
+    if os.path.exists(lock):
+        os.remove(lock)
+    if os.path.exists(out_path):
+        shutil.rmtree(out_path)
+    os.replace(tmp, out_path)
+    if skipped:
+        names = ", ".join(f"{p} ({r})" for _, p, r in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        warnings.warn(f"{out_path}: skipped {len(skipped)} image(s): {names}{more}", stacklevel=2)
+    return {"written": written, "skipped": skipped}
+
+
+_ENVS = {}
+
+
+def _open_readonly(path):
+    """One read-only environment per database and process (LMDB refuses to
+    open the same environment twice in a process)."""
+    key = (os.getpid(), os.path.realpath(path))
+    env = _ENVS.get(key)
+    if env is None:
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512)
+        _ENVS[key] = env
+    return env
+
+
+class DatumDB:
+    """Read access to an LMDB of Datums, in key order (the order Caffe's Data
+    layer reads). ``db[i]`` -> (C x H x W array, label); ``len(db)``."""
+
+    def __init__(self, path):
+        path = os.fspath(path)
+        if not os.path.isfile(os.path.join(path, "data.mdb")):
+            raise FileNotFoundError(f"no LMDB database at {path} (expected {path}/data.mdb)")
+        self.path = path
+        self.env = _open_readonly(path)
+        with self.env.begin() as txn:
+            self.keys = [k for k, _ in txn.cursor()]
+
+    def __len__(self):
+        return len(self.keys)
+
+    def raw(self, i):
+        with self.env.begin() as txn:
+            return txn.get(self.keys[i])
+
+    def __getitem__(self, i):
+        return decode_datum(self.raw(i))
+
+    def read_batch(self, indices):
+        """Arrays stacked N x C x H x W (all records must have one shape) and labels."""
+        with self.env.begin() as txn:
+            decoded = [decode_datum(txn.get(self.keys[i])) for i in indices]
+        return np.stack([d[0] for d in decoded]), np.array([d[1] for d in decoded], np.int64)
+
+    def __getstate__(self):  # reopen in worker processes
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])

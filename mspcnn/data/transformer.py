@@ -1,0 +1,134 @@
+"""Caffe's DataTransformer, vectorised over a batch, and its sequential Data
+layer (../shared/docs/CAFFE_SEMANTICS.md; checked bit-exactly against Caffe
+in tests/test_data_golden.py).
+
+out = (x - mean) * scale on a crop of each image, optionally mirrored:
+
+* mean: per-channel ``mean_values`` (one value is used for every channel) or a
+  C x H x W mean image read at the cropped position (exclusive);
+* crop (height, width): a centre crop in TEST, offsets (H - h) // 2 and
+  (W - w) // 2; a uniformly random crop in TRAIN, offsets in [0, H - h] and
+  [0, W - w], from a seeded generator;
+* mirror: each image is flipped left-right with probability 1/2, in every
+  phase (as Caffe does, TEST included);
+* arithmetic in float32, in Caffe's order, so results are bit-identical.
+"""
+import os
+
+import numpy as np
+
+from mspcnn.caffe import io as cio
+
+__all__ = ["DataTransformer", "SequentialDataLayer"]
+
+
+class DataTransformer:
+    """Args:
+        crop: (height, width), an int for a square crop, or None.
+        mean_values: per-channel means (B, G, R), or one value for all.
+        mean_image: C x H x W mean (e.g. from a .binaryproto), exclusive with
+            mean_values; a path to a .binaryproto is accepted.
+        scale: multiplier applied after the mean subtraction.
+        mirror: random left-right flips (probability 1/2, every phase).
+        phase: "TRAIN" (random crops) or "TEST" (centre crops).
+        seed: seed of the crop offsets and mirror draws.
+    """
+
+    def __init__(self, crop=None, mean_values=None, mean_image=None, scale=1.0, mirror=False,
+                 phase="TEST", seed=0):
+        if mean_values is not None and len(mean_values) and mean_image is not None:
+            raise ValueError("DataTransformer: mean_values and mean_image (mean_file) are exclusive")
+        if phase not in ("TRAIN", "TEST"):
+            raise ValueError(f"DataTransformer: phase must be 'TRAIN' or 'TEST', got {phase!r}")
+        if isinstance(crop, int):
+            crop = (crop, crop)
+        self.crop = tuple(crop) if crop else None
+        if isinstance(mean_image, (str, os.PathLike)):
+            mean_image = cio.read_binaryproto(mean_image)
+        self.mean_image = None if mean_image is None else np.asarray(mean_image, np.float32)
+        self.mean_values = (None if mean_values is None or not len(mean_values)
+                            else np.asarray(mean_values, np.float32))
+        self.scale = np.float32(scale)
+        self.mirror = mirror
+        self.phase = phase
+        self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_param(cls, transform_param, phase="TEST", seed=0, root="."):
+        """From a Caffe TransformationParameter (crop_size, or the fork's
+        crop_height/crop_width; a mean_file relative to ``root``)."""
+        tp = transform_param
+        crop = None
+        if tp.crop_height or tp.crop_width:
+            crop = (tp.crop_height, tp.crop_width)
+        elif tp.crop_size:
+            crop = (tp.crop_size, tp.crop_size)
+        mean_image = os.path.join(root, tp.mean_file) if tp.HasField("mean_file") else None
+        return cls(crop, list(tp.mean_value), mean_image, tp.scale, tp.mirror, phase, seed)
+
+    def offsets(self, n, height, width):
+        """Crop offsets (rows, cols) for a batch of n images of height x width."""
+        if self.crop is None:
+            return np.zeros(n, np.int64), np.zeros(n, np.int64)
+        ch, cw = self.crop
+        if ch > height or cw > width:
+            raise ValueError(f"DataTransformer: crop {ch}x{cw} is larger than the image "
+                             f"{height}x{width}")
+        if self.phase == "TEST":
+            return np.full(n, (height - ch) // 2), np.full(n, (width - cw) // 2)
+        return (self.rng.integers(0, height - ch + 1, n), self.rng.integers(0, width - cw + 1, n))
+
+    def __call__(self, batch):
+        """N x C x H x W uint8 (or float) images -> N x C x h x w float32."""
+        batch = np.asarray(batch)
+        if batch.ndim != 4:
+            raise ValueError(f"DataTransformer: expected N x C x H x W images, got shape "
+                             f"{list(batch.shape)}")
+        n, c, height, width = batch.shape
+        if self.mean_image is not None and self.mean_image.shape != (c, height, width):
+            raise ValueError(f"DataTransformer: mean image {list(self.mean_image.shape)} does not "
+                             f"match images {[c, height, width]}")
+        if self.mean_values is not None and len(self.mean_values) not in (1, c):
+            raise ValueError(f"DataTransformer: {len(self.mean_values)} mean values for {c} "
+                             "channels (give 1 or one per channel)")
+        ch, cw = self.crop or (height, width)
+        rows, cols = self.offsets(n, height, width)
+        flips = (self.rng.integers(0, 2, n).astype(bool) if self.mirror
+                 else np.zeros(n, bool))
+        # Gather the crops with one fancy index: out[i, :, y, x] = batch[i, :, r_i + y, c_i + x].
+        yy = rows[:, None] + np.arange(ch)[None]                      # n x ch
+        xx = cols[:, None] + np.arange(cw)[None]                      # n x cw
+        crops = batch[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None],
+                      yy[:, None, :, None], xx[:, None, None, :]].astype(np.float32)
+        if self.mean_image is not None:
+            crops -= self.mean_image[np.arange(c)[None, :, None, None], yy[:, None, :, None],
+                                     xx[:, None, None, :]]
+        elif self.mean_values is not None:
+            crops -= self.mean_values.reshape(1, -1, 1, 1)
+        if self.scale != 1:
+            crops *= self.scale
+        if flips.any():
+            crops[flips] = crops[flips][..., ::-1]
+        return crops
+
+
+class SequentialDataLayer:
+    """Caffe's Data layer: reads a DatumDB in key order, batch by batch,
+    wrapping around at the end (no shuffling, no dropped last batch), and
+    transforms each batch. ``next()`` -> (N x C x h x w float32, N labels)."""
+
+    def __init__(self, db, batch_size, transformer=None):
+        if batch_size < 1:
+            raise ValueError(f"SequentialDataLayer: batch_size must be >= 1, got {batch_size}")
+        if len(db) == 0:
+            raise ValueError(f"SequentialDataLayer: the database {db.path} is empty")
+        self.db, self.batch_size = db, batch_size
+        self.transformer = transformer
+        self.position = 0
+
+    def next(self):
+        idx = [(self.position + i) % len(self.db) for i in range(self.batch_size)]
+        self.position = (self.position + self.batch_size) % len(self.db)
+        images, labels = self.db.read_batch(idx)
+        data = self.transformer(images) if self.transformer else images.astype(np.float32)
+        return data, labels.astype(np.float32)
