@@ -1,33 +1,55 @@
 #!/usr/bin/env python
 """Convert a raw re-id dataset into LMDBs (train, val, probe, gallery) and a JSON file per split.
 
-    python tools/convert_dataset.py market1501 RAW_DIR OUT_DIR [--val-ids 50] [--seed 0] [--encoded]
+    python tools/convert_dataset.py market1501 RAW_DIR OUT_DIR [--val-ids 50]
+    python tools/convert_dataset.py cuhk03 RAW_DIR OUT_DIR [--variant labeled|detected]
+                                    [--protocol classic|new] [--split 0..19] [--val-ids 100]
+    python tools/convert_dataset.py cuhk01 RAW_DIR OUT_DIR [--test-ids 100|486] [--split K]
+                                    [--val-ids 20]
+    common: [--seed 0] [--encoded]
 
-market1501: RAW_DIR holds bounding_box_train/, bounding_box_test/ and query/ (the official
-release, or the output of tools/make_synthetic.py). Images are resized to 160 x 64 as Caffe's
-convert_imageset does. (CUHK03 and CUHK01 converters are not written yet.)
+market1501: RAW_DIR holds bounding_box_train/, bounding_box_test/, query/ (the official release,
+  or the output of tools/make_synthetic.py).
+cuhk03: RAW_DIR holds cuhk-03.mat (or cuhk03_release/cuhk-03.mat); --protocol new also needs
+  cuhk03_new_protocol_config_<variant>.mat beside it. Classic: the --split-th official test set.
+cuhk01: RAW_DIR holds campus/ (PPPPIII.png); --split K draws the K-th seeded random split.
+Images are resized to 160 x 64 as Caffe's convert_imageset does; databases are written under a
+temporary name and renamed when complete.
 """
 import argparse
 import sys
 import time
 
-from mspcnn.data.datasets import convert_market1501
+from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["market1501"])
+    p.add_argument("dataset", choices=["market1501", "cuhk03", "cuhk01"])
     p.add_argument("raw_dir")
     p.add_argument("out_dir")
-    p.add_argument("--val-ids", type=int, default=50, help="training identities held out for validation")
+    p.add_argument("--val-ids", type=int, default=None,
+                   help="training identities held out for validation (default 50 / 100 / 20)")
+    p.add_argument("--variant", choices=["labeled", "detected"], default="labeled", help="cuhk03")
+    p.add_argument("--protocol", choices=["classic", "new"], default="classic", help="cuhk03")
+    p.add_argument("--split", type=int, default=0, help="cuhk03 classic split / cuhk01 random split")
+    p.add_argument("--test-ids", type=int, default=100, choices=[100, 486], help="cuhk01 protocol")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoded", action="store_true", help="store PNG-encoded images (smaller, slower)")
     args = p.parse_args(argv)
+    enc = "png" if args.encoded else None
     start = time.time()
     try:
-        summary = convert_market1501(args.raw_dir, args.out_dir, args.val_ids, args.seed,
-                                     "png" if args.encoded else None)
-    except (FileNotFoundError, ValueError) as exc:
+        if args.dataset == "market1501":
+            summary = convert_market1501(args.raw_dir, args.out_dir, 50 if args.val_ids is None else args.val_ids,
+                                         args.seed, enc)
+        elif args.dataset == "cuhk03":
+            summary = convert_cuhk03(args.raw_dir, args.out_dir, args.variant, args.split, args.protocol,
+                                     100 if args.val_ids is None else args.val_ids, args.seed, enc)
+        else:
+            summary = convert_cuhk01(args.raw_dir, args.out_dir, args.test_ids, args.split,
+                                     20 if args.val_ids is None else args.val_ids, args.seed, enc)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"\n{args.dataset} -> {args.out_dir} in {time.time() - start:.1f} s")

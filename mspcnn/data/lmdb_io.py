@@ -24,7 +24,7 @@ import numpy as np
 
 from mspcnn.caffe import proto
 
-__all__ = ["write_imageset", "DatumDB", "encode_datum", "decode_datum", "read_image_list"]
+__all__ = ["write_imageset", "write_records", "DatumDB", "encode_datum", "decode_datum", "read_image_list"]
 
 MAP_SIZE = 1 << 40  # LMDB reserves address space, not disk
 
@@ -90,11 +90,31 @@ def write_imageset(root, items, out_path, resize=(160, 64), encode_type=None, co
     ``out_path``, as convert_imageset does. ``resize`` (height, width) or None.
 
     Returns {"written": n, "skipped": [(line index, path, reason)]}."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder not found: {root}")
+
+    def load(rel):
+        path = os.path.join(root, rel)
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        if img is None:
+            return None, "missing" if not os.path.exists(path) else "unreadable or corrupt"
+        return img, None
+
+    records = ((index, rel, lambda rel=rel: load(rel), label) for index, (rel, label) in enumerate(items))
+    return write_records(out_path, records, len(items), resize, encode_type, commit_every, overwrite,
+                         progress)
+
+
+def write_records(out_path, records, total=None, resize=(160, 64), encode_type=None,
+                  commit_every=1000, overwrite=False, progress=True):
+    """Write records (index, name, load, label) to the LMDB ``out_path``: key
+    ``%08d_<name>``, ``load()`` -> (BGR image or None, reason). Images are
+    resized with OpenCV's bilinear filter; unloadable ones are skipped, counted
+    and named in a warning. Written under a temporary name, renamed when
+    complete."""
     out_path = os.fspath(out_path)
     if os.path.exists(out_path) and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass overwrite=True to replace it")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder not found: {root}")
     tmp = f"{out_path}.partial-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -103,25 +123,23 @@ def write_imageset(root, items, out_path, resize=(160, 64), encode_type=None, co
     start = time.time()
     try:
         txn = env.begin(write=True)
-        for index, (rel, label) in enumerate(items):
-            path = os.path.join(root, rel)
-            img = cv2.imread(path, cv2.IMREAD_COLOR)
+        for index, name, load, label in records:
+            img, reason = load()
             if img is None:
-                reason = "missing" if not os.path.exists(path) else "unreadable or corrupt"
-                skipped.append((index, rel, reason))
+                skipped.append((index, name, reason))
                 continue
-            if resize is not None:
+            if resize is not None and img.shape[:2] != tuple(resize):
                 img = cv2.resize(img, (resize[1], resize[0]), interpolation=cv2.INTER_LINEAR)
-            key = f"{index:08d}_{rel}".encode()
-            txn.put(key, encode_datum(img, label, encode_type))
+            txn.put(f"{index:08d}_{name}".encode(), encode_datum(img, label, encode_type))
             written += 1
             if written % commit_every == 0:
                 txn.commit()
                 txn = env.begin(write=True)
                 if progress:
                     rate = written / max(time.time() - start, 1e-9)
-                    print(f"  {os.path.basename(out_path)}: {written}/{len(items)} images "
-                          f"({rate:.0f}/s)", file=sys.stderr, flush=True)
+                    of = f"/{total}" if total else ""
+                    print(f"  {os.path.basename(out_path)}: {written}{of} images ({rate:.0f}/s)",
+                          file=sys.stderr, flush=True)
         txn.commit()
     except BaseException:
         env.close()
@@ -137,7 +155,7 @@ def write_imageset(root, items, out_path, resize=(160, 64), encode_type=None, co
     if skipped:
         names = ", ".join(f"{p} ({r})" for _, p, r in skipped[:10])
         more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        warnings.warn(f"{out_path}: skipped {len(skipped)} image(s): {names}{more}", stacklevel=2)
+        warnings.warn(f"{out_path}: skipped {len(skipped)} image(s): {names}{more}", stacklevel=3)
     return {"written": written, "skipped": skipped}
 
 
