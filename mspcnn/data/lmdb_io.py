@@ -196,6 +196,12 @@ class DatumDB:
     def __getitem__(self, i):
         return decode_datum(self.raw(i))
 
+    def read_list(self, indices):
+        """[C x H x W arrays], labels: the records decoded, not stacked."""
+        with self.env.begin() as txn:
+            decoded = [decode_datum(txn.get(self.keys[i])) for i in indices]
+        return [d[0] for d in decoded], np.array([d[1] for d in decoded], np.int64)
+
     def read_batch(self, indices):
         """Arrays stacked N x C x H x W (all records must have one shape) and labels."""
         with self.env.begin() as txn:

@@ -97,7 +97,7 @@ class PairLoader:
         return len(self.sampler) // self.batch_pairs
 
     def _make(self, anchors, partners, sim, seed):
-        images = self.db.read_batch(np.concatenate([anchors, partners]))[0]
+        images = self.db.read_list(np.concatenate([anchors, partners]))[0]
         # One transformer draw per batch, seeded by the batch: reproducible
         # whatever the thread that runs it.
         self.transformer.rng = np.random.default_rng(seed)

@@ -79,12 +79,22 @@ class DataTransformer:
         return (self.rng.integers(0, height - ch + 1, n), self.rng.integers(0, width - cw + 1, n))
 
     def __call__(self, batch):
-        """N x C x H x W uint8 (or float) images -> N x C x h x w float32."""
-        batch = np.asarray(batch)
-        if batch.ndim != 4:
-            raise ValueError(f"DataTransformer: expected N x C x H x W images, got shape "
-                             f"{list(batch.shape)}")
-        n, c, height, width = batch.shape
+        """N x C x H x W uint8 (or float) images -> N x C x h x w float32.
+        ``batch`` may also be a list of C x H x W arrays of one shape (no stacking copy)."""
+        if isinstance(batch, (list, tuple)):
+            if not batch:
+                raise ValueError("DataTransformer: empty batch")
+            shapes = {tuple(np.shape(x)) for x in batch}
+            if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+                raise ValueError(f"DataTransformer: images must be C x H x W of one shape, got "
+                                 f"{sorted(shapes)}")
+            n, (c, height, width) = len(batch), next(iter(shapes))
+        else:
+            batch = np.asarray(batch)
+            if batch.ndim != 4:
+                raise ValueError(f"DataTransformer: expected N x C x H x W images, got shape "
+                                 f"{list(batch.shape)}")
+            n, c, height, width = batch.shape
         if self.mean_image is not None and self.mean_image.shape != (c, height, width):
             raise ValueError(f"DataTransformer: mean image {list(self.mean_image.shape)} does not "
                              f"match images {[c, height, width]}")
@@ -95,20 +105,20 @@ class DataTransformer:
         rows, cols = self.offsets(n, height, width)
         flips = (self.rng.integers(0, 2, n).astype(bool) if self.mirror
                  else np.zeros(n, bool))
-        # Gather the crops with one fancy index: out[i, :, y, x] = batch[i, :, r_i + y, c_i + x].
-        yy = rows[:, None] + np.arange(ch)[None]                      # n x ch
-        xx = cols[:, None] + np.arange(cw)[None]                      # n x cw
-        crops = batch[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None],
-                      yy[:, None, :, None], xx[:, None, None, :]].astype(np.float32)
-        if self.mean_image is not None:
-            crops -= self.mean_image[np.arange(c)[None, :, None, None], yy[:, None, :, None],
-                                     xx[:, None, None, :]]
-        elif self.mean_values is not None:
+        # Crops by slicing each image (a strided copy; much faster than one
+        # fancy index over the batch), then the mean and scale over the batch.
+        crops = np.empty((n, c, ch, cw), np.float32)
+        for i in range(n):
+            r, q = rows[i], cols[i]
+            crops[i] = batch[i][:, r:r + ch, q:q + cw]
+            if self.mean_image is not None:
+                crops[i] -= self.mean_image[:, r:r + ch, q:q + cw]
+        if self.mean_image is None and self.mean_values is not None:
             crops -= self.mean_values.reshape(1, -1, 1, 1)
         if self.scale != 1:
             crops *= self.scale
-        if flips.any():
-            crops[flips] = crops[flips][..., ::-1]
+        for i in np.flatnonzero(flips):
+            crops[i] = crops[i][..., ::-1].copy()
         return crops
 
 

@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Benchmark of the data path: images per second from storage to transformed
+pair batches (2 images per pair, 144 x 56 crops, mirror, mean subtraction).
+
+* ours: the LMDB of raw Datums (tools/convert_dataset.py) read by
+  mspcnn.data.pairs.PairLoader (threads, vectorised DataTransformer);
+* baseline: the JPEG files decoded by a standard torch DataLoader (worker
+  processes, per-image OpenCV decode + resize + crop + mirror + mean).
+
+Both run in the same process on the same synthetic dataset (generated in a
+temporary folder unless --raw/--db are given), with the same number of
+workers. Prints a table and writes JSON.
+
+    python tools/bench_data.py [--pairs-per-batch 50] [--batches 40] [--workers 2]
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mspcnn.data.datasets import convert_market1501
+from mspcnn.data.lmdb_io import DatumDB
+from mspcnn.data.pairs import PairLoader, PairSampler
+from mspcnn.data.synthetic import make_synthetic_market
+from mspcnn.data.transformer import DataTransformer
+
+MEAN = np.array([102, 102, 101], np.float32).reshape(3, 1, 1)
+
+
+class JpegPairs(Dataset):
+    """The baseline: pairs read from the JPEG files, one image at a time."""
+
+    def __init__(self, paths, anchors, partners, seed):
+        self.paths, self.anchors, self.partners, self.seed = paths, anchors, partners, seed
+
+    def __len__(self):
+        return len(self.anchors)
+
+    def _one(self, path, rng):
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        img = cv2.resize(img, (64, 160), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+        r, c = rng.integers(0, 17), rng.integers(0, 9)
+        out = img[:, r:r + 144, c:c + 56].astype(np.float32) - MEAN
+        return out[..., ::-1].copy() if rng.random() < 0.5 else out
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(self.seed + i)
+        return (torch.from_numpy(self._one(self.paths[self.anchors[i]], rng)),
+                torch.from_numpy(self._one(self.paths[self.partners[i]], rng)))
+
+
+def timed_batches(iterator, batches):
+    """Images per second over `batches` batches, after one warm-up batch."""
+    it = iter(iterator)
+    next(it)
+    start = time.perf_counter()
+    images = 0
+    for _ in range(batches):
+        batch = next(it)
+        images += 2 * len(batch["data"] if isinstance(batch, dict) else batch[0])
+    return images / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--raw", help="a Market-1501-layout folder (default: generate a synthetic one)")
+    p.add_argument("--db", help="its converted databases (default: convert --raw)")
+    p.add_argument("--pairs-per-batch", type=int, default=50)
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", default="bench_data.json")
+    args = p.parse_args(argv)
+    if args.batches < 1 or args.pairs_per_batch < 1 or args.workers < 1:
+        p.error("--batches, --pairs-per-batch and --workers must be positive")
+    tmp = tempfile.TemporaryDirectory()
+    raw = args.raw or os.path.join(tmp.name, "raw")
+    if not args.raw:
+        print("generating a synthetic dataset ...", flush=True)
+        make_synthetic_market(raw, train_ids=400, test_ids=2, distractors=0, junk=0, progress=False)
+    db_dir = args.db or os.path.join(tmp.name, "db")
+    if not args.db:
+        print("converting it to LMDB ...", flush=True)
+        convert_market1501(raw, db_dir, val_ids=0, progress=False)
+    rows = json.load(open(os.path.join(db_dir, "train.json")))["records"]
+    labels = [r["label"] for r in rows]
+    sampler = PairSampler(labels, [r["camera"] for r in rows], seed=0)
+    needed = (args.batches + 1) * args.pairs_per_batch
+    if needed > len(labels):
+        p.error(f"{args.batches + 1} batches of {args.pairs_per_batch} pairs need {needed} training "
+                f"images, the dataset has {len(labels)}")
+    print(f"{len(labels)} training images; {args.batches} batches of {args.pairs_per_batch} pairs, "
+          f"{args.workers} workers", flush=True)
+
+    transformer = DataTransformer((144, 56), [102, 102, 101], mirror=True, phase="TRAIN")
+    loader = PairLoader(DatumDB(os.path.join(db_dir, "train.lmdb")), labels, sampler,
+                        args.pairs_per_batch, transformer, workers=args.workers)
+    ours = timed_batches(loader.epoch(0), args.batches)
+
+    anchors, partners, _ = sampler.epoch(0)
+    paths = [os.path.join(raw, r["path"]) for r in rows]
+    baseline_ds = JpegPairs(paths, anchors, partners, seed=0)
+    baseline_loader = DataLoader(baseline_ds, batch_size=args.pairs_per_batch, num_workers=args.workers,
+                                 shuffle=False, persistent_workers=False)
+    baseline = timed_batches(baseline_loader, args.batches)
+
+    print(f"\n{'path':<38} {'images/s':>10}")
+    print("-" * 49)
+    print(f"{'baseline: JPEG files + DataLoader':<38} {baseline:>10.0f}")
+    print(f"{'ours: LMDB + PairLoader':<38} {ours:>10.0f}")
+    print(f"speed-up {ours / baseline:.1f}x")
+    result = {"images_per_s": {"ours": ours, "baseline": baseline}, "speedup": ours / baseline,
+              "pairs_per_batch": args.pairs_per_batch, "batches": args.batches,
+              "workers": args.workers, "train_images": len(labels), "torch": torch.__version__,
+              "cpus": os.cpu_count()}
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
