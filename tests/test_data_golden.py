@@ -134,3 +134,15 @@ def test_bad_input_errors(tmp_path):
         DataTransformer(mean_values=[1, 2, 3], mean_image=np.zeros((3, 4, 4)))
     with pytest.raises(ValueError, match="crop 20x5 is larger than the image 10x8"):
         DataTransformer(crop=(20, 5))(np.zeros((1, 3, 10, 8), np.uint8))
+
+
+def test_float_and_encoded_datums_decode():
+    datum = lmdb_io.proto.Datum(channels=2, height=1, width=3, label=7)
+    datum.float_data.extend([0.5, 1.5, 2.5, -1.0, 0.0, 3.25])
+    array, label = lmdb_io.decode_datum(datum.SerializeToString())
+    assert array.dtype == np.float32 and array.shape == (2, 1, 3) and label == 7
+    assert array.ravel().tolist() == [0.5, 1.5, 2.5, -1.0, 0.0, 3.25]
+    image = np.random.default_rng(0).integers(0, 256, (5, 4, 3)).astype(np.uint8)
+    for kind in ("png", None):
+        decoded, _ = lmdb_io.decode_datum(lmdb_io.encode_datum(image, 1, kind))
+        assert np.array_equal(decoded, image.transpose(2, 0, 1))
