@@ -177,6 +177,11 @@ class CaffeNet(nn.Module):
                 tops = [tuple(int(d) for d in given[min(i, len(given) - 1)].dim)
                         for i in range(len(lp.top))]
                 self.input_blobs.extend(lp.top)
+            elif t == "MemoryData" and lp.memory_data_param.batch_size and not all(
+                    top in input_shapes for top in lp.top):
+                mp = lp.memory_data_param
+                tops = [(mp.batch_size, mp.channels, mp.height, mp.width), (mp.batch_size,)][:len(lp.top)]
+                self.input_blobs.extend(lp.top)
             elif t in ("Data", "MemoryData"):
                 tops = []
                 for top in lp.top:

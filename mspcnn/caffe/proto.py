@@ -16,7 +16,8 @@ Two additions, not in BVLC Caffe:
 * ``LayerParameter.ncc_loss_param`` (field 2001) with ``NCCLossParameter``:
   the parameters of MSP-CNN's low-level (NCC) loss layer, type ``"NCCLoss"``.
 * ``SolverParameter.min_lr`` (1001): the floor of the fork's ``stepdecr``
-  learning-rate policy.
+  learning-rate policy; ``SolverState.rng_state`` (1001): random states saved
+  with a snapshot so that a resumed run continues bit for bit.
 """
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -290,6 +291,8 @@ _MESSAGES = {
         ("optional", "string", "learned_net", 2, None),
         ("repeated", "BlobProto", "history", 3, None),
         ("optional", "int32", "current_step", 4, "0"),
+        # Ours: the random states (torch, numpy, the trainer's) for a bit-exact resume.
+        ("optional", "bytes", "rng_state", 1001, None),
     ],
     # MSP-CNN's low-level similarity loss (METHOD.md section 3). The defaults
     # of the thresholds disable them (every patch counts); the sweep that
