@@ -184,3 +184,15 @@ def test_bad_input(tmp_path):
     with pytest.raises(cio.CaffeFormatError, match=r"1 history blobs, this net has 6 learnable "
                                                    r"parameters \(another network\?\)"):
         golden_setup("step")[2].restore(state)
+
+
+def test_every_shipped_solver_file_is_usable():
+    folder = Path(__file__).resolve().parents[1] / "prototxt_equiv"
+    files = sorted(folder.glob("solver_*.prototxt"))
+    assert len(files) == 6
+    for path in files:
+        sp = cio.read_prototxt(path, proto.SolverParameter)
+        assert ("stage2" in sp.train_state.stage) == ("stage2" in path.name), path.name
+        rates = [float(learning_rate(sp, it)[0]) for it in range(0, sp.max_iter, max(1, sp.max_iter // 7))]
+        assert all(0 < r <= sp.base_lr + 1e-9 for r in rates), path.name
+        assert rates == sorted(rates, reverse=True), path.name  # every recipe decays
