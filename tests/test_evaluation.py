@@ -1,0 +1,101 @@
+"""Retrieval metrics: the check values of EVALUATION.md, hand-worked rankings
+with junk and distractors, and agreement with the per-query reference loop."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mspcnn.evaluation import (cross_camera_retrieval, market1501_noninterp, market1501_official,
+                               market_ranking_stats, single_shot_cmc)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from bench_eval import per_query_loop  # noqa: E402
+
+
+def ranking(hits):
+    """One query (id 1, camera 1) and a gallery ranked in the given order:
+    1 = a good match (id 1, camera 2), 0 = another identity."""
+    n = len(hits)
+    return (np.arange(n, dtype=float)[None], [1], [1],
+            np.array([1 if h else 2 for h in hits]), np.full(n, 2))
+
+
+@pytest.mark.parametrize("hits,noninterp,trapezoid", [
+    ([1, 0, 1, 0], 0.8333, 0.7917), ([0, 1, 0, 1], 0.5, 0.3333),
+    ([0, 0, 1], 0.3333, 0.1667), ([0, 1, 1, 0, 0, 1], 0.5556, 0.4278)])
+def test_check_values_of_evaluation_md(hits, noninterp, trapezoid):
+    args = ranking(hits)
+    assert market1501_noninterp(*args)["mAP"] == pytest.approx(noninterp, abs=5e-5)
+    assert market1501_official(*args)["mAP"] == pytest.approx(trapezoid, abs=5e-5)
+
+
+def test_junk_and_distractors_by_hand():
+    # Gallery in ranked order (distances 0..6) for query id 7 from camera 1:
+    #   0: id 7 cam 1  -> junk (same camera), removed
+    #   1: id -1       -> junk, removed
+    #   2: id 0        -> distractor: an ordinary miss
+    #   3: id 7 cam 3  -> good, rank 2 among non-junk
+    #   4: id 5        -> miss
+    #   5: id 7 cam 2  -> good, rank 4
+    #   6: id 7 cam 1  -> junk
+    g_ids = np.array([7, -1, 0, 7, 5, 7, 7])
+    g_cams = np.array([1, 4, 2, 3, 2, 2, 1])
+    dist = np.arange(7, dtype=float)[None]
+    stats = market_ranking_stats(dist, [7], [1], g_ids, g_cams)
+    assert stats["first_hit"][0] == 1  # second non-junk position
+    # precisions at the hits: 1/2, 2/4; trapezoid: 0.5*(1/1 -> prev 0/1=0 ... ) computed by hand:
+    # position 1 (miss): old_p 1 -> p 0, recall 0: +0; position 2 (hit): recall .5, p .5, old 0 -> +.125
+    # position 3 (miss): p 1/3; position 4 (hit): recall 1, p .5, old 1/3 -> +.5*(1/3+.5)/2 = .2083
+    assert stats["ap_noninterp"][0] == pytest.approx((0.5 + 0.5) / 2)
+    assert stats["ap_trapezoid"][0] == pytest.approx(0.125 + 0.5 * (1 / 3 + 0.5) / 2)
+    result = market1501_official(dist, [7], [1], g_ids, g_cams, ranks=(1, 2, 5))
+    assert result["rank1"] == 0 and result["rank2"] == 1 and result["rank5"] == 1
+
+
+def test_queries_without_a_good_match_are_skipped_and_counted():
+    dist = np.array([[0.1, 0.2], [0.3, 0.1]])
+    result = market1501_official(dist, [1, 2], [1, 1], np.array([1, 1]), np.array([2, 1]), ranks=(1,))
+    assert result["queries"] == 1 and result["skipped_queries"] == 1 and result["rank1"] == 1
+
+
+def test_vectorised_equals_the_per_query_loop():
+    rng = np.random.default_rng(3)
+    q_ids, g_ids = rng.integers(1, 40, 300), rng.integers(-1, 40, 2000)
+    q_cams, g_cams = rng.integers(1, 4, 300), rng.integers(1, 4, 2000)
+    dist = rng.random((300, 2000)).astype(np.float32)
+    dist[q_ids[:, None] == g_ids[None]] -= 0.25
+    dist[:, :50] = 0.5  # exact ties: broken by gallery order in both
+    ours = market1501_official(dist, q_ids, q_cams, g_ids, g_cams)
+    base = per_query_loop(dist, q_ids, q_cams, g_ids, g_cams)
+    for key in ("rank1", "rank5", "rank10", "rank20", "mAP", "queries"):
+        assert ours[key] == pytest.approx(base[key], abs=1e-12), key
+
+
+def test_single_shot_cmc_by_hand():
+    # 3 test identities, gallery: two images each (one drawn per repeat).
+    g_ids = np.array([1, 1, 2, 2, 3, 3])
+    q_ids = np.array([1, 2, 3])
+    # probe 1 is closest to both images of id 1 -> rank 0 always;
+    # probe 2: its id-2 images are farther than id 1's -> rank 1 always;
+    # probe 3: one id-3 image is the closest, the other the farthest -> rank 0 or 2.
+    dist = np.array([[0.0, 0.1, 0.5, 0.6, 0.7, 0.8],
+                     [0.1, 0.1, 0.5, 0.5, 0.9, 0.9],
+                     [0.5, 0.5, 0.6, 0.6, 0.0, 0.9]])
+    out = single_shot_cmc(dist, q_ids, g_ids, repeats=4000, seed=1, max_rank=3)
+    # rank-1: probe 1 always, probe 3 half the draws -> (1 + 0 + 0.5) / 3
+    assert out["rank1"] == pytest.approx(0.5, abs=0.02)
+    assert out["cmc"][1] == pytest.approx((1 + 1 + 0.5) / 3, abs=0.02)
+    assert out["cmc"][2] == 1.0
+    again = single_shot_cmc(dist, q_ids, g_ids, repeats=4000, seed=1, max_rank=3)
+    assert np.array_equal(out["cmc"], again["cmc"])
+
+
+def test_cross_camera_retrieval():
+    f = np.eye(4) + 0.01 * np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]])
+    assert cross_camera_retrieval(f, [1, 1, 2, 2], [1, 2, 1, 2]) == (1.0, 1.0, 4)
+
+
+def test_bad_shapes_named():
+    with pytest.raises(ValueError, match=r"distance matrix 2 x 3 does not match 2 query and 4 gallery"):
+        market1501_official(np.zeros((2, 3)), [1, 2], [1, 1], [1, 2, 3, 4], [1, 1, 1, 1])
