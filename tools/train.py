@@ -3,7 +3,7 @@
 
     python tools/train.py --solver prototxt_equiv/solver_stage1.prototxt --data DB_DIR
                           [--weights W.caffemodel] [--snapshot S.solverstate]
-                          [--device cpu|cuda] [--max-iter N] [--batch-pairs 50] [--workers 2]
+                          [--device cpu|cuda] [--max-iter N] [--base-lr R] [--batch-pairs 50] [--workers 2]
                           [--snapshot-prefix P] [--test-interval N] [--display N] [--snapshot-every N]
 
 * DB_DIR is the output of tools/convert_dataset.py (train.lmdb/json, val.lmdb/json).
@@ -66,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--snapshot", help="resume from this .solverstate")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-iter", type=int)
+    p.add_argument("--base-lr", type=float, help="overrides the solver's base_lr (e.g. for small batches)")
     p.add_argument("--batch-pairs", type=int, default=50, help="pairs per sub-iteration (Caffe's batch)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--snapshot-prefix")
@@ -92,7 +93,8 @@ def main(argv=None):
     except cio.CaffeFormatError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for field, value in (("max_iter", args.max_iter), ("snapshot_prefix", args.snapshot_prefix),
+    for field, value in (("max_iter", args.max_iter), ("base_lr", args.base_lr),
+                         ("snapshot_prefix", args.snapshot_prefix),
                          ("snapshot", args.snapshot_every), ("test_interval", args.test_interval),
                          ("display", args.display)):
         if value is not None:

@@ -1,0 +1,26 @@
+"""The end-to-end pipeline (tools/run_pipeline.py), in miniature: generate,
+convert, two training stages, evaluation, ranking picture."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "run_pipeline.py"), "--out", str(out),
+                           "--train-ids", "8", "--test-ids", "4", "--iters1", "2", "--iters2", "1",
+                           "--batch-pairs", "2", "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "MSP-CNN (this run)" in proc.stdout and "chance (random feats)" in proc.stdout
+    assert "Train net output #2: loss_low" in proc.stdout  # stage 2 ran with the NCC loss
+    result = json.loads((out / "results.json").read_text())
+    assert result["msp_cnn"]["queries"] > 0 and 0 <= result["msp_cnn"]["mAP"] <= 1
+    assert (out / "ranking.png").stat().st_size > 1000
+    assert (out / "snapshots" / "stage2_iter_1.caffemodel").exists()

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""The whole MSP-CNN pipeline, briefly, on data the project generates:
+
+1. generate a synthetic pedestrian dataset (tools/make_synthetic.py);
+2. convert it to LMDBs (tools/convert_dataset.py market1501);
+3. train stage 1 (softmax + contrastive) and stage 2 (+ the NCC loss) with
+   tools/train.py and the solver files of prototxt_equiv/ (iterations, rate
+   and batch shortened for a CPU);
+4. extract fc7_bn features of the probe and gallery, evaluate with the
+   Market-1501 protocol (CMC rank-1/5/10/20, mAP) next to the chance level
+   (the same protocol on random features);
+5. draw a ranking picture (queries and their top-10 gallery images, green
+   border = same identity, red = not).
+
+    python tools/run_pipeline.py [--out runs/pipeline] [--train-ids 60] [--test-ids 50]
+                                 [--iters1 150] [--iters2 40] [--batch-pairs 4] [--base-lr 0.01]
+                                 [--seed 0] [--device cpu|cuda]
+
+About 6 minutes on 2 CPU cores with the defaults.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train as train_tool  # noqa: E402
+
+from mspcnn.data.datasets import convert_market1501  # noqa: E402
+from mspcnn.data.lmdb_io import DatumDB  # noqa: E402
+from mspcnn.data.synthetic import make_synthetic_market  # noqa: E402
+from mspcnn.data.transformer import DataTransformer  # noqa: E402
+from mspcnn.evaluation import euclidean_distances, extract_features, market1501_official  # noqa: E402
+from mspcnn.model import MSPCNNBackbone  # noqa: E402
+from mspcnn.paths import PROTOTXT_DIR  # noqa: E402
+
+
+def ranking_picture(path, probe, gallery, dist, q_rows, g_rows, n_queries=6, top=10):
+    """Queries (left) and their top-`top` gallery images, green = same id, red = not."""
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(q_rows), min(n_queries, len(q_rows)), replace=False)
+    lines = []
+    for q in picks:
+        img = probe[int(q)][0].transpose(1, 2, 0).copy()
+        row = [cv2.copyMakeBorder(img, 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=(255, 255, 255)),
+               np.full((166, 8, 3), 255, np.uint8)]
+        order = [j for j in np.argsort(dist[q], kind="stable")
+                 if not (g_rows[j]["id"] == q_rows[q]["id"] and g_rows[j]["camera"] == q_rows[q]["camera"])
+                 and g_rows[j]["id"] != -1][:top]
+        for j in order:
+            color = (0, 200, 0) if g_rows[j]["id"] == q_rows[q]["id"] else (0, 0, 230)
+            g = gallery[int(j)][0].transpose(1, 2, 0).copy()
+            row.append(cv2.copyMakeBorder(g, 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=color))
+        lines.append(np.concatenate(row, axis=1))
+    width = max(line.shape[1] for line in lines)
+    lines = [np.pad(line, ((0, 4), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
+    cv2.imwrite(path, np.concatenate(lines, axis=0))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/pipeline")
+    p.add_argument("--train-ids", type=int, default=60)
+    p.add_argument("--test-ids", type=int, default=50)
+    p.add_argument("--iters1", type=int, default=150)
+    p.add_argument("--iters2", type=int, default=40)
+    p.add_argument("--batch-pairs", type=int, default=4)
+    p.add_argument("--base-lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if min(args.train_ids, args.test_ids, args.iters1, args.batch_pairs) < 2 or args.iters2 < 0:
+        p.error("--train-ids, --test-ids, --iters1 and --batch-pairs must be >= 2, --iters2 >= 0")
+    start = time.time()
+    raw, db, runs = (os.path.join(args.out, d) for d in ("raw", "db", "snapshots"))
+    if os.path.exists(raw) and os.listdir(raw):
+        p.error(f"{raw} exists and is not empty; choose another --out")
+    os.makedirs(runs, exist_ok=True)
+
+    print(f"[1/5] synthetic dataset: {args.train_ids} training and {args.test_ids} test identities", flush=True)
+    print("      ", make_synthetic_market(raw, args.train_ids, args.test_ids, seed=args.seed,
+                                          distractors=20, junk=10, progress=False), flush=True)
+    print("[2/5] converting to LMDB", flush=True)
+    summary = convert_market1501(raw, db, val_ids=max(2, args.train_ids // 6), seed=args.seed, progress=False)
+    print("      ", {k: f"{v[0]} images / {v[1]} ids" for k, v in summary.items()}, flush=True)
+
+    common = ["--data", db, "--batch-pairs", str(args.batch_pairs), "--base-lr", str(args.base_lr),
+              "--device", args.device, "--display", "10", "--workers", "2"]
+    print(f"[3/5] stage 1: {args.iters1} iterations (softmax + contrastive)", flush=True)
+    rc = train_tool.main(["--solver", str(PROTOTXT_DIR / "solver_stage1.prototxt"), "--max-iter", str(args.iters1),
+                          "--snapshot-prefix", os.path.join(runs, "stage1"), "--snapshot-every", str(args.iters1),
+                          "--test-interval", str(args.iters1)] + common)
+    if rc:
+        return rc
+    weights = os.path.join(runs, f"stage1_iter_{args.iters1}.caffemodel")
+    if args.iters2:
+        print(f"[4/5] stage 2: {args.iters2} iterations (+ the NCC loss), from {weights}", flush=True)
+        rc = train_tool.main(["--solver", str(PROTOTXT_DIR / "solver_stage2.prototxt"),
+                              "--max-iter", str(args.iters2), "--weights", weights,
+                              "--snapshot-prefix", os.path.join(runs, "stage2"),
+                              "--snapshot-every", str(args.iters2), "--test-interval", "0"] + common)
+        if rc:
+            return rc
+        weights = os.path.join(runs, f"stage2_iter_{args.iters2}.caffemodel")
+
+    print("[5/5] evaluation (Market-1501 protocol) on the test identities", flush=True)
+    backbone = MSPCNNBackbone().to(args.device)
+    backbone.load_caffemodel(weights, strict=False)  # fc8 is not needed for features
+    test_tf = DataTransformer((144, 56), (102, 102, 101), phase="TEST")
+    probe, gallery = DatumDB(os.path.join(db, "probe.lmdb")), DatumDB(os.path.join(db, "gallery.lmdb"))
+    q_rows = json.load(open(os.path.join(db, "probe.json")))["records"]
+    g_rows = json.load(open(os.path.join(db, "gallery.json")))["records"]
+    fq = torch.nn.functional.normalize(extract_features(backbone, probe, test_tf, device=args.device))
+    fg = torch.nn.functional.normalize(extract_features(backbone, gallery, test_tf, device=args.device))
+    labels = ([r["id"] for r in q_rows], [r["camera"] for r in q_rows],
+              [r["id"] for r in g_rows], [r["camera"] for r in g_rows])
+    dist = euclidean_distances(fq, fg)
+    result = market1501_official(dist, *labels)
+    rng = torch.Generator().manual_seed(args.seed)
+    chance = market1501_official(euclidean_distances(torch.randn(fq.shape, generator=rng),
+                                                     torch.randn(fg.shape, generator=rng)), *labels)
+    picture = os.path.join(args.out, "ranking.png")
+    ranking_picture(picture, probe, gallery, dist, q_rows, g_rows)
+    print(f"\n{'':<22} {'rank-1':>7} {'rank-5':>7} {'rank-10':>8} {'rank-20':>8} {'mAP':>7}")
+    for name, r in (("MSP-CNN (this run)", result), ("chance (random feats)", chance)):
+        print(f"{name:<22} {100 * r['rank1']:>6.1f}% {100 * r['rank5']:>6.1f}% {100 * r['rank10']:>7.1f}% "
+              f"{100 * r['rank20']:>7.1f}% {100 * r['mAP']:>6.1f}%")
+    print(f"\n{result['queries']} queries; ranking picture: {picture}; weights: {weights}")
+    print(f"total time {time.time() - start:.0f} s")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"msp_cnn": result, "chance": chance, "weights": weights, "args": vars(args),
+                   "seconds": time.time() - start}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
