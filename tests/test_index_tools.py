@@ -1,0 +1,37 @@
+"""tools/build_index.py and tools/query.py on the golden 8-image database."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mspcnn.model import MSPCNNBackbone
+
+ROOT = Path(__file__).resolve().parents[1]
+LMDB = ROOT / "tests" / "data" / "caffe_golden" / "lmdb"
+
+
+def test_index_and_query(tmp_path):
+    weights = tmp_path / "w.caffemodel"
+    model = MSPCNNBackbone(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # unit BatchNorm statistics (untrained accumulators are 0)
+        for name, blobs in model.layer_blobs().items():
+            if name.endswith("_bn"):
+                blobs[1].fill_(1.0)
+                blobs[2].fill_(1.0)
+    model.save_caffemodel(weights)
+    index = tmp_path / "g.index"
+    run = lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True, text=True, cwd=ROOT)  # noqa
+    out = run(ROOT / "tools" / "build_index.py", "--weights", weights, "--db", LMDB / "lmdb_raw",
+              "--out", index, "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert torch.load(index, weights_only=False)["features"].shape == (8, 256)
+    image = LMDB / "images" / "cam2" / "0031_c2s2_001046_00.jpg"  # record 5 of the database
+    out = run(ROOT / "tools" / "query.py", image, "--index", index, "--weights", weights, "--top", "3",
+              "--out", tmp_path / "r.png")
+    assert out.returncode == 0, out.stderr
+    first = [line for line in out.stdout.splitlines() if line.strip().startswith("1.")][0]
+    assert "00000005_cam2/0031_c2s2_001046_00.jpg" in first and "distance 0.0" in first
+    assert (tmp_path / "r.png").stat().st_size > 500
+    bad = run(ROOT / "tools" / "query.py", tmp_path / "missing.jpg", "--index", index, "--weights", weights)
+    assert bad.returncode == 2 and "cannot read image" in bad.stderr

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Build an offline gallery index: extract and store L2-normalised fc7_bn features of a gallery.
+
+    python tools/build_index.py --weights W.caffemodel --db DB_DIR/gallery.lmdb --out gallery.index
+                                [--device cpu|cuda] [--batch-size 64]
+
+The index (a torch file) holds the features, the record keys and, when DB_DIR/<split>.json
+exists beside the database, identities, cameras and source paths. tools/query.py ranks it.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from mspcnn.caffe.io import CaffeFormatError
+from mspcnn.data.lmdb_io import DatumDB
+from mspcnn.data.transformer import DataTransformer
+from mspcnn.evaluation import extract_features
+from mspcnn.model import MSPCNNBackbone
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--db", required=True, help="an LMDB written by tools/convert_dataset.py")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    try:
+        db = DatumDB(args.db)
+        backbone = MSPCNNBackbone().to(args.device).load_caffemodel(args.weights, strict=False)
+    except (FileNotFoundError, CaffeFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    meta_path = args.db[:-5] + ".json" if args.db.rstrip("/").endswith(".lmdb") else None
+    rows = json.load(open(meta_path))["records"] if meta_path and os.path.exists(meta_path) else None
+    print(f"extracting {len(db)} gallery features from {args.db} ...", flush=True)
+    feats = extract_features(backbone, db, DataTransformer((144, 56), (102, 102, 101), phase="TEST"),
+                             args.batch_size, args.device)
+    index = {"features": torch.nn.functional.normalize(feats), "keys": [k.decode() for k in db.keys],
+             "db": os.path.abspath(args.db), "weights": os.path.abspath(args.weights)}
+    if rows:
+        index.update(ids=[r["id"] for r in rows], cameras=[r["camera"] for r in rows])
+    tmp = args.out + ".tmp"
+    torch.save(index, tmp)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: {len(db)} x {feats.shape[1]} features")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

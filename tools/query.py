@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Rank an offline gallery index for query images and render the top-k.
+
+    python tools/query.py --index gallery.index --weights W.caffemodel IMAGE [IMAGE ...]
+                          [--top 10] [--out ranking.png] [--query-ids ID ...]
+
+Each query image (any size; resized to 160 x 64 as the databases are) is embedded with the
+model, the gallery is ranked by Euclidean distance between L2-normalised features, and the
+top-k are printed and drawn in one row per query. When --query-ids are given and the index
+knows the gallery identities, borders are green for the same identity and red otherwise.
+"""
+import argparse
+import sys
+
+import cv2
+import numpy as np
+import torch
+
+from mspcnn.data.lmdb_io import DatumDB
+from mspcnn.data.transformer import DataTransformer
+from mspcnn.model import MSPCNNBackbone
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--index", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--out", default="ranking.png")
+    p.add_argument("--query-ids", type=int, nargs="*")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.query_ids and len(args.query_ids) != len(args.images):
+        p.error("--query-ids needs one identity per image")
+    index = torch.load(args.index, weights_only=False)
+    backbone = MSPCNNBackbone().to(args.device).load_caffemodel(args.weights, strict=False).eval()
+    images = []
+    for path in args.images:
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        if img is None:
+            print(f"error: cannot read image {path}", file=sys.stderr)
+            return 2
+        images.append(cv2.resize(img, (64, 160), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
+    x = torch.from_numpy(DataTransformer((144, 56), (102, 102, 101), phase="TEST")(images))
+    with torch.no_grad():
+        q = torch.nn.functional.normalize(backbone(x.to(args.device), logits=False)["fc7_bn"].cpu())
+    dist = torch.cdist(q, index["features"])
+    gallery = DatumDB(index["db"])
+    rows = []
+    for i, path in enumerate(args.images):
+        order = torch.argsort(dist[i], stable=True)[: args.top].tolist()
+        print(f"{path}:")
+        row = [cv2.copyMakeBorder(images[i].transpose(1, 2, 0), 3, 3, 3, 3, cv2.BORDER_CONSTANT,
+                                  value=(255, 255, 255)), np.full((166, 8, 3), 255, np.uint8)]
+        for rank, j in enumerate(order, 1):
+            gid = index.get("ids", [None] * len(order))[j] if "ids" in index else None
+            print(f"  {rank:>3}. {index['keys'][j]}  distance {dist[i, j]:.4f}" + (f"  id {gid}" if gid is not None else ""))
+            color = (200, 200, 200)
+            if args.query_ids and gid is not None:
+                color = (0, 200, 0) if gid == args.query_ids[i] else (0, 0, 230)
+            row.append(cv2.copyMakeBorder(gallery[j][0].transpose(1, 2, 0).copy(), 3, 3, 3, 3,
+                                          cv2.BORDER_CONSTANT, value=color))
+        rows.append(np.concatenate(row, axis=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    cv2.imwrite(args.out, np.concatenate(rows, axis=0))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
