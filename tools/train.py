@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-iter", type=int)
     p.add_argument("--base-lr", type=float, help="overrides the solver's base_lr (e.g. for small batches)")
+    p.add_argument("--loss-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0),
+                   metavar=("CLS", "HIGH", "LOW"),
+                   help="weights of the classification, high-level and low-level losses (the "
+                        "ablation of Table 5 sets some to 0)")
     p.add_argument("--batch-pairs", type=int, default=50, help="pairs per sub-iteration (Caffe's batch)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--snapshot-prefix")
@@ -108,7 +112,9 @@ def main(argv=None):
     labels = [r["label"] for r in rows]
     num_classes = max(labels) + 1
     device = torch.device(args.device)
-    model = MSPCNN(num_classes, use_low=stage2, generator=torch.Generator().manual_seed(seed)).to(device)
+    w_cls, w_high, w_low = args.loss_weights
+    model = MSPCNN(num_classes, use_low=stage2 and w_low > 0, w_cls=w_cls, w_high=w_high, w_low=w_low,
+                   generator=torch.Generator().manual_seed(seed)).to(device)
     backbone = model.backbone
     if args.weights:
         backbone.load_caffemodel(args.weights)
@@ -208,7 +214,7 @@ def main(argv=None):
             log("solver.cpp:228", f"Iteration {it} ({(it + 1) / max(elapsed, 1e-9):.3g} iter/s), "
                 f"loss = {np.mean(recent):.6g}")
             names = [("loss_cls", "cls", model.w_cls), ("loss_high", "high", model.w_high)]
-            if stage2:
+            if model.use_low:
                 names.append(("loss_low", "low", model.w_low))
             for k, (caffe_name, key, weight) in enumerate(names):
                 log("solver.cpp:244", f"    Train net output #{k}: {caffe_name} = {terms[key]:.6g} "

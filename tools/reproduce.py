@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Reproduce a row of the paper: raw dataset -> LMDBs -> stage 1 -> stage 2 -> evaluation over
+all splits, and a table beside the paper's numbers (METHOD.md section 5).
+
+    python tools/reproduce.py {cuhk03-labeled,cuhk03-detected,cuhk01-100,cuhk01-486,market1501}
+                              RAW_DIR [--out runs/reproduce] [--splits N] [--ablation]
+                              [--device cuda] [--iters1 N] [--iters2 N] [--batch-pairs 50]
+                              [--base-lr R] [--repeats 100] [--val-ids N]
+
+* Splits: CUHK03 the 20 official test sets, CUHK01 10 seeded random splits, Market-1501 its one
+  split (--splits N takes the first N).
+* Training: tools/train.py with prototxt_equiv/solver_<dataset>_stage{1,2}.prototxt (CUHK03:
+  solver_stage{1,2}); --iters1/--iters2/--batch-pairs/--base-lr override them for short runs.
+* Evaluation: CUHK03 and CUHK01 with the classic single-shot CMC (--repeats gallery draws,
+  mspcnn.evaluation.single_shot_cmc); Market-1501 with its official protocol
+  (mspcnn.evaluation.market1501_official). Features: L2-normalised fc7_bn, Euclidean distance.
+* --ablation trains the four loss sets of the paper's Table 5 (cls; cls + high; cls + low; all
+  three) instead of only the full model.
+Writes results.json and prints the table. The full recipes need a GPU and the datasets.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train as train_tool  # noqa: E402
+
+from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501  # noqa: E402
+from mspcnn.data.lmdb_io import DatumDB  # noqa: E402
+from mspcnn.data.transformer import DataTransformer  # noqa: E402
+from mspcnn.evaluation import (euclidean_distances, extract_features, market1501_official,  # noqa: E402
+                               single_shot_cmc)
+from mspcnn.model import MSPCNNBackbone  # noqa: E402
+from mspcnn.paths import PROTOTXT_DIR  # noqa: E402
+
+# METHOD.md section 5: rank-1 (%) of MSP-CNN (and mAP for Market-1501).
+PAPER = {"cuhk03-labeled": {"rank1": 85.7}, "cuhk03-detected": {"rank1": 83.6},
+         "cuhk01-100": {"rank1": 79.3}, "cuhk01-486": {"rank1": 63.7},
+         "market1501": {"rank1": 81.9, "mAP": 63.6}}
+SPLITS = {"cuhk03-labeled": 20, "cuhk03-detected": 20, "cuhk01-100": 10, "cuhk01-486": 10,
+          "market1501": 1}
+# Table 5's loss sets: (name, loss weights cls/high/low, run stage 2)
+ABLATION = [("cls", (1, 0, 0), False), ("cls+high", (1, 1, 0), False),
+            ("cls+low", (1, 0, 1), True), ("all", (1, 1, 1), True)]
+
+
+def convert(dataset, raw, out, split, val_ids=None):
+    kw = {} if val_ids is None else {"val_ids": val_ids}
+    if dataset.startswith("cuhk03"):
+        return convert_cuhk03(raw, out, variant=dataset.split("-")[1], split=split, progress=False, **kw)
+    if dataset.startswith("cuhk01"):
+        return convert_cuhk01(raw, out, test_ids=int(dataset.split("-")[1]), split=split, progress=False,
+                              **kw)
+    return convert_market1501(raw, out, progress=False, **kw)
+
+
+def solver_files(dataset):
+    name = dataset.split("-")[0]
+    if name == "cuhk03":
+        return PROTOTXT_DIR / "solver_stage1.prototxt", PROTOTXT_DIR / "solver_stage2.prototxt"
+    return (PROTOTXT_DIR / f"solver_{name}_stage1.prototxt", PROTOTXT_DIR / f"solver_{name}_stage2.prototxt")
+
+
+def evaluate(dataset, db, weights, device, repeats, seed):
+    backbone = MSPCNNBackbone().to(device).load_caffemodel(weights, strict=False)
+    tf = DataTransformer((144, 56), (102, 102, 101), phase="TEST")
+    rows = {s: json.load(open(os.path.join(db, f"{s}.json")))["records"] for s in ("probe", "gallery")}
+    feats = {s: torch.nn.functional.normalize(extract_features(backbone, DatumDB(os.path.join(db, f"{s}.lmdb")),
+                                                               tf, device=device)) for s in rows}
+    dist = euclidean_distances(feats["probe"], feats["gallery"])
+    ids = {s: [r["id"] for r in rows[s]] for s in rows}
+    if dataset == "market1501":
+        cams = {s: [r["camera"] for r in rows[s]] for s in rows}
+        return market1501_official(dist, ids["probe"], cams["probe"], ids["gallery"], cams["gallery"])
+    out = single_shot_cmc(dist, ids["probe"], ids["gallery"], repeats=repeats, seed=seed)
+    out.pop("cmc")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=sorted(PAPER))
+    p.add_argument("raw_dir")
+    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--splits", type=int)
+    p.add_argument("--ablation", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters1", type=int)
+    p.add_argument("--iters2", type=int)
+    p.add_argument("--batch-pairs", type=int, default=50)
+    p.add_argument("--base-lr", type=float)
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-ids", type=int, help="identities held out for validation (converter default)")
+    args = p.parse_args(argv)
+    n_splits = min(args.splits or SPLITS[args.dataset], SPLITS[args.dataset])
+    configs = ABLATION if args.ablation else ABLATION[-1:]
+    stage1, stage2 = solver_files(args.dataset)
+    results = {name: [] for name, _, _ in configs}
+    start = time.time()
+    for split in range(n_splits):
+        db = os.path.join(args.out, f"split{split:02d}", "db")
+        print(f"== split {split + 1}/{n_splits}: converting", flush=True)
+        try:
+            convert(args.dataset, args.raw_dir, db, split, args.val_ids)
+        except (FileNotFoundError, ValueError, ImportError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for name, weights3, with_stage2 in configs:
+            run = os.path.join(args.out, f"split{split:02d}", name)
+            common = ["--data", db, "--device", args.device, "--batch-pairs", str(args.batch_pairs),
+                      "--loss-weights", *map(str, weights3), "--test-interval", "0"]
+            if args.base_lr:
+                common += ["--base-lr", str(args.base_lr)]
+            extra1 = ["--max-iter", str(args.iters1), "--snapshot-every", str(args.iters1)] if args.iters1 else []
+            print(f"== split {split + 1}, {name}: stage 1", flush=True)
+            if train_tool.main(["--solver", str(stage1), "--snapshot-prefix", os.path.join(run, "stage1")]
+                               + common + extra1):
+                return 1
+            final = sorted((f for f in os.listdir(run) if f.startswith("stage1_iter_") and f.endswith(".caffemodel")),
+                           key=lambda f: int(f.split("_")[-1].split(".")[0]))[-1]
+            weights = os.path.join(run, final)
+            if with_stage2 and args.iters2 != 0:
+                extra2 = ["--max-iter", str(args.iters2), "--snapshot-every", str(args.iters2)] if args.iters2 else []
+                print(f"== split {split + 1}, {name}: stage 2", flush=True)
+                if train_tool.main(["--solver", str(stage2), "--snapshot-prefix", os.path.join(run, "stage2"),
+                                    "--weights", weights] + common + extra2):
+                    return 1
+                final = sorted((f for f in os.listdir(run) if f.startswith("stage2_iter_") and f.endswith(".caffemodel")),
+                               key=lambda f: int(f.split("_")[-1].split(".")[0]))[-1]
+                weights = os.path.join(run, final)
+            results[name].append(evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split))
+            print(f"   {name}: {results[name][-1]}", flush=True)
+
+    paper = PAPER[args.dataset]
+    keys = ["rank1", "rank5", "rank10", "rank20"] + (["mAP"] if args.dataset == "market1501" else [])
+    print(f"\n{args.dataset}, {n_splits} split(s), {time.time() - start:.0f} s")
+    print(f"{'':<16}" + "".join(f"{k:>10}" for k in keys))
+    summary = {}
+    for name, rows in results.items():
+        mean = {k: 100 * float(np.mean([r[k] for r in rows])) for k in keys}
+        std = {k: 100 * float(np.std([r[k] for r in rows])) for k in keys}
+        summary[name] = {"mean": mean, "std": std, "splits": rows}
+        print(f"{'ours: ' + name:<16}" + "".join(f"{mean[k]:>9.1f}%" for k in keys))
+    print(f"{'paper: all':<16}" + "".join(f"{paper[k]:>9.1f}%" if k in paper else f"{'-':>10}" for k in keys))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"dataset": args.dataset, "splits": n_splits, "paper": paper, "ours": summary,
+                   "args": vars(args)}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
