@@ -87,6 +87,7 @@ def _summary(stats, ap_key, ranks):
     cmc = stats["cmc"][valid].mean(0)
     result = {f"rank{r}": float(cmc[r - 1]) for r in ranks if r <= cmc.shape[0]}
     result["mAP"] = float(stats[ap_key][valid].mean())
+    result["cmc"] = [float(v) for v in cmc]
     result["queries"] = int(valid.sum())
     result["skipped_queries"] = int((~valid).sum())
     return result

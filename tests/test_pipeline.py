@@ -22,5 +22,5 @@ def test_pipeline_runs_end_to_end(tmp_path):
     assert "Train net output #2: loss_low" in proc.stdout  # stage 2 ran with the NCC loss
     result = json.loads((out / "results.json").read_text())
     assert result["msp_cnn"]["queries"] > 0 and 0 <= result["msp_cnn"]["mAP"] <= 1
-    assert (out / "ranking.png").stat().st_size > 1000
+    assert (out / "ranking.png").stat().st_size > 1000 and (out / "cmc.png").stat().st_size > 1000
     assert (out / "snapshots" / "stage2_iter_1.caffemodel").exists()

@@ -10,7 +10,7 @@
    Market-1501 protocol (CMC rank-1/5/10/20, mAP) next to the chance level
    (the same protocol on random features);
 5. draw a ranking picture (queries and their top-10 gallery images, green
-   border = same identity, red = not).
+   border = same identity, red = not) and the CMC curve (cmc.png).
 
     python tools/run_pipeline.py [--out runs/pipeline] [--train-ids 60] [--test-ids 50]
                                  [--iters1 150] [--iters2 40] [--batch-pairs 4] [--base-lr 0.01]
@@ -39,6 +39,7 @@ from mspcnn.data.transformer import DataTransformer  # noqa: E402
 from mspcnn.evaluation import euclidean_distances, extract_features, market1501_official  # noqa: E402
 from mspcnn.model import MSPCNNBackbone  # noqa: E402
 from mspcnn.paths import PROTOTXT_DIR  # noqa: E402
+from mspcnn.plots import draw_cmc  # noqa: E402
 
 
 def ranking_picture(path, probe, gallery, dist, q_rows, g_rows, n_queries=6, top=10):
@@ -127,11 +128,14 @@ def main(argv=None):
                                                      torch.randn(fg.shape, generator=rng)), *labels)
     picture = os.path.join(args.out, "ranking.png")
     ranking_picture(picture, probe, gallery, dist, q_rows, g_rows)
+    draw_cmc({"MSP-CNN (this run)": result["cmc"], "chance": chance["cmc"]}, os.path.join(args.out, "cmc.png"),
+             title="CMC, Market-1501 protocol, synthetic test identities")
     print(f"\n{'':<22} {'rank-1':>7} {'rank-5':>7} {'rank-10':>8} {'rank-20':>8} {'mAP':>7}")
     for name, r in (("MSP-CNN (this run)", result), ("chance (random feats)", chance)):
         print(f"{name:<22} {100 * r['rank1']:>6.1f}% {100 * r['rank5']:>6.1f}% {100 * r['rank10']:>7.1f}% "
               f"{100 * r['rank20']:>7.1f}% {100 * r['mAP']:>6.1f}%")
-    print(f"\n{result['queries']} queries; ranking picture: {picture}; weights: {weights}")
+    print(f"\n{result['queries']} queries; ranking picture: {picture}; CMC curve: "
+          f"{os.path.join(args.out, 'cmc.png')}; weights: {weights}")
     print(f"total time {time.time() - start:.0f} s")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"msp_cnn": result, "chance": chance, "weights": weights, "args": vars(args),
