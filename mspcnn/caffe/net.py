@@ -160,6 +160,16 @@ class CaffeNet(nn.Module):
             self._shared[name] = p
         return p
 
+    def _weight_and_bias(self, lp, mod, param, generator):
+        """The weight (blob 0) and optional bias (blob 1) of a Convolution or
+        InnerProduct layer, filled by its fillers and shared by ParamSpec name."""
+        def filler(name):
+            return getattr(param, name) if param.HasField(name) else None
+
+        mod.weight = self._param(lp, 0, mod.weight.shape, filler("weight_filler"), generator)
+        if param.bias_term:
+            mod.bias = self._param(lp, 1, mod.bias.shape, filler("bias_filler"), generator)
+
     def _build(self, input_shapes, generator):
         shapes = self.blob_shapes
         for idx, lp in enumerate(self.layer_params):
@@ -202,13 +212,7 @@ class CaffeNet(nn.Module):
                 groups = int(cp.group)
                 mod = nn.Conv2d(c, int(cp.num_output), (kh, kw), (sh, sw), (ph, pw), (dh, dw),
                                 groups=groups, bias=cp.bias_term)
-                mod.weight = self._param(lp, 0, mod.weight.shape,
-                                         cp.weight_filler if cp.HasField("weight_filler") else None,
-                                         generator)
-                if cp.bias_term:
-                    mod.bias = self._param(lp, 1, mod.bias.shape,
-                                           cp.bias_filler if cp.HasField("bias_filler") else None,
-                                           generator)
+                self._weight_and_bias(lp, mod, cp, generator)
                 oh = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
                 ow = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
                 tops = [(n, int(cp.num_output), oh, ow)]
@@ -218,13 +222,7 @@ class CaffeNet(nn.Module):
                     raise NetDefinitionError(f"{where}: only axis 1 without transpose is supported")
                 fan_in = int(np.prod(bottoms[0][1:]))
                 mod = nn.Linear(fan_in, int(ip.num_output), bias=ip.bias_term)
-                mod.weight = self._param(lp, 0, mod.weight.shape,
-                                         ip.weight_filler if ip.HasField("weight_filler") else None,
-                                         generator)
-                if ip.bias_term:
-                    mod.bias = self._param(lp, 1, mod.bias.shape,
-                                           ip.bias_filler if ip.HasField("bias_filler") else None,
-                                           generator)
+                self._weight_and_bias(lp, mod, ip, generator)
                 tops = [(bottoms[0][0], int(ip.num_output))]
             elif t == "BatchNorm":
                 bp = lp.batch_norm_param
