@@ -23,10 +23,9 @@ import json
 import os
 import re
 
-import cv2
 import numpy as np
 
-from .lmdb_io import write_records
+from .lmdb_io import file_loader, write_records
 
 __all__ = ["parse_market_name", "read_market1501", "convert_market1501", "read_cuhk01",
            "convert_cuhk01", "CUHK03Mat", "convert_cuhk03"]
@@ -85,15 +84,6 @@ def _write_split(out_dir, split, rows, encode_type, progress, dataset, extra=Non
     return meta
 
 
-def _file_loader(path):
-    def load():
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
-        if img is None:
-            return None, "missing" if not os.path.exists(path) else "unreadable or corrupt"
-        return img, None
-    return load
-
-
 def _write_splits(out_dir, splits, encode_type, progress, dataset, extra=None):
     os.makedirs(out_dir, exist_ok=True)
     summary = {}
@@ -126,7 +116,7 @@ def convert_market1501(raw_dir, out_dir, val_ids=50, seed=0, encode_type=None, p
 
     def rows(records, label):
         return [{"name": path, "path": path, "id": pid, "camera": cam, "label": label(pid),
-                 "load": _file_loader(os.path.join(raw_dir, path))} for path, pid, cam in records]
+                 "load": file_loader(os.path.join(raw_dir, path))} for path, pid, cam in records]
 
     splits = {"train": rows(train, label_of.get),
               "val": rows([r for r in train_all if r[1] in held], int),
@@ -175,7 +165,7 @@ def convert_cuhk01(raw_dir, out_dir, test_ids=100, split=0, val_ids=20, seed=0, 
 
     def rows(pred, label):
         return [{"name": os.path.basename(p), "path": p, "id": pid, "camera": cam, "label": label(pid),
-                 "load": _file_loader(p)} for p, pid, cam in records if pred(pid, cam)]
+                 "load": file_loader(p)} for p, pid, cam in records if pred(pid, cam)]
 
     splits = {"train": rows(lambda i, c: i in label_of, label_of.get),
               "val": rows(lambda i, c: i in held, int),

@@ -24,7 +24,7 @@ import numpy as np
 
 from mspcnn.caffe import proto
 
-__all__ = ["write_imageset", "write_records", "DatumDB", "encode_datum", "decode_datum", "read_image_list"]
+__all__ = ["write_imageset", "write_records", "file_loader", "DatumDB", "encode_datum", "decode_datum", "read_image_list"]
 
 MAP_SIZE = 1 << 40  # LMDB reserves address space, not disk
 
@@ -84,6 +84,17 @@ def decode_datum(value):
     return np.asarray(datum.float_data, np.float32).reshape(shape), datum.label
 
 
+def file_loader(path):
+    """A loader for :func:`write_records`: () -> (BGR image, None), or
+    (None, reason) when the file is missing or cannot be decoded."""
+    def load():
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        if img is None:
+            return None, "missing" if not os.path.exists(path) else "unreadable or corrupt"
+        return img, None
+    return load
+
+
 def write_imageset(root, items, out_path, resize=(160, 64), encode_type=None, commit_every=1000,
                    overwrite=False, progress=True):
     """Write ``items`` [(relative path, label)] read from ``root`` into the LMDB
@@ -92,15 +103,8 @@ def write_imageset(root, items, out_path, resize=(160, 64), encode_type=None, co
     Returns {"written": n, "skipped": [(line index, path, reason)]}."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder not found: {root}")
-
-    def load(rel):
-        path = os.path.join(root, rel)
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
-        if img is None:
-            return None, "missing" if not os.path.exists(path) else "unreadable or corrupt"
-        return img, None
-
-    records = ((index, rel, lambda rel=rel: load(rel), label) for index, (rel, label) in enumerate(items))
+    records = ((index, rel, file_loader(os.path.join(root, rel)), label)
+               for index, (rel, label) in enumerate(items))
     return write_records(out_path, records, len(items), resize, encode_type, commit_every, overwrite,
                          progress)
 
