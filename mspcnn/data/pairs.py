@@ -10,6 +10,7 @@ batches are decoded and transformed by background threads ahead of use.
   DataTransformer and a PairSampler, prefetched by a thread pool (LMDB reads,
   JPEG/PNG decoding and numpy release the GIL), in a deterministic order.
 """
+import copy
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -98,10 +99,11 @@ class PairLoader:
 
     def _make(self, anchors, partners, sim, seed):
         images = self.db.read_list(np.concatenate([anchors, partners]))[0]
-        # One transformer draw per batch, seeded by the batch: reproducible
-        # whatever the thread that runs it.
-        self.transformer.rng = np.random.default_rng(seed)
-        data = torch.from_numpy(self.transformer(images))
+        # A private transformer per batch, seeded by the batch: reproducible
+        # whatever the thread that runs it, and no RNG shared between threads.
+        transformer = copy.copy(self.transformer)
+        transformer.rng = np.random.default_rng(seed)
+        data = torch.from_numpy(transformer(images))
         n = len(anchors)
         return {"data": data[:n], "data_p": data[n:],
                 "label": torch.from_numpy(self.labels[anchors].astype(np.float32)),
@@ -113,28 +115,11 @@ class PairLoader:
         nb, bp = self.batches_per_epoch(), self.batch_pairs
         jobs = [(anchors[i * bp:(i + 1) * bp], partners[i * bp:(i + 1) * bp], sim[i * bp:(i + 1) * bp],
                  (self.sampler.seed + e) * 1_000_003 + i) for i in range(nb)]
-        transformer = self.transformer
         with ThreadPoolExecutor(self.workers) as pool:
-            # Each job gets its own transformer copy so that threads do not share RNG state.
-            def run(job):
-                loader = _Shallow(self, transformer)
-                return loader._make(*job)
-
-            pending = [pool.submit(run, job) for job in jobs[:self.prefetch]]
+            pending = [pool.submit(self._make, *job) for job in jobs[:self.prefetch]]
             for k in range(nb):
                 batch = pending.pop(0).result()
                 if k + self.prefetch < nb:
-                    pending.append(pool.submit(run, jobs[k + self.prefetch]))
+                    pending.append(pool.submit(self._make, *jobs[k + self.prefetch]))
                 yield batch
 
-
-class _Shallow:
-    """A view of a PairLoader with a private copy of the transformer."""
-
-    def __init__(self, loader, transformer):
-        import copy
-
-        self.db, self.labels = loader.db, loader.labels
-        self.transformer = copy.copy(transformer)
-
-    _make = PairLoader._make
