@@ -41,6 +41,11 @@ struct Stats {
   at::Tensor ma, sa, mb, sb;
 };
 
+// The data of an optional statistics buffer, nullptr when it was not computed.
+double* ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<double>() : nullptr;
+}
+
 template <typename T>
 Stats compute_stats(const NccGeometry& g, const at::Tensor& a, const at::Tensor& b,
                     cudaStream_t stream, const char* op) {
@@ -92,9 +97,6 @@ std::tuple<at::Tensor, at::Tensor> ncc_max_cuda(const at::Tensor& a_, const at::
     // the generic kernel reads them from a separate pass.
     Stats s;
     if (!cuda::has_fast_max_kernel(g)) s = compute_stats<scalar_t>(g, a, b, stream, op);
-    auto ptr = [](const at::Tensor& t) {
-      return t.defined() ? t.data_ptr<double>() : static_cast<double*>(nullptr);
-    };
     check_launch(cuda::ncc_max_forward<scalar_t>(
                      g, a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), ptr(s.ma), ptr(s.sa),
                      ptr(s.mb), ptr(s.sb), values.data_ptr<scalar_t>(),
@@ -129,9 +131,6 @@ std::tuple<at::Tensor, at::Tensor> ncc_max_backward_cuda(
       s = compute_stats<scalar_t>(g, a, b, stream, op);
       coef = at::empty({6, a.numel()}, a.options());
     }
-    auto ptr = [](const at::Tensor& t) {
-      return t.defined() ? t.data_ptr<double>() : static_cast<double*>(nullptr);
-    };
     check_launch(cuda::ncc_max_backward<scalar_t>(
                      g, grad.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                      b.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), ptr(s.ma), ptr(s.sa),
