@@ -34,6 +34,14 @@ def assert_tensor_close(got, ref, key, zero=False):
         assert err <= REL_TOL * scale, f"{key}: relative error {err / scale:.3g}"
 
 
+def assert_layer_blobs_close(net, expected):
+    """Every `<layer>/<i>` entry of `expected` against the net's blob i of that layer."""
+    layer_blobs = net.layer_blobs()
+    for key in expected.keys():
+        layer, i = key.rsplit("/", 1)
+        assert_tensor_close(layer_blobs[layer][int(i)].detach().numpy(), expected[key], key)
+
+
 def run_layers_case(prototxt, phase, weights, masks=None):
     net = CaffeNet(LAYERS / prototxt, phase).load_caffemodel(weights)
     inp = np.load(LAYERS / "input.npz")
@@ -70,11 +78,7 @@ def check_case(net, data, blobs, case_dir, train):
 def test_layers_train():
     net, data, blobs = run_layers_case("train.prototxt", "TRAIN", LAYERS / "init.caffemodel")
     check_case(net, data, blobs, LAYERS / "train", train=True)
-    after = np.load(LAYERS / "train" / "params_after_forward.npz")
-    layer_blobs = net.layer_blobs()
-    for key in after.keys():
-        layer, i = key.rsplit("/", 1)
-        assert_tensor_close(layer_blobs[layer][int(i)].detach().numpy(), after[key], key)
+    assert_layer_blobs_close(net, np.load(LAYERS / "train" / "params_after_forward.npz"))
 
 
 def test_layers_train_dropout():
@@ -91,23 +95,15 @@ def test_batchnorm_accumulators_after_warmup():
     with torch.no_grad():
         for d, lab in zip(warm["data"], warm["label"]):
             net({"data": torch.from_numpy(d), "label": torch.from_numpy(lab)})
-    params = np.load(LAYERS / "test" / "params.npz")
-    layer_blobs = net.layer_blobs()
-    for key in params.keys():
-        layer, i = key.rsplit("/", 1)
-        assert_tensor_close(layer_blobs[layer][int(i)].detach().numpy(), params[key], key)
-    assert abs(layer_blobs["bn1"][2].item() - 2.997001) < 1e-6
+    assert_layer_blobs_close(net, np.load(LAYERS / "test" / "params.npz"))
+    assert abs(net.layer_blobs()["bn1"][2].item() - 2.997001) < 1e-6
 
 
 def test_layers_test_phase():
     net, data, blobs = run_layers_case("test.prototxt", "TEST", LAYERS / "test" / "weights.caffemodel")
     check_case(net, data, blobs, LAYERS / "test", train=False)
     # The TEST forward changes no parameter.
-    params = np.load(LAYERS / "test" / "params.npz")
-    layer_blobs = net.layer_blobs()
-    for key in params.keys():
-        layer, i = key.rsplit("/", 1)
-        assert_tensor_close(layer_blobs[layer][int(i)].detach().numpy(), params[key], key)
+    assert_layer_blobs_close(net, np.load(LAYERS / "test" / "params.npz"))
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -136,11 +132,7 @@ def test_contrastive_prototxt_runs_as_a_net(legacy):
 def test_caffemodel_import_with_batchnorm_statistics():
     case = GOLDEN / "caffemodel"
     net = CaffeNet(case / "deploy.prototxt", "TEST").load_caffemodel(case / "model.caffemodel")
-    stored = np.load(case / "blobs.npz")
-    layer_blobs = net.layer_blobs()
-    for key in stored.keys():
-        layer, i = key.rsplit("/", 1)
-        assert_tensor_close(layer_blobs[layer][int(i)].detach().numpy(), stored[key], key)
+    assert_layer_blobs_close(net, np.load(case / "blobs.npz"))
     forward = np.load(case / "forward.npz")
     with torch.no_grad():
         blobs = net({"data": torch.from_numpy(forward["data"])})
