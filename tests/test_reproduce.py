@@ -32,5 +32,5 @@ def test_reproduce_cuhk01_two_splits(tmp_path):
     result = json.loads((out / "results.json").read_text())
     assert result["paper"] == {"rank1": 79.3} and result["splits"] == 2
     ours = result["ours"]["all"]
-    assert len(ours["splits"]) == 2 and 0 <= ours["mean"]["rank1"] <= 100
+    assert len(ours["runs"]) == 2 and 0 <= ours["mean"]["rank1"] <= 100
     assert ours["mean"]["rank20"] >= ours["mean"]["rank1"]

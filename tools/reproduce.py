@@ -5,7 +5,7 @@ all splits, and a table beside the paper's numbers (METHOD.md section 5).
     python tools/reproduce.py {cuhk03-labeled,cuhk03-detected,cuhk01-100,cuhk01-486,market1501}
                               RAW_DIR [--out runs/reproduce] [--splits N] [--ablation]
                               [--device cuda] [--iters1 N] [--iters2 N] [--batch-pairs 50]
-                              [--base-lr R] [--repeats 100] [--val-ids N]
+                              [--base-lr R] [--repeats 100] [--val-ids N] [--seeds 0 1 2]
 
 * Splits: CUHK03 the 20 official test sets, CUHK01 10 seeded random splits, Market-1501 its one
   split (--splits N takes the first N).
@@ -15,7 +15,13 @@ all splits, and a table beside the paper's numbers (METHOD.md section 5).
   mspcnn.evaluation.single_shot_cmc); Market-1501 with its official protocol
   (mspcnn.evaluation.market1501_official). Features: L2-normalised fc7_bn, Euclidean distance.
 * --ablation trains the four loss sets of the paper's Table 5 (cls; cls + high; cls + low; all
-  three) instead of only the full model.
+  three) instead of only the full model. Every loss set runs both stages with the same solvers and
+  iterations (stage 2 of cls and cls+high simply continues without the NCC loss), so the loss set
+  is the only difference.
+* --seeds S [S ...] repeats the training with each solver random_seed (initialisation, pair
+  sampling, crops, mirroring); the table gives the mean and the spread (standard deviation) over
+  all splits and seeds. The gallery draws of the single-shot CMC depend on the split only, so
+  every seed and loss set is scored on the same draws.
 Writes results.json and prints the table. The full recipes need a GPU and the datasets.
 """
 import argparse
@@ -45,9 +51,8 @@ PAPER = {"cuhk03-labeled": {"rank1": 85.7}, "cuhk03-detected": {"rank1": 83.6},
          "market1501": {"rank1": 81.9, "mAP": 63.6}}
 SPLITS = {"cuhk03-labeled": 20, "cuhk03-detected": 20, "cuhk01-100": 10, "cuhk01-486": 10,
           "market1501": 1}
-# Table 5's loss sets: (name, loss weights cls/high/low, run stage 2)
-ABLATION = [("cls", (1, 0, 0), False), ("cls+high", (1, 1, 0), False),
-            ("cls+low", (1, 0, 1), True), ("all", (1, 1, 1), True)]
+# Table 5's loss sets: (name, loss weights cls/high/low)
+ABLATION = [("cls", (1, 0, 0)), ("cls+high", (1, 1, 0)), ("cls+low", (1, 0, 1)), ("all", (1, 1, 1))]
 
 
 def convert(dataset, raw, out, split, val_ids=None):
@@ -77,10 +82,59 @@ def evaluate(dataset, db, weights, device, repeats, seed):
     ids = {s: [r["id"] for r in rows[s]] for s in rows}
     if dataset == "market1501":
         cams = {s: [r["camera"] for r in rows[s]] for s in rows}
-        return market1501_official(dist, ids["probe"], cams["probe"], ids["gallery"], cams["gallery"])
-    out = single_shot_cmc(dist, ids["probe"], ids["gallery"], repeats=repeats, seed=seed)
-    out.pop("cmc")
-    return out
+        out = market1501_official(dist, ids["probe"], cams["probe"], ids["gallery"], cams["gallery"])
+    else:
+        out = single_shot_cmc(dist, ids["probe"], ids["gallery"], repeats=repeats, seed=seed)
+    out.pop("cmc", None)
+    return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
+
+
+def _last_snapshot(run, stage):
+    done = [f for f in os.listdir(run) if f.startswith(f"{stage}_iter_") and f.endswith(".caffemodel")]
+    return os.path.join(run, max(done, key=lambda f: int(f.split("_")[-1].split(".")[0])))
+
+
+def train_both_stages(args, db, run, loss_weights, seed, stage1, stage2, where):
+    """Stage 1 from scratch, then stage 2 from its weights; returns the final weights, or None if
+    training failed (train.py has printed why)."""
+    common = ["--data", db, "--device", args.device, "--batch-pairs", str(args.batch_pairs),
+              "--loss-weights", *map(str, loss_weights), "--test-interval", "0"]
+    if args.base_lr:
+        common += ["--base-lr", str(args.base_lr)]
+    if seed is not None:
+        common += ["--seed", str(seed)]
+    weights = None
+    for stage, solver, iters in (("stage1", stage1, args.iters1), ("stage2", stage2, args.iters2)):
+        if iters == 0:
+            continue
+        print(f"== {where}: {stage}", flush=True)
+        extra = ["--max-iter", str(iters), "--snapshot-every", str(iters)] if iters else []
+        extra += ["--weights", weights] if weights else []
+        if train_tool.main(["--solver", str(solver), "--snapshot-prefix", os.path.join(run, stage)]
+                           + common + extra):
+            return None
+        weights = _last_snapshot(run, stage)
+    return weights
+
+
+def write_results(args, n_splits, seeds, results):
+    """Mean and spread (in %) of every loss set over its finished runs; writes OUT/results.json
+    atomically and returns the summary."""
+    keys = ["rank1", "rank5", "rank10", "rank20"] + (["mAP"] if args.dataset == "market1501" else [])
+    summary = {}
+    for name, rows in results.items():
+        if rows:
+            ddof = 1 if len(rows) > 1 else 0
+            summary[name] = {"mean": {k: 100 * float(np.mean([r[k] for r in rows])) for k in keys},
+                             "std": {k: 100 * float(np.std([r[k] for r in rows], ddof=ddof)) for k in keys},
+                             "runs": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"dataset": args.dataset, "splits": n_splits, "seeds": seeds, "paper": PAPER[args.dataset],
+                   "ours": summary, "args": vars(args)}, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return summary
 
 
 def main(argv=None):
@@ -96,13 +150,19 @@ def main(argv=None):
     p.add_argument("--batch-pairs", type=int, default=50)
     p.add_argument("--base-lr", type=float)
     p.add_argument("--repeats", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the gallery draws (plus the split number)")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: each solver's random_seed)")
     p.add_argument("--val-ids", type=int, help="identities held out for validation (converter default)")
     args = p.parse_args(argv)
     n_splits = min(args.splits or SPLITS[args.dataset], SPLITS[args.dataset])
     configs = ABLATION if args.ablation else ABLATION[-1:]
     stage1, stage2 = solver_files(args.dataset)
-    results = {name: [] for name, _, _ in configs}
+    if args.iters1 == 0:
+        p.error("--iters1: stage 1 needs at least one iteration")
+    seeds = args.seeds or [None]
+    if len(set(seeds)) != len(seeds):
+        p.error("--seeds: repeated seed")
+    results = {name: [] for name, _ in configs}
     start = time.time()
     for split in range(n_splits):
         db = os.path.join(args.out, f"split{split:02d}", "db")
@@ -112,47 +172,29 @@ def main(argv=None):
         except (FileNotFoundError, ValueError, ImportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        for name, weights3, with_stage2 in configs:
-            run = os.path.join(args.out, f"split{split:02d}", name)
-            common = ["--data", db, "--device", args.device, "--batch-pairs", str(args.batch_pairs),
-                      "--loss-weights", *map(str, weights3), "--test-interval", "0"]
-            if args.base_lr:
-                common += ["--base-lr", str(args.base_lr)]
-            extra1 = ["--max-iter", str(args.iters1), "--snapshot-every", str(args.iters1)] if args.iters1 else []
-            print(f"== split {split + 1}, {name}: stage 1", flush=True)
-            if train_tool.main(["--solver", str(stage1), "--snapshot-prefix", os.path.join(run, "stage1")]
-                               + common + extra1):
-                return 1
-            final = sorted((f for f in os.listdir(run) if f.startswith("stage1_iter_") and f.endswith(".caffemodel")),
-                           key=lambda f: int(f.split("_")[-1].split(".")[0]))[-1]
-            weights = os.path.join(run, final)
-            if with_stage2 and args.iters2 != 0:
-                extra2 = ["--max-iter", str(args.iters2), "--snapshot-every", str(args.iters2)] if args.iters2 else []
-                print(f"== split {split + 1}, {name}: stage 2", flush=True)
-                if train_tool.main(["--solver", str(stage2), "--snapshot-prefix", os.path.join(run, "stage2"),
-                                    "--weights", weights] + common + extra2):
+        for seed in seeds:
+            for name, weights3 in configs:
+                where = f"split {split + 1}" + ("" if seed is None else f", seed {seed}") + f", {name}"
+                run = os.path.join(args.out, f"split{split:02d}", *([] if seed is None else [f"seed{seed}"]), name)
+                weights = train_both_stages(args, db, run, weights3, seed, stage1, stage2, where)
+                if weights is None:
                     return 1
-                final = sorted((f for f in os.listdir(run) if f.startswith("stage2_iter_") and f.endswith(".caffemodel")),
-                               key=lambda f: int(f.split("_")[-1].split(".")[0]))[-1]
-                weights = os.path.join(run, final)
-            results[name].append(evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split))
-            print(f"   {name}: {results[name][-1]}", flush=True)
+                row = evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split)
+                results[name].append(dict(row, split=split, seed=seed))
+                write_results(args, n_splits, seeds, results)  # after every run: a crash loses nothing
+                print(f"   {where}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in row.items()), flush=True)
 
-    paper = PAPER[args.dataset]
-    keys = ["rank1", "rank5", "rank10", "rank20"] + (["mAP"] if args.dataset == "market1501" else [])
-    print(f"\n{args.dataset}, {n_splits} split(s), {time.time() - start:.0f} s")
-    print(f"{'':<16}" + "".join(f"{k:>10}" for k in keys))
-    summary = {}
-    for name, rows in results.items():
-        mean = {k: 100 * float(np.mean([r[k] for r in rows])) for k in keys}
-        std = {k: 100 * float(np.std([r[k] for r in rows])) for k in keys}
-        summary[name] = {"mean": mean, "std": std, "splits": rows}
-        print(f"{'ours: ' + name:<16}" + "".join(f"{mean[k]:>9.1f}%" for k in keys))
-    print(f"{'paper: all':<16}" + "".join(f"{paper[k]:>9.1f}%" if k in paper else f"{'-':>10}" for k in keys))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"dataset": args.dataset, "splits": n_splits, "paper": paper, "ours": summary,
-                   "args": vars(args)}, f, indent=2)
+    summary = write_results(args, n_splits, seeds, results)
+    paper, keys = PAPER[args.dataset], list(next(iter(summary.values()))["mean"])
+    runs = n_splits * len(seeds)
+    print(f"\n{args.dataset}, {n_splits} split(s) x {len(seeds)} seed(s), {time.time() - start:.0f} s"
+          + ("; mean +- sample standard deviation over the runs" if runs > 1 else ""))
+    print(f"{'':<16}" + "".join(f"{k:>16}" for k in keys))
+    for name, entry in summary.items():
+        mean, std = entry["mean"], entry["std"]
+        print(f"{'ours: ' + name:<16}" + "".join(f"{mean[k]:>9.1f} +- {std[k]:>3.1f}" for k in keys))
+    print(f"{'paper: all':<16}" + "".join(f"{paper[k]:>15.1f}%" if k in paper else f"{'-':>16}" for k in keys))
     return 0
 
 

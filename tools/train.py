@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--snapshot-every", type=int, help="overrides the solver's snapshot")
     p.add_argument("--test-interval", type=int, help="overrides the solver's test_interval")
     p.add_argument("--display", type=int, help="overrides the solver's display")
+    p.add_argument("--seed", type=int, help="overrides the solver's random_seed (initialisation, pair "
+                   "sampling, crops and mirroring)")
     args = p.parse_args(argv)
     for name in ("solver", "weights", "snapshot"):
         path = getattr(args, name)
@@ -100,7 +102,7 @@ def main(argv=None):
     for field, value in (("max_iter", args.max_iter), ("base_lr", args.base_lr),
                          ("snapshot_prefix", args.snapshot_prefix),
                          ("snapshot", args.snapshot_every), ("test_interval", args.test_interval),
-                         ("display", args.display)):
+                         ("display", args.display), ("random_seed", args.seed)):
         if value is not None:
             setattr(sp, field, value)
     stage2 = "stage2" in sp.train_state.stage
