@@ -10,8 +10,10 @@ different numbers for the same features.
   CUHK01 papers, with repeated random gallery draws;
 * :func:`cross_camera_retrieval`: the validation score used during training.
 
-The Market functions are vectorised (torch, chunks of queries): a 3368 x 15913
-distance matrix takes seconds on 2 cores (tools/bench_eval.py).
+The Market functions are vectorised (torch, chunks of queries) and rank without
+sorting (a histogram of distance bins, exact comparisons only inside the good
+matches' bins): a 3368 x 15913 distance matrix takes about a second on 2 cores
+(tools/bench_eval.py).
 """
 import numpy as np
 import torch
@@ -27,42 +29,98 @@ def euclidean_distances(query, gallery):
     return torch.cdist(q, g).numpy()
 
 
-def market_ranking_stats(dist, q_ids, q_cams, g_ids, g_cams, max_rank=50, chunk=256):
+def _good_and_junk(q_ids, q_cams, ids_sorted, by_id, g_cams):
+    """Sparse (row, column) lists of the good matches and of the same-camera junk of a block of
+    queries, found through the gallery sorted by identity (a few images per identity)."""
+    first = torch.searchsorted(ids_sorted, q_ids)
+    count = torch.searchsorted(ids_sorted, q_ids, right=True) - first
+    rows = torch.repeat_interleave(torch.arange(len(q_ids)), count)
+    offset = torch.arange(len(rows)) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    cols = by_id[torch.repeat_interleave(first, count) + offset]
+    junk = (g_cams[cols] == q_cams[rows]) | (q_ids[rows] == -1)
+    return (rows[~junk], cols[~junk]), (rows[junk], cols[junk])
+
+
+def market_ranking_stats(dist, q_ids, q_cams, g_ids, g_cams, max_rank=50, chunk=512, bins=4096):
     """Per query, with Market-1501's rules: gallery images with id -1 (junk)
     and images of the query's identity from the query's camera are removed
     from the ranking; good matches are the query's identity from other
     cameras; distractors (id 0) are ordinary wrong matches. The gallery is
-    ranked by increasing distance (ties in gallery order).
+    ranked by increasing distance (ties in gallery order, as a stable sort).
 
     Returns a dict of per-query arrays: ``valid`` (has a good match),
     ``first_hit`` (0-based rank of the first good match among non-junk
     images), ``ap_trapezoid``, ``ap_noninterp``, and ``cmc`` (queries x
-    max_rank booleans)."""
+    max_rank booleans).
+
+    No row is sorted. Both metrics only need the rank of each good match
+    among the non-junk images, i.e. how many non-junk images come before it,
+    and a query has few good matches. Every distance gets a bin (``bins``
+    equal bins between the matrix's smallest and largest finite distance;
+    monotone, so a lower bin means a smaller distance), a per-row histogram
+    of the non-junk bins counts the images in lower bins, and only the images
+    that share a bin with a good match are compared exactly (distance, then
+    gallery position). That is a few linear passes over the matrix instead of
+    a sort: 10x less time on one core for 1024 x 15913 (tools/bench_eval.py).
+    NaN distances are rejected."""
     dist = torch.as_tensor(np.asarray(dist), dtype=torch.float32)
-    q_ids = torch.as_tensor(np.asarray(q_ids), dtype=torch.int32)
-    q_cams = torch.as_tensor(np.asarray(q_cams), dtype=torch.int32)
-    g_ids = torch.as_tensor(np.asarray(g_ids), dtype=torch.int32)
-    g_cams = torch.as_tensor(np.asarray(g_cams), dtype=torch.int32)
+    q_ids, q_cams, g_ids, g_cams = (torch.as_tensor(np.asarray(v), dtype=torch.int64).reshape(-1)
+                                    for v in (q_ids, q_cams, g_ids, g_cams))
+    if dist.dim() != 2:
+        raise ValueError(f"the distance matrix must be 2-D (queries x gallery), got shape {tuple(dist.shape)}")
     nq, ng = dist.shape
     if len(q_ids) != nq or len(g_ids) != ng or len(q_cams) != nq or len(g_cams) != ng:
         raise ValueError(f"distance matrix {nq} x {ng} does not match {len(q_ids)} query and "
                          f"{len(g_ids)} gallery labels")
+    lo, hi = (float(v) for v in torch.aminmax(dist)) if dist.numel() else (0.0, 0.0)
+    if np.isnan(lo) or np.isnan(hi):
+        raise ValueError("the distance matrix contains NaN (features with NaN?)")
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # infinite distances go to the end bins
+        finite = torch.where(torch.isfinite(dist), dist, 0.0)
+        lo, hi = float(finite.min()), float(finite.max())
+    scale = (bins - 1) / (hi - lo) if hi > lo else 0.0
+    junk_cols = torch.nonzero(g_ids == -1).flatten()
+    by_id = torch.argsort(g_ids, stable=True)
+    ids_sorted = g_ids[by_id]
+    ones = torch.ones(1, dtype=torch.int64)
     out = {k: [] for k in ("valid", "first_hit", "ap_trapezoid", "ap_noninterp", "cmc")}
     for s in range(0, nq, chunk):
         d = dist[s:s + chunk]
         n = d.shape[0]
-        order = torch.sort(d, dim=1, stable=True).indices
-        gid, gcam = g_ids[order], g_cams[order]
-        same = gid == q_ids[s:s + chunk, None]
-        junk = (gid == -1) | (same & (gcam == q_cams[s:s + chunk, None]))
-        good = same & ~junk
-        valid_pos = torch.cumsum((~junk).to(torch.int32), dim=1)  # 1-based rank among non-junk
-        # AP terms at the good matches only (a few per query).
-        rows, cols = torch.nonzero(good, as_tuple=True)
-        k = valid_pos[rows, cols].to(torch.float64)
+        (rows, cols), (jr, jc) = _good_and_junk(q_ids[s:s + chunk], q_cams[s:s + chunk], ids_sorted, by_id,
+                                                g_cams)
+        # bins; junk goes to the extra bin `bins`, after every good match's bin
+        b = (d - lo).mul_(scale).clamp_(0, bins - 1).to(torch.int64)
+        b[:, junk_cols] = bins
+        b[jr, jc] = bins
+        hist = torch.zeros(n, bins + 1, dtype=torch.int64).scatter_add_(1, b, ones.expand_as(b))
+        lower = torch.cumsum(hist, 1) - hist  # non-junk images in lower bins
+        # the good matches of each row in ranking order: by distance, then by column
+        gd = d[rows, cols]
+        order = torch.argsort(gd, stable=True)  # nonzero order: columns ascending per row
+        order = order[torch.argsort(rows[order], stable=True)]
+        rows, cols, gd = rows[order], cols[order], gd[order]
+        gb = b[rows, cols]
         n_good = torch.bincount(rows, minlength=n)
-        start = torch.cumsum(n_good, 0) - n_good
-        i = (torch.arange(len(rows)) - start[rows] + 1).to(torch.float64)  # 1-based hit count
+        hit = torch.arange(len(rows)) - (torch.cumsum(n_good, 0) - n_good)[rows]  # 0-based hit number
+        before = lower[rows, gb]
+        # exact comparisons with the images that share a bin with a good match (itself included)
+        mark = torch.zeros(n, bins + 1, dtype=torch.bool)
+        mark[rows, gb] = True
+        cand_r, cand_c = torch.nonzero(mark.gather(1, b), as_tuple=True)
+        width = max(int(n_good.max()) if len(rows) else 0, 1)
+        tab_d = torch.zeros(n, width)
+        tab_c = torch.zeros(n, width, dtype=torch.int64)
+        tab_b = torch.full((n, width), -1, dtype=torch.int64)
+        tab_d[rows, hit], tab_c[rows, hit], tab_b[rows, hit] = gd, cols, gb
+        same_bin = torch.zeros(n * width, dtype=torch.int64)
+        for c in range(0, len(cand_r), 1 << 20):  # bounded memory when many distances tie
+            r, col = cand_r[c:c + (1 << 20)], cand_c[c:c + (1 << 20)]
+            cd, cb = d[r, col][:, None], b[r, col][:, None]
+            ahead = (tab_b[r] == cb) & ((cd < tab_d[r]) | ((cd == tab_d[r]) & (col[:, None] < tab_c[r])))
+            same_bin += torch.bincount((r[:, None] * width + torch.arange(width))[ahead], minlength=n * width)
+        k = (before + same_bin.view(n, width)[rows, hit] + 1).to(torch.float64)  # 1-based non-junk rank
+        i = hit.to(torch.float64) + 1  # 1-based hit count
         precision = i / k
         old_precision = torch.where(k > 1, (i - 1) / (k - 1).clamp(min=1), torch.ones_like(k))
         ng_f = n_good.to(torch.float64).clamp(min=1)[rows]
@@ -70,13 +128,15 @@ def market_ranking_stats(dist, q_ids, q_cams, g_ids, g_cams, max_rank=50, chunk=
             0, rows, (old_precision + precision) / 2 / ng_f)
         noninterp = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, precision / ng_f)
         first_rank = torch.full((n,), ng, dtype=torch.long)
-        has = n_good > 0
-        first_rank[rows[start[has]]] = (k[start[has]] - 1).to(torch.long)
-        out["valid"].append(has)
+        first_rank[rows[hit == 0]] = (k[hit == 0] - 1).to(torch.long)
+        out["valid"].append(n_good > 0)
         out["first_hit"].append(first_rank)
         out["ap_trapezoid"].append(trapezoid)
         out["ap_noninterp"].append(noninterp)
         out["cmc"].append(first_rank[:, None] <= torch.arange(max_rank)[None])
+    if not out["valid"]:
+        return {"valid": np.zeros(0, bool), "first_hit": np.zeros(0, np.int64), "ap_trapezoid": np.zeros(0),
+                "ap_noninterp": np.zeros(0), "cmc": np.zeros((0, max_rank), bool)}
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 

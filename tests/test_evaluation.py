@@ -72,6 +72,40 @@ def test_vectorised_equals_the_per_query_loop():
         assert ours[key] == pytest.approx(base[key], abs=1e-12), key
 
 
+@pytest.mark.parametrize("case", ["integer distances", "signed zeros and infinities", "all equal", "two bins"])
+def test_histogram_ranking_equals_a_stable_sort(case):
+    """market_ranking_stats ranks through distance bins, not a sort: check it against the per-query
+    stable-sort loop where bins hold many entries and ties need the gallery order."""
+    rng = np.random.default_rng(len(case))
+    q_ids, g_ids = rng.integers(1, 15, 60), rng.integers(-1, 15, 400)
+    q_cams, g_cams = rng.integers(1, 4, 60), rng.integers(1, 4, 400)
+    bins = 4096
+    if case == "integer distances":
+        dist = rng.integers(-3, 4, (60, 400)).astype(np.float32)
+    elif case == "signed zeros and infinities":
+        dist = rng.integers(-1, 2, (60, 400)).astype(np.float32)
+        zero = dist == 0
+        dist[zero] = np.where(rng.random(zero.sum()) < 0.5, -0.0, 0.0)
+        dist[rng.random(dist.shape) < 0.1] = np.inf
+        dist[rng.random(dist.shape) < 0.05] = -np.inf
+    elif case == "all equal":
+        dist = np.full((60, 400), 0.7, np.float32)
+    else:
+        dist, bins = rng.standard_normal((60, 400)).astype(np.float32), 2
+    stats = market_ranking_stats(dist, q_ids, q_cams, g_ids, g_cams, chunk=16, bins=bins)
+    valid = stats["valid"]
+    base = per_query_loop(dist, q_ids, q_cams, g_ids, g_cams)
+    assert valid.sum() == base["queries"]
+    assert stats["cmc"][valid][:, 0].mean() == pytest.approx(base["rank1"], abs=1e-12)
+    assert stats["cmc"][valid][:, 19].mean() == pytest.approx(base["rank20"], abs=1e-12)
+    assert stats["ap_trapezoid"][valid].mean() == pytest.approx(base["mAP"], abs=1e-12)
+
+
+def test_nan_distances_rejected():
+    with pytest.raises(ValueError, match="contains NaN"):
+        market1501_official(np.array([[0.1, np.nan]]), [1], [1], [1, 2], [2, 1])
+
+
 def test_single_shot_cmc_by_hand():
     # 3 test identities, gallery: two images each (one drawn per repeat).
     g_ids = np.array([1, 1, 2, 2, 3, 3])
