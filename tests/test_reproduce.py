@@ -12,9 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_reproduce_cuhk01_two_splits(tmp_path):
-    campus = tmp_path / "raw" / "campus"
+def fabricate_cuhk01(root):
+    campus = root / "campus"
     campus.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for pid in range(1, 131):  # 130 ids: 100 test + 30 train
@@ -22,6 +21,11 @@ def test_reproduce_cuhk01_two_splits(tmp_path):
         for k in range(1, 5):
             img = np.clip(base + rng.normal(0, 10, (160, 60, 3)), 0, 255).astype(np.uint8)
             cv2.imwrite(str(campus / f"{pid:04d}{k:03d}.png"), img)
+
+
+@pytest.mark.slow
+def test_reproduce_cuhk01_two_splits(tmp_path):
+    fabricate_cuhk01(tmp_path / "raw")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "cuhk01-100",
                            str(tmp_path / "raw"), "--out", str(out), "--splits", "2", "--iters1", "2",
@@ -34,3 +38,32 @@ def test_reproduce_cuhk01_two_splits(tmp_path):
     ours = result["ours"]["all"]
     assert len(ours["runs"]) == 2 and 0 <= ours["mean"]["rank1"] <= 100
     assert ours["mean"]["rank20"] >= ours["mean"]["rank1"]
+
+
+@pytest.mark.slow
+def test_ablation_over_seeds(tmp_path):
+    """--ablation --seeds: four loss sets x two seeds, stage 1 trained once per (cls, high) weights and
+    seed and shared with the loss set that adds the NCC loss."""
+    fabricate_cuhk01(tmp_path / "raw")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "cuhk01-100",
+                           str(tmp_path / "raw"), "--out", str(out), "--splits", "1", "--ablation",
+                           "--seeds", "3", "4", "--iters1", "1", "--iters2", "2", "--batch-pairs", "2",
+                           "--device", "cpu", "--val-ids", "2", "--repeats", "2"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "1 split(s) x 2 seed(s)" in proc.stdout and "sample standard deviation" in proc.stdout
+    result = json.loads((out / "results.json").read_text())
+    assert result["seeds"] == [3, 4] and list(result["ours"]) == ["cls", "cls+high", "cls+low", "all"]
+    for entry in result["ours"].values():
+        assert sorted(run["seed"] for run in entry["runs"]) == [3, 4]
+    for seed in (3, 4):
+        runs = out / "split00" / f"seed{seed}"
+        assert (runs / "cls" / "stage1_iter_1.caffemodel").exists()
+        assert not list((runs / "cls+low").glob("stage1_*")) and not list((runs / "all").glob("stage1_*"))
+        # the NCC loss is the only difference between cls and cls + low: their weights differ
+        assert (runs / "cls" / "stage2_iter_2.caffemodel").read_bytes() != \
+            (runs / "cls+low" / "stage2_iter_2.caffemodel").read_bytes()
+    assert proc.stdout.count("stage1 is the one of the same cls/high weights") == 4
+    seeds3 = (out / "split00" / "seed3" / "cls" / "stage1_iter_1.caffemodel").read_bytes()
+    assert seeds3 != (out / "split00" / "seed4" / "cls" / "stage1_iter_1.caffemodel").read_bytes()
