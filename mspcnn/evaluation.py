@@ -15,6 +15,8 @@ sorting (a histogram of distance bins, exact comparisons only inside the good
 matches' bins): a 3368 x 15913 distance matrix takes about a second on 2 cores
 (tools/bench_eval.py).
 """
+import sys
+
 import numpy as np
 import torch
 
@@ -234,9 +236,21 @@ def cross_camera_retrieval(features, ids, cameras):
     return float(np.mean(rank1)), float(np.mean(aps)), len(rank1)
 
 
+def _report(label, before, done, total):
+    label = label if isinstance(label, str) else "features"
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r  {label}: {done}/{total}" + ("\n" if done == total else ""))
+    elif done == total or done * 10 // total > before * 10 // total:
+        sys.stderr.write(f"  {label}: {done}/{total}\n")
+    sys.stderr.flush()
+
+
 @torch.no_grad()
-def extract_features(backbone, db, transformer, batch_size=32, device="cpu"):
+def extract_features(backbone, db, transformer, batch_size=32, device="cpu", progress=False):
     """fc7_bn features (not normalised) of every record of a DatumDB, in order.
+
+    ``progress``: report the count on stderr (a counter in a terminal, otherwise a line at every
+    tenth of the way), e.g. ``progress="gallery"`` labels it; False is silent.
 
     The backbone is put in eval mode and run without autograd. On the CPU the images are handed
     over channels-last, which lets oneDNN run every convolution in that layout, and batches of 32
@@ -250,4 +264,6 @@ def extract_features(backbone, db, transformer, batch_size=32, device="cpu"):
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         feats.append(backbone(x, logits=False)["fc7_bn"].float().cpu())
+        if progress:
+            _report(progress, start, start + len(images), len(db))
     return torch.cat(feats) if feats else torch.zeros(0, backbone.feature_dim)

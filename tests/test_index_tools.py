@@ -25,6 +25,7 @@ def test_index_and_query(tmp_path):
     out = run(ROOT / "tools" / "build_index.py", "--weights", weights, "--db", LMDB / "lmdb_raw",
               "--out", index, "--device", "cpu")
     assert out.returncode == 0, out.stderr
+    assert "gallery: 8/8" in out.stderr  # progress (not a terminal: a line per tenth)
     assert torch.load(index, weights_only=False)["features"].shape == (8, 256)
     image = LMDB / "images" / "cam2" / "0031_c2s2_001046_00.jpg"  # record 5 of the database
     out = run(ROOT / "tools" / "query.py", image, "--index", index, "--weights", weights, "--top", "3",

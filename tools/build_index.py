@@ -2,7 +2,7 @@
 """Build an offline gallery index: extract and store L2-normalised fc7_bn features of a gallery.
 
     python tools/build_index.py --weights W.caffemodel --db DB_DIR/gallery.lmdb --out gallery.index
-                                [--device cpu|cuda] [--batch-size 64]
+                                [--device cpu|cuda] [--batch-size 32]
 
 The index (a torch file) holds the features, the record keys and, when DB_DIR/<split>.json
 exists beside the database, identities, cameras and source paths. tools/query.py ranks it.
@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--db", required=True, help="an LMDB written by tools/convert_dataset.py")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
     try:
         db = DatumDB(args.db)
@@ -39,7 +39,7 @@ def main(argv=None):
     rows = json.load(open(meta_path))["records"] if meta_path and os.path.exists(meta_path) else None
     print(f"extracting {len(db)} gallery features from {args.db} ...", flush=True)
     feats = extract_features(backbone, db, DataTransformer((144, 56), (102, 102, 101), phase="TEST"),
-                             args.batch_size, args.device)
+                             args.batch_size, args.device, progress="gallery")
     index = {"features": torch.nn.functional.normalize(feats), "keys": [k.decode() for k in db.keys],
              "db": os.path.abspath(args.db), "weights": os.path.abspath(args.weights)}
     if rows:

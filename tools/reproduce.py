@@ -79,7 +79,7 @@ def evaluate(dataset, db, weights, device, repeats, seed):
     tf = DataTransformer((144, 56), (102, 102, 101), phase="TEST")
     rows = {s: json.load(open(os.path.join(db, f"{s}.json")))["records"] for s in ("probe", "gallery")}
     feats = {s: torch.nn.functional.normalize(extract_features(backbone, DatumDB(os.path.join(db, f"{s}.lmdb")),
-                                                               tf, device=device)) for s in rows}
+                                                               tf, device=device, progress=s)) for s in rows}
     dist = euclidean_distances(feats["probe"], feats["gallery"])
     ids = {s: [r["id"] for r in rows[s]] for s in rows}
     if dataset == "market1501":

@@ -117,8 +117,10 @@ def main(argv=None):
     probe, gallery = DatumDB(os.path.join(db, "probe.lmdb")), DatumDB(os.path.join(db, "gallery.lmdb"))
     q_rows = json.load(open(os.path.join(db, "probe.json")))["records"]
     g_rows = json.load(open(os.path.join(db, "gallery.json")))["records"]
-    fq = torch.nn.functional.normalize(extract_features(backbone, probe, test_tf, device=args.device))
-    fg = torch.nn.functional.normalize(extract_features(backbone, gallery, test_tf, device=args.device))
+    fq = torch.nn.functional.normalize(extract_features(backbone, probe, test_tf, device=args.device,
+                                                        progress="probe"))
+    fg = torch.nn.functional.normalize(extract_features(backbone, gallery, test_tf, device=args.device,
+                                                        progress="gallery"))
     labels = ([r["id"] for r in q_rows], [r["camera"] for r in q_rows],
               [r["id"] for r in g_rows], [r["camera"] for r in g_rows])
     dist = euclidean_distances(fq, fg)
