@@ -26,7 +26,15 @@ from mspcnn.caffe import proto
 from mspcnn.caffe.weights import layer_blobs_to_net, load_layer_blobs
 from mspcnn.losses import ncc_loss
 
-__all__ = ["MSPCNNBackbone", "MSPCNN", "INPUT_SHAPE"]
+__all__ = ["MSPCNNBackbone", "MSPCNN", "INPUT_SHAPE", "caffe_float32"]
+
+
+def caffe_float32():
+    """Make CUDA convolutions and matrix products true float32, as Caffe's are. PyTorch lets cuDNN
+    use TF32 (10-bit mantissa) on Ampere and later GPUs by default, which changes results at the
+    1e-3 level; the training and feature tools call this before using a GPU."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 INPUT_SHAPE = (3, 144, 56)  # a 144 x 56 crop of a 160 x 64 image, BGR, mean subtracted
 

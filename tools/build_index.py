@@ -18,7 +18,7 @@ from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import DataTransformer
 from mspcnn.evaluation import extract_features
-from mspcnn.model import MSPCNNBackbone
+from mspcnn.model import MSPCNNBackbone, caffe_float32
 
 
 def main(argv=None):
@@ -29,6 +29,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
+    if args.device.startswith("cuda"):
+        caffe_float32()
     try:
         db = DatumDB(args.db)
         backbone = MSPCNNBackbone().to(args.device).load_caffemodel(args.weights, strict=False)

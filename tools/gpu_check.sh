@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, in one call: build the CUDA extension, run the whole test
-# suite (the `cuda` tests included), run the CUDA benchmark. Logs and JSON go
+# The GPU check, in one call: build the CUDA extension, run the `cuda` tests
+# (the NCC kernels, the training command and the feature extraction on the
+# GPU against the CPU), run the CUDA benchmark. Logs and JSON go
 # to ${OUT:-gpu_out}. Usage: bash tools/gpu_check.sh [benchmark arguments]
 set -uo pipefail
 out=${OUT:-gpu_out}
@@ -16,6 +17,6 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('mspcnn::ncc_max', 'CUDA'))"
 start=$(date +%s)
-python3 -m pytest -q -x -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_ops.py -k "cuda" 2>&1 | tee "$out/pytest_cuda.log" | tail -15
+python3 -m pytest -q -x -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_ops.py tests/test_gpu_tools.py -k "cuda" 2>&1 | tee "$out/pytest_cuda.log" | tail -15
 echo "cuda tests: $(( $(date +%s) - start )) s"
 python3 tools/bench_ncc.py --device cuda --json "$out/bench_ncc_cuda.json" "$@" 2>&1 | tee "$out/bench_cuda.log"

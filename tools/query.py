@@ -18,7 +18,7 @@ import torch
 
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import DataTransformer
-from mspcnn.model import MSPCNNBackbone
+from mspcnn.model import MSPCNNBackbone, caffe_float32
 
 
 def main(argv=None):
@@ -34,6 +34,8 @@ def main(argv=None):
     if args.query_ids and len(args.query_ids) != len(args.images):
         p.error("--query-ids needs one identity per image")
     index = torch.load(args.index, weights_only=False)
+    if args.device.startswith("cuda"):
+        caffe_float32()
     backbone = MSPCNNBackbone().to(args.device).load_caffemodel(args.weights, strict=False).eval()
     images = []
     for path in args.images:

@@ -36,7 +36,7 @@ from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import DataTransformer
 from mspcnn.evaluation import cross_camera_retrieval, extract_features
-from mspcnn.model import MSPCNN
+from mspcnn.model import MSPCNN, caffe_float32
 from mspcnn.paths import TRAIN_VAL_PROTOTXT
 from mspcnn.solver import SGDSolver
 
@@ -114,6 +114,8 @@ def main(argv=None):
     labels = [r["label"] for r in rows]
     num_classes = max(labels) + 1
     device = torch.device(args.device)
+    if device.type == "cuda":
+        caffe_float32()
     w_cls, w_high, w_low = args.loss_weights
     model = MSPCNN(num_classes, use_low=stage2 and w_low > 0, w_cls=w_cls, w_high=w_high, w_low=w_low,
                    generator=torch.Generator().manual_seed(seed)).to(device)
