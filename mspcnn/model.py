@@ -36,6 +36,7 @@ def caffe_float32():
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
+
 INPUT_SHAPE = (3, 144, 56)  # a 144 x 56 crop of a 160 x 64 image, BGR, mean subtracted
 
 

@@ -1,5 +1,11 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cuda_ready():
@@ -23,3 +29,31 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_market_db(tmp_path_factory):
+    """A tiny synthetic Market-style dataset converted to LMDB (8 training identities, 3 of them
+    held out for validation), made once per test session with the command-line tools."""
+    base = tmp_path_factory.mktemp("tiny_market")
+    for cmd in (["make_synthetic.py", str(base / "raw"), "--train-ids", "8", "--test-ids", "2",
+                 "--distractors", "0", "--junk", "0"],
+                ["convert_dataset.py", "market1501", str(base / "raw"), str(base / "db"), "--val-ids", "3"]):
+        subprocess.run([sys.executable, str(ROOT / "tools" / cmd[0])] + cmd[1:], check=True,
+                       capture_output=True)
+    return base / "db"
+
+
+@pytest.fixture
+def unit_bn_backbone():
+    """A seeded MSPCNNBackbone whose BatchNorm statistics are 1 (untrained accumulators are 0, which
+    makes TEST-phase outputs blow up), for feature tests."""
+    from mspcnn.model import MSPCNNBackbone
+
+    model = MSPCNNBackbone(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, blobs in model.layer_blobs().items():
+            if name.endswith("_bn"):
+                blobs[1].fill_(1.0)
+                blobs[2].fill_(1.0)
+    return model

@@ -12,7 +12,7 @@ from mspcnn.caffe import io as cio
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import DataTransformer
 from mspcnn.evaluation import extract_features
-from mspcnn.model import MSPCNNBackbone, caffe_float32
+from mspcnn.model import caffe_float32
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = str(ROOT / "prototxt_equiv" / "solver_stage1.prototxt")
@@ -20,16 +20,6 @@ STAGE2 = str(ROOT / "prototxt_equiv" / "solver_stage2.prototxt")
 LMDB = ROOT / "tests" / "data" / "caffe_golden" / "lmdb" / "lmdb_raw"
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gpu_train")
-    for cmd in (["make_synthetic.py", str(base / "raw"), "--train-ids", "8", "--test-ids", "2",
-                 "--distractors", "0", "--junk", "0"],
-                ["convert_dataset.py", "market1501", str(base / "raw"), str(base / "db"), "--val-ids", "3"]):
-        subprocess.run([sys.executable, str(ROOT / "tools" / cmd[0])] + cmd[1:], check=True, capture_output=True)
-    return base / "db"
 
 
 def train(db, prefix, device, *extra):
@@ -44,7 +34,8 @@ def first_loss(log):
     return float(re.search(r"Iteration 0 \(.*\), loss = ([\d.e+-]+)", log).group(1))
 
 
-def test_train_both_stages_on_cuda_agrees_with_cpu(db, tmp_path):
+def test_train_both_stages_on_cuda_agrees_with_cpu(tiny_market_db, tmp_path):
+    db = tiny_market_db
     logs, weights = {}, {}
     for device in ("cpu", "cuda"):
         s1 = train(db, tmp_path / f"{device}1", device, "--solver", STAGE1, "--max-iter", "2",
@@ -67,13 +58,8 @@ def test_train_both_stages_on_cuda_agrees_with_cpu(db, tmp_path):
             assert torch.allclose(a, b, rtol=1e-2, atol=1e-3 * max(1.0, float(a.abs().max()))), name
 
 
-def test_feature_extraction_on_cuda_agrees_with_cpu():
-    model = MSPCNNBackbone(generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # unit BatchNorm statistics (untrained accumulators are 0)
-        for name, blobs in model.layer_blobs().items():
-            if name.endswith("_bn"):
-                blobs[1].fill_(1.0)
-                blobs[2].fill_(1.0)
+def test_feature_extraction_on_cuda_agrees_with_cpu(unit_bn_backbone):
+    model = unit_bn_backbone
     tf = DataTransformer((144, 56), (102, 102, 101), phase="TEST")
     db = DatumDB(LMDB)
     caffe_float32()  # as the tools do: no TF32

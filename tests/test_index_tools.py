@@ -5,21 +5,13 @@ from pathlib import Path
 
 import torch
 
-from mspcnn.model import MSPCNNBackbone
-
 ROOT = Path(__file__).resolve().parents[1]
 LMDB = ROOT / "tests" / "data" / "caffe_golden" / "lmdb"
 
 
-def test_index_and_query(tmp_path):
+def test_index_and_query(tmp_path, unit_bn_backbone):
     weights = tmp_path / "w.caffemodel"
-    model = MSPCNNBackbone(generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # unit BatchNorm statistics (untrained accumulators are 0)
-        for name, blobs in model.layer_blobs().items():
-            if name.endswith("_bn"):
-                blobs[1].fill_(1.0)
-                blobs[2].fill_(1.0)
-    model.save_caffemodel(weights)
+    unit_bn_backbone.save_caffemodel(weights)
     index = tmp_path / "g.index"
     run = lambda *a: subprocess.run([sys.executable, *map(str, a)], capture_output=True, text=True, cwd=ROOT)  # noqa
     out = run(ROOT / "tools" / "build_index.py", "--weights", weights, "--db", LMDB / "lmdb_raw",

@@ -17,15 +17,9 @@ STAGE2 = str(ROOT / "prototxt_equiv" / "solver_stage2.prototxt")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    base = tmp_path_factory.mktemp("train")
-    for cmd in (["make_synthetic.py", str(base / "raw"), "--train-ids", "8", "--test-ids", "2",
-                 "--distractors", "0", "--junk", "0"],
-                ["convert_dataset.py", "market1501", str(base / "raw"), str(base / "db"), "--val-ids", "3"]):
-        subprocess.run([sys.executable, str(ROOT / "tools" / cmd[0])] + cmd[1:], check=True,
-                       capture_output=True)
-    return base / "db"
+@pytest.fixture
+def db(tiny_market_db):
+    return tiny_market_db
 
 
 def train(db, prefix, *extra, check=True):

@@ -96,7 +96,7 @@ def _last_snapshot(run, stage):
     return os.path.join(run, max(done, key=lambda f: int(f.split("_")[-1].split(".")[0])))
 
 
-def train_both_stages(args, db, run, loss_weights, seed, stage1, stage2, where, stage1_done=None):
+def train_both_stages(args, db, run, loss_weights, seed, stage1, stage2, where, stage1_done):
     """Stage 1 from scratch, then stage 2 from its weights; returns the final weights, or None if
     training failed (train.py has printed why).
 
@@ -115,7 +115,7 @@ def train_both_stages(args, db, run, loss_weights, seed, stage1, stage2, where, 
     for stage, solver, iters in (("stage1", stage1, args.iters1), ("stage2", stage2, args.iters2)):
         if iters == 0:
             continue
-        if stage == "stage1" and stage1_done is not None and stage1_key in stage1_done:
+        if stage == "stage1" and stage1_key in stage1_done:
             weights = stage1_done[stage1_key]
             print(f"== {where}: stage1 is the one of the same cls/high weights: {weights}", flush=True)
             continue
@@ -126,7 +126,7 @@ def train_both_stages(args, db, run, loss_weights, seed, stage1, stage2, where, 
                            + common + extra):
             return None
         weights = _last_snapshot(run, stage)
-        if stage == "stage1" and stage1_done is not None:
+        if stage == "stage1":
             stage1_done[stage1_key] = weights
     return weights
 
