@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../ncc_checks.h"
+#include "../ncc_grad_coef.h"
 
 namespace mspcnn {
 namespace {
@@ -349,24 +350,16 @@ void max_backward_plane(const NccGeometry& g, const scalar_t* grad,
       for (int64_t i = 0; i < P; ++i)
         for (int64_t j = 0; j < P; ++j)
           cov += (ap[oa + i * Wp + j] - mua) * (bp[ob + i * Wp + j] - mub);
-      const double siga = sa + g.eps, sigb = sb + g.eps;
-      const double ncc = cov / (nm1 * siga * sigb);
-      const double inv_sa = sa > 0.0 ? 1.0 / sa : 0.0;
-      const double inv_sb = sb > 0.0 ? 1.0 / sb : 0.0;
-      // grad_x = alpha_a y + beta_a x + gamma_a, and the same for y.
-      const double fa = gv / (nm1 * siga), fb = gv / (nm1 * sigb);
-      const double al_a = fa / sigb, be_a = -fa * ncc * inv_sa;
-      const double ga_c = -al_a * mub - be_a * mua;
-      const double al_b = fb / siga, be_b = -fb * ncc * inv_sb;
-      const double gb_c = -al_b * mua - be_b * mub;
+      // grad_x = al_a y + be_a x + c_a, and the same for y (ncc_grad_coef.h).
+      const NccGradCoef<double> k = ncc_grad_coef(gv, cov, mua, sa, mub, sb, nm1, g.eps);
       for (int64_t i = 0; i < P; ++i) {
         const double* x = ap.data() + oa + i * Wp;
         const double* y = bp.data() + ob + i * Wp;
         double* gx = ga.data() + oa + i * Wp;
         double* gy = gb.data() + ob + i * Wp;
         for (int64_t j = 0; j < P; ++j) {
-          gx[j] += al_a * y[j] + be_a * x[j] + ga_c;
-          gy[j] += al_b * x[j] + be_b * y[j] + gb_c;
+          gx[j] += k.al_a * y[j] + k.be_a * x[j] + k.c_a;
+          gy[j] += k.al_b * x[j] + k.be_b * y[j] + k.c_b;
         }
       }
     }

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "../ncc_grad_coef.h"
 #include "ncc_kernels.h"
 
 namespace mspcnn {
@@ -486,13 +487,7 @@ __global__ void __launch_bounds__(256)
         sxy += dx * dy;
       }
     const T s_a = sqrt(sxx / nm1), s_b = sqrt(syy / nm1);
-    const T siga = s_a + eps, sigb = s_b + eps;
-    const T ncc = sxy / (nm1 * siga * sigb);
-    const T inv_sa = s_a > T(0) ? T(1) / s_a : T(0);
-    const T inv_sb = s_b > T(0) ? T(1) / s_b : T(0);
-    const T fa = gv / (nm1 * siga), fb = gv / (nm1 * sigb);
-    const T al_a = fa / sigb, be_a = -fa * ncc * inv_sa, c_a = -al_a * mub - be_a * mua;
-    const T al_b = fb / siga, be_b = -fb * ncc * inv_sb, c_b = -al_b * mua - be_b * mub;
+    const NccGradCoef<T> k = ncc_grad_coef(gv, sxy, mua, s_a, mub, s_b, nm1, eps);
     T* gx = GA + r * Wp + w;
     T* gy = GB + (qr + R2) * Wp + qc;
 #pragma unroll
@@ -500,8 +495,8 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
       for (int j = 0; j < P; ++j) {
         const T xv = x[i * Wp + j], yv = y[i * Wp + j];
-        atomicAdd(gx + i * Wp + j, al_a * yv + be_a * xv + c_a);
-        atomicAdd(gy + i * Wp + j, al_b * xv + be_b * yv + c_b);
+        atomicAdd(gx + i * Wp + j, k.al_a * yv + k.be_a * xv + k.c_a);
+        atomicAdd(gy + i * Wp + j, k.al_b * xv + k.be_b * yv + k.c_b);
       }
   }
   __syncthreads();
@@ -519,7 +514,7 @@ inline int64_t fused_backward_smem_bytes(const NccGeometry& g, size_t elem) {
 
 // Per output p with incoming gradient g and selected centre q, the gradient
 // of a at patch element x (partner y) is al_a y + be_a x + c_a, of b at y is
-// al_b x + be_b y + c_b (docs/ncc_layer.md; the same formulas as the CPU).
+// al_b x + be_b y + c_b (ncc_grad_coef.h, shared with the CPU).
 template <typename T>
 __global__ void max_coef_kernel(NccGeometry g, const T* __restrict__ grad,
                                 const T* __restrict__ a, const T* __restrict__ b,
@@ -531,7 +526,7 @@ __global__ void max_coef_kernel(NccGeometry g, const T* __restrict__ grad,
   const double nm1 = double(g.n() - 1);
   GRID_STRIDE(e, total) {
     const double gv = double(grad[e]);
-    double al_a = 0, be_a = 0, c_a = 0, al_b = 0, be_b = 0, c_b = 0;
+    NccGradCoef<double> k = {0, 0, 0, 0, 0, 0};
     if (gv != 0.0) {
       const int64_t w = e % W, r = (e / W) % H, plane = e / (H * W);
       const int64_t idx = index[e];
@@ -545,24 +540,14 @@ __global__ void max_coef_kernel(NccGeometry g, const T* __restrict__ grad,
         for (int64_t j = -h; j <= h; ++j)
           cov += (double(pixel(A, H, W, r + i, w + j)) - mua) *
                  (double(pixel(B, H, W, qr + i, qc + j)) - mub);
-      const double siga = s_a + g.eps, sigb = s_b + g.eps;
-      const double ncc = cov / (nm1 * siga * sigb);
-      const double inv_sa = s_a > 0.0 ? 1.0 / s_a : 0.0;
-      const double inv_sb = s_b > 0.0 ? 1.0 / s_b : 0.0;
-      const double fa = gv / (nm1 * siga), fb = gv / (nm1 * sigb);
-      al_a = fa / sigb;
-      be_a = -fa * ncc * inv_sa;
-      c_a = -al_a * mub - be_a * mua;
-      al_b = fb / siga;
-      be_b = -fb * ncc * inv_sb;
-      c_b = -al_b * mua - be_b * mub;
+      k = ncc_grad_coef(gv, cov, mua, s_a, mub, s_b, nm1, g.eps);
     }
-    coef[0 * total + e] = T(al_a);
-    coef[1 * total + e] = T(be_a);
-    coef[2 * total + e] = T(c_a);
-    coef[3 * total + e] = T(al_b);
-    coef[4 * total + e] = T(be_b);
-    coef[5 * total + e] = T(c_b);
+    coef[0 * total + e] = T(k.al_a);
+    coef[1 * total + e] = T(k.be_a);
+    coef[2 * total + e] = T(k.c_a);
+    coef[3 * total + e] = T(k.al_b);
+    coef[4 * total + e] = T(k.be_b);
+    coef[5 * total + e] = T(k.c_b);
   }
   (void)P;
 }
