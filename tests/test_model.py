@@ -162,3 +162,22 @@ def test_prototxt_equiv_files_are_valid_caffe_text():
     solver2 = cio.read_prototxt(PROTOTXT_DIR / "solver_stage2.prototxt",
                                 __import__("mspcnn.caffe.proto", fromlist=["x"]).SolverParameter)
     assert "stage2" in solver2.train_state.stage
+
+
+def test_dropout_mask_is_drawn_from_the_cpu_generator():
+    """The mask comes from the CPU generator whatever the device (the GPU test of the training
+    command relies on it): the same draw as torch.rand on the CPU, advancing its state, scaled by
+    1 / (1 - ratio), and identity in TEST."""
+    from mspcnn.caffe.layers import dropout
+
+    x = torch.arange(1.0, 4001.0).reshape(40, 100)
+    torch.manual_seed(3)
+    y = dropout(x, 0.5, training=True)
+    after = torch.get_rng_state()
+    torch.manual_seed(3)
+    keep = torch.rand(x.shape) >= 0.5
+    assert torch.equal(after, torch.get_rng_state())
+    assert torch.equal(y, torch.where(keep, x * 2.0, torch.zeros(())))
+    assert 1800 < int(keep.sum()) < 2200
+    assert dropout(x.double(), 0.5, training=True).dtype == torch.float64
+    assert dropout(x, 0.5, training=False) is x

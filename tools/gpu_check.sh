@@ -9,6 +9,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
+# tests/test_gpu_tools.py reads LMDBs and images: say so at once if a package is missing.
+python3 -c "import lmdb, cv2" 2>/dev/null || {
+  echo "error: python3 lacks lmdb or opencv (cv2), which the GPU tests of the tools need;" \
+       "install them (pip install lmdb opencv-python-headless), or carry their wheels" >&2; exit 1; }
 start=$(date +%s)
 # An in-place build (the device machine has no network for pip's build
 # dependencies); the package is then imported from the repository root.

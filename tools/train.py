@@ -14,7 +14,8 @@
   prototxt_equiv/mspcnn_train_val.prototxt.
 * Stage 1 trains from scratch; stage 2 starts from stage 1's weights (--weights).
 * --snapshot resumes from a .solverstate (and the .caffemodel beside it): the same weights,
-  bit for bit, as an uninterrupted run.
+  bit for bit, as an uninterrupted run (on a GPU add --deterministic: its default kernels, cuDNN's
+  and the NCC gradient's, add in a varying order).
 * Logs follow Caffe's format (glog prefix; "Iteration N, loss = X", "Train net output #k: ...",
   "Iteration N, lr = Y", "Test net output #k: ..."), so existing log parsers work; a progress
   bar is drawn on stderr when it is a terminal.
@@ -78,7 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--test-interval", type=int, help="overrides the solver's test_interval")
     p.add_argument("--display", type=int, help="overrides the solver's display")
     p.add_argument("--seed", type=int, help="overrides the solver's random_seed (initialisation, pair "
-                   "sampling, crops and mirroring)")
+                   "sampling, crops and mirroring, dropout)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (torch.use_deterministic_algorithms), so that runs and "
+                   "resumes on a GPU are bit for bit reproducible; slower. CPU runs always are")
     args = p.parse_args(argv)
     for name in ("solver", "weights", "snapshot"):
         path = getattr(args, name)
@@ -116,6 +120,11 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda":
         caffe_float32()
+    if args.deterministic:
+        # cuBLAS is reproducible only with a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     w_cls, w_high, w_low = args.loss_weights
     model = MSPCNN(num_classes, use_low=stage2 and w_low > 0, w_cls=w_cls, w_high=w_high, w_low=w_low,
                    generator=torch.Generator().manual_seed(seed)).to(device)
@@ -191,7 +200,8 @@ def main(argv=None):
         log("sgd_solver.cpp:290", f"Snapshotting solver state to binary proto file {state}")
 
     log("solver.cpp:48", f"Solving MSP-CNN ({'stage 2: cls + high + low' if stage2 else 'stage 1: cls + high'}), "
-        f"{len(labels)} training images of {num_classes} identities, device {device}")
+        f"{len(labels)} training images of {num_classes} identities, device {device}"
+        + (", deterministic algorithms" if args.deterministic else ""))
     backbone.train()
     recent = []
     max_iter = sp.max_iter

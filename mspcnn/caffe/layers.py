@@ -279,9 +279,16 @@ def l2_normalize(x, eps=1e-12):
 
 def dropout(x, ratio, training, mask=None):
     """Caffe's Dropout: TRAIN y = x * mask / (1 - ratio), TEST identity. A
-    given ``mask`` (0/1, shaped like x) replaces the random draw."""
+    given ``mask`` (0/1, shaped like x) replaces the random draw.
+
+    The mask is drawn from PyTorch's CPU generator whatever the device of x
+    (for x on the CPU this is the same draw as ``torch.rand_like(x)``), so a
+    seed gives the same masks on the CPU and on a GPU, and the random state a
+    snapshot stores (the CPU generator's) is all a bit-exact resume needs.
+    Caffe draws GPU masks with cuRAND instead; its streams are not reproduced
+    either way."""
     if not training:
         return x
     if mask is None:
-        mask = (torch.rand_like(x) >= ratio).to(x.dtype)
+        mask = (torch.rand(x.shape, dtype=x.dtype) >= ratio).to(device=x.device, dtype=x.dtype)
     return x * mask.to(x.dtype) / (1.0 - ratio)
