@@ -1,8 +1,8 @@
-"""Plots drawn with OpenCV (no plotting dependency): CMC curves."""
+"""Plots drawn with OpenCV (no plotting dependency): CMC curves and ranking pictures."""
 import cv2
 import numpy as np
 
-__all__ = ["draw_cmc"]
+__all__ = ["draw_cmc", "draw_ranking", "RIGHT", "WRONG", "UNKNOWN"]
 
 COLORS = [(200, 80, 30), (40, 40, 200), (40, 160, 40), (150, 60, 150), (30, 150, 200)]  # BGR
 
@@ -35,3 +35,38 @@ def draw_cmc(curves, path, max_rank=20, size=(480, 640), title="CMC"):
                     cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
     if not cv2.imwrite(str(path), img):
         raise OSError(f"draw_cmc: could not write {path}")
+
+
+RIGHT, WRONG, UNKNOWN = (0, 190, 0), (0, 0, 230), (170, 170, 170)  # BGR borders of ranked images
+
+
+def draw_ranking(path, rows, border=4, gap=4):
+    """Draw a ranking picture to a PNG at ``path``: one line per query, the query image on the
+    left, then its ranked gallery images, each framed by a ``border``-pixel frame whose colour
+    says whether it is the query's identity (``RIGHT`` green, ``WRONG`` red, ``UNKNOWN`` grey when
+    identities are not known). White ``gap``s keep the frames apart, so a green frame stays visible
+    against a green background.
+
+    ``rows``: a list of ``(query, ranked)``, ``query`` an H x W x 3 uint8 BGR image and ``ranked`` a
+    list of ``(image, colour)``. Lines of different lengths are padded with white."""
+    if not rows:
+        raise ValueError("draw_ranking: no rows")
+
+    def framed(img, colour):
+        img = np.ascontiguousarray(img, dtype=np.uint8)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"draw_ranking: images must be H x W x 3, got shape {img.shape}")
+        img = cv2.copyMakeBorder(img, border, border, border, border, cv2.BORDER_CONSTANT, value=colour)
+        return cv2.copyMakeBorder(img, gap, gap, gap, gap, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+
+    lines = []
+    for query, ranked in rows:
+        tiles = [framed(query, (255, 255, 255))] + [framed(img, colour) for img, colour in ranked]
+        height = max(t.shape[0] for t in tiles)
+        tiles = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]
+        tiles.insert(1, np.full((height, 3 * gap, 3), 255, np.uint8))  # the query stands apart
+        lines.append(np.concatenate(tiles, axis=1))
+    width = max(line.shape[1] for line in lines)
+    lines = [np.pad(line, ((0, 0), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
+    if not cv2.imwrite(str(path), np.concatenate(lines, axis=0)):
+        raise OSError(f"draw_ranking: could not write {path}")

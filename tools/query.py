@@ -7,18 +7,19 @@
 Each query image (any size; resized to 160 x 64 as the databases are) is embedded with the
 model, the gallery is ranked by Euclidean distance between L2-normalised features, and the
 top-k are printed and drawn in one row per query. When --query-ids are given and the index
-knows the gallery identities, borders are green for the same identity and red otherwise.
+knows the gallery identities, frames are green for the same identity and red otherwise (grey
+when identities are not known).
 """
 import argparse
 import sys
 
 import cv2
-import numpy as np
 import torch
 
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import DataTransformer
 from mspcnn.model import MSPCNNBackbone, caffe_float32
+from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
 
 
 def main(argv=None):
@@ -53,20 +54,20 @@ def main(argv=None):
     for i, path in enumerate(args.images):
         order = torch.argsort(dist[i], stable=True)[: args.top].tolist()
         print(f"{path}:")
-        row = [cv2.copyMakeBorder(images[i].transpose(1, 2, 0), 3, 3, 3, 3, cv2.BORDER_CONSTANT,
-                                  value=(255, 255, 255)), np.full((166, 8, 3), 255, np.uint8)]
+        ranked = []
         for rank, j in enumerate(order, 1):
-            gid = index.get("ids", [None] * len(order))[j] if "ids" in index else None
+            gid = index["ids"][j] if "ids" in index else None
             print(f"  {rank:>3}. {index['keys'][j]}  distance {dist[i, j]:.4f}" + (f"  id {gid}" if gid is not None else ""))
-            color = (200, 200, 200)
+            colour = UNKNOWN
             if args.query_ids and gid is not None:
-                color = (0, 200, 0) if gid == args.query_ids[i] else (0, 0, 230)
-            row.append(cv2.copyMakeBorder(gallery[j][0].transpose(1, 2, 0).copy(), 3, 3, 3, 3,
-                                          cv2.BORDER_CONSTANT, value=color))
-        rows.append(np.concatenate(row, axis=1))
-    width = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    cv2.imwrite(args.out, np.concatenate(rows, axis=0))
+                colour = RIGHT if gid == args.query_ids[i] else WRONG
+            ranked.append((gallery[j][0].transpose(1, 2, 0), colour))
+        rows.append((images[i].transpose(1, 2, 0), ranked))
+    try:
+        draw_ranking(args.out, rows)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

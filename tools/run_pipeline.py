@@ -24,7 +24,6 @@ import os
 import sys
 import time
 
-import cv2
 import numpy as np
 import torch
 
@@ -39,29 +38,22 @@ from mspcnn.data.transformer import DataTransformer  # noqa: E402
 from mspcnn.evaluation import euclidean_distances, extract_features, market1501_official  # noqa: E402
 from mspcnn.model import MSPCNNBackbone  # noqa: E402
 from mspcnn.paths import PROTOTXT_DIR  # noqa: E402
-from mspcnn.plots import draw_cmc  # noqa: E402
+from mspcnn.plots import RIGHT, WRONG, draw_cmc, draw_ranking  # noqa: E402
 
 
 def ranking_picture(path, probe, gallery, dist, q_rows, g_rows, n_queries=6, top=10):
     """Queries (left) and their top-`top` gallery images, green = same id, red = not."""
     rng = np.random.default_rng(0)
     picks = rng.choice(len(q_rows), min(n_queries, len(q_rows)), replace=False)
-    lines = []
+    rows = []
     for q in picks:
-        img = probe[int(q)][0].transpose(1, 2, 0).copy()
-        row = [cv2.copyMakeBorder(img, 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=(255, 255, 255)),
-               np.full((166, 8, 3), 255, np.uint8)]
         order = [j for j in np.argsort(dist[q], kind="stable")
                  if not (g_rows[j]["id"] == q_rows[q]["id"] and g_rows[j]["camera"] == q_rows[q]["camera"])
                  and g_rows[j]["id"] != -1][:top]
-        for j in order:
-            color = (0, 200, 0) if g_rows[j]["id"] == q_rows[q]["id"] else (0, 0, 230)
-            g = gallery[int(j)][0].transpose(1, 2, 0).copy()
-            row.append(cv2.copyMakeBorder(g, 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=color))
-        lines.append(np.concatenate(row, axis=1))
-    width = max(line.shape[1] for line in lines)
-    lines = [np.pad(line, ((0, 4), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
-    cv2.imwrite(path, np.concatenate(lines, axis=0))
+        rows.append((probe[int(q)][0].transpose(1, 2, 0),
+                     [(gallery[int(j)][0].transpose(1, 2, 0), RIGHT if g_rows[j]["id"] == q_rows[q]["id"] else WRONG)
+                      for j in order]))
+    draw_ranking(path, rows)
 
 
 def chance_level(q_shape, g_shape, labels, seed, draws=20):

@@ -1,0 +1,47 @@
+"""The OpenCV pictures: ranking frames and CMC curves, read back from the PNG files."""
+import cv2
+import numpy as np
+import pytest
+
+from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_cmc, draw_ranking
+
+
+def solid(h, w, bgr):
+    return np.full((h, w, 3), bgr, np.uint8)
+
+
+def test_ranking_frames_gaps_and_padding(tmp_path):
+    green_bg = (0, 190, 0)  # a gallery image as green as the RIGHT frame: the white gap separates them
+    rows = [(solid(20, 10, (50, 50, 50)), [(solid(20, 10, green_bg), RIGHT), (solid(20, 10, (9, 9, 9)), WRONG)]),
+            (solid(20, 10, (60, 60, 60)), [(solid(20, 10, (9, 9, 9)), UNKNOWN)])]
+    draw_ranking(tmp_path / "r.png", rows, border=4, gap=4)
+    img = cv2.imread(str(tmp_path / "r.png"))
+    tile = 10 + 2 * 4 + 2 * 4  # image + frame + gap, on each side
+    line_h = 20 + 2 * 4 + 2 * 4
+    assert img.shape == (2 * line_h, 3 * tile + 12, 3)  # query, separator (3 gaps), two ranked images
+    x0 = tile + 12  # first ranked tile
+    y = line_h // 2
+    assert tuple(img[y, x0 + 4 + 1]) == RIGHT  # inside the frame
+    assert tuple(img[y, x0 + 1]) == (255, 255, 255)  # the gap outside it
+    assert tuple(img[y, x0 + 8 + 5]) == green_bg
+    assert tuple(img[y, x0 + tile + 4 + 1]) == WRONG
+    assert tuple(img[line_h + y, x0 + 4 + 1]) == UNKNOWN
+    assert tuple(img[line_h + y, x0 + tile + 5]) == (255, 255, 255)  # the shorter line is padded white
+    assert tuple(img[y, 8 + 5]) == (50, 50, 50)  # the query, unframed (white frame)
+
+
+def test_ranking_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="no rows"):
+        draw_ranking(tmp_path / "r.png", [])
+    with pytest.raises(ValueError, match="H x W x 3"):
+        draw_ranking(tmp_path / "r.png", [(np.zeros((20, 10), np.uint8), [])])
+    with pytest.raises(OSError, match="could not write"):
+        draw_ranking(tmp_path / "missing" / "r.png", [(solid(20, 10, (0, 0, 0)), [])])
+
+
+def test_cmc_curve_is_drawn(tmp_path):
+    draw_cmc({"a": np.linspace(0.1, 1.0, 20), "b": np.full(20, 0.5)}, tmp_path / "c.png")
+    img = cv2.imread(str(tmp_path / "c.png"))
+    assert img.shape == (480, 640, 3) and (img != 255).any(axis=2).mean() > 0.01
+    with pytest.raises(ValueError, match="no curves"):
+        draw_cmc({}, tmp_path / "c.png")
