@@ -113,3 +113,22 @@ def test_tall_planes_use_the_unfused_backward():
         outs.append([t.cpu() for t in torch.autograd.grad(v.sum(), (x, y))])
     for c, g in zip(*outs):
         assert (g - c).norm() / c.norm() < 1e-4
+
+
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (3, 1, 13), (7, 3, 9)])
+def test_volume_backward_tiled_equals_gathers(monkeypatch, patch, rows, W):
+    """The tiled volume backward (one block per row, shared memory; the default where it fits)
+    against the direct gathers (MSPCNN_NCC_VOLUME_BWD=gather) and the CPU kernel, float64, with a
+    gradient volume that is not all ones."""
+    a, b = pair((2, 3, 17, W), torch.float64, positive=True)
+    x, y = a.cuda().requires_grad_(True), b.cuda().requires_grad_(True)
+    vol = ncc_volume(x, y, patch, rows)
+    gvol = torch.randn(vol.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).cuda()
+    tiled = torch.autograd.grad(vol, (x, y), gvol)
+    monkeypatch.setenv("MSPCNN_NCC_VOLUME_BWD", "gather")
+    gathered = torch.autograd.grad(ncc_volume(x, y, patch, rows), (x, y), gvol)
+    xc, yc = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    cpu = torch.autograd.grad(ncc_volume(xc, yc, patch, rows), (xc, yc), gvol.cpu())
+    for t, g, c in zip(tiled, gathered, cpu):
+        torch.testing.assert_close(t, g, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(t.cpu(), c, atol=1e-10, rtol=1e-10)

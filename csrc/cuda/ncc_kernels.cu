@@ -14,7 +14,9 @@
 //   max_grad_b_atomic      ... gradient of b, scattered with atomicAdd
 //   max_grad_b_gather      ... gradient of b, gathered (deterministic)
 //   volume_centre_a/b      ncc_volume backward: per-centre sums
-//   volume_grad_a/b        ... gradients, gathered (deterministic)
+//   volume_grad_tiled      ... gradients, one block per row, shared memory
+//   volume_grad_a/b        ... gradients, gathered (planes too wide for the
+//                          tiled kernel's shared memory); both deterministic
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -804,6 +806,94 @@ __global__ void volume_grad_b(NccGeometry g, const T* __restrict__ grad,
   }
 }
 
+// ncc_volume backward, tiled: one block per (plane, row u) of the gradient it
+// writes, with the correlation of docs/ncc_layer.md ("Backward of the volume")
+// done in shared memory. With G1 = g ka kb,
+//   grad_a: T1a(u, v) = sum_k sum_j sum_c b(u + k - R2, c + j) V_k(v - j, c),
+//           V_k(w, c)  = sum_i G1(output (u - i, w); candidate (k, c))
+//   grad_b: T1b(u, v) = sum_k sum_j sum_c a(u - k + R2, c + j) V_k(v - j, c),
+//           V_k(q, c)  = sum_i G1(output (u - i - k + R2, c); candidate (k, q))
+// P multiply-adds per (k, candidate column, output column) build V, then P W
+// per output and k, where the gathers above take P^2 R W per output; the box
+// terms are those of the gathers. V, the padded rows of the other map and the
+// per-k partial sums live in shared memory (volume_tiled_smem_bytes).
+template <typename T, bool kGradB>
+__global__ void volume_grad_tiled(NccGeometry g, const T* __restrict__ grad,
+                                  const T* __restrict__ a, const T* __restrict__ b,
+                                  const double* __restrict__ m,
+                                  const double* __restrict__ work, T* __restrict__ out) {
+  extern __shared__ double vsm[];
+  const int H = int(g.H), W = int(g.W), R = int(g.R), R2 = int(g.R2()), h = int(g.h());
+  const int BR = int(g.b_rows()), Wp = W + 2 * h;
+  const int64_t HW = int64_t(H) * W, total_a = g.planes() * HW, total_b = g.planes() * BR * W;
+  const int64_t plane = blockIdx.x / H;
+  const int u = int(blockIdx.x % H);
+  double* V = vsm;              // R x W x W, [k][c][w] with w the output column
+  double* row = V + R * W * W;  // R x Wp, zero-padded rows of the other map
+  double* part = row + R * Wp;  // R x W partial sums
+  const double* ka = work;
+  const double* kb = work + 3 * total_a;
+  const T* G = grad + plane * R * W * HW;
+  for (int idx = threadIdx.x; idx < R * W * W; idx += blockDim.x) {
+    // c: the column of the candidate centre; x: the output column (fastest,
+    // so that the reads of the gradient volume are coalesced)
+    const int k = idx / (W * W), c = (idx / W) % W, x = idx % W;
+    double s = 0.0;
+    for (int i = -h; i <= h; ++i) {
+      const int pr = kGradB ? u - i - k + R2 : u - i;  // output row
+      if (pr < 0 || pr >= H) continue;
+      const int qe = kGradB ? u - i + R2 : pr + k;  // candidate centre row + R2
+      s += double(G[(int64_t(k) * W + c) * HW + int64_t(pr) * W + x]) *
+           ka[(plane * H + pr) * W + x] * kb[(plane * BR + qe) * W + c];
+    }
+    V[kGradB ? (k * W + x) * W + c : (k * W + c) * W + x] = s;
+  }
+  const T* other = (kGradB ? a : b) + plane * HW;
+  for (int idx = threadIdx.x; idx < R * Wp; idx += blockDim.x) {
+    const int k = idx / Wp, c = idx % Wp - h;
+    const int r = kGradB ? u - k + R2 : u + k - R2;
+    row[idx] = (r >= 0 && r < H && c >= 0 && c < W) ? double(other[r * W + c]) : 0.0;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < R * W; idx += blockDim.x) {
+    const int k = idx / W, v = idx % W;
+    const double* Vk = V + k * W * W;
+    double s = 0.0;
+    for (int j = -h; j <= h; ++j) {
+      const int w = v - j;
+      if (w < 0 || w >= W) continue;
+      const double* rk = row + k * Wp + j + h;
+      for (int c = 0; c < W; ++c) s += rk[c] * Vk[c * W + w];
+    }
+    part[idx] = s;
+  }
+  __syncthreads();
+  const double* t3 = kGradB ? kb + total_b : ka + total_a;
+  const double* Hx = kGradB ? kb + 2 * total_b : ka + 2 * total_a;
+  for (int v = threadIdx.x; v < W; v += blockDim.x) {
+    double t1 = 0.0, box_t3 = 0.0, box_h = 0.0, box_hm = 0.0;
+    for (int k = 0; k < R; ++k) t1 += part[k * W + v];
+    for (int i = -h; i <= h; ++i) {
+      const int r = u - i;  // grad_a: output row; grad_b: candidate centre row
+      if (kGradB ? (r < -R2 || r >= H + R2) : (r < 0 || r >= H)) continue;
+      for (int j = -h; j <= h; ++j) {
+        const int c = v - j;
+        if (c < 0 || c >= W) continue;
+        const int64_t p = kGradB ? (plane * BR + r + R2) * W + c : (plane * H + r) * W + c;
+        box_t3 += t3[p];
+        box_h += Hx[p];
+        box_hm += Hx[p] * m[p];
+      }
+    }
+    const int64_t e = (plane * H + u) * W + v;
+    out[e] = T(t1 - box_t3 - double(kGradB ? b[e] : a[e]) * box_h + box_hm);
+  }
+}
+
+inline int64_t volume_tiled_smem_bytes(const NccGeometry& g) {
+  return (g.R * g.W * g.W + g.R * (g.W + 2 * g.h()) + g.R * g.W) * int64_t(sizeof(double));
+}
+
 template <typename T, int P, int R, int WPT>
 cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
                         const double* ma, const double* sa, const double* mb,
@@ -941,8 +1031,22 @@ cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
   const int64_t total_a = g.planes() * g.H * g.W, total_b = g.planes() * g.b_rows() * g.W;
   volume_centre_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
   volume_centre_b<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
-  volume_grad_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, ma, work, grad_a);
-  volume_grad_b<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, mb, work, grad_b);
+  // The tiled kernels when their shared memory fits in 48 KB (at the pool1
+  // shape, W = 28, R = 5: 34 KB); MSPCNN_NCC_VOLUME_BWD=gather forces the
+  // direct gathers (for comparisons).
+  const char* env = getenv("MSPCNN_NCC_VOLUME_BWD");
+  const bool gather = env != nullptr && env[0] == 'g';
+  const int64_t smem = volume_tiled_smem_bytes(g);
+  if (!gather && smem <= 48 * 1024 && g.planes() * g.H < INT_MAX) {
+    int threads = int((g.R * g.W + 31) / 32 * 32);
+    threads = threads < 64 ? 64 : (threads > 256 ? 256 : threads);
+    const unsigned blocks = unsigned(g.planes() * g.H);
+    volume_grad_tiled<T, false><<<blocks, threads, smem, stream>>>(g, grad, a, b, ma, work, grad_a);
+    volume_grad_tiled<T, true><<<blocks, threads, smem, stream>>>(g, grad, a, b, mb, work, grad_b);
+  } else {
+    volume_grad_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, ma, work, grad_a);
+    volume_grad_b<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, a, b, mb, work, grad_b);
+  }
   return cudaGetLastError();
 }
 
