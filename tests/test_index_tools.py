@@ -18,7 +18,7 @@ def test_index_and_query(tmp_path, unit_bn_backbone):
               "--out", index, "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert "gallery: 8/8" in out.stderr  # progress (not a terminal: a line per tenth)
-    assert torch.load(index, weights_only=False)["features"].shape == (8, 256)
+    assert torch.load(index, weights_only=True)["features"].shape == (8, 256)
     image = LMDB / "images" / "cam2" / "0031_c2s2_001046_00.jpg"  # record 5 of the database
     out = run(ROOT / "tools" / "query.py", image, "--index", index, "--weights", weights, "--top", "3",
               "--out", tmp_path / "r.png")
@@ -28,3 +28,19 @@ def test_index_and_query(tmp_path, unit_bn_backbone):
     assert (tmp_path / "r.png").stat().st_size > 500
     bad = run(ROOT / "tools" / "query.py", tmp_path / "missing.jpg", "--index", index, "--weights", weights)
     assert bad.returncode == 2 and "cannot read image" in bad.stderr
+    assert "note: the index was built with" not in out.stderr  # same weights as the index
+
+    other = tmp_path / "other.caffemodel"
+    other.write_bytes(weights.read_bytes())
+    noted = run(ROOT / "tools" / "query.py", image, "--index", index, "--weights", other, "--out", tmp_path / "n.png")
+    assert noted.returncode == 0 and "note: the index was built with" in noted.stderr
+    garbage = tmp_path / "garbage.index"
+    garbage.write_bytes(b"not an index")
+    for path, message in ((tmp_path / "none.index", "no such file"), (garbage, "not an index written by")):
+        bad = run(ROOT / "tools" / "query.py", image, "--index", path, "--weights", weights)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+    torch.save({"features": torch.zeros(3, 256), "keys": ["a"], "db": str(LMDB / "lmdb_raw")}, garbage)
+    bad = run(ROOT / "tools" / "query.py", image, "--index", garbage, "--weights", weights)
+    assert bad.returncode == 2 and "do not match 1 keys" in bad.stderr
+    bad = run(ROOT / "tools" / "query.py", image, "--index", index, "--weights", weights, "--top", "0")
+    assert bad.returncode == 2 and "--top must be at least 1" in bad.stderr

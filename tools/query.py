@@ -11,15 +11,37 @@ knows the gallery identities, frames are green for the same identity and red oth
 when identities are not known).
 """
 import argparse
+import os
 import sys
 
 import cv2
 import torch
 
+from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import DataTransformer
 from mspcnn.model import MSPCNNBackbone, caffe_float32
 from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
+
+
+def load_index(path):
+    """The gallery index written by tools/build_index.py (a dict of tensors, lists and strings,
+    read without unpickling arbitrary objects). Raises FileNotFoundError or CaffeFormatError
+    (for a file that is not such an index) with the path in the message."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--index {path}: no such file (write one with tools/build_index.py)")
+    try:
+        index = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch raises several types for foreign or damaged files
+        raise CaffeFormatError(f"--index {path}: not an index written by tools/build_index.py "
+                               f"(torch.load failed: {type(exc).__name__})") from exc
+    if not isinstance(index, dict) or not {"features", "keys", "db"} <= index.keys():
+        raise CaffeFormatError(f"--index {path}: not an index written by tools/build_index.py "
+                               "(expected features, keys and db)")
+    if index["features"].ndim != 2 or index["features"].shape[0] != len(index["keys"]):
+        raise CaffeFormatError(f"--index {path}: features {list(index['features'].shape)} do not match "
+                               f"{len(index['keys'])} keys")
+    return index
 
 
 def main(argv=None):
@@ -34,10 +56,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.query_ids and len(args.query_ids) != len(args.images):
         p.error("--query-ids needs one identity per image")
-    index = torch.load(args.index, weights_only=False)
-    if args.device.startswith("cuda"):
-        caffe_float32()
-    backbone = MSPCNNBackbone().to(args.device).load_caffemodel(args.weights, strict=False).eval()
+    if args.top < 1:
+        p.error("--top must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is visible")
+    try:
+        index = load_index(args.index)
+        gallery = DatumDB(index["db"])
+        if args.device.startswith("cuda"):
+            caffe_float32()
+        backbone = MSPCNNBackbone().to(args.device).load_caffemodel(args.weights, strict=False).eval()
+    except (OSError, CaffeFormatError) as exc:  # CaffeFormatError: also a bad index file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if index.get("weights") and os.path.abspath(args.weights) != index["weights"]:
+        print(f"note: the index was built with {index['weights']}; its features and the queries' "
+              f"({args.weights}) are comparable only if the weights are the same", file=sys.stderr)
     images = []
     for path in args.images:
         img = cv2.imread(path, cv2.IMREAD_COLOR)
@@ -49,7 +83,6 @@ def main(argv=None):
     with torch.no_grad():
         q = torch.nn.functional.normalize(backbone(x.to(args.device), logits=False)["fc7_bn"].cpu())
     dist = torch.cdist(q, index["features"])
-    gallery = DatumDB(index["db"])
     rows = []
     for i, path in enumerate(args.images):
         order = torch.argsort(dist[i], stable=True)[: args.top].tolist()
