@@ -24,3 +24,16 @@ def test_pipeline_runs_end_to_end(tmp_path):
     assert result["msp_cnn"]["queries"] > 0 and 0 <= result["msp_cnn"]["mAP"] <= 1
     assert (out / "ranking.png").stat().st_size > 1000 and (out / "cmc.png").stat().st_size > 1000
     assert (out / "snapshots" / "stage2_iter_1.caffemodel").exists()
+
+
+def test_unwritable_output_folders_are_clear_errors(tmp_path):
+    """A folder that cannot be created (below a regular file) stops the main job and the dataset
+    generator with a message naming it, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for tool, args in (("run_pipeline.py", ["--out", str(blocker / "run")]),
+                       ("make_synthetic.py", [str(blocker / "raw"), "--train-ids", "2", "--test-ids", "2"])):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], capture_output=True,
+                              text=True, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr
+        assert str(blocker) in proc.stderr and "Traceback" not in proc.stderr

@@ -31,6 +31,9 @@ def main(argv=None):
                                         distractors=args.distractors, junk=args.junk, seed=args.seed)
     except ValueError as exc:
         p.error(str(exc))
+    except OSError as exc:  # a folder that cannot be created, a full disk
+        print(f"error: cannot write the dataset to {args.out_dir}: {exc}", file=sys.stderr)
+        return 2
     print("synthetic dataset written to", args.out_dir)
     for k, v in summary.items():
         print(f"  {k}: {v}")

@@ -87,7 +87,10 @@ def main(argv=None):
     raw, db, runs = (os.path.join(args.out, d) for d in ("raw", "db", "snapshots"))
     if os.path.exists(raw) and os.listdir(raw):
         p.error(f"{raw} exists and is not empty; choose another --out")
-    os.makedirs(runs, exist_ok=True)
+    try:
+        os.makedirs(runs, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {args.out}: cannot create it ({exc.strerror})")
 
     print(f"[1/5] synthetic dataset: {args.train_ids} training and {args.test_ids} test identities", flush=True)
     print("      ", make_synthetic_market(raw, args.train_ids, args.test_ids, seed=args.seed,

@@ -179,8 +179,9 @@ def make_synthetic_market(out_dir, train_ids=200, test_ids=200, cameras=6, image
         nonlocal frame
         frame += 1
         name = f"{pid:04d}" if pid >= 0 else "-1"
-        cv2.imwrite(os.path.join(dirs[folder], f"{name}_c{cam + 1}s1_{frame:06d}_00.jpg"), img,
-                    [cv2.IMWRITE_JPEG_QUALITY, 92])
+        path = os.path.join(dirs[folder], f"{name}_c{cam + 1}s1_{frame:06d}_00.jpg")
+        if not cv2.imwrite(path, img, [cv2.IMWRITE_JPEG_QUALITY, 92]):
+            raise OSError(f"make_synthetic_market: could not write {path}")
         counts[folder] += 1
 
     total = train_ids + test_ids
