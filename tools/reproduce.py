@@ -40,10 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train as train_tool  # noqa: E402
 
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501  # noqa: E402
-from mspcnn.data.lmdb_io import DatumDB  # noqa: E402
-from mspcnn.data.transformer import DataTransformer  # noqa: E402
-from mspcnn.evaluation import (euclidean_distances, extract_features, market1501_official,  # noqa: E402
-                               single_shot_cmc)
+from mspcnn.evaluation import evaluate_features, folder_features  # noqa: E402
 from mspcnn.model import MSPCNNBackbone  # noqa: E402
 from mspcnn.paths import PROTOTXT_DIR  # noqa: E402
 
@@ -76,19 +73,11 @@ def solver_files(dataset):
 
 def evaluate(dataset, db, weights, device, repeats, seed):
     backbone = MSPCNNBackbone().to(device).load_caffemodel(weights, strict=False)
-    tf = DataTransformer((144, 56), (102, 102, 101), phase="TEST")
-    rows = {s: json.load(open(os.path.join(db, f"{s}.json")))["records"] for s in ("probe", "gallery")}
-    feats = {s: torch.nn.functional.normalize(extract_features(backbone, DatumDB(os.path.join(db, f"{s}.lmdb")),
-                                                               tf, device=device, progress=s)) for s in rows}
-    dist = euclidean_distances(feats["probe"], feats["gallery"])
-    ids = {s: [r["id"] for r in rows[s]] for s in rows}
-    if dataset == "market1501":
-        cams = {s: [r["camera"] for r in rows[s]] for s in rows}
-        out = market1501_official(dist, ids["probe"], cams["probe"], ids["gallery"], cams["gallery"])
-    else:
-        out = single_shot_cmc(dist, ids["probe"], ids["gallery"], repeats=repeats, seed=seed)
-    out.pop("cmc", None)
-    return {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out.items()}
+    feats = folder_features(backbone, db, device=device)
+    out, _ = evaluate_features(feats["probe"], feats["gallery"],
+                               "market1501" if dataset == "market1501" else "single-shot", repeats, seed)
+    out.pop("cmc")
+    return out
 
 
 def _last_snapshot(run, stage):

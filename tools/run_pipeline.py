@@ -32,26 +32,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train as train_tool  # noqa: E402
 
 from mspcnn.data.datasets import convert_market1501  # noqa: E402
-from mspcnn.data.lmdb_io import DatumDB  # noqa: E402
 from mspcnn.data.synthetic import make_synthetic_market  # noqa: E402
-from mspcnn.data.transformer import DataTransformer  # noqa: E402
-from mspcnn.evaluation import euclidean_distances, extract_features, market1501_official  # noqa: E402
+from mspcnn.evaluation import (euclidean_distances, evaluate_features, folder_features,  # noqa: E402
+                               market1501_official)
 from mspcnn.model import MSPCNNBackbone  # noqa: E402
 from mspcnn.paths import PROTOTXT_DIR  # noqa: E402
 from mspcnn.plots import RIGHT, WRONG, draw_cmc, draw_ranking  # noqa: E402
 
 
-def ranking_picture(path, probe, gallery, dist, q_rows, g_rows, n_queries=6, top=10):
-    """Queries (left) and their top-`top` gallery images, green = same id, red = not."""
+def ranking_picture(path, probe, gallery, dist, n_queries=6, top=10):
+    """Queries (left) and their top-`top` gallery images (junk and same-camera matches left out,
+    as the protocol does), green = same id, red = not. `probe`, `gallery`: splits of
+    mspcnn.evaluation.folder_features."""
     rng = np.random.default_rng(0)
-    picks = rng.choice(len(q_rows), min(n_queries, len(q_rows)), replace=False)
+    picks = rng.choice(len(probe["ids"]), min(n_queries, len(probe["ids"])), replace=False)
+    g_ids, g_cams = gallery["ids"], gallery["cameras"]
     rows = []
     for q in picks:
-        order = [j for j in np.argsort(dist[q], kind="stable")
-                 if not (g_rows[j]["id"] == q_rows[q]["id"] and g_rows[j]["camera"] == q_rows[q]["camera"])
-                 and g_rows[j]["id"] != -1][:top]
-        rows.append((probe[int(q)][0].transpose(1, 2, 0),
-                     [(gallery[int(j)][0].transpose(1, 2, 0), RIGHT if g_rows[j]["id"] == q_rows[q]["id"] else WRONG)
+        q_id, q_cam = probe["ids"][q], probe["cameras"][q]
+        order = [j for j in np.argsort(np.asarray(dist[q]), kind="stable")
+                 if not (g_ids[j] == q_id and g_cams[j] == q_cam) and g_ids[j] != -1][:top]
+        rows.append((probe["db"][int(q)][0].transpose(1, 2, 0),
+                     [(gallery["db"][int(j)][0].transpose(1, 2, 0), RIGHT if g_ids[j] == q_id else WRONG)
                       for j in order]))
     draw_ranking(path, rows)
 
@@ -121,21 +123,13 @@ def main(argv=None):
     print("[5/5] evaluation (Market-1501 protocol) on the test identities", flush=True)
     backbone = MSPCNNBackbone().to(args.device)
     backbone.load_caffemodel(weights, strict=False)  # fc8 is not needed for features
-    test_tf = DataTransformer((144, 56), (102, 102, 101), phase="TEST")
-    probe, gallery = DatumDB(os.path.join(db, "probe.lmdb")), DatumDB(os.path.join(db, "gallery.lmdb"))
-    q_rows = json.load(open(os.path.join(db, "probe.json")))["records"]
-    g_rows = json.load(open(os.path.join(db, "gallery.json")))["records"]
-    fq = torch.nn.functional.normalize(extract_features(backbone, probe, test_tf, device=args.device,
-                                                        progress="probe"))
-    fg = torch.nn.functional.normalize(extract_features(backbone, gallery, test_tf, device=args.device,
-                                                        progress="gallery"))
-    labels = ([r["id"] for r in q_rows], [r["camera"] for r in q_rows],
-              [r["id"] for r in g_rows], [r["camera"] for r in g_rows])
-    dist = euclidean_distances(fq, fg)
-    result = market1501_official(dist, *labels)
-    chance = chance_level(fq.shape, fg.shape, labels, args.seed)
+    feats = folder_features(backbone, db, device=args.device)
+    probe, gallery = feats["probe"], feats["gallery"]
+    result, dist = evaluate_features(probe, gallery, "market1501")
+    labels = (probe["ids"], probe["cameras"], gallery["ids"], gallery["cameras"])
+    chance = chance_level(probe["features"].shape, gallery["features"].shape, labels, args.seed)
     picture = os.path.join(args.out, "ranking.png")
-    ranking_picture(picture, probe, gallery, dist, q_rows, g_rows)
+    ranking_picture(picture, probe, gallery, dist)
     draw_cmc({"MSP-CNN (this run)": result["cmc"], "chance": chance["cmc"]}, os.path.join(args.out, "cmc.png"),
              title="CMC, Market-1501 protocol, synthetic test identities")
     print(f"\n{'':<22} {'rank-1':>7} {'rank-5':>7} {'rank-10':>8} {'rank-20':>8} {'mAP':>7}")
