@@ -292,9 +292,14 @@ def folder_features(backbone, db_dir, device="cpu", batch_size=32, progress=True
         meta_path = os.path.join(db_dir, f"{split}.json")
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{db_dir}: no {split}.json (write the folder with tools/convert_dataset.py)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        rows = meta.pop("records")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
+        rows = meta.pop("records", None) if isinstance(meta, dict) else None
+        if rows is None:
+            raise ValueError(f"{meta_path}: no records (not written by tools/convert_dataset.py)")
         db = DatumDB(os.path.join(db_dir, f"{split}.lmdb"))
         if len(db) != len(rows):
             raise ValueError(f"{db_dir}: {split}.lmdb has {len(db)} records but {split}.json {len(rows)}")

@@ -66,3 +66,7 @@ def test_evaluate_folder_without_test_split(unit_bn_backbone, tmp_path):
     (tmp_path / "empty").mkdir()
     out = evaluate("--weights", weights, "--data", tmp_path / "empty", "--device", "cpu")
     assert out.returncode == 2 and "no probe.json" in out.stderr and "convert_dataset.py" in out.stderr
+    for text, message in (("{not json", "not valid JSON"), ('{"dataset": "market1501"}', "no records")):
+        (tmp_path / "empty" / "probe.json").write_text(text)
+        out = evaluate("--weights", weights, "--data", tmp_path / "empty", "--device", "cpu")
+        assert out.returncode == 2 and "probe.json" in out.stderr and message in out.stderr, out.stderr
