@@ -284,9 +284,9 @@ def folder_features(backbone, db_dir, device="cpu", batch_size=32, progress=True
     each split a dict of ``features`` (N x D tensor), ``ids``, ``cameras``, ``keys`` (lists) and
     ``db`` (the open DatumDB). Raises FileNotFoundError naming what is missing."""
     from mspcnn.data.lmdb_io import DatumDB
-    from mspcnn.data.transformer import DataTransformer
+    from mspcnn.model import feature_transformer
 
-    transformer = DataTransformer((144, 56), (102, 102, 101), phase="TEST")
+    transformer = feature_transformer()
     out = {}
     for split in ("probe", "gallery"):
         meta_path = os.path.join(db_dir, f"{split}.json")

@@ -24,9 +24,10 @@ from torch import nn
 from mspcnn.caffe import layers as L
 from mspcnn.caffe import proto
 from mspcnn.caffe.weights import layer_blobs_to_net, load_layer_blobs
+from mspcnn.data.transformer import DataTransformer
 from mspcnn.losses import ncc_loss
 
-__all__ = ["MSPCNNBackbone", "MSPCNN", "INPUT_SHAPE", "caffe_float32"]
+__all__ = ["MSPCNNBackbone", "MSPCNN", "INPUT_SHAPE", "CROP", "MEAN_BGR", "caffe_float32", "feature_transformer"]
 
 
 def caffe_float32():
@@ -38,6 +39,14 @@ def caffe_float32():
 
 
 INPUT_SHAPE = (3, 144, 56)  # a 144 x 56 crop of a 160 x 64 image, BGR, mean subtracted
+CROP = INPUT_SHAPE[1:]
+MEAN_BGR = (102, 102, 101)  # per-channel mean subtracted from the images (prototxt_equiv)
+
+
+def feature_transformer():
+    """The TEST-phase transform of the network's input: the centre 144 x 56 crop, minus MEAN_BGR
+    (as the deploy and train_val prototxts' test phase); for feature extraction."""
+    return DataTransformer(CROP, MEAN_BGR, phase="TEST")
 
 
 def _filler(kind, **kw):

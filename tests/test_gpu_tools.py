@@ -10,9 +10,8 @@ import torch
 
 from mspcnn.caffe import io as cio
 from mspcnn.data.lmdb_io import DatumDB
-from mspcnn.data.transformer import DataTransformer
 from mspcnn.evaluation import extract_features
-from mspcnn.model import caffe_float32
+from mspcnn.model import caffe_float32, feature_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = str(ROOT / "prototxt_equiv" / "solver_stage1.prototxt")
@@ -81,7 +80,7 @@ def test_deterministic_resume_on_cuda_is_bit_exact(tiny_market_db, tmp_path):
 
 def test_feature_extraction_on_cuda_agrees_with_cpu(unit_bn_backbone):
     model = unit_bn_backbone
-    tf = DataTransformer((144, 56), (102, 102, 101), phase="TEST")
+    tf = feature_transformer()
     db = DatumDB(LMDB)
     caffe_float32()  # as the tools do: no TF32
     cpu = extract_features(model, db, tf, batch_size=3, device="cpu")

@@ -19,8 +19,7 @@ import torch
 
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.data.lmdb_io import DatumDB
-from mspcnn.data.transformer import DataTransformer
-from mspcnn.model import MSPCNNBackbone, caffe_float32
+from mspcnn.model import MSPCNNBackbone, caffe_float32, feature_transformer
 from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
 
 
@@ -79,7 +78,7 @@ def main(argv=None):
             print(f"error: cannot read image {path}", file=sys.stderr)
             return 2
         images.append(cv2.resize(img, (64, 160), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
-    x = torch.from_numpy(DataTransformer((144, 56), (102, 102, 101), phase="TEST")(images))
+    x = torch.from_numpy(feature_transformer()(images))
     with torch.no_grad():
         q = torch.nn.functional.normalize(backbone(x.to(args.device), logits=False)["fc7_bn"].cpu())
     dist = torch.cdist(q, index["features"])

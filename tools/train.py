@@ -37,12 +37,9 @@ from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import DataTransformer
 from mspcnn.evaluation import cross_camera_retrieval, extract_features
-from mspcnn.model import MSPCNN, caffe_float32
+from mspcnn.model import CROP, MEAN_BGR, MSPCNN, caffe_float32, feature_transformer
 from mspcnn.paths import TRAIN_VAL_PROTOTXT
 from mspcnn.solver import SGDSolver
-
-MEAN = (102, 102, 101)
-CROP = (144, 56)
 
 
 def log(where, message):
@@ -148,7 +145,7 @@ def main(argv=None):
         log("solver.cpp:330", f"Restoring previous solver status from {args.snapshot}")
 
     sampler = PairSampler(labels, [r["camera"] for r in rows], seed=seed)
-    transformer = DataTransformer(CROP, MEAN, mirror=True, phase="TRAIN", seed=seed)
+    transformer = DataTransformer(CROP, MEAN_BGR, mirror=True, phase="TRAIN", seed=seed)
     loader = PairLoader(DatumDB(os.path.join(args.data, "train.lmdb")), labels, sampler,
                         args.batch_pairs, transformer, workers=args.workers)
     if loader.batches_per_epoch() < 1:
@@ -186,7 +183,7 @@ def main(argv=None):
         if val is None:
             return
         log("solver.cpp:330", f"Iteration {solver.iter}, Testing net (#0)")
-        feats = extract_features(backbone, val[0], DataTransformer(CROP, MEAN, phase="TEST"),
+        feats = extract_features(backbone, val[0], feature_transformer(),
                                  device=device)
         rank1, mean_ap, queries = cross_camera_retrieval(feats, val[1], val[2])
         backbone.train()
