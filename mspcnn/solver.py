@@ -171,7 +171,7 @@ class SGDSolver:
         buf = _io.BytesIO()
         pickle.dump(rng, buf)
         state.rng_state = buf.getvalue()
-        cio._atomic_write(base + ".solverstate", state.SerializeToString())
+        cio.atomic_write(base + ".solverstate", state.SerializeToString())
         return weights, base + ".solverstate"
 
     def restore(self, solverstate, load_weights=None):

@@ -8,17 +8,17 @@ The index (a torch file) holds the features, the record keys and, when DB_DIR/<s
 exists beside the database, identities, cameras and source paths. tools/query.py ranks it.
 """
 import argparse
+import io
 import json
 import os
 import sys
 
 import torch
 
-from mspcnn.caffe.io import CaffeFormatError
+from mspcnn.caffe.io import CaffeFormatError, atomic_write
 from mspcnn.data.lmdb_io import DatumDB
-from mspcnn.data.transformer import DataTransformer
 from mspcnn.evaluation import extract_features
-from mspcnn.model import MSPCNNBackbone, caffe_float32
+from mspcnn.model import MSPCNNBackbone, caffe_float32, feature_transformer
 
 
 def main(argv=None):
@@ -40,15 +40,15 @@ def main(argv=None):
     meta_path = args.db[:-5] + ".json" if args.db.rstrip("/").endswith(".lmdb") else None
     rows = json.load(open(meta_path))["records"] if meta_path and os.path.exists(meta_path) else None
     print(f"extracting {len(db)} gallery features from {args.db} ...", flush=True)
-    feats = extract_features(backbone, db, DataTransformer((144, 56), (102, 102, 101), phase="TEST"),
+    feats = extract_features(backbone, db, feature_transformer(),
                              args.batch_size, args.device, progress="gallery")
     index = {"features": torch.nn.functional.normalize(feats), "keys": [k.decode() for k in db.keys],
              "db": os.path.abspath(args.db), "weights": os.path.abspath(args.weights)}
     if rows:
         index.update(ids=[r["id"] for r in rows], cameras=[r["camera"] for r in rows])
-    tmp = args.out + ".tmp"
-    torch.save(index, tmp)
-    os.replace(tmp, args.out)
+    buf = io.BytesIO()
+    torch.save(index, buf)
+    atomic_write(args.out, buf.getvalue())
     print(f"wrote {args.out}: {len(db)} x {feats.shape[1]} features")
     return 0
 

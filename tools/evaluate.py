@@ -23,27 +23,17 @@
     (torch.load(path, weights_only=True)).
 """
 import argparse
+import io
 import json
 import os
 import sys
 
 import torch
 
+from mspcnn.caffe.io import atomic_write
 from mspcnn.evaluation import PROTOCOLS, evaluate_features, folder_features, protocol_of
 from mspcnn.model import MSPCNNBackbone, caffe_float32
 from mspcnn.plots import draw_cmc
-
-
-def write_atomically(path, save):
-    """save(tmp) then rename, so that an interrupted write leaves no partial file."""
-    tmp = f"{path}.tmp"
-    save(tmp)
-    os.replace(tmp, path)
-
-
-def dump_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def main(argv=None):
@@ -97,14 +87,16 @@ def main(argv=None):
         if args.json:
             record = {"weights": os.path.abspath(args.weights), "data": os.path.abspath(args.data),
                       "protocol": protocol, "dataset": meta, "result": result}
-            write_atomically(args.json, lambda tmp: dump_json(record, tmp))
+            atomic_write(args.json, json.dumps(record, indent=1), mode="w")
         if args.cmc:
             draw_cmc({os.path.basename(args.weights): result["cmc"]}, args.cmc,
                      max_rank=min(20, len(result["cmc"])), title=f"CMC, {name}, {protocol}")
         if args.features:
             saved = {s: {k: v for k, v in feats[s].items() if k != "db"} for s in ("probe", "gallery")}
             saved.update(weights=os.path.abspath(args.weights), data=os.path.abspath(args.data))
-            write_atomically(args.features, lambda tmp: torch.save(saved, tmp))
+            buf = io.BytesIO()
+            torch.save(saved, buf)
+            atomic_write(args.features, buf.getvalue())
     except OSError as exc:
         print(f"error: cannot write an output: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train as train_tool  # noqa: E402
 
+from mspcnn.caffe.io import atomic_write  # noqa: E402
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501  # noqa: E402
 from mspcnn.evaluation import evaluate_features, folder_features  # noqa: E402
 from mspcnn.model import MSPCNNBackbone  # noqa: E402
@@ -131,12 +132,9 @@ def write_results(args, n_splits, seeds, results):
             summary[name] = {"mean": {k: 100 * float(np.mean([r[k] for r in rows])) for k in keys},
                              "std": {k: 100 * float(np.std([r[k] for r in rows], ddof=ddof)) for k in keys},
                              "runs": rows}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"dataset": args.dataset, "splits": n_splits, "seeds": seeds, "paper": PAPER[args.dataset],
-                   "ours": summary, "args": vars(args)}, f, indent=2)
-    os.replace(path + ".tmp", path)
+    record = {"dataset": args.dataset, "splits": n_splits, "seeds": seeds, "paper": PAPER[args.dataset],
+              "ours": summary, "args": vars(args)}
+    atomic_write(os.path.join(args.out, "results.json"), json.dumps(record, indent=2), mode="w")
     return summary
 
 

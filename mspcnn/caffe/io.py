@@ -24,7 +24,7 @@ from . import proto
 __all__ = [
     "CaffeFormatError", "read_prototxt", "parse_prototxt", "write_prototxt",
     "read_caffemodel", "write_caffemodel", "read_binaryproto", "write_binaryproto",
-    "blob_to_array", "array_to_blob",
+    "blob_to_array", "array_to_blob", "atomic_write",
 ]
 
 
@@ -70,7 +70,10 @@ def read_prototxt(path, message_type=proto.NetParameter):
     return parse_prototxt(text, message_type, source=os.fspath(path))
 
 
-def _atomic_write(path, data, mode="wb"):
+def atomic_write(path, data, mode="wb"):
+    """Write ``data`` (bytes, or str with mode "w") to ``path`` through a temporary file in the same
+    folder (created if needed), flushed to disk and renamed over ``path``: an interrupted write
+    leaves the previous file intact and no partial one."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -89,7 +92,7 @@ def _atomic_write(path, data, mode="wb"):
 
 def write_prototxt(msg, path):
     """Write a message in Caffe text format (atomically)."""
-    _atomic_write(path, text_format.MessageToString(msg), mode="w")
+    atomic_write(path, text_format.MessageToString(msg), mode="w")
 
 
 def _parse_binary(data, message_type, path, what):
@@ -112,7 +115,7 @@ def read_caffemodel(path):
 
 def write_caffemodel(net, path):
     """Write a ``NetParameter`` as a ``.caffemodel`` (atomically)."""
-    _atomic_write(path, net.SerializeToString())
+    atomic_write(path, net.SerializeToString())
 
 
 def blob_to_array(blob):
@@ -170,4 +173,4 @@ def write_binaryproto(array, path):
     arr = np.asarray(array, dtype=np.float32)
     if arr.ndim == 3:
         arr = arr[None]
-    _atomic_write(path, array_to_blob(arr, legacy_dims=True).SerializeToString())
+    atomic_write(path, array_to_blob(arr, legacy_dims=True).SerializeToString())
