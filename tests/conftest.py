@@ -26,6 +26,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _run_tool(name, *args):
+    """Run tools/<name> with this Python from the repository root; output captured as text."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+@pytest.fixture
+def run_tool():
+    """``run_tool(name, *args)``: a command-line tool's CompletedProcess (see _run_tool)."""
+    return _run_tool
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -36,11 +48,10 @@ def tiny_market_db(tmp_path_factory):
     """A tiny synthetic Market-style dataset converted to LMDB (8 training identities, 3 of them
     held out for validation), made once per test session with the command-line tools."""
     base = tmp_path_factory.mktemp("tiny_market")
-    for cmd in (["make_synthetic.py", str(base / "raw"), "--train-ids", "8", "--test-ids", "2",
+    for cmd in (["make_synthetic.py", base / "raw", "--train-ids", "8", "--test-ids", "2",
                  "--distractors", "0", "--junk", "0"],
-                ["convert_dataset.py", "market1501", str(base / "raw"), str(base / "db"), "--val-ids", "3"]):
-        subprocess.run([sys.executable, str(ROOT / "tools" / cmd[0])] + cmd[1:], check=True,
-                       capture_output=True)
+                ["convert_dataset.py", "market1501", base / "raw", base / "db", "--val-ids", "3"]):
+        _run_tool(*cmd).check_returncode()
     return base / "db"
 
 

@@ -1,26 +1,16 @@
 """tools/evaluate.py on the tiny synthetic Market-style database: both protocols, its outputs
 against the library functions, and bad input."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from mspcnn.evaluation import market1501_noninterp, market1501_official, single_shot_cmc
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def evaluate(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT)
-
-
-def test_evaluate_market_and_single_shot(tiny_market_db, unit_bn_backbone, tmp_path):
+def test_evaluate_market_and_single_shot(run_tool, tiny_market_db, unit_bn_backbone, tmp_path):
     weights = tmp_path / "w.caffemodel"
     unit_bn_backbone.save_caffemodel(weights)
-    out = evaluate("--weights", weights, "--data", tiny_market_db, "--device", "cpu", "--json", tmp_path / "m.json",
+    out = run_tool("evaluate.py", "--weights", weights, "--data", tiny_market_db, "--device", "cpu", "--json", tmp_path / "m.json",
                    "--cmc", tmp_path / "cmc.png", "--features", tmp_path / "f.pt")
     assert out.returncode == 0, out.stderr
     assert "protocol market1501" in out.stdout and "mAP (non-interp.)" in out.stdout
@@ -39,7 +29,7 @@ def test_evaluate_market_and_single_shot(tiny_market_db, unit_bn_backbone, tmp_p
     assert f"{100 * result['rank1']:.2f}%" in out.stdout
     assert (tmp_path / "cmc.png").stat().st_size > 1000
 
-    out = evaluate("--weights", weights, "--data", tiny_market_db, "--device", "cpu", "--protocol", "single-shot",
+    out = run_tool("evaluate.py", "--weights", weights, "--data", tiny_market_db, "--device", "cpu", "--protocol", "single-shot",
                    "--repeats", "7", "--seed", "3", "--json", tmp_path / "s.json")
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "s.json").read_text())["result"]
@@ -48,7 +38,7 @@ def test_evaluate_market_and_single_shot(tiny_market_db, unit_bn_backbone, tmp_p
     assert abs(expected["rank1"] - result["rank1"]) < 1e-6
 
 
-def test_evaluate_bad_input(tiny_market_db, tmp_path):
+def test_evaluate_bad_input(run_tool, tiny_market_db, tmp_path):
     cases = [(["--weights", tmp_path / "none.caffemodel", "--data", tiny_market_db], "none.caffemodel"),
              (["--weights", tmp_path / "none.caffemodel", "--data", tmp_path / "nothing"], "no such folder"),
              (["--weights", tmp_path / "none.caffemodel", "--data", tmp_path, "--repeats", "0"], "at least 1")]
@@ -56,17 +46,17 @@ def test_evaluate_bad_input(tiny_market_db, tmp_path):
     weights.write_bytes(b"\x00garbage")
     cases.append((["--weights", weights, "--data", tiny_market_db], "w.caffemodel"))
     for args, message in cases:
-        out = evaluate(*args, "--device", "cpu")
+        out = run_tool("evaluate.py", *args, "--device", "cpu")
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-def test_evaluate_folder_without_test_split(unit_bn_backbone, tmp_path):
+def test_evaluate_folder_without_test_split(run_tool, unit_bn_backbone, tmp_path):
     weights = tmp_path / "w.caffemodel"
     unit_bn_backbone.save_caffemodel(weights)
     (tmp_path / "empty").mkdir()
-    out = evaluate("--weights", weights, "--data", tmp_path / "empty", "--device", "cpu")
+    out = run_tool("evaluate.py", "--weights", weights, "--data", tmp_path / "empty", "--device", "cpu")
     assert out.returncode == 2 and "no probe.json" in out.stderr and "convert_dataset.py" in out.stderr
     for text, message in (("{not json", "not valid JSON"), ('{"dataset": "market1501"}', "no records")):
         (tmp_path / "empty" / "probe.json").write_text(text)
-        out = evaluate("--weights", weights, "--data", tmp_path / "empty", "--device", "cpu")
+        out = run_tool("evaluate.py", "--weights", weights, "--data", tmp_path / "empty", "--device", "cpu")
         assert out.returncode == 2 and "probe.json" in out.stderr and message in out.stderr, out.stderr

@@ -1,22 +1,15 @@
 """The end-to-end pipeline (tools/run_pipeline.py), in miniature: generate,
 convert, two training stages, evaluation, ranking picture."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.mark.slow
-def test_pipeline_runs_end_to_end(tmp_path):
+def test_pipeline_runs_end_to_end(tmp_path, run_tool):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "run_pipeline.py"), "--out", str(out),
-                           "--train-ids", "8", "--test-ids", "4", "--iters1", "2", "--iters2", "1",
-                           "--batch-pairs", "2", "--device", "cpu"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = run_tool("run_pipeline.py", "--out", out, "--train-ids", "8", "--test-ids", "4", "--iters1", "2",
+                    "--iters2", "1", "--batch-pairs", "2", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "MSP-CNN (this run)" in proc.stdout and "chance (random feats)" in proc.stdout
     assert "Train net output #2: loss_low" in proc.stdout  # stage 2 ran with the NCC loss
@@ -26,14 +19,13 @@ def test_pipeline_runs_end_to_end(tmp_path):
     assert (out / "snapshots" / "stage2_iter_1.caffemodel").exists()
 
 
-def test_unwritable_output_folders_are_clear_errors(tmp_path):
+def test_unwritable_output_folders_are_clear_errors(tmp_path, run_tool):
     """A folder that cannot be created (below a regular file) stops the main job and the dataset
     generator with a message naming it, not a traceback."""
     blocker = tmp_path / "file"
     blocker.write_text("")
     for tool, args in (("run_pipeline.py", ["--out", str(blocker / "run")]),
                        ("make_synthetic.py", [str(blocker / "raw"), "--train-ids", "2", "--test-ids", "2"])):
-        proc = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], capture_output=True,
-                              text=True, cwd=ROOT)
+        proc = run_tool(tool, *args)
         assert proc.returncode == 2, proc.stderr
         assert str(blocker) in proc.stderr and "Traceback" not in proc.stderr

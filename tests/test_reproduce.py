@@ -1,15 +1,10 @@
 """tools/reproduce.py end to end on a fabricated CUHK01 (two seeded splits,
 single-shot CMC) with minimal training."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def fabricate_cuhk01(root):
@@ -24,13 +19,11 @@ def fabricate_cuhk01(root):
 
 
 @pytest.mark.slow
-def test_reproduce_cuhk01_two_splits(tmp_path):
+def test_reproduce_cuhk01_two_splits(tmp_path, run_tool):
     fabricate_cuhk01(tmp_path / "raw")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "cuhk01-100",
-                           str(tmp_path / "raw"), "--out", str(out), "--splits", "2", "--iters1", "2",
-                           "--iters2", "1", "--batch-pairs", "2", "--device", "cpu", "--val-ids", "2",
-                           "--repeats", "5"], capture_output=True, text=True, cwd=ROOT)
+    proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--splits", "2", "--iters1", "2",
+                    "--iters2", "1", "--batch-pairs", "2", "--device", "cpu", "--val-ids", "2", "--repeats", "5")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "cuhk01-100, 2 split(s)" in proc.stdout and "paper: all" in proc.stdout
     result = json.loads((out / "results.json").read_text())
@@ -41,16 +34,14 @@ def test_reproduce_cuhk01_two_splits(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablation_over_seeds(tmp_path):
+def test_ablation_over_seeds(tmp_path, run_tool):
     """--ablation --seeds: four loss sets x two seeds, stage 1 trained once per (cls, high) weights and
     seed and shared with the loss set that adds the NCC loss."""
     fabricate_cuhk01(tmp_path / "raw")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce.py"), "cuhk01-100",
-                           str(tmp_path / "raw"), "--out", str(out), "--splits", "1", "--ablation",
-                           "--seeds", "3", "4", "--iters1", "1", "--iters2", "2", "--batch-pairs", "2",
-                           "--device", "cpu", "--val-ids", "2", "--repeats", "2"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--splits", "1", "--ablation",
+                    "--seeds", "3", "4", "--iters1", "1", "--iters2", "2", "--batch-pairs", "2", "--device", "cpu",
+                    "--val-ids", "2", "--repeats", "2")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "1 split(s) x 2 seed(s)" in proc.stdout and "sample standard deviation" in proc.stdout
     result = json.loads((out / "results.json").read_text())
