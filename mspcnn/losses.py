@@ -7,12 +7,14 @@ pool1 maps of the two images of a pair through the wide-search NCC operator
 """
 import torch
 
+from mspcnn.defaults import NCC_EPS, NCC_NEG_CEILING, NCC_PATCH, NCC_POS_FLOOR, NCC_SEARCH_ROWS
 from mspcnn.ops import ncc_max
 
 __all__ = ["ncc_loss"]
 
 
-def ncc_loss(a, b, similar, patch=5, search_rows=5, eps=0.01, pos_floor=-1.0, neg_ceiling=1.0):
+def ncc_loss(a, b, similar, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS,
+             pos_floor=NCC_POS_FLOOR, neg_ceiling=NCC_NEG_CEILING):
     """Low-level similarity loss on feature maps ``a``, ``b`` (N x C x H x W).
 
     With s = ncc_max(a, b) (the best wide-search NCC of every patch of ``a``):

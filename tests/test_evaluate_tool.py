@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from mspcnn.evaluation import market1501_noninterp, market1501_official, single_shot_cmc
+from mspcnn.metrics import market1501_noninterp, market1501_official, single_shot_cmc
 
 
 def test_evaluate_market_and_single_shot(run_tool, tiny_market_db, unit_bn_backbone, tmp_path):

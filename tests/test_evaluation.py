@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mspcnn.evaluation import (cross_camera_retrieval, market1501_noninterp, market1501_official,
-                               market_ranking_stats, single_shot_cmc)
+from mspcnn.metrics import (cross_camera_retrieval, market1501_noninterp, market1501_official,
+                            market_ranking_stats, single_shot_cmc)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_eval import per_query_loop  # noqa: E402

@@ -11,7 +11,8 @@ import torch
 from mspcnn.caffe import io as cio
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.evaluation import extract_features
-from mspcnn.model import caffe_float32, feature_transformer
+from mspcnn.data.transformer import feature_transformer
+from mspcnn.model import caffe_float32
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1 = str(ROOT / "prototxt_equiv" / "solver_stage1.prototxt")

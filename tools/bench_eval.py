@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the Market-1501 evaluation at real scale: CMC and mAP for a
 3368 x 15913 distance matrix (Market-1501's query x gallery), the vectorised
-mspcnn.evaluation against a straightforward per-query NumPy loop (the official
+mspcnn.metrics against a straightforward per-query NumPy loop (the official
 compute_AP.m logic), in the same run; checks that the results are identical.
 
     python tools/bench_eval.py [--queries 3368] [--gallery 15913] [--json bench_eval.json]
@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from mspcnn.evaluation import market1501_official
+from mspcnn.metrics import market1501_official
 
 
 def per_query_loop(dist, q_ids, q_cams, g_ids, g_cams, max_rank=20):
@@ -76,7 +76,7 @@ def main(argv=None):
         and ours["queries"] == base["queries"]
     print(f"\n{'implementation':<30} {'seconds':>8} {'rank-1':>8} {'mAP':>8}")
     print(f"{'per-query NumPy loop':<30} {t_base:>8.2f} {base['rank1']:>8.4f} {base['mAP']:>8.4f}")
-    print(f"{'mspcnn.evaluation (vectorised)':<30} {t_ours:>8.2f} {ours['rank1']:>8.4f} {ours['mAP']:>8.4f}")
+    print(f"{'mspcnn.metrics (vectorised)':<30} {t_ours:>8.2f} {ours['rank1']:>8.4f} {ours['mAP']:>8.4f}")
     print(f"speed-up {t_base / t_ours:.1f}x; identical results: {same}")
     with open(args.json, "w") as f:
         json.dump({"seconds": {"ours": t_ours, "baseline": t_base}, "speedup": t_base / t_ours,

@@ -4,21 +4,22 @@
     python tools/build_index.py --weights W.caffemodel --db DB_DIR/gallery.lmdb --out gallery.index
                                 [--device cpu|cuda] [--batch-size 32]
 
-The index (a torch file) holds the features, the record keys and, when DB_DIR/<split>.json
+The index (a torch file, format in mspcnn/index.py) holds the features, the record keys and, when DB_DIR/<split>.json
 exists beside the database, identities, cameras and source paths. tools/query.py ranks it.
 """
 import argparse
-import io
 import json
 import os
 import sys
 
 import torch
 
-from mspcnn.caffe.io import CaffeFormatError, atomic_write
+from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.evaluation import extract_features
-from mspcnn.model import MSPCNNBackbone, caffe_float32, feature_transformer
+from mspcnn.index import write_index
+from mspcnn.data.transformer import feature_transformer
+from mspcnn.model import MSPCNNBackbone, caffe_float32
 
 
 def main(argv=None):
@@ -42,13 +43,8 @@ def main(argv=None):
     print(f"extracting {len(db)} gallery features from {args.db} ...", flush=True)
     feats = extract_features(backbone, db, feature_transformer(),
                              args.batch_size, args.device, progress="gallery")
-    index = {"features": torch.nn.functional.normalize(feats), "keys": [k.decode() for k in db.keys],
-             "db": os.path.abspath(args.db), "weights": os.path.abspath(args.weights)}
-    if rows:
-        index.update(ids=[r["id"] for r in rows], cameras=[r["camera"] for r in rows])
-    buf = io.BytesIO()
-    torch.save(index, buf)
-    atomic_write(args.out, buf.getvalue())
+    write_index(args.out, feats, [k.decode() for k in db.keys], args.db, args.weights,
+                ids=[r["id"] for r in rows] if rows else None, cameras=[r["camera"] for r in rows] if rows else None)
     print(f"wrote {args.out}: {len(db)} x {feats.shape[1]} features")
     return 0
 

@@ -19,28 +19,10 @@ import torch
 
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.data.lmdb_io import DatumDB
-from mspcnn.model import MSPCNNBackbone, caffe_float32, feature_transformer
+from mspcnn.data.transformer import IMAGE_SIZE, feature_transformer
+from mspcnn.index import load_index
+from mspcnn.model import MSPCNNBackbone, caffe_float32
 from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
-
-
-def load_index(path):
-    """The gallery index written by tools/build_index.py (a dict of tensors, lists and strings,
-    read without unpickling arbitrary objects). Raises FileNotFoundError or CaffeFormatError
-    (for a file that is not such an index) with the path in the message."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--index {path}: no such file (write one with tools/build_index.py)")
-    try:
-        index = torch.load(path, weights_only=True)
-    except Exception as exc:  # torch raises several types for foreign or damaged files
-        raise CaffeFormatError(f"--index {path}: not an index written by tools/build_index.py "
-                               f"(torch.load failed: {type(exc).__name__})") from exc
-    if not isinstance(index, dict) or not {"features", "keys", "db"} <= index.keys():
-        raise CaffeFormatError(f"--index {path}: not an index written by tools/build_index.py "
-                               "(expected features, keys and db)")
-    if index["features"].ndim != 2 or index["features"].shape[0] != len(index["keys"]):
-        raise CaffeFormatError(f"--index {path}: features {list(index['features'].shape)} do not match "
-                               f"{len(index['keys'])} keys")
-    return index
 
 
 def main(argv=None):
@@ -77,7 +59,7 @@ def main(argv=None):
         if img is None:
             print(f"error: cannot read image {path}", file=sys.stderr)
             return 2
-        images.append(cv2.resize(img, (64, 160), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
+        images.append(cv2.resize(img, IMAGE_SIZE[::-1], interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
     x = torch.from_numpy(feature_transformer()(images))
     with torch.no_grad():
         q = torch.nn.functional.normalize(backbone(x.to(args.device), logits=False)["fc7_bn"].cpu())

@@ -19,7 +19,16 @@ import numpy as np
 
 from mspcnn.caffe import io as cio
 
-__all__ = ["DataTransformer", "SequentialDataLayer"]
+__all__ = ["DataTransformer", "SequentialDataLayer", "IMAGE_SIZE", "CROP", "MEAN_BGR", "INPUT_SHAPE",
+           "train_transformer", "feature_transformer"]
+
+# The network's input, as in the network of Xiao et al. (CVPR 2016), which MSP-CNN builds on:
+# images stored at 160 x 64 (height x width), a 144 x 56 crop (random in training, centred for
+# features), BGR minus a per-channel mean, no scaling.
+IMAGE_SIZE = (160, 64)
+CROP = (144, 56)
+MEAN_BGR = (102, 102, 101)
+INPUT_SHAPE = (3,) + CROP  # one network input: C x H x W
 
 
 class DataTransformer:
@@ -142,3 +151,15 @@ class SequentialDataLayer:
         images, labels = self.db.read_batch(idx)
         data = self.transformer(images) if self.transformer else images.astype(np.float32)
         return data, labels.astype(np.float32)
+
+
+def train_transformer(seed=0):
+    """The TRAIN-phase transform of the network's input: a random 144 x 56 crop, a random
+    left-right flip, minus MEAN_BGR; seeded."""
+    return DataTransformer(CROP, MEAN_BGR, mirror=True, phase="TRAIN", seed=seed)
+
+
+def feature_transformer():
+    """The TEST-phase transform of the network's input: the centre 144 x 56 crop, minus MEAN_BGR,
+    no flip; for feature extraction."""
+    return DataTransformer(CROP, MEAN_BGR, phase="TEST")

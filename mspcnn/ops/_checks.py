@@ -8,6 +8,29 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
+# Limits of the CUDA kernels (csrc/cuda/ncc_kernels.cu): a block keeps the
+# rows of both maps it needs and one row of outputs in shared memory.
+CUDA_MAX_WIDTH = 64
+CUDA_MAX_PATCH = 15
+CUDA_MAX_SEARCH_ROWS = 15
+
+
+def cuda_limits(op, a, patch, search_rows):
+    """Raise ValueError when a CUDA input exceeds the kernels' limits."""
+    W = a.shape[3]
+    if W > CUDA_MAX_WIDTH:
+        raise ValueError(
+            f"{op}: the CUDA kernel supports maps at most {CUDA_MAX_WIDTH} wide, `a` is {W} "
+            "wide (move the inputs to the CPU)"
+        )
+    if patch > CUDA_MAX_PATCH:
+        raise ValueError(f"{op}: the CUDA kernel supports `patch` <= {CUDA_MAX_PATCH}, got {patch}")
+    if search_rows > CUDA_MAX_SEARCH_ROWS:
+        raise ValueError(
+            f"{op}: the CUDA kernel supports `search_rows` <= {CUDA_MAX_SEARCH_ROWS}, "
+            f"got {search_rows}"
+        )
+
 
 def check_map(op, name, t):
     if not isinstance(t, torch.Tensor):
@@ -49,6 +72,4 @@ def check_inputs(op, a, b, patch, search_rows, eps):
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{op}: `eps` must be finite and >= 0, got {eps}")
     if a.device.type == "cuda":
-        from .ncc import cuda_limits  # late import: ncc imports this module
-
         cuda_limits(op, a, patch, search_rows)

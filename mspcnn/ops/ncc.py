@@ -13,6 +13,8 @@ not themselves differentiable (no double backward).
 """
 import torch
 
+from mspcnn.defaults import NCC_EPS, NCC_PATCH, NCC_SEARCH_ROWS
+
 from ._checks import check_inputs
 
 try:
@@ -24,31 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         f"(after `pip install torch`). Cause: {exc}"
     ) from exc
 
-__all__ = ["ncc_volume", "ncc_max", "cuda_limits"]
-
-# Limits of the CUDA kernels (csrc/cuda/ncc_kernels.cu): a block keeps the
-# rows of both maps it needs and one row of outputs in shared memory.
-CUDA_MAX_WIDTH = 64
-CUDA_MAX_PATCH = 15
-CUDA_MAX_SEARCH_ROWS = 15
-
-
-def cuda_limits(op, a, patch, search_rows):
-    """Raise ValueError when a CUDA input exceeds the kernels' limits."""
-    W = a.shape[3]
-    if W > CUDA_MAX_WIDTH:
-        raise ValueError(
-            f"{op}: the CUDA kernel supports maps at most {CUDA_MAX_WIDTH} wide, `a` is {W} "
-            "wide (move the inputs to the CPU)"
-        )
-    if patch > CUDA_MAX_PATCH:
-        raise ValueError(f"{op}: the CUDA kernel supports `patch` <= {CUDA_MAX_PATCH}, got {patch}")
-    if search_rows > CUDA_MAX_SEARCH_ROWS:
-        raise ValueError(
-            f"{op}: the CUDA kernel supports `search_rows` <= {CUDA_MAX_SEARCH_ROWS}, "
-            f"got {search_rows}"
-        )
-
+__all__ = ["ncc_volume", "ncc_max"]
 
 # --------------------------------------------------------------------------
 # Fake implementations: shapes, dtypes and devices of the outputs only.
@@ -124,7 +102,7 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------
-def ncc_volume(a, b, patch=5, search_rows=5, eps=0.01):
+def ncc_volume(a, b, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS):
     """Wide-search normalized cross-correlation volume (METHOD.md section 2).
 
     For every channel c and position (r, w) of ``a``, the P x P patch of ``a``
@@ -151,7 +129,7 @@ def ncc_volume(a, b, patch=5, search_rows=5, eps=0.01):
     return torch.ops.mspcnn.ncc_volume.default(a, b, int(patch), int(search_rows), float(eps))
 
 
-def ncc_max(a, b, patch=5, search_rows=5, eps=0.01):
+def ncc_max(a, b, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS):
     """Best wide-search NCC match of every patch (the form used by MSP-CNN).
 
     Same arguments as :func:`ncc_volume`. Returns ``(values, index)``, both

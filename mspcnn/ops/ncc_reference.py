@@ -8,6 +8,8 @@ the C++/CUDA kernels against it and tools/bench_ncc.py uses it as the baseline.
 import torch
 import torch.nn.functional as F
 
+from mspcnn.defaults import NCC_EPS, NCC_PATCH, NCC_SEARCH_ROWS
+
 from ._checks import check_inputs
 
 
@@ -34,7 +36,7 @@ def _normalised(p, eps):
     return xc / (s + eps)
 
 
-def ncc_volume_reference(a, b, patch=5, search_rows=5, eps=0.01):
+def ncc_volume_reference(a, b, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS):
     """Reference of :func:`mspcnn.ops.ncc_volume`: N x (C*R*W) x H x W, channel
     c*R*W + k*W + col holds the NCC of the patch of ``a`` at (r, w) with the
     patch of ``b`` at (r + k - R//2, col)."""
@@ -52,7 +54,7 @@ def ncc_volume_reference(a, b, patch=5, search_rows=5, eps=0.01):
     return volume.reshape(N, C * search_rows * W, H, W)
 
 
-def ncc_max_reference(a, b, patch=5, search_rows=5, eps=0.01):
+def ncc_max_reference(a, b, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS):
     """Reference of :func:`mspcnn.ops.ncc_max`: the volume, then the maximum
     over the R*W candidates (the first one on ties, NaN counting as the
     largest, as torch.argmax) and its index k*W + col."""
