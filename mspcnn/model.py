@@ -1,33 +1,42 @@
-"""The MSP-CNN network (METHOD.md sections 1 and 3) with Caffe's semantics.
+"""The MSP-CNN network (docs/method.md) with Caffe's semantics.
 
-Every module is registered under its Caffe layer name (``conv1``,
-``conv1_bn``, ``conv1_scale``, ``inception_1a/3x3_reduce``, ``fc7``, ...), so
-``model.named_modules()`` reads like the prototxt in
-``prototxt_equiv/mspcnn_deploy.prototxt`` and weights move to and from
-``.caffemodel`` files by name. Each convolution (and fc7) is followed by
-Caffe's BatchNorm, a Scale with bias, and a ReLU; pooling uses Caffe's
-rounding.
+Every module is registered under its Caffe layer name (``conv1``, ``conv1_bn``, ``conv1_scale``,
+``inception_1a/3x3_reduce``, ``fc7``, ...), so ``model.named_modules()`` reads like
+``prototxt_equiv/mspcnn_deploy.prototxt`` and weights move to and from ``.caffemodel`` files by
+name. Each convolution (and fc7) is followed by Caffe's BatchNorm, a Scale with bias, and a ReLU;
+pooling uses Caffe's rounding.
 
-* :class:`MSPCNNBackbone`: one branch, image -> pool1 maps, fc7_bn features,
-  (optionally) fc8 logits.
-* :class:`MSPCNN`: the Siamese net of the paper: two images per pair through
-  one backbone (shared parameters), softmax on the anchor, Caffe's
-  ContrastiveLoss on the L2-normalised fc7_bn features (high level) and the
-  NCC loss on the pool1 maps (low level, stage 2).
+* :class:`MSPCNNBackbone`: one branch, image -> pool1 maps, fc7_bn features, (optionally) fc8
+  logits.
+* :class:`MSPCNN`: the Siamese net of the paper: two images per pair through one set of
+  parameters, softmax on the anchor, Caffe's ContrastiveLoss on the L2-normalised fc7_bn features
+  (high level) and the NCC loss on the pool1 maps (low level, stage 2).
+
+The topology is written here, by hand, once. Each builder also writes the Caffe definition of its
+layer (a ``LayerParameter``): the fillers and learning-rate multipliers of [1] (Xiao et al., CVPR
+2016), the loss layers with Caffe's defaults. The model is built *from* those definitions, so a
+caller may pass its own (``layer_params``, e.g. read from a prototxt by :mod:`mspcnn.train_net`):
+the fillers, multipliers, BatchNorm settings, dropout ratio, loss weights and loss parameters of
+those definitions are what the model uses. :meth:`MSPCNN.describe` returns the whole definition
+as a ``NetParameter``, the equivalent of ``prototxt_equiv/mspcnn_train_val.prototxt``.
 """
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mspcnn.caffe import layers as L
 from mspcnn.caffe import proto
 from mspcnn.caffe.weights import layer_blobs_to_net, load_layer_blobs
-from mspcnn.data.transformer import DataTransformer
+from mspcnn.data.transformer import INPUT_SHAPE
 from mspcnn.losses import ncc_loss
 
-__all__ = ["MSPCNNBackbone", "MSPCNN", "INPUT_SHAPE", "CROP", "MEAN_BGR", "caffe_float32", "feature_transformer"]
+__all__ = ["MSPCNNBackbone", "MSPCNN", "caffe_float32", "OPTIONAL_LAYERS", "TRAIN_BATCH_PAIRS"]
+
+# [1] trains with batches of 50 (x iter_size 2): the batch of the Input layer of describe().
+TRAIN_BATCH_PAIRS = 50
+# Layers the training net may leave out: a loss (and what only it reads) that is not used.
+OPTIONAL_LAYERS = ("loss_cls", "loss_high", "fc7_norm", "fc7_norm_p", "loss_low")
 
 
 def caffe_float32():
@@ -38,24 +47,38 @@ def caffe_float32():
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-INPUT_SHAPE = (3, 144, 56)  # a 144 x 56 crop of a 160 x 64 image, BGR, mean subtracted
-CROP = INPUT_SHAPE[1:]
-MEAN_BGR = (102, 102, 101)  # per-channel mean subtracted from the images (prototxt_equiv)
-
-
-def feature_transformer():
-    """The TEST-phase transform of the network's input: the centre 144 x 56 crop, minus MEAN_BGR
-    (as the deploy and train_val prototxts' test phase); for feature extraction."""
-    return DataTransformer(CROP, MEAN_BGR, phase="TEST")
-
-
+# ------------------------------------------------------------------ layer definitions
 def _filler(kind, **kw):
     return proto.FillerParameter(type=kind, **kw)
 
 
+def _spec(name, lr_mult, decay_mult):
+    return proto.ParamSpec(name=name, lr_mult=lr_mult, decay_mult=decay_mult)
+
+
+def _layer_def(name, kind, bottom, top, **fields):
+    lp = proto.LayerParameter(name=name, type=kind)
+    lp.bottom.extend([bottom] if isinstance(bottom, str) else bottom)
+    lp.top.extend([top] if isinstance(top, str) else top)
+    for key, value in fields.items():
+        if isinstance(value, list):
+            getattr(lp, key).extend(value)
+        else:
+            getattr(lp, key).CopyFrom(value)
+    return lp
+
+
+def _has(msg, field):
+    return msg.HasField(field)
+
+
+def loss_weight(lp):
+    """A loss layer's weight (Caffe: the first ``loss_weight``, 1 when not given)."""
+    return float(lp.loss_weight[0]) if lp.loss_weight else 1.0
+
+
 class MSPCNNBackbone(nn.Module):
-    """One branch of MSP-CNN (the network of Xiao et al., CVPR 2016, as METHOD.md
-    reconstructs it):
+    """One branch of MSP-CNN (the network of [1], as docs/method.md reconstructs it):
 
     ======================  =====================================  ==============
     module                  layers                                 output
@@ -74,148 +97,214 @@ class MSPCNNBackbone(nn.Module):
 
     Args:
         num_classes: identities of the training set (fc8); None for no fc8.
-        dropout: the dropout ratio after fc7.
-        bn_eps, bn_maf: Caffe BatchNorm's eps and moving_average_fraction.
-        generator: torch.Generator for the fillers (xavier weights, constant 0.2
-            biases, fc8 gaussian 0.001, as in [1]).
+        generator: torch.Generator for the fillers (xavier weights, constant 0.2 biases, fc8
+            gaussian 0.001, as in [1], unless ``layer_params`` say otherwise).
+        layer_params: {layer name: LayerParameter} replacing the built-in definitions (their
+            fillers, ParamSpec multipliers, BatchNorm settings and dropout ratio are used; their
+            structure must be the built-in one, which :mod:`mspcnn.train_net` checks).
+
+    ``layer_params`` (attribute): the definitions of this branch's layers, in Caffe order;
+    ``caffe_layers``: their (name, type).
     """
 
-    def __init__(self, num_classes=None, dropout=0.5, bn_eps=1e-5, bn_maf=0.999, generator=None):
+    def __init__(self, num_classes=None, generator=None, layer_params=None):
         super().__init__()
         self.num_classes = num_classes
-        self.dropout_ratio = dropout
-        self._bn = dict(eps=bn_eps, moving_average_fraction=bn_maf)
+        self._given = dict(layer_params or {})
         self._gen = generator
-        # (caffe layer name, type) in prototxt order, for the layer list checks.
-        self.caffe_layers = []
+        self.layer_params = OrderedDict()
+        self._channels = {"data": INPUT_SHAPE[0]}
 
-        c = INPUT_SHAPE[0]
+        x = "data"
         for name in ("conv1", "conv2", "conv3"):
-            self._conv_bn(name, c, 32, 3, 1, 1)
-            c = 32
-        self._pool("pool1", "MAX", 2, 2, 0)
-        c = self._inception_a("inception_1a", c, 64)
-        c = self._inception_b("inception_1b", c, 64)
-        c = self._inception_a("inception_2a", c, 128)
-        c = self._inception_b("inception_2b", c, 128)
-        c = self._inception_a("inception_3a", c, 256)
-        c = self._inception_b("inception_3b", c, 256, pool_pad=(0, 1))
-        self._pool("global_pool", "AVE", None, None, 0, global_pooling=True)
-        self._fc("fc7", c, 256, _filler("xavier"), _filler("constant", value=0.2))
-        self._bn_scale("fc7", 256)
+            x = self._conv_bn(name, x, 32, 3, 1, 1)
+        x = self._pool("pool1", x, "MAX", 2, 2)
+        x = self._inception_a("inception_1a", x, 64)
+        x = self._inception_b("inception_1b", x, 64)
+        x = self._inception_a("inception_2a", x, 128)
+        x = self._inception_b("inception_2b", x, 128)
+        x = self._inception_a("inception_3a", x, 256)
+        x = self._inception_b("inception_3b", x, 256, pool_pad=(0, 1))
+        x = self._pool("global_pool", x, "AVE", global_pooling=True)
+        x = self._fc("fc7", x, 256, _filler("xavier"), _filler("constant", value=0.2))
+        x = self._bn_scale("fc7", x)
+        self.dropout_ratio = None
         if num_classes:
-            self.caffe_layers.append(("relu7", "ReLU"))
-            self.caffe_layers.append(("drop7", "Dropout"))
-            self._fc("fc8", 256, num_classes, _filler("gaussian", std=0.001), _filler("constant"))
+            self._layer(_layer_def("relu7", "ReLU", x, "fc7_relu"))
+            drop = self._layer(_layer_def("drop7", "Dropout", "fc7_relu", "fc7_relu",
+                                          dropout_param=proto.DropoutParameter(dropout_ratio=0.5)))
+            self.dropout_ratio = float(drop.dropout_param.dropout_ratio)
+            self._channels["fc7_relu"] = self._channels[x]
+            self._fc("fc8", "fc7_relu", num_classes, _filler("gaussian", std=0.001), _filler("constant"))
         self.feature_dim = 256
+        del self._given
+
+    @property
+    def caffe_layers(self):
+        """(Caffe layer name, type) of every layer of this branch, in prototxt order."""
+        return [(name, lp.type) for name, lp in self.layer_params.items()]
 
     # -------------------------------------------------------------- builders
-    def _add(self, name, module, kind):
-        self.add_module(name, module)
-        self.caffe_layers.append((name, kind))
-        return module
+    def _layer(self, lp):
+        """Register a layer's definition: the caller's (``layer_params``) replaces the built-in
+        one of the same name."""
+        lp = self._given.get(lp.name, lp)
+        self.layer_params[lp.name] = lp
+        return lp
 
-    def _mults(self, module):
-        """Caffe's ParamSpec of [1]: weights lr 1 decay 1, biases lr 2 decay 0."""
-        module.weight.lr_mult, module.weight.decay_mult = 1.0, 1.0
-        if getattr(module, "bias", None) is not None:
-            module.bias.lr_mult, module.bias.decay_mult = 2.0, 0.0
+    def _learnable(self, lp, module, fillers):
+        """Fill a module's weight and bias with ``fillers`` (Caffe's fillers; None is a constant
+        0) and give them the lr_mult / decay_mult of the layer's ParamSpecs (Caffe's default 1/1
+        when not given)."""
+        blobs = [module.weight] + ([module.bias] if getattr(module, "bias", None) is not None else [])
+        for i, (p, filler) in enumerate(zip(blobs, fillers)):
+            L.fill_(p, filler, self._gen)
+            spec = lp.param[i] if i < len(lp.param) else proto.ParamSpec()
+            p.lr_mult, p.decay_mult = float(spec.lr_mult), float(spec.decay_mult)
 
-    def _bn_scale(self, name, channels):
-        self._add(f"{name}_bn", L.BatchNorm(channels, **self._bn), "BatchNorm")
-        scale = self._add(f"{name}_scale", L.Scale(channels, bias_term=True), "Scale")
-        # The BN affine part of [1] is learned at lr 1 without weight decay.
-        scale.weight.lr_mult, scale.weight.decay_mult = 1.0, 0.0
-        scale.bias.lr_mult, scale.bias.decay_mult = 1.0, 0.0
+    def _conv_bn(self, name, bottom, cout, k, s, p):
+        """Convolution + BatchNorm + Scale + ReLU (in place); returns the top blob."""
+        lp = self._layer(_layer_def(
+            name, "Convolution", bottom, name,
+            param=[_spec(f"{name}_w", 1, 1), _spec(f"{name}_b", 2, 0)],
+            convolution_param=proto.ConvolutionParameter(
+                num_output=cout, kernel_size=[k], stride=[s], pad=[p], weight_filler=_filler("xavier"),
+                bias_filler=_filler("constant", value=0.2))))
+        cp = lp.convolution_param
+        conv = nn.Conv2d(self._channels[bottom], cout, k, s, p)
+        self._learnable(lp, conv, [cp.weight_filler if _has(cp, "weight_filler") else None,
+                                   cp.bias_filler if _has(cp, "bias_filler") else None])
+        self.add_module(name, conv)
+        self._channels[name] = cout
+        top = self._bn_scale(name, name)
+        self._layer(_layer_def(f"{name}_relu", "ReLU", top, top))
+        return top
 
-    def _conv_bn(self, name, cin, cout, k, s, p):
-        conv = self._add(name, nn.Conv2d(cin, cout, k, s, p), "Convolution")
-        L.fill_(conv.weight, _filler("xavier"), self._gen)
-        L.fill_(conv.bias, _filler("constant", value=0.2), self._gen)
-        self._mults(conv)
-        self._bn_scale(name, cout)
-        self.caffe_layers.append((f"{name}_relu", "ReLU"))
+    def _bn_scale(self, name, bottom):
+        """Caffe's BatchNorm (top ``<name>_bn``) and a Scale with bias in place (the affine part;
+        [1] learns it at lr 1 without weight decay); returns the top blob."""
+        top = f"{name}_bn"
+        lp = self._layer(_layer_def(top, "BatchNorm", bottom, top))
+        self.add_module(top, batch_norm_from(lp, self._channels[bottom]))
+        lp = self._layer(_layer_def(f"{name}_scale", "Scale", top, top,
+                                    param=[_spec(f"{name}_scale_g", 1, 0), _spec(f"{name}_scale_b", 1, 0)],
+                                    scale_param=proto.ScaleParameter(bias_term=True)))
+        sp = lp.scale_param
+        scale = L.Scale(self._channels[bottom], bias_term=True)
+        # Caffe's Scale layer fills gamma with 1 and beta with 0 unless told otherwise.
+        self._learnable(lp, scale, [sp.filler if _has(sp, "filler") else _filler("constant", value=1.0),
+                                    sp.bias_filler if _has(sp, "bias_filler") else None])
+        self.add_module(f"{name}_scale", scale)
+        self._channels[top] = self._channels[bottom]
+        return top
 
-    def _pool(self, name, method, k, s, p, global_pooling=False):
+    def _pool(self, name, bottom, method, k=None, s=None, pad=(0, 0), global_pooling=False):
+        pp = proto.PoolingParameter(pool=method)
+        if global_pooling:
+            pp.global_pooling = True
+        else:
+            pp.kernel_size, pp.stride = k, s
+            if pad[0] == pad[1]:
+                if pad[0]:
+                    pp.pad = pad[0]
+            else:
+                pp.pad_h, pp.pad_w = pad
+        self._layer(_layer_def(name, "Pooling", bottom, name, pooling_param=pp))
         kernel = (k, k) if k else (1, 1)
         stride = (s, s) if s else (1, 1)
-        pad = p if isinstance(p, tuple) else (p, p)
-        self._add(name, L.Pooling(method, kernel, stride, pad, global_pooling), "Pooling")
+        self.add_module(name, L.Pooling(method, kernel, stride, tuple(pad), global_pooling))
+        self._channels[name] = self._channels[bottom]
+        return name
 
-    def _fc(self, name, cin, cout, wfill, bfill):
-        fc = self._add(name, nn.Linear(cin, cout), "InnerProduct")
-        L.fill_(fc.weight, wfill, self._gen)
-        L.fill_(fc.bias, bfill, self._gen)
-        self._mults(fc)
+    def _concat(self, name, bottoms):
+        self._layer(_layer_def(name, "Concat", bottoms, name))
+        self._channels[name] = sum(self._channels[b] for b in bottoms)
+        return name
 
-    def _inception_a(self, name, cin, width):
+    def _fc(self, name, bottom, cout, wfill, bfill):
+        lp = self._layer(_layer_def(
+            name, "InnerProduct", bottom, name,
+            param=[_spec(f"{name}_w", 1, 1), _spec(f"{name}_b", 2, 0)] if name != "fc8"
+            else [proto.ParamSpec(lr_mult=1, decay_mult=1), proto.ParamSpec(lr_mult=2, decay_mult=0)],
+            inner_product_param=proto.InnerProductParameter(num_output=cout, weight_filler=wfill,
+                                                            bias_filler=bfill)))
+        ip = lp.inner_product_param
+        fc = nn.Linear(self._channels[bottom], cout)
+        self._learnable(lp, fc, [ip.weight_filler if _has(ip, "weight_filler") else None,
+                                 ip.bias_filler if _has(ip, "bias_filler") else None])
+        self.add_module(name, fc)
+        self._channels[name] = cout
+        return name
+
+    def _inception_a(self, name, x, width):
         """Four branches of `width` channels at the same resolution."""
-        self._conv_bn(f"{name}/1x1", cin, width, 1, 1, 0)
-        self._conv_bn(f"{name}/3x3_reduce", cin, width, 1, 1, 0)
-        self._conv_bn(f"{name}/3x3", width, width, 3, 1, 1)
-        self._conv_bn(f"{name}/double_3x3_reduce", cin, width, 1, 1, 0)
-        self._conv_bn(f"{name}/double_3x3_1", width, width, 3, 1, 1)
-        self._conv_bn(f"{name}/double_3x3_2", width, width, 3, 1, 1)
-        self._pool(f"{name}/pool", "AVE", 3, 1, 1)
-        self._conv_bn(f"{name}/pool_proj", cin, width, 1, 1, 0)
-        self.caffe_layers.append((f"{name}/output", "Concat"))
-        return 4 * width
+        b1 = self._conv_bn(f"{name}/1x1", x, width, 1, 1, 0)
+        b2 = self._conv_bn(f"{name}/3x3_reduce", x, width, 1, 1, 0)
+        b2 = self._conv_bn(f"{name}/3x3", b2, width, 3, 1, 1)
+        b3 = self._conv_bn(f"{name}/double_3x3_reduce", x, width, 1, 1, 0)
+        b3 = self._conv_bn(f"{name}/double_3x3_1", b3, width, 3, 1, 1)
+        b3 = self._conv_bn(f"{name}/double_3x3_2", b3, width, 3, 1, 1)
+        b4 = self._pool(f"{name}/pool", x, "AVE", 3, 1, (1, 1))
+        b4 = self._conv_bn(f"{name}/pool_proj", b4, width, 1, 1, 0)
+        return self._concat(f"{name}/output", [b1, b2, b3, b4])
 
-    def _inception_b(self, name, cin, width, pool_pad=(0, 0)):
+    def _inception_b(self, name, x, width, pool_pad=(0, 0)):
         """Two strided branches of `width` channels and a max pool passing the input."""
-        self._conv_bn(f"{name}/3x3_reduce", cin, width, 1, 1, 0)
-        self._conv_bn(f"{name}/3x3", width, width, 3, 2, 1)
-        self._conv_bn(f"{name}/double_3x3_reduce", cin, width, 1, 1, 0)
-        self._conv_bn(f"{name}/double_3x3_1", width, width, 3, 1, 1)
-        self._conv_bn(f"{name}/double_3x3_2", width, width, 3, 2, 1)
-        self._pool(f"{name}/pool", "MAX", 3, 2, pool_pad)
-        self.caffe_layers.append((f"{name}/output", "Concat"))
-        return 2 * width + cin
+        b1 = self._conv_bn(f"{name}/3x3_reduce", x, width, 1, 1, 0)
+        b1 = self._conv_bn(f"{name}/3x3", b1, width, 3, 2, 1)
+        b2 = self._conv_bn(f"{name}/double_3x3_reduce", x, width, 1, 1, 0)
+        b2 = self._conv_bn(f"{name}/double_3x3_1", b2, width, 3, 1, 1)
+        b2 = self._conv_bn(f"{name}/double_3x3_2", b2, width, 3, 2, 1)
+        b3 = self._pool(f"{name}/pool", x, "MAX", 3, 2, pool_pad)
+        return self._concat(f"{name}/output", [b1, b2, b3])
 
     # --------------------------------------------------------------- forward
     def m(self, name):
         """The module registered under Caffe layer name ``name``."""
         return self._modules[name]
 
-    def conv_bn_relu(self, name, x):
+    def conv_bn_relu(self, name, x, bn=None):
+        """``bn``: {BatchNorm layer name: module} to use instead of this branch's own (the second
+        branch of the Siamese net keeps its own statistics)."""
         x = self.m(name)(x)
-        x = self.m(f"{name}_scale")(self.m(f"{name}_bn")(x))
-        return torch.relu(x)
+        norm = self.m(f"{name}_bn") if bn is None else bn[f"{name}_bn"]
+        return torch.relu(self.m(f"{name}_scale")(norm(x)))
 
-    def inception_a(self, name, x):
-        b1 = self.conv_bn_relu(f"{name}/1x1", x)
-        b2 = self.conv_bn_relu(f"{name}/3x3", self.conv_bn_relu(f"{name}/3x3_reduce", x))
-        b3 = self.conv_bn_relu(f"{name}/double_3x3_reduce", x)
-        b3 = self.conv_bn_relu(f"{name}/double_3x3_2", self.conv_bn_relu(f"{name}/double_3x3_1", b3))
-        b4 = self.conv_bn_relu(f"{name}/pool_proj", self.m(f"{name}/pool")(x))
+    def inception_a(self, name, x, bn=None):
+        b1 = self.conv_bn_relu(f"{name}/1x1", x, bn)
+        b2 = self.conv_bn_relu(f"{name}/3x3", self.conv_bn_relu(f"{name}/3x3_reduce", x, bn), bn)
+        b3 = self.conv_bn_relu(f"{name}/double_3x3_reduce", x, bn)
+        b3 = self.conv_bn_relu(f"{name}/double_3x3_2", self.conv_bn_relu(f"{name}/double_3x3_1", b3, bn), bn)
+        b4 = self.conv_bn_relu(f"{name}/pool_proj", self.m(f"{name}/pool")(x), bn)
         return torch.cat([b1, b2, b3, b4], dim=1)
 
-    def inception_b(self, name, x):
-        b1 = self.conv_bn_relu(f"{name}/3x3", self.conv_bn_relu(f"{name}/3x3_reduce", x))
-        b2 = self.conv_bn_relu(f"{name}/double_3x3_reduce", x)
-        b2 = self.conv_bn_relu(f"{name}/double_3x3_2", self.conv_bn_relu(f"{name}/double_3x3_1", b2))
+    def inception_b(self, name, x, bn=None):
+        b1 = self.conv_bn_relu(f"{name}/3x3", self.conv_bn_relu(f"{name}/3x3_reduce", x, bn), bn)
+        b2 = self.conv_bn_relu(f"{name}/double_3x3_reduce", x, bn)
+        b2 = self.conv_bn_relu(f"{name}/double_3x3_2", self.conv_bn_relu(f"{name}/double_3x3_1", b2, bn), bn)
         return torch.cat([b1, b2, self.m(f"{name}/pool")(x)], dim=1)
 
-    def forward(self, x, dropout_mask=None, logits=True):
-        """Returns an OrderedDict with ``pool1`` (N x 32 x 72 x 28), ``fc7_bn``
-        (N x 256, the test feature before L2 normalisation) and, with fc8 and
-        ``logits``, ``fc8`` (N x num_classes logits)."""
+    def forward(self, x, dropout_mask=None, logits=True, bn=None):
+        """Returns an OrderedDict with ``pool1`` (N x 32 x 72 x 28), ``fc7_bn`` (N x 256, the test
+        feature before L2 normalisation) and, with fc8 and ``logits``, ``fc8`` (N x num_classes
+        logits). ``bn``: see :meth:`conv_bn_relu`."""
         if x.dim() != 4 or tuple(x.shape[1:]) != INPUT_SHAPE:
             raise ValueError(f"MSPCNNBackbone: expected N x {' x '.join(map(str, INPUT_SHAPE))} "
                              f"images, got {list(x.shape)}")
         out = OrderedDict()
         for name in ("conv1", "conv2", "conv3"):
-            x = self.conv_bn_relu(name, x)
+            x = self.conv_bn_relu(name, x, bn)
         x = out["pool1"] = self.m("pool1")(x)
-        x = self.inception_a("inception_1a", x)
-        x = self.inception_b("inception_1b", x)
-        x = self.inception_a("inception_2a", x)
-        x = self.inception_b("inception_2b", x)
-        x = self.inception_a("inception_3a", x)
-        x = self.inception_b("inception_3b", x)
+        x = self.inception_a("inception_1a", x, bn)
+        x = self.inception_b("inception_1b", x, bn)
+        x = self.inception_a("inception_2a", x, bn)
+        x = self.inception_b("inception_2b", x, bn)
+        x = self.inception_a("inception_3a", x, bn)
+        x = self.inception_b("inception_3b", x, bn)
         x = self.m("global_pool")(x).flatten(1)
         x = self.m("fc7")(x)
-        x = out["fc7_bn"] = self.m("fc7_scale")(self.m("fc7_bn")(x))
+        norm = self.m("fc7_bn") if bn is None else bn["fc7_bn"]
+        x = out["fc7_bn"] = self.m("fc7_scale")(norm(x))
         if self.num_classes and logits:
             x = L.dropout(torch.relu(x), self.dropout_ratio, self.training, dropout_mask)
             out["fc8"] = self.m("fc8")(x)
@@ -225,7 +314,7 @@ class MSPCNNBackbone(nn.Module):
     def layer_blobs(self):
         """{Caffe layer name: [tensors in Caffe blob order]} (see mspcnn.caffe.weights)."""
         out = OrderedDict()
-        for name, kind in self.caffe_layers:
+        for name in self.layer_params:
             mod = self._modules.get(name)
             if isinstance(mod, L.BatchNorm):
                 out[name] = [mod.mean_acc, mod.var_acc, mod.factor]
@@ -234,14 +323,14 @@ class MSPCNNBackbone(nn.Module):
         return out
 
     def load_caffemodel(self, source, strict=True):
-        """Import weights (BatchNorm accumulators included) by layer name;
-        checked before anything is copied."""
+        """Import weights (BatchNorm accumulators included) by layer name; checked before anything
+        is copied."""
         load_layer_blobs(self.layer_blobs(), source, strict)
         return self
 
     def save_caffemodel(self, path, prototxt=None):
-        """Export weights as a .caffemodel whose layers are those of
-        ``prototxt`` (default: prototxt_equiv/mspcnn_deploy.prototxt)."""
+        """Export weights as a .caffemodel whose layers are those of ``prototxt`` (default:
+        prototxt_equiv/mspcnn_deploy.prototxt)."""
         from mspcnn.caffe import io as cio
         from mspcnn.paths import DEPLOY_PROTOTXT
 
@@ -254,33 +343,111 @@ class MSPCNNBackbone(nn.Module):
                  "decay_mult": getattr(p, "decay_mult", 1.0)} for n, p in self.named_parameters()]
 
 
-class MSPCNN(nn.Module):
-    """The Siamese MSP-CNN with its three losses (METHOD.md section 3).
+def batch_norm_from(lp, channels):
+    """A :class:`mspcnn.caffe.layers.BatchNorm` with the settings of a BatchNorm layer definition
+    (eps, moving_average_fraction, use_global_stats; Caffe's defaults when not given)."""
+    bp = lp.batch_norm_param
+    return L.BatchNorm(channels, eps=float(bp.eps), moving_average_fraction=float(bp.moving_average_fraction),
+                       use_global_stats=bp.use_global_stats if _has(bp, "use_global_stats") else None)
 
-    forward(img_a, img_b, label_a, similar) runs the two images of each pair
-    through the same backbone -- as two separate batches, so each branch
-    normalises with its own batch statistics, as Caffe's two-branch net does
-    (``merge_bn_batches=True`` runs them as one batch instead) -- and returns
-    the losses:
+
+def _second_branch(lp):
+    """The second branch's copy of a first-branch layer: names and blobs end in "_p" (the input
+    ``data`` becomes ``data_p``), parameters shared by their ParamSpec names; BatchNorm has no
+    ParamSpecs, so each branch keeps its own statistics (what Caffe 1.0 does, see docs/method.md)."""
+    out = proto.LayerParameter()
+    out.CopyFrom(lp)
+    out.name = lp.name + "_p"
+    out.bottom[:] = ["data_p" if b == "data" else b + "_p" for b in lp.bottom]
+    out.top[:] = [t + "_p" for t in lp.top]
+    return out
+
+
+class MSPCNN(nn.Module):
+    """The Siamese MSP-CNN with its three losses (docs/method.md, "Losses").
+
+    forward(img_a, img_b, label_a, similar) runs the two images of each pair through the same
+    parameters as two separate batches and returns the losses:
 
     * ``cls``: SoftmaxWithLoss of fc8 on the anchor images (``label_a``);
-    * ``high``: ContrastiveLoss (margin ``margin``) on the L2-normalised
-      fc7_bn features, ``similar`` the pair labels (1 same identity, 0 not);
-    * ``low``: the NCC loss on the pool1 maps (``use_low``: stage 2), with
-      ``ncc_params`` (patch, search_rows, eps, pos_floor, neg_ceiling);
+    * ``high``: ContrastiveLoss (margin ``margin``) on the L2-normalised fc7_bn features,
+      ``similar`` the pair labels (1 same identity, 0 not);
+    * ``low``: the NCC loss on the pool1 maps (``use_low``: stage 2), with ``ncc_params`` (patch,
+      search_rows, eps, pos_floor, neg_ceiling);
     * ``total``: the weighted sum (weights ``w_cls``, ``w_high``, ``w_low``).
+
+    BatchNorm: each branch normalises with its own batch statistics and keeps its own running
+    statistics (layers ``conv1_bn`` and ``conv1_bn_p`` ...), as real Caffe 1.0 does with
+    prototxt_equiv/mspcnn_train_val.prototxt; features use the first branch's. ``share_bn_stats``
+    makes the second branch accumulate into the first branch's statistics instead (what Caffe does
+    when the net is given inline with three named ParamSpecs per BatchNorm), and
+    ``merge_bn_batches`` runs the two images as one batch (not Caffe's Siamese net; for
+    experiments).
+
+    Configuration: ``layer_params`` ({layer name: LayerParameter}, the whole training net, e.g.
+    from :func:`mspcnn.train_net.read_train_net`) replaces the built-in definitions; a loss layer
+    it lacks is not computed. The keyword arguments ``margin``, ``w_cls``, ``w_high``, ``w_low``,
+    ``ncc_params`` and ``dropout`` edit those definitions (None: keep them). ``use_low`` defaults
+    to whether ``layer_params`` has the loss_low layer (False without ``layer_params``: stage 1).
     """
 
-    def __init__(self, num_classes, margin=1.0, w_cls=1.0, w_high=1.0, w_low=1.0, use_low=False,
-                 ncc_params=None, merge_bn_batches=False, dropout=0.5, generator=None):
+    def __init__(self, num_classes, margin=None, w_cls=None, w_high=None, w_low=None, use_low=None,
+                 ncc_params=None, merge_bn_batches=False, dropout=None, generator=None, layer_params=None,
+                 share_bn_stats=False):
         super().__init__()
-        self.backbone = MSPCNNBackbone(num_classes, dropout=dropout, generator=generator)
-        self.margin = margin
-        self.w_cls, self.w_high, self.w_low = w_cls, w_high, w_low
-        self.use_low = use_low
-        self.ncc_params = dict(patch=5, search_rows=5, eps=0.01, pos_floor=-1.0, neg_ceiling=1.0)
-        self.ncc_params.update(ncc_params or {})
+        given = None if layer_params is None else {k: _copy(v) for k, v in layer_params.items()}
+        canon = _loss_defs()
+        if given is None:
+            active = set(canon)
+            given = {}
+        else:
+            active = {name for name in canon if name in given}
+        defs = {name: given.get(name, canon[name]) for name in canon}
+        _edit(defs, "loss_cls", w_cls, lambda lp, v: lp.loss_weight.__setitem__(slice(None), [v]))
+        _edit(defs, "loss_high", w_high, lambda lp, v: lp.loss_weight.__setitem__(slice(None), [v]))
+        _edit(defs, "loss_low", w_low, lambda lp, v: lp.loss_weight.__setitem__(slice(None), [v]))
+        _edit(defs, "loss_high", margin, lambda lp, v: setattr(lp.contrastive_loss_param, "margin", v))
+        for key, value in (ncc_params or {}).items():
+            _edit(defs, "loss_low", value, lambda lp, v, k=key: setattr(lp.ncc_loss_param, k, v))
+        if dropout is not None:
+            drop = given.get("drop7")
+            if drop is None:
+                drop = given["drop7"] = _layer_def("drop7", "Dropout", "fc7_relu", "fc7_relu")
+            drop.dropout_param.dropout_ratio = dropout
+
+        self.backbone = MSPCNNBackbone(num_classes, generator=generator, layer_params=given)
+        self.share_bn_stats = share_bn_stats
+        self.bn_p = nn.ModuleDict()
+        self.branch_p = OrderedDict()
+        for name, lp in self.backbone.layer_params.items():
+            if name in ("relu7", "drop7", "fc8"):
+                continue
+            plp = given.get(name + "_p", _second_branch(lp))
+            self.branch_p[plp.name] = plp
+            if lp.type == "BatchNorm" and not share_bn_stats:
+                self.bn_p[plp.name] = batch_norm_from(plp, self.backbone.m(name).channels)
+        self.loss_defs = defs
+        self.active_losses = active
+        self.w_cls = loss_weight(defs["loss_cls"]) if "loss_cls" in active else 0.0
+        self.w_high = loss_weight(defs["loss_high"]) if "loss_high" in active else 0.0
+        self.w_low = loss_weight(defs["loss_low"])
+        cp = defs["loss_high"].contrastive_loss_param
+        self.margin, self.legacy_version = float(cp.margin), bool(cp.legacy_version)
+        lossp = defs["loss_cls"].loss_param
+        self.softmax_normalization = proto.LossParameter.NormalizationMode.Name(lossp.normalization)
+        if _has(lossp, "normalize") and not _has(lossp, "normalization"):
+            self.softmax_normalization = "VALID" if lossp.normalize else "BATCH_SIZE"
+        self.softmax_ignore_label = lossp.ignore_label if _has(lossp, "ignore_label") else None
+        npar = defs["loss_low"].ncc_loss_param
+        self.ncc_params = dict(patch=int(npar.patch), search_rows=int(npar.search_rows), eps=float(npar.eps),
+                               pos_floor=float(npar.pos_floor), neg_ceiling=float(npar.neg_ceiling))
+        self.use_low = ("loss_low" in active and layer_params is not None) if use_low is None else use_low
         self.merge_bn_batches = merge_bn_batches
+
+    def _bn_second(self):
+        if self.share_bn_stats:
+            return None
+        return {name[:-2]: mod for name, mod in self.bn_p.items()}
 
     def forward(self, img_a, img_b, label_a, similar, dropout_mask=None):
         if img_a.shape != img_b.shape:
@@ -295,14 +462,93 @@ class MSPCNN(nn.Module):
             fb = {k: v[n:] for k, v in both.items()}
         else:
             fa = self.backbone(img_a, dropout_mask)
-            fb = self.backbone(img_b, logits=False)  # fc8 is used on the anchor only
+            fb = self.backbone(img_b, logits=False, bn=self._bn_second())  # fc8: anchors only
         losses = OrderedDict()
-        losses["cls"] = L.softmax_with_loss(fa["fc8"], label_a)
-        losses["high"] = L.contrastive_loss(L.l2_normalize(fa["fc7_bn"]),
-                                            L.l2_normalize(fb["fc7_bn"]), similar, self.margin)
-        total = self.w_cls * losses["cls"] + self.w_high * losses["high"]
+        total = 0.0
+        if "loss_cls" in self.active_losses:
+            losses["cls"] = L.softmax_with_loss(fa["fc8"], label_a, self.softmax_normalization,
+                                                self.softmax_ignore_label)
+            total = total + self.w_cls * losses["cls"]
+        if "loss_high" in self.active_losses:
+            losses["high"] = L.contrastive_loss(L.l2_normalize(fa["fc7_bn"]), L.l2_normalize(fb["fc7_bn"]),
+                                                similar, self.margin, self.legacy_version)
+            total = total + self.w_high * losses["high"]
         if self.use_low:
             losses["low"] = ncc_loss(fa["pool1"], fb["pool1"], similar, **self.ncc_params)
             total = total + self.w_low * losses["low"]
+        if not torch.is_tensor(total):
+            raise ValueError("MSPCNN: the net has no loss layer")
         losses["total"] = total
         return losses
+
+    # ------------------------------------------------------------ definition
+    def describe(self, batch_pairs=TRAIN_BATCH_PAIRS):
+        """The training net this model computes, as a Caffe ``NetParameter``: the Input layer of
+        the pairs, both branches (the second sharing parameters by name), fc8 and the loss layers
+        (loss_low included in the stage "stage2"). The equivalent of
+        prototxt_equiv/mspcnn_train_val.prototxt (tests/test_model.py compares them)."""
+        net = proto.NetParameter(name="MSP-CNN_train_val")
+        image = proto.BlobShape(dim=[batch_pairs, *INPUT_SHAPE])
+        vector = proto.BlobShape(dim=[batch_pairs])
+        net.layer.append(_layer_def("pairs", "Input", [], ["data", "data_p", "label", "sim"],
+                                    input_param=proto.InputParameter(shape=[image, image, vector, vector])))
+        head = ("relu7", "drop7", "fc8")
+        net.layer.extend(_copy(lp) for name, lp in self.backbone.layer_params.items() if name not in head)
+        net.layer.extend(_copy(lp) for lp in self.branch_p.values())
+        net.layer.extend(_copy(self.backbone.layer_params[name]) for name in head)
+        for name in ("loss_cls", "fc7_norm", "fc7_norm_p", "loss_high", "loss_low"):
+            if name in self.active_losses or name == "loss_low":
+                net.layer.append(_copy(self.loss_defs[name]))
+        return net
+
+    # --------------------------------------------------------------- weights
+    def layer_blobs(self):
+        """{layer name: [tensors]} of the training net: the backbone's, and the second branch's
+        BatchNorm statistics (its other layers share the backbone's blobs)."""
+        out = self.backbone.layer_blobs()
+        for name, mod in self.bn_p.items():
+            out[name] = [mod.mean_acc, mod.var_acc, mod.factor]
+        return out
+
+    def load_caffemodel(self, source, strict=True):
+        """Import weights by layer name. The backbone's layers must be in the file (``strict``);
+        the second branch's BatchNorm statistics are copied when the file has them (a deploy
+        .caffemodel has not: they keep their initial zeros, as Caffe leaves a layer the file lacks).
+        Returns the names of the second-branch layers the file lacked."""
+        from mspcnn.caffe import io as cio
+
+        net = cio.read_caffemodel(source) if not isinstance(source, proto.NetParameter) else source
+        present = {lp.name for lp in net.layer}
+        self.backbone.load_caffemodel(net, strict)
+        second = {name: [mod.mean_acc, mod.var_acc, mod.factor] for name, mod in self.bn_p.items()
+                  if name in present}
+        load_layer_blobs(second, net, strict=True)
+        return sorted(set(self.bn_p) - present)
+
+    def param_groups(self):
+        return self.backbone.param_groups()
+
+
+def _copy(lp):
+    out = proto.LayerParameter()
+    out.CopyFrom(lp)
+    return out
+
+
+def _edit(defs, name, value, setter):
+    if value is not None:
+        setter(defs[name], value)
+
+
+def _loss_defs():
+    """The built-in definitions of the loss layers (Caffe's defaults for everything not written;
+    mspcnn.defaults for the NCC loss)."""
+    return OrderedDict([
+        ("loss_cls", _layer_def("loss_cls", "SoftmaxWithLoss", ["fc8", "label"], "loss_cls", loss_weight=[1.0])),
+        ("fc7_norm", _layer_def("fc7_norm", "L2Normalize", "fc7_bn", "fc7_norm")),
+        ("fc7_norm_p", _layer_def("fc7_norm_p", "L2Normalize", "fc7_bn_p", "fc7_norm_p")),
+        ("loss_high", _layer_def("loss_high", "ContrastiveLoss", ["fc7_norm", "fc7_norm_p", "sim"], "loss_high",
+                                 loss_weight=[1.0])),
+        ("loss_low", _layer_def("loss_low", "NCCLoss", ["pool1", "pool1_p", "sim"], "loss_low", loss_weight=[1.0],
+                                include=[proto.NetStateRule(phase=0, stage=["stage2"])])),
+    ])

@@ -16,14 +16,16 @@ as float32 (this reproduces Caffe's rates bit for bit).
 
 Snapshots: ``<prefix>_iter_<N>.caffemodel`` (weights) and
 ``<prefix>_iter_<N>.solverstate`` (a Caffe SolverState: iteration, history
-blobs, current step, and -- our field 1001 -- the random states of torch,
-numpy and the caller), each written to a temporary file and renamed, so a
-crash mid-snapshot leaves the previous snapshot intact.
+blobs, current step, and -- our fields 1002-1006 -- the random states of torch
+and numpy as plain bytes and integers, the pair sampler's position and the
+SHA-256 of the weights file), each written to a temporary file and renamed, so
+a crash mid-snapshot leaves the previous snapshot intact. Nothing read from a
+snapshot is ever executed: old snapshots whose random states were pickled are
+refused with a message.
 """
-import io as _io
+import hashlib
 import math
 import os
-import pickle
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ import torch
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 
-__all__ = ["learning_rate", "SGDSolver", "KNOWN_POLICIES"]
+__all__ = ["learning_rate", "SGDSolver", "KNOWN_POLICIES", "check_solver"]
 
 KNOWN_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid", "stepdecr")
 f32 = np.float32
@@ -69,6 +71,43 @@ def learning_rate(sp, it, current_step=0):
     else:
         raise ValueError(f"unknown lr_policy {policy!r}; known: {', '.join(KNOWN_POLICIES)}")
     return f32(rate), current_step
+
+
+def check_solver(sp):
+    """Raise ValueError naming the field when a SolverParameter cannot be trained with: a learning
+    rate, momentum, decay or policy parameter that is not a finite number in its range, a negative
+    iteration count or interval, an unknown policy or solver type."""
+    def finite(name, minimum=None, required=False):
+        if not sp.HasField(name):
+            if required:
+                raise ValueError(f"{name} is not set")
+            return
+        value = getattr(sp, name)
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise ValueError(f"{name} must be a finite number" + (f" >= {minimum}" if minimum is not None else "")
+                             + f", got {value}")
+
+    finite("base_lr", 0, required=True)
+    finite("momentum", 0)
+    finite("weight_decay", 0)
+    finite("gamma")
+    finite("power")
+    finite("min_lr", 0)
+    if not sp.HasField("max_iter"):
+        raise ValueError("max_iter is not set")
+    for name in ("max_iter", "display", "test_interval", "snapshot", "stepsize"):
+        if getattr(sp, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(sp, name)}")
+    for name in ("iter_size", "average_loss"):
+        if getattr(sp, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(sp, name)}")
+    if not sp.lr_policy:
+        raise ValueError("lr_policy is not set")
+    if sp.type not in ("SGD", ""):
+        raise ValueError(f"solver type {sp.type!r}: only SGD is implemented")
+    if sp.clip_gradients >= 0 and not math.isfinite(sp.clip_gradients):
+        raise ValueError(f"clip_gradients must be finite, got {sp.clip_gradients}")
+    learning_rate(sp, 0)  # the policy is known and has its parameters
 
 
 class SGDSolver:
@@ -151,8 +190,9 @@ class SGDSolver:
             p.sub_(e["history"])
 
     # -------------------------------------------------------------- snapshots
-    def snapshot(self, prefix=None, extra_state=None):
-        """Write <prefix>_iter_<N>.caffemodel and .solverstate; returns their paths."""
+    def snapshot(self, prefix=None, data_position=None):
+        """Write <prefix>_iter_<N>.caffemodel and .solverstate; returns their paths.
+        ``data_position``: (epoch, batch) of the data layer, restored by :meth:`restore`."""
         prefix = prefix or self.param.snapshot_prefix or "snapshot"
         base = f"{prefix}_iter_{self.iter}"
         weights = base + ".caffemodel"
@@ -162,43 +202,87 @@ class SGDSolver:
 
         template = self.prototxt_template or proto.NetParameter(
             layer=[proto.LayerParameter(name=n) for n in self.layer_blobs()])
-        cio.write_caffemodel(layer_blobs_to_net(self.layer_blobs(), template), weights)
+        net_bytes = layer_blobs_to_net(self.layer_blobs(), template).SerializeToString()
+        cio.atomic_write(weights, net_bytes)
         state = proto.SolverState(iter=self.iter, learned_net=os.path.basename(weights),
                                   current_step=self.current_step)
         for e in self.entries:
             state.history.append(cio.array_to_blob(e["history"].cpu().numpy()))
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "extra": extra_state}
-        buf = _io.BytesIO()
-        pickle.dump(rng, buf)
-        state.rng_state = buf.getvalue()
+        state.torch_rng_state = torch.get_rng_state().numpy().tobytes()
+        kind, key, pos, has_gauss, cached = np.random.get_state()
+        state.numpy_rng_state.key.extend(int(k) for k in key)
+        state.numpy_rng_state.pos, state.numpy_rng_state.has_gauss = int(pos), int(has_gauss)
+        state.numpy_rng_state.cached_gaussian = float(cached)
+        if data_position is not None:
+            state.data_epoch, state.data_batch = (int(v) for v in data_position)
+        state.learned_net_sha256 = hashlib.sha256(net_bytes).hexdigest()
         cio.atomic_write(base + ".solverstate", state.SerializeToString())
         return weights, base + ".solverstate"
 
     def restore(self, solverstate, load_weights=None):
-        """Resume from a .solverstate (and its .caffemodel beside it, loaded
-        with ``load_weights(path)`` when given). Returns the caller's extra
-        state saved with the snapshot."""
-        data = cio._read_bytes(solverstate, ".solverstate")
-        state = cio._parse_binary(data, proto.SolverState, solverstate, ".solverstate (SolverState)")
+        """Resume from a .solverstate and the .caffemodel it names (in the same folder; loaded with
+        ``load_weights(path)`` when given). Everything is checked before anything changes: the
+        history blobs against the parameters, the weights file against the SHA-256 the snapshot
+        recorded (a .caffemodel of another run is refused). Returns the data layer's position
+        (epoch, batch), or None when the snapshot has none.
+
+        Raises CaffeFormatError naming the file for a damaged or foreign snapshot, and for a
+        snapshot of mspcnn before 2026-11, whose random states were stored with pickle: loading
+        those could run code, so they are refused."""
+        state = cio.read_solverstate(solverstate)
+        where = os.fspath(solverstate)
+        if state.HasField("rng_state"):
+            raise cio.CaffeFormatError(
+                f"{where}: this snapshot stores its random states with pickle (mspcnn before 2026-11); "
+                "loading it could run code, so it is refused. Resume from a newer snapshot, or start "
+                "from its weights with --weights (the run then continues with fresh random states)")
         if len(state.history) != len(self.entries):
-            raise cio.CaffeFormatError(f"{solverstate}: {len(state.history)} history blobs, this net "
+            raise cio.CaffeFormatError(f"{where}: {len(state.history)} history blobs, this net "
                                        f"has {len(self.entries)} learnable parameters (another network?)")
         arrays = [cio.blob_to_array(b) for b in state.history]
         for i, (arr, e) in enumerate(zip(arrays, self.entries)):
             if arr.size != e["param"].numel():
-                raise cio.CaffeFormatError(f"{solverstate}: history blob {i} has {arr.size} values, "
+                raise cio.CaffeFormatError(f"{where}: history blob {i} has {arr.size} values, "
                                            f"parameter {i} has {e['param'].numel()} (another network?)")
+        name = state.learned_net
+        if not name or name != os.path.basename(name) or name in (".", "..") or "\\" in name:
+            raise cio.CaffeFormatError(f"{where}: learned_net {name!r} is not a file name in the "
+                                       "snapshot's folder")
+        torch_state = None
+        if state.HasField("torch_rng_state"):
+            torch_state = torch.frombuffer(bytearray(state.torch_rng_state), dtype=torch.uint8)
+            if torch_state.numel() != torch.get_rng_state().numel():
+                raise cio.CaffeFormatError(f"{where}: the torch random state has {torch_state.numel()} "
+                                           f"bytes, expected {torch.get_rng_state().numel()}")
+        np_state = None
+        if state.HasField("numpy_rng_state"):
+            ns = state.numpy_rng_state
+            if len(ns.key) != 624 or not 0 <= ns.pos <= 624:
+                raise cio.CaffeFormatError(f"{where}: damaged numpy random state ({len(ns.key)} keys, "
+                                           f"position {ns.pos})")
+            np_state = ("MT19937", np.asarray(ns.key, np.uint32), int(ns.pos), int(ns.has_gauss),
+                        float(ns.cached_gaussian))
+        weights = os.path.join(os.path.dirname(where), name)
         if load_weights is not None:
-            weights = os.path.join(os.path.dirname(os.fspath(solverstate)), state.learned_net)
+            if state.HasField("learned_net_sha256"):
+                try:
+                    with open(weights, "rb") as f:
+                        digest = hashlib.sha256(f.read()).hexdigest()
+                except FileNotFoundError:
+                    raise cio.CaffeFormatError(f"{where}: its weights {weights} are missing") from None
+                if digest != state.learned_net_sha256:
+                    raise cio.CaffeFormatError(
+                        f"{where}: {weights} is not the weights file this snapshot was written with "
+                        "(SHA-256 differs: another run wrote it, or it was changed)")
             load_weights(weights)
         with torch.no_grad():
             for arr, e in zip(arrays, self.entries):
                 e["history"].copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(e["history"].shape))
         self.iter, self.current_step = state.iter, state.current_step
-        extra = None
-        if state.rng_state:
-            rng = pickle.loads(state.rng_state)
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            extra = rng["extra"]
-        return extra
+        if torch_state is not None:
+            torch.set_rng_state(torch_state)
+        if np_state is not None:
+            np.random.set_state(np_state)
+        if state.HasField("data_epoch"):
+            return int(state.data_epoch), int(state.data_batch)
+        return None

@@ -1,12 +1,12 @@
 """The MSP-CNN model against its Caffe definitions in prototxt_equiv/, run by
 the independent prototxt interpreter (mspcnn.caffe.net.CaffeNet)."""
-import numpy as np
 import pytest
 import torch
 
 from mspcnn.caffe import io as cio
 from mspcnn.caffe.layers import BatchNorm, Pooling, pool_output_size
 from mspcnn.caffe.net import CaffeNet
+from mspcnn.caffe.weights import layer_blobs_to_net
 from mspcnn.model import MSPCNN, MSPCNNBackbone
 from mspcnn.paths import DEPLOY_PROTOTXT, PROTOTXT_DIR, TRAIN_VAL_PROTOTXT
 
@@ -102,17 +102,18 @@ def test_fillers_follow_caffe():
 
 
 def test_siamese_model_equals_the_train_val_prototxt(tmp_path):
-    """Same weights, inputs and dropout mask: the hand-written Siamese model and
-    the prototxt net give the same three losses and the same gradients."""
+    """Same weights, inputs and dropout mask: the hand-written Siamese model and the prototxt net
+    run by the independent interpreter give the same three losses, the same gradients and the same
+    BatchNorm statistics, per branch."""
     torch.manual_seed(0)
     model = MSPCNN(num_classes=1367, use_low=True, generator=torch.Generator().manual_seed(3))
     randomise_bn(model, 1)
     path = tmp_path / "train.caffemodel"
-    model.backbone.save_caffemodel(path, prototxt=TRAIN_VAL_PROTOTXT)
+    cio.write_caffemodel(layer_blobs_to_net(model.layer_blobs(), model.describe()), path)
     net = CaffeNet(TRAIN_VAL_PROTOTXT, "TRAIN", stages=("stage2",))
-    net.load_caffemodel(path, strict=False)  # the "_p" branch shares every blob by name
+    net.load_caffemodel(path, strict=False)  # the "_p" layers' learned blobs are shared by name
     assert net.layer_blobs()["conv1_p"][0] is net.layer_blobs()["conv1"][0]
-    assert net.layer_blobs()["conv1_bn_p"][2] is net.layer_blobs()["conv1_bn"][2]
+    assert net.layer_blobs()["conv1_bn_p"][2] is not net.layer_blobs()["conv1_bn"][2]
 
     n = 3
     a, b = torch.randn(n, 3, 144, 56), torch.randn(n, 3, 144, 56)
@@ -128,11 +129,44 @@ def test_siamese_model_equals_the_train_val_prototxt(tmp_path):
         g_model = model.backbone.m(name).weight.grad
         g_net = net.layer_blobs()[name][0].grad
         assert (g_model - g_net).norm() <= 1e-3 * g_net.norm(), name
-    # Both branches updated the shared accumulators: factor 1 + 0.999 after two TRAIN forwards
-    # from factor 2.5 -> 2.5 * 0.999^2 + 0.999 + 1 in each.
-    f_model = model.backbone.m("conv1_bn").factor.item()
-    f_net = net.layer_blobs()["conv1_bn"][2].item()
-    assert abs(f_model - f_net) < 1e-5 and abs(f_model - (2.5 * 0.999 ** 2 + 0.999 + 1)) < 1e-5
+    # Each branch updated its own accumulators once: factor 2.5 * 0.999 + 1, in both nets.
+    ours = model.layer_blobs()
+    for layer in ("conv1_bn", "conv1_bn_p", "fc7_bn", "fc7_bn_p"):
+        f_model, f_net = ours[layer][2].item(), net.layer_blobs()[layer][2].item()
+        assert abs(f_model - f_net) < 1e-5 and abs(f_model - (2.5 * 0.999 + 1)) < 1e-5, layer
+        torch.testing.assert_close(ours[layer][0], net.layer_blobs()[layer][0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(ours["conv1_bn"][0], ours["conv1_bn_p"][0])  # the branches saw other images
+
+
+def _same(a, b, path=""):
+    """Two messages mean the same: every field equal, a field not given counting as its default."""
+    for fd in a.DESCRIPTOR.fields:
+        x, y = getattr(a, fd.name), getattr(b, fd.name)
+        where = f"{path}.{fd.name}"
+        if fd.is_repeated:
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                if fd.message_type:
+                    _same(u, v, f"{where}[{i}]")
+                else:
+                    assert u == v, f"{where}[{i}]: {u} != {v}"
+        elif fd.message_type:
+            _same(x, y, where)
+        else:
+            assert x == y, f"{where}: {x} != {y}"
+
+
+def test_train_val_prototxt_is_the_model_description():
+    """prototxt_equiv/mspcnn_train_val.prototxt says field for field (defaults resolved) what
+    MSPCNN.describe() says: the same layers, order, connections, fillers, multipliers, sharing and
+    loss parameters."""
+    shipped = cio.read_prototxt(TRAIN_VAL_PROTOTXT)
+    ours = MSPCNN(num_classes=1367).describe()
+    assert [lp.name for lp in shipped.layer] == [lp.name for lp in ours.layer]
+    for theirs, mine in zip(shipped.layer, ours.layer):
+        _same(theirs, mine, theirs.name)
+    # Caffe 1.0 upgrades nothing in this file (no BatchNorm declares ParamSpecs).
+    assert cio.upgrade_net_batchnorm(cio.read_prototxt(TRAIN_VAL_PROTOTXT)) == []
 
 
 def test_stage_switch_and_per_branch_statistics():

@@ -1,6 +1,5 @@
 """tools/train.py end to end on a tiny synthetic dataset (CPU): Caffe log lines,
 snapshots, bit-exact resume, stage 2 from stage 1, Ctrl-C, bad input."""
-import os
 import re
 import signal
 import subprocess
@@ -58,14 +57,11 @@ def test_logs_snapshots_and_bit_exact_resume(db, tmp_path):
         states.append(st)
     assert states[0].iter == states[1].iter == 4
     assert [list(h.data) for h in states[0].history] == [list(h.data) for h in states[1].history]
-    import pickle
-
-    import numpy as np
-    import torch
-
-    rng = [pickle.loads(st.rng_state) for st in states]  # the same random states to continue from
-    assert torch.equal(rng[0]["torch"], rng[1]["torch"]) and rng[0]["extra"] == rng[1]["extra"]
-    assert np.array_equal(rng[0]["numpy"][1], rng[1]["numpy"][1])
+    # the same random states and data position to continue from, stored as plain data
+    for field in ("torch_rng_state", "numpy_rng_state", "data_epoch", "data_batch", "current_step"):
+        assert getattr(states[0], field) == getattr(states[1], field), field
+    assert len(states[0].torch_rng_state) > 0 and len(states[0].numpy_rng_state.key) == 624
+    assert not states[0].HasField("rng_state")  # the old pickled field is never written
 
     stage2 = train(db, tmp_path / "c", "--solver", STAGE2, "--max-iter", "2", "--snapshot-every", "2",
                    "--test-interval", "0", "--weights", str(tmp_path / "a_iter_4.caffemodel"))
@@ -85,28 +81,62 @@ def test_seed_option(db, tmp_path):
     assert weights["s5"] == weights["s5again"] and weights["s5"] != weights["s6"]
 
 
-def test_ctrl_c_snapshots_and_stops(db, tmp_path):
+def _run_with_signals(db, tmp_path, signals, *extra):
+    """Start a long training; at the display line of iteration k send signals[k]; returns the
+    process's return code and output after the last signal."""
     cmd = TRAIN + ["--data", str(db), "--batch-pairs", "2", "--workers", "1", "--display", "1",
                    "--snapshot-prefix", str(tmp_path / "s"), "--solver", STAGE1, "--max-iter", "1000",
-                   "--test-interval", "0", "--snapshot-every", "0", "--device", "cpu"]
+                   "--test-interval", "0", "--snapshot-every", "0", "--device", "cpu", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    seen = []
     for line in proc.stdout:
-        if "Iteration 0, lr" in line:
-            proc.send_signal(signal.SIGINT)
+        seen.append(line)
+        for k, sig in signals.items():
+            if f"Iteration {k}, lr" in line:
+                proc.send_signal(sig)
+        if f"Iteration {max(signals)}, lr" in line:
             break
     rest = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130
-    assert "Signal 2 received: snapshotting and stopping" in rest
+    return proc.returncode, "".join(seen) + rest
+
+
+def test_ctrl_c_snapshots_and_stops(db, tmp_path):
+    code, out = _run_with_signals(db, tmp_path, {0: signal.SIGINT})
+    assert code == 130
+    assert re.search(r"SIGINT received: stopping after iteration \d+", out) and "Optimization stopped early." in out
     snaps = sorted(p.name for p in tmp_path.iterdir())
     assert len(snaps) == 2 and snaps[0].endswith(".caffemodel") and snaps[1].endswith(".solverstate")
 
 
+def test_sighup_snapshots_and_goes_on(db, tmp_path):
+    """Caffe's default -sighup_effect: a snapshot, and training continues (until SIGINT here); with
+    --sighup-effect none the signal is ignored."""
+    code, out = _run_with_signals(db, tmp_path, {0: signal.SIGHUP, 3: signal.SIGINT})
+    assert code == 130 and "Iteration 2, lr" in out
+    stems = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".caffemodel")
+    assert len(stems) == 2, stems  # one for SIGHUP (at iteration 1 or 2), one for SIGINT
+    for p in tmp_path.iterdir():
+        p.unlink()
+    code, out = _run_with_signals(db, tmp_path, {0: signal.SIGHUP, 2: signal.SIGINT}, "--sighup-effect", "none")
+    assert code == 130 and len([p for p in tmp_path.iterdir() if p.suffix == ".caffemodel"]) == 1
+
+
 def test_bad_input(db, tmp_path):
+    """Every bad input is an error naming the file or value, exit status 2, before any work."""
     proc = train(db, tmp_path / "x", "--solver", str(tmp_path / "none.prototxt"), check=False)
-    assert proc.returncode == 2 and "--solver: file not found" in proc.stderr
+    assert proc.returncode == 2 and "solver: file not found" in proc.stderr
     bad = tmp_path / "bad.prototxt"
     bad.write_text('base_lr: 0.1\nlr_polcy: "step"\n')
     proc = train(db, tmp_path / "x", "--solver", str(bad), check=False)
     assert proc.returncode == 2 and "bad.prototxt, line 2" in proc.stderr and "lr_polcy" in proc.stderr
     proc = train(tmp_path, tmp_path / "x", "--solver", STAGE1, check=False)
     assert proc.returncode == 2 and "train.lmdb not found" in proc.stderr
+    for option, value, message in (("--base-lr", "nan", "base_lr must be a finite number >= 0, got nan"),
+                                   ("--base-lr", "-0.1", "base_lr must be a finite number >= 0, got -0.1"),
+                                   ("--max-iter", "-5", "max_iter must be >= 0, got -5"),
+                                   ("--batch-pairs", "0", "--batch-pairs must be >= 1")):
+        proc = train(db, tmp_path / "x", "--solver", STAGE1, option, value, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = train(db, tmp_path / "x", "--solver", STAGE1, "--loss-weights", "1", "1", "0.5", check=False)
+    assert proc.returncode == 2 and "'loss_low', which the TRAIN net does not have" in proc.stderr
+    assert not list(tmp_path.glob("x_iter_*"))

@@ -9,15 +9,17 @@ all splits, and a table beside the paper's numbers (METHOD.md section 5).
 
 * Splits: CUHK03 the 20 official test sets, CUHK01 10 seeded random splits, Market-1501 its one
   split (--splits N takes the first N).
-* Training: tools/train.py with prototxt_equiv/solver_<dataset>_stage{1,2}.prototxt (CUHK03:
-  solver_stage{1,2}); --iters1/--iters2/--batch-pairs/--base-lr override them for short runs.
+* Training: mspcnn.engine.solve (what tools/train.py runs) with
+  prototxt_equiv/solver_<dataset>_stage{1,2}.prototxt (CUHK03: solver_stage{1,2}) and the net they
+  name; --iters1/--iters2/--batch-pairs/--base-lr override them for short runs.
 * Evaluation: CUHK03 and CUHK01 with the classic single-shot CMC (--repeats gallery draws,
-  mspcnn.evaluation.single_shot_cmc); Market-1501 with its official protocol
-  (mspcnn.evaluation.market1501_official). Features: L2-normalised fc7_bn, Euclidean distance.
+  mspcnn.metrics.single_shot_cmc); Market-1501 with its official protocol
+  (mspcnn.metrics.market1501_official). Features: L2-normalised fc7_bn, Euclidean distance.
 * --ablation trains the four loss sets of the paper's Table 5 (cls; cls + high; cls + low; all
-  three) instead of only the full model. Every loss set runs both stages with the same solvers and
-  iterations (stage 2 of cls and cls+high simply continues without the NCC loss), so the loss set
-  is the only difference. Stage 1 has no NCC loss, so cls + low and all start stage 2 from the
+  three) instead of only the full model: each sets the loss weights of the net (a weight of 0
+  turns a loss off). Every loss set runs both stages with the same solvers and iterations (stage
+  2 of cls and cls+high simply continues without the NCC loss), so the loss set is the only
+  difference. Stage 1 has no NCC loss, so cls + low and all start stage 2 from the
   stage-1 weights of cls and cls + high (same split and seed): their difference is the NCC loss's
   alone, and the ablation trains stage 1 twice instead of four times.
 * --seeds S [S ...] repeats the training with each solver random_seed (initialisation, pair
@@ -35,15 +37,13 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import train as train_tool  # noqa: E402
-
-from mspcnn.caffe.io import atomic_write  # noqa: E402
-from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501  # noqa: E402
-from mspcnn.evaluation import evaluate_features, folder_features  # noqa: E402
-from mspcnn.model import MSPCNNBackbone  # noqa: E402
-from mspcnn.paths import PROTOTXT_DIR  # noqa: E402
+from mspcnn.caffe.io import CaffeFormatError, atomic_write
+from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
+from mspcnn.engine import TrainingError, solve
+from mspcnn.evaluation import evaluate_features, folder_features
+from mspcnn.model import MSPCNNBackbone
+from mspcnn.paths import PROTOTXT_DIR
+from mspcnn.train_net import NetDefinitionError
 
 # METHOD.md section 5: rank-1 (%) of MSP-CNN (and mAP for Market-1501).
 PAPER = {"cuhk03-labeled": {"rank1": 85.7}, "cuhk03-detected": {"rank1": 83.6},
@@ -81,25 +81,14 @@ def evaluate(dataset, db, weights, device, repeats, seed):
     return out
 
 
-def _last_snapshot(run, stage):
-    done = [f for f in os.listdir(run) if f.startswith(f"{stage}_iter_") and f.endswith(".caffemodel")]
-    return os.path.join(run, max(done, key=lambda f: int(f.split("_")[-1].split(".")[0])))
-
-
 def train_both_stages(args, db, run, loss_weights, seed, stage1, stage2, where, stage1_done):
-    """Stage 1 from scratch, then stage 2 from its weights; returns the final weights, or None if
-    training failed (train.py has printed why).
+    """Stage 1 from scratch, then stage 2 from its weights; returns the final weights (the
+    .caffemodel the last stage wrote). Raises what mspcnn.engine.solve raises.
 
     ``stage1_done`` maps (weight of cls, weight of high) to the stage-1 weights already trained with
     them on this split and seed: stage 1 has no NCC loss and training is deterministic, so cls + low
     starts stage 2 from cls's stage 1 (and all from cls + high's), which is what Table 5 compares
     and saves a third of the ablation's time."""
-    common = ["--data", db, "--device", args.device, "--batch-pairs", str(args.batch_pairs),
-              "--loss-weights", *map(str, loss_weights), "--test-interval", "0"]
-    if args.base_lr:
-        common += ["--base-lr", str(args.base_lr)]
-    if seed is not None:
-        common += ["--seed", str(seed)]
     weights = None
     stage1_key = tuple(loss_weights[:2])
     for stage, solver, iters in (("stage1", stage1, args.iters1), ("stage2", stage2, args.iters2)):
@@ -110,12 +99,14 @@ def train_both_stages(args, db, run, loss_weights, seed, stage1, stage2, where, 
             print(f"== {where}: stage1 is the one of the same cls/high weights: {weights}", flush=True)
             continue
         print(f"== {where}: {stage}", flush=True)
-        extra = ["--max-iter", str(iters), "--snapshot-every", str(iters)] if iters else []
-        extra += ["--weights", weights] if weights else []
-        if train_tool.main(["--solver", str(solver), "--snapshot-prefix", os.path.join(run, stage)]
-                           + common + extra):
-            return None
-        weights = _last_snapshot(run, stage)
+        overrides = {"snapshot_prefix": os.path.join(run, stage), "test_interval": 0, "base_lr": args.base_lr,
+                     "random_seed": seed, "max_iter": iters, "snapshot": iters}
+        w_cls, w_high, w_low = loss_weights
+        result = solve(solver, db, weights=weights, device=args.device, overrides=overrides,
+                       batch_pairs=args.batch_pairs, workers=args.workers,
+                       loss_weights={"loss_cls": w_cls, "loss_high": w_high,
+                                     "loss_low": w_low if stage == "stage2" else 0})
+        weights = result.weights
         if stage == "stage1":
             stage1_done[stage1_key] = weights
     return weights
@@ -148,7 +139,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iters1", type=int)
     p.add_argument("--iters2", type=int)
-    p.add_argument("--batch-pairs", type=int, default=50)
+    p.add_argument("--batch-pairs", type=int, help="pairs per forward pass (default: the net's, 50)")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding batches ahead")
     p.add_argument("--base-lr", type=float)
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="seed of the gallery draws (plus the split number)")
@@ -178,9 +170,11 @@ def main(argv=None):
             for name, weights3 in configs:
                 where = f"split {split + 1}" + ("" if seed is None else f", seed {seed}") + f", {name}"
                 run = os.path.join(args.out, f"split{split:02d}", *([] if seed is None else [f"seed{seed}"]), name)
-                weights = train_both_stages(args, db, run, weights3, seed, stage1, stage2, where, stage1_done)
-                if weights is None:
-                    return 1
+                try:
+                    weights = train_both_stages(args, db, run, weights3, seed, stage1, stage2, where, stage1_done)
+                except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
                 row = evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split)
                 results[name].append(dict(row, split=split, seed=seed))
                 write_results(args, n_splits, seeds, results)  # after every run: a crash loses nothing

@@ -4,8 +4,9 @@
 1. generate a synthetic pedestrian dataset (tools/make_synthetic.py);
 2. convert it to LMDBs (tools/convert_dataset.py market1501);
 3. train stage 1 (softmax + contrastive) and stage 2 (+ the NCC loss) with
-   tools/train.py and the solver files of prototxt_equiv/ (iterations, rate
-   and batch shortened for a CPU);
+   mspcnn.engine.solve (what tools/train.py runs) and the solver files of
+   prototxt_equiv/ and the net they name (iterations, rate and batch
+   shortened for a CPU);
 4. extract fc7_bn features of the probe and gallery, evaluate with the
    Market-1501 protocol (CMC rank-1/5/10/20, mAP) next to the chance level
    (the same protocol on random features, mean of 20 draws);
@@ -27,17 +28,16 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import train as train_tool  # noqa: E402
-
-from mspcnn.data.datasets import convert_market1501  # noqa: E402
-from mspcnn.data.synthetic import make_synthetic_market  # noqa: E402
-from mspcnn.evaluation import (euclidean_distances, evaluate_features, folder_features,  # noqa: E402
-                               market1501_official)
-from mspcnn.model import MSPCNNBackbone  # noqa: E402
-from mspcnn.paths import PROTOTXT_DIR  # noqa: E402
-from mspcnn.plots import RIGHT, WRONG, draw_cmc, draw_ranking  # noqa: E402
+from mspcnn.caffe.io import CaffeFormatError
+from mspcnn.data.datasets import convert_market1501
+from mspcnn.data.synthetic import make_synthetic_market
+from mspcnn.engine import TrainingError, solve
+from mspcnn.evaluation import evaluate_features, folder_features
+from mspcnn.metrics import euclidean_distances, market1501_official
+from mspcnn.model import MSPCNNBackbone
+from mspcnn.paths import PROTOTXT_DIR
+from mspcnn.plots import RIGHT, WRONG, draw_cmc, draw_ranking
+from mspcnn.train_net import NetDefinitionError
 
 
 def ranking_picture(path, probe, gallery, dist, n_queries=6, top=10):
@@ -101,24 +101,29 @@ def main(argv=None):
     summary = convert_market1501(raw, db, val_ids=max(2, args.train_ids // 6), seed=args.seed, progress=False)
     print("      ", {k: f"{v[0]} images / {v[1]} ids" for k, v in summary.items()}, flush=True)
 
-    common = ["--data", db, "--batch-pairs", str(args.batch_pairs), "--base-lr", str(args.base_lr),
-              "--device", args.device, "--display", "10", "--workers", "2"]
-    print(f"[3/5] stage 1: {args.iters1} iterations (softmax + contrastive)", flush=True)
-    rc = train_tool.main(["--solver", str(PROTOTXT_DIR / "solver_stage1.prototxt"), "--max-iter", str(args.iters1),
-                          "--snapshot-prefix", os.path.join(runs, "stage1"), "--snapshot-every", str(args.iters1),
-                          "--test-interval", str(args.iters1)] + common)
-    if rc:
-        return rc
-    weights = os.path.join(runs, f"stage1_iter_{args.iters1}.caffemodel")
-    if args.iters2:
-        print(f"[4/5] stage 2: {args.iters2} iterations (+ the NCC loss), from {weights}", flush=True)
-        rc = train_tool.main(["--solver", str(PROTOTXT_DIR / "solver_stage2.prototxt"),
-                              "--max-iter", str(args.iters2), "--weights", weights,
-                              "--snapshot-prefix", os.path.join(runs, "stage2"),
-                              "--snapshot-every", str(args.iters2), "--test-interval", "0"] + common)
-        if rc:
-            return rc
-        weights = os.path.join(runs, f"stage2_iter_{args.iters2}.caffemodel")
+    common = dict(device=args.device, batch_pairs=args.batch_pairs, workers=2)
+    overrides = {"base_lr": args.base_lr, "display": 10}
+    try:
+        print(f"[3/5] stage 1: {args.iters1} iterations (softmax + contrastive)", flush=True)
+        result = solve(PROTOTXT_DIR / "solver_stage1.prototxt", db, **common,
+                       overrides=dict(overrides, max_iter=args.iters1, snapshot=args.iters1,
+                                      snapshot_prefix=os.path.join(runs, "stage1"), test_interval=args.iters1))
+        weights = result.weights
+        if result.test:
+            print(f"      stage-1 validation (held-out training identities, cross-camera rank-1): "
+                  f"{100 * result.test['rank1']:.1f}%", flush=True)
+        if args.iters2:
+            print(f"[4/5] stage 2: {args.iters2} iterations (+ the NCC loss), from {weights}", flush=True)
+            result = solve(PROTOTXT_DIR / "solver_stage2.prototxt", db, **common, weights=weights,
+                           overrides=dict(overrides, max_iter=args.iters2, snapshot=args.iters2,
+                                          snapshot_prefix=os.path.join(runs, "stage2"), test_interval=0))
+            weights = result.weights
+    except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by}; the last weights are {weights}", file=sys.stderr)
+        return 130
 
     print("[5/5] evaluation (Market-1501 protocol) on the test identities", flush=True)
     backbone = MSPCNNBackbone().to(args.device)

@@ -5,6 +5,7 @@
   unknown field or value;
 * ``.caffemodel`` (binary ``NetParameter`` with layer blobs), read and written;
 * ``.binaryproto`` (a ``BlobProto``, e.g. an image mean), read and written;
+* ``.solverstate`` (a ``SolverState``), read (:mod:`mspcnn.solver` writes it);
 * ``BlobProto`` <-> numpy, for both the ``shape`` field and the legacy
   num/channels/height/width dimensions.
 
@@ -22,8 +23,9 @@ from google.protobuf import text_format
 from . import proto
 
 __all__ = [
-    "CaffeFormatError", "read_prototxt", "parse_prototxt", "write_prototxt",
-    "read_caffemodel", "write_caffemodel", "read_binaryproto", "write_binaryproto",
+    "CaffeFormatError", "read_prototxt", "parse_prototxt", "write_prototxt", "read_net",
+    "upgrade_net_batchnorm",
+    "read_caffemodel", "write_caffemodel", "read_binaryproto", "write_binaryproto", "read_solverstate",
     "blob_to_array", "array_to_blob", "atomic_write",
 ]
 
@@ -68,6 +70,31 @@ def read_prototxt(path, message_type=proto.NetParameter):
     except UnicodeDecodeError as exc:
         raise CaffeFormatError(f"{path}: not a text file ({exc})") from None
     return parse_prototxt(text, message_type, source=os.fspath(path))
+
+
+def upgrade_net_batchnorm(net):
+    """Caffe 1.0's ``UpgradeNetBatchNorm`` (src/caffe/util/upgrade_proto.cpp), in place: a
+    BatchNorm layer that declares exactly three ParamSpecs (the older way of freezing its
+    statistics with lr_mult 0) loses all of them. Caffe's BatchNorm layer then freezes its blobs
+    itself, and the blobs are no longer shared by name: two BatchNorm layers that shared their
+    statistics through ParamSpec names keep separate statistics after the upgrade. Returns the
+    names of the layers changed."""
+    changed = []
+    for lp in net.layer:
+        if lp.type == "BatchNorm" and len(lp.param) == 3:
+            del lp.param[:]
+            changed.append(lp.name)
+    return changed
+
+
+def read_net(path):
+    """Read a net prototxt as Caffe's ``ReadNetParamsFromTextFileOrDie`` does: parse it, then
+    apply the upgrades Caffe 1.0 applies to files (here :func:`upgrade_net_batchnorm`, the only
+    one that concerns current-format nets). A net given inline (a solver's ``net_param``) is not
+    upgraded by Caffe, so use :func:`parse_prototxt` or the message itself for those."""
+    net = read_prototxt(path)
+    upgrade_net_batchnorm(net)
+    return net
 
 
 def atomic_write(path, data, mode="wb"):
@@ -116,6 +143,12 @@ def read_caffemodel(path):
 def write_caffemodel(net, path):
     """Write a ``NetParameter`` as a ``.caffemodel`` (atomically)."""
     atomic_write(path, net.SerializeToString())
+
+
+def read_solverstate(path):
+    """Read a ``.solverstate`` (binary ``SolverState``)."""
+    data = _read_bytes(path, ".solverstate")
+    return _parse_binary(data, proto.SolverState, path, ".solverstate (SolverState)")
 
 
 def blob_to_array(blob):

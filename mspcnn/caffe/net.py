@@ -14,7 +14,6 @@ InnerProduct, BatchNorm, Scale, ReLU, Pooling, Concat, Flatten, Dropout,
 SoftmaxWithLoss, ContrastiveLoss, and two types that BVLC Caffe lacks:
 L2Normalize (each row divided by its L2 norm) and MSP-CNN's NCCLoss.
 """
-import math
 import os
 import re
 
@@ -90,7 +89,8 @@ class CaffeNet(nn.Module):
     """A Caffe net for one phase.
 
     Args:
-        net: a ``NetParameter``, or the path of a prototxt.
+        net: a ``NetParameter`` (used as given), or the path of a prototxt (read as Caffe reads
+            files, with its upgrades: see :func:`mspcnn.caffe.io.read_net`).
         phase: "TRAIN" or "TEST".
         input_shapes: shapes of the tops of Data/MemoryData layers (Input
             layers carry their own shapes), e.g. ``{"data": (50, 3, 144, 56)}``.
@@ -104,7 +104,7 @@ class CaffeNet(nn.Module):
         self.source, self._text = None, None
         if isinstance(net, (str, os.PathLike)):
             self.source = os.fspath(net)
-            net = cio.read_prototxt(self.source)
+            net = cio.read_net(self.source)  # with Caffe's upgrades of files
             with open(self.source, encoding="utf-8") as f:
                 self._text = f.read()
         self.net_param = net

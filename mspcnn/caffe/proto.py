@@ -16,10 +16,15 @@ Two additions, not in BVLC Caffe:
 * ``LayerParameter.ncc_loss_param`` (field 2001) with ``NCCLossParameter``:
   the parameters of MSP-CNN's low-level (NCC) loss layer, type ``"NCCLoss"``.
 * ``SolverParameter.min_lr`` (1001): the floor of the fork's ``stepdecr``
-  learning-rate policy; ``SolverState.rng_state`` (1001): random states saved
-  with a snapshot so that a resumed run continues bit for bit.
+  learning-rate policy; ``SolverState`` fields 1002-1006 and
+  ``RandomStateMT19937``: the random states (plain bytes and integers) and the
+  pair sampler's position saved with a snapshot, so that a resumed run
+  continues bit for bit, and the SHA-256 of the snapshot's weights file. Field 1001 held a pickle in early versions of mspcnn;
+  it is recognised only to refuse such snapshots.
 """
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from mspcnn import defaults as _defaults
 
 _F = descriptor_pb2.FieldDescriptorProto
 _TYPES = {
@@ -291,23 +296,38 @@ _MESSAGES = {
         ("optional", "string", "learned_net", 2, None),
         ("repeated", "BlobProto", "history", 3, None),
         ("optional", "int32", "current_step", 4, "0"),
-        # Ours: the random states (torch, numpy, the trainer's) for a bit-exact resume.
+        # Ours, for a bit-exact resume: the random states as plain data (never code), and where
+        # the pair sampler stood. 1001 held a pickle in mspcnn before 2026-11; such snapshots are
+        # refused (mspcnn.solver), the field is declared only to recognise them.
         ("optional", "bytes", "rng_state", 1001, None),
+        ("optional", "bytes", "torch_rng_state", 1002, None),
+        ("optional", "RandomStateMT19937", "numpy_rng_state", 1003, None),
+        ("optional", "int64", "data_epoch", 1004, None),
+        ("optional", "int64", "data_batch", 1005, None),
+        ("optional", "string", "learned_net_sha256", 1006, None),
+    ],
+    # numpy's legacy MT19937 state (np.random.get_state()): 624 uint32 keys, position, cached
+    # Gaussian.
+    "RandomStateMT19937": [
+        ("repeated", "uint32", "key", 1, None),
+        ("optional", "int32", "pos", 2, None),
+        ("optional", "int32", "has_gauss", 3, None),
+        ("optional", "double", "cached_gaussian", 4, None),
     ],
     # MSP-CNN's low-level similarity loss (METHOD.md section 3). The defaults
     # of the thresholds disable them (every patch counts); the sweep that
     # chooses MSP-CNN's values is recorded in docs/RESULTS.md when run.
     "NCCLossParameter": [
-        ("optional", "uint32", "patch", 1, "5"),
-        ("optional", "uint32", "search_rows", 2, "5"),
-        ("optional", "float", "eps", 3, "0.01"),
-        ("optional", "float", "pos_floor", 4, "-1"),
-        ("optional", "float", "neg_ceiling", 5, "1"),
+        ("optional", "uint32", "patch", 1, repr(_defaults.NCC_PATCH)),
+        ("optional", "uint32", "search_rows", 2, repr(_defaults.NCC_SEARCH_ROWS)),
+        ("optional", "float", "eps", 3, repr(_defaults.NCC_EPS)),
+        ("optional", "float", "pos_floor", 4, repr(_defaults.NCC_POS_FLOOR)),
+        ("optional", "float", "neg_ceiling", 5, repr(_defaults.NCC_NEG_CEILING)),
     ],
 }
 
 _SCALAR_PACKED = {"int64", "uint64", "int32", "uint32", "float", "double", "bool"}
-_PACKED = {("BlobShape", "dim"), ("BlobProto", "data"), ("BlobProto", "diff"),
+_PACKED = {("BlobShape", "dim"), ("BlobProto", "data"), ("BlobProto", "diff"), ("RandomStateMT19937", "key"),
            ("BlobProto", "double_data"), ("BlobProto", "double_diff")}
 
 

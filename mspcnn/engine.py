@@ -1,0 +1,370 @@
+"""The training engine: the counterpart of Caffe's ``Solver::Solve`` for MSP-CNN.
+
+:func:`solve` reads a solver, builds the network the solver names (:mod:`mspcnn.train_net`: loss
+weights, loss parameters, dropout, BatchNorm settings, fillers and multipliers come from that
+net), and runs Caffe's loop:
+
+* seeding: the solver's ``random_seed`` (>= 0; else 0) seeds torch and numpy (initialisation,
+  dropout), the pair sampler and the crops and mirrors of the data transformer;
+* the data layer: pairs from a folder written by tools/convert_dataset.py (``train.lmdb`` and
+  ``train.json``; 2 negative pairs per positive pair, :mod:`mspcnn.data.pairs`), batches of
+  ``batch_pairs`` (default: the batch of the net's Input layer);
+* each iteration: ``iter_size`` forward/backward passes, then Caffe's SGD update
+  (:class:`mspcnn.solver.SGDSolver`);
+* ``test_interval``: the validation score (cross-camera rank-1 and mAP on ``val.lmdb`` when the
+  folder has one), before the first iteration when ``test_initialization``;
+* ``display`` and ``average_loss``: log lines in Caffe's format (glog prefix; "Iteration N (...),
+  loss = X", "Train net output #k: ...", "Iteration N, lr = Y", "Test net output #k: ..."), with
+  iterations done / total and an ETA;
+* ``snapshot`` and ``snapshot_after_train``: .caffemodel + .solverstate pairs; a resume from a
+  .solverstate continues bit for bit;
+* signals, as the caffe tool handles them (``-sigint_effect``, ``-sighup_effect``): "stop"
+  (stop after the current iteration; the snapshot after training is written), "snapshot"
+  (snapshot and go on) or "none". Defaults: SIGINT and SIGTERM stop, SIGHUP snapshots.
+
+It returns a :class:`SolveResult`: the snapshots written, the final loss and validation figures.
+Errors in the inputs raise :class:`TrainingError` (or CaffeFormatError / NetDefinitionError /
+FileNotFoundError), each naming the file or value, before any work starts.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mspcnn.caffe import io as cio
+from mspcnn.caffe import proto
+from mspcnn.data.lmdb_io import DatumDB
+from mspcnn.data.pairs import PairLoader, PairSampler
+from mspcnn.data.transformer import feature_transformer, train_transformer
+from mspcnn.evaluation import extract_features
+from mspcnn.metrics import cross_camera_retrieval
+from mspcnn.model import caffe_float32
+from mspcnn.solver import SGDSolver, check_solver
+from mspcnn.train_net import read_train_net
+
+__all__ = ["solve", "SolveResult", "TrainingError", "SIGNAL_EFFECTS", "glog", "format_duration"]
+
+SIGNAL_EFFECTS = ("stop", "snapshot", "none")
+LOSS_NAMES = (("loss_cls", "cls"), ("loss_high", "high"), ("loss_low", "low"))
+
+
+class TrainingError(ValueError):
+    """Training cannot start with these inputs (the message names the file or value)."""
+
+
+@dataclass
+class SolveResult:
+    """What :func:`solve` did.
+
+    iterations: the solver's iteration count at the end; snapshots: [(caffemodel, solverstate)]
+    in the order written; weights: the last .caffemodel written (None if none was); stopped_by:
+    the name of the signal that stopped training early, or None; loss: the last smoothed loss
+    (``average_loss`` iterations); losses: the last iteration's loss terms (unweighted);
+    test: the last validation {"iteration", "rank1", "mAP", "queries"} or None; history: every
+    displayed {"iteration", "loss", "lr", "seconds"} and validation; seconds: wall time."""
+    iterations: int = 0
+    snapshots: list = field(default_factory=list)
+    weights: str = None
+    stopped_by: str = None
+    loss: float = None
+    losses: dict = field(default_factory=dict)
+    test: dict = None
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    net: str = None
+
+
+def glog(where, message, stream=None):
+    """One line in glog's format, as Caffe writes them (``I1129 22:54:47.123456  4242 where] m``)."""
+    now = time.time()
+    stamp = time.strftime("%m%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1e6):06d}"
+    print(f"I{stamp} {os.getpid():>5} {where}] {message}", file=stream or sys.stdout, flush=True)
+
+
+def format_duration(seconds):
+    """'42s', '7m05s', '2h03m'."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _read_records(data, split):
+    path = os.path.join(data, f"{split}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise TrainingError(f"{path}: not valid JSON ({exc})") from None
+    rows = meta.get("records") if isinstance(meta, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise TrainingError(f"{path}: no records (not written by tools/convert_dataset.py?)")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), int) for k in ("label", "camera", "id")):
+            raise TrainingError(f"{path}: record {i} lacks an integer label, camera or id")
+    return rows
+
+
+def _install_signals(effects, requests):
+    """Install handlers that record the requested action ("none": the signal is caught and
+    ignored, as Caffe does); returns a function restoring the old handlers. Only the main thread
+    can handle signals: elsewhere nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {}
+    for name, effect in effects.items():
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+
+        def handler(num, frame, effect=effect, name=name):
+            requests.append((effect, name))
+
+        old[signum] = signal.signal(signum, handler)
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=None, batch_pairs=None,
+          loss_weights=None, net=None, workers=2, deterministic=False, sigint_effect="stop",
+          sighup_effect="snapshot", sigterm_effect="stop", log=glog, progress=None):
+    """Train as ``caffe train --solver SOLVER [--weights W | --snapshot S]`` would.
+
+    Args:
+        solver: path of a solver prototxt, or a SolverParameter.
+        data: a folder written by tools/convert_dataset.py.
+        weights: initial weights (.caffemodel), e.g. stage 1's for stage 2.
+        snapshot: a .solverstate to resume from (its .caffemodel beside it).
+        device: "cpu", "cuda" or "cuda:N".
+        overrides: {SolverParameter field: value} replacing the solver's (e.g. max_iter, base_lr,
+            snapshot_prefix, snapshot, test_interval, display, random_seed).
+        batch_pairs: pairs per forward pass (default: the batch of the net's Input layer).
+        loss_weights: {"loss_cls" | "loss_high" | "loss_low": weight} replacing the net's.
+        net: a NetParameter (or path) to train instead of the one the solver names.
+        workers: threads decoding batches ahead.
+        deterministic: deterministic GPU kernels (bit-exact GPU runs and resumes; slower).
+        sigint_effect, sighup_effect, sigterm_effect: "stop", "snapshot" or "none".
+        log: ``log(where, message)`` for the Caffe-format lines (default: glog lines on stdout).
+        progress: draw a progress bar on stderr (default: when stderr is a terminal).
+
+    Returns a :class:`SolveResult`."""
+    start_time = time.time()
+    solver_path = None
+    if isinstance(solver, (str, os.PathLike)):
+        solver_path = os.fspath(solver)
+        if not os.path.isfile(solver_path):
+            raise TrainingError(f"solver: file not found: {solver_path}")
+        solver = cio.read_prototxt(solver_path, proto.SolverParameter)
+    sp = proto.SolverParameter()
+    sp.CopyFrom(solver)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in proto.SolverParameter.DESCRIPTOR.fields_by_name:
+            raise TrainingError(f"unknown solver field {key!r}")
+        setattr(sp, key, value)
+    where_solver = solver_path or "solver"
+    try:
+        check_solver(sp)
+    except ValueError as exc:
+        raise TrainingError(f"{where_solver}: {exc}") from None
+    for name, effect in (("sigint_effect", sigint_effect), ("sighup_effect", sighup_effect),
+                         ("sigterm_effect", sigterm_effect)):
+        if effect not in SIGNAL_EFFECTS:
+            raise TrainingError(f"{name} must be one of {', '.join(SIGNAL_EFFECTS)}, got {effect!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {device}: no CUDA device is visible")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"device {device}: only cpu and cuda are supported")
+    for what, path in (("weights", weights), ("snapshot", snapshot)):
+        if path is not None and not os.path.isfile(path):
+            raise TrainingError(f"{what}: file not found: {path}")
+    for f in ("train.lmdb", "train.json"):
+        if not os.path.exists(os.path.join(data, f)):
+            raise TrainingError(f"data: {os.path.join(data, f)} not found (run tools/convert_dataset.py)")
+
+    train_net = read_train_net(sp, solver_path, net=net)
+    if loss_weights:
+        train_net.set_loss_weights(loss_weights)
+    batch_pairs = train_net.batch_pairs if batch_pairs is None else batch_pairs
+    if isinstance(batch_pairs, bool) or not isinstance(batch_pairs, int) or batch_pairs < 1:
+        raise TrainingError(f"batch_pairs must be an integer >= 1, got {batch_pairs!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise TrainingError(f"workers must be an integer >= 1, got {workers!r}")
+    rows = _read_records(data, "train")
+    labels = [r["label"] for r in rows]
+    if min(labels) < 0:
+        raise TrainingError(f"{os.path.join(data, 'train.json')}: negative label {min(labels)}")
+    num_classes = max(labels) + 1
+    db = DatumDB(os.path.join(data, "train.lmdb"))
+    if len(db) != len(rows):
+        raise TrainingError(f"{data}: train.lmdb has {len(db)} records, train.json {len(rows)}")
+    if len(rows) < batch_pairs:
+        raise TrainingError(f"{data}: {len(rows)} training images, fewer than the batch of {batch_pairs} pairs")
+    val = None
+    if os.path.exists(os.path.join(data, "val.lmdb")):
+        val_rows = _read_records(data, "val")
+        val = (DatumDB(os.path.join(data, "val.lmdb")), [r["id"] for r in val_rows],
+               [r["camera"] for r in val_rows])
+    prefix = sp.snapshot_prefix or "runs/mspcnn"
+    folder = os.path.dirname(os.path.abspath(prefix))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise TrainingError(f"snapshot prefix {prefix}: {folder} is not a folder")
+
+    seed = sp.random_seed if sp.random_seed >= 0 else 0
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if device.type == "cuda":
+        caffe_float32()
+    if deterministic:
+        # cuBLAS is reproducible only with a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+    model = train_net.build(num_classes, generator=torch.Generator().manual_seed(seed))
+    model.use_low = "loss_low" in train_net.layers and model.w_low != 0  # weight 0: no need to compute it
+    model.to(device)
+    log("solver.cpp:87", f"Creating training net from {train_net.source}"
+        + (f" (stages {', '.join(train_net.stages)})" if train_net.stages else ""))
+    for note in train_net.notes:
+        log("upgrade_proto.cpp:67", note)
+    if train_net.num_output != num_classes:
+        log("net.cpp:84", f"fc8: num_output {train_net.num_output} in the net, {num_classes} training "
+            f"identities in {data}: fc8 has {num_classes} outputs")
+    if weights:
+        missing = model.load_caffemodel(weights)
+        log("net.cpp:761", f"Copying weights from {weights}"
+            + (f" ({len(missing)} second-branch BatchNorm layers not in the file keep their initial "
+               "statistics)" if missing else ""))
+    solver_ = SGDSolver(sp, model.param_groups(), model.layer_blobs, model.describe(batch_pairs))
+    position = {"epoch": 0, "batch": 0}
+    result = SolveResult(net=train_net.source)
+    if snapshot:
+        restored = solver_.restore(snapshot, load_weights=model.load_caffemodel)
+        if restored is not None:
+            position["epoch"], position["batch"] = restored
+        log("solver.cpp:330", f"Restoring previous solver status from {snapshot}")
+
+    sampler = PairSampler(labels, [r["camera"] for r in rows], seed=seed)
+    loader = PairLoader(db, labels, sampler, batch_pairs, train_transformer(seed), workers=workers)
+
+    def batches():
+        while True:
+            for k, batch in enumerate(loader.epoch(position["epoch"])):
+                if k < position["batch"]:
+                    continue
+                position["batch"] = k + 1
+                yield batch
+            position["epoch"] += 1
+            position["batch"] = 0
+
+    stream = batches()
+    backbone = model.backbone
+    draw = sys.stderr.isatty() if progress is None else progress
+    terms_display = [(caffe, key, getattr(model, f"w_{key}")) for caffe, key in LOSS_NAMES
+                     if key in ("cls", "high") and caffe in train_net.layers or key == "low" and model.use_low]
+
+    def test():
+        if val is None:
+            return
+        log("solver.cpp:330", f"Iteration {solver_.iter}, Testing net (#0)")
+        feats = extract_features(backbone, val[0], feature_transformer(), device=device)
+        rank1, mean_ap, queries = cross_camera_retrieval(feats, val[1], val[2])
+        backbone.train()
+        log("solver.cpp:397", f"    Test net output #0: rank1 = {rank1:.4f}")
+        log("solver.cpp:397", f"    Test net output #1: mAP = {mean_ap:.4f}")
+        log("solver.cpp:397", f"    Test net output #2: queries = {queries}")
+        result.test = {"iteration": solver_.iter, "rank1": rank1, "mAP": mean_ap, "queries": queries}
+        result.history.append(dict(result.test, kind="test"))
+
+    def take_snapshot():
+        paths = solver_.snapshot(prefix, data_position=(position["epoch"], position["batch"]))
+        log("sgd_solver.cpp:273", f"Snapshotting to binary proto file {paths[0]}")
+        log("sgd_solver.cpp:290", f"Snapshotting solver state to binary proto file {paths[1]}")
+        result.snapshots.append(paths)
+        result.weights = paths[0]
+
+    requests = []
+    restore_signals = _install_signals({"SIGINT": sigint_effect, "SIGHUP": sighup_effect,
+                                        "SIGTERM": sigterm_effect}, requests)
+    log("solver.cpp:48", f"Solving MSP-CNN ({'stage 2: ' if model.use_low else ''}"
+        f"{' + '.join(k for _, k, _ in terms_display)}), {len(labels)} training images of {num_classes} "
+        f"identities, batch {batch_pairs} pairs x iter_size {max(1, sp.iter_size)}, device {device}"
+        + (", deterministic algorithms" if deterministic else ""))
+    model.train()
+    recent = []
+    max_iter = sp.max_iter
+    first_iter, loop_start = solver_.iter, time.time()
+    try:
+        while solver_.iter < max_iter:
+            if sp.test_interval and solver_.iter % sp.test_interval == 0 and (
+                    solver_.iter > 0 or sp.test_initialization):
+                test()
+            terms = {}
+
+            def forward_backward(k):
+                batch = {key: t.to(device, non_blocking=True) for key, t in next(stream).items()}
+                losses = model(batch["data"], batch["data_p"], batch["label"], batch["sim"])
+                losses["total"].backward()
+                for name, value in losses.items():
+                    terms[name] = terms.get(name, 0.0) + value.item() / max(1, sp.iter_size)
+                return losses["total"].item()
+
+            it = solver_.iter
+            rate = solver_.rate()
+            loss = solver_.step(forward_backward)
+            if not math.isfinite(loss):
+                log("solver.cpp:228", f"Iteration {it}: the loss is {loss} (diverged); lower base_lr")
+            recent = (recent + [loss])[-max(1, sp.average_loss):]
+            result.loss, result.losses, result.iterations = float(np.mean(recent)), dict(terms), solver_.iter
+            if sp.display and it % sp.display == 0:
+                elapsed = time.time() - loop_start
+                done = solver_.iter - first_iter
+                eta = elapsed / max(done, 1) * (max_iter - solver_.iter)
+                log("solver.cpp:228", f"Iteration {it} ({done / max(elapsed, 1e-9):.3g} iter/s; "
+                    f"{solver_.iter}/{max_iter}, ETA {format_duration(eta)}), loss = {result.loss:.6g}")
+                for k, (caffe_name, key, weight) in enumerate(terms_display):
+                    log("solver.cpp:244", f"    Train net output #{k}: {caffe_name} = {terms[key]:.6g} "
+                        f"(* {weight:g} = {weight * terms[key]:.6g} loss)")
+                log("sgd_solver.cpp:106", f"Iteration {it}, lr = {float(rate):.6g}")
+                result.history.append({"kind": "train", "iteration": it, "loss": result.loss,
+                                       "lr": float(rate), "seconds": time.time() - start_time})
+            if draw:
+                bar = int(30 * solver_.iter / max(max_iter, 1))
+                sys.stderr.write(f"\r[{'#' * bar}{'.' * (30 - bar)}] {solver_.iter}/{max_iter} loss {loss:.4f}")
+                sys.stderr.flush()
+            actions = [effect for effect, _ in requests]
+            if sp.snapshot and solver_.iter % sp.snapshot == 0 or "snapshot" in actions:
+                take_snapshot()
+            if "stop" in actions:
+                result.stopped_by = next(name for effect, name in requests if effect == "stop")
+                break
+            requests.clear()
+    finally:
+        restore_signals()
+        if draw:
+            sys.stderr.write("\n")
+    if result.stopped_by:
+        log("solver.cpp:455", f"{result.stopped_by} received: stopping after iteration {solver_.iter}")
+    if sp.snapshot_after_train and not (sp.snapshot and solver_.iter % sp.snapshot == 0) \
+            and not (result.snapshots and result.snapshots[-1][0].endswith(f"_iter_{solver_.iter}.caffemodel")):
+        take_snapshot()
+    if result.stopped_by:
+        log("solver.cpp:470", "Optimization stopped early.")
+    else:
+        if sp.test_interval and solver_.iter % sp.test_interval == 0:
+            test()
+        log("solver.cpp:470", "Optimization Done.")
+    result.iterations = solver_.iter
+    result.seconds = time.time() - start_time
+    return result
