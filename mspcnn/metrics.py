@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 __all__ = ["market1501_official", "market1501_noninterp", "market_ranking_stats", "summarize",
-           "single_shot_cmc", "cross_camera_retrieval", "euclidean_distances"]
+           "single_shot_cmc", "cross_camera_retrieval", "euclidean_distances", "market1501_reference"]
 
 
 def euclidean_distances(query, gallery):
@@ -234,3 +234,35 @@ def cross_camera_retrieval(features, ids, cameras):
     if not rank1:
         return 0.0, 0.0, 0
     return float(np.mean(rank1)), float(np.mean(aps)), len(rank1)
+
+
+def market1501_reference(dist, q_ids, q_cams, g_ids, g_cams, max_rank=20):
+    """Reference of :func:`market1501_official`, one query at a time as the official MATLAB code
+    does (a stable sort of each row, the junk removed, the trapezoidal AP walk): slow and plain, the
+    baseline of the tests and of tools/bench_eval.py. Returns rank-1/5/10/20, mAP and the number of
+    queries with a good match."""
+    dist, q_ids, q_cams, g_ids, g_cams = (np.asarray(v) for v in (dist, q_ids, q_cams, g_ids, g_cams))
+    cmc = np.zeros(max_rank)
+    aps = []
+    for q in range(len(q_ids)):
+        order = np.argsort(dist[q], kind="stable")
+        same = g_ids[order] == q_ids[q]
+        junk = (g_ids[order] == -1) | (same & (g_cams[order] == q_cams[q]))
+        good = (same & ~junk)[~junk]
+        n_good = good.sum()
+        if n_good == 0:
+            continue
+        ap, old_recall, old_precision, hits = 0.0, 0.0, 1.0, 0
+        for j, hit in enumerate(good):
+            hits += int(hit)
+            recall, precision = hits / n_good, hits / (j + 1)
+            ap += (recall - old_recall) * (old_precision + precision) / 2
+            old_recall, old_precision = recall, precision
+            if hits == n_good:
+                break
+        aps.append(ap)
+        first = int(np.argmax(good))
+        if first < max_rank:
+            cmc[first:] += 1
+    return {"rank1": cmc[0] / len(aps), "rank5": cmc[4] / len(aps), "rank10": cmc[9] / len(aps),
+            "rank20": cmc[19] / len(aps), "mAP": float(np.mean(aps)), "queries": len(aps)}

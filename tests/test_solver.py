@@ -196,3 +196,50 @@ def test_every_shipped_solver_file_is_usable():
         rates = [float(learning_rate(sp, it)[0]) for it in range(0, sp.max_iter, max(1, sp.max_iter // 7))]
         assert all(0 < r <= sp.base_lr + 1e-9 for r in rates), path.name
         assert rates == sorted(rates, reverse=True), path.name  # every recipe decays
+
+
+def test_snapshots_hold_no_code_and_are_checked(tmp_path):
+    """Random states are stored as plain data; a snapshot with a pickled random state (the old
+    format, or a crafted one) is refused before anything is unpickled; learned_net cannot leave
+    the snapshot's folder; a .caffemodel from another run is refused; a valid snapshot resumes."""
+    import pickle
+
+    net, solver, feed = make_run(tmp_path / "a")
+    solver.step(feed(0))
+    weights, state_path = solver.snapshot(str(tmp_path / "snap"))
+    state = cio.read_solverstate(state_path)
+    assert len(state.numpy_rng_state.key) == 624 and state.torch_rng_state
+    assert state.learned_net_sha256 and not state.HasField("rng_state")
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    crafted = proto.SolverState()
+    crafted.CopyFrom(state)
+    crafted.rng_state = pickle.dumps({"torch": None, "numpy": None, "extra": Payload()})
+    bad = tmp_path / "crafted.solverstate"
+    bad.write_bytes(crafted.SerializeToString())
+    fresh_net, fresh, _ = make_run(tmp_path / "b")
+    with pytest.raises(cio.CaffeFormatError, match="stores its random states with pickle"):
+        fresh.restore(bad, load_weights=fresh_net.load_caffemodel)
+    assert not marker.exists() and fresh.iter == 0
+
+    for name in ("../snap_iter_1.caffemodel", str(Path(weights).resolve()), ".."):
+        crafted = proto.SolverState()
+        crafted.CopyFrom(state)
+        crafted.learned_net = name
+        bad.write_bytes(crafted.SerializeToString())
+        with pytest.raises(cio.CaffeFormatError, match="is not a file name in the snapshot's folder"):
+            fresh.restore(bad, load_weights=fresh_net.load_caffemodel)
+
+    other_net, other, other_feed = make_run(tmp_path / "c")
+    other.step(other_feed(0))
+    other.step(other_feed(1))
+    other_weights, _ = other.snapshot(str(tmp_path / "other"))
+    Path(weights).write_bytes(Path(other_weights).read_bytes())  # another run's weights, same name
+    with pytest.raises(cio.CaffeFormatError, match="is not the weights file this snapshot was written with"):
+        fresh.restore(state_path, load_weights=fresh_net.load_caffemodel)
+    assert fresh.iter == 0
