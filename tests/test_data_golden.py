@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mspcnn.caffe import io as cio
+from mspcnn.caffe import proto
 from mspcnn.data import lmdb_io
 from mspcnn.data.lmdb_io import DatumDB, read_image_list, write_imageset
 from mspcnn.data.transformer import DataTransformer, SequentialDataLayer
@@ -32,6 +33,34 @@ def test_records_byte_identical_to_convert_imageset(tmp_path, encode_type, refer
     for i in range(len(theirs)):
         assert ours.raw(i) == theirs.raw(i), ours.keys[i]
     assert not (out / "lock.mdb").exists()
+
+
+@pytest.mark.parametrize("encode_type", ["png", "jpg"])
+def test_encoded_without_resize_stores_files_already_in_that_encoding(tmp_path, encode_type):
+    """convert_imageset --encoded --encode_type=E without a resize: a file whose extension is E
+    is stored as its own bytes (ReadFileToDatum: data, label, encoded; no channels/height/width),
+    other files are decoded and encoded as E. No lossy JPEG round trip."""
+    items = read_image_list(LMDB / "list.txt")
+    out = tmp_path / "db"
+    write_imageset(LMDB / "images", items, out, resize=None, encode_type=encode_type, progress=False)
+    db = DatumDB(out)
+    passed = 0
+    for i, (path, label) in enumerate(items):
+        datum = proto.Datum()
+        datum.ParseFromString(db.raw(i))
+        data = (LMDB / "images" / path).read_bytes()
+        assert datum.encoded and datum.label == label
+        if path.endswith("." + encode_type):
+            expected = proto.Datum(data=data, label=label, encoded=True)
+            assert db.raw(i) == expected.SerializeToString() and not datum.HasField("height"), path
+            passed += 1
+        else:
+            assert datum.data != data and datum.height > 0, path  # decoded and re-encoded
+    assert passed == 4  # four PNG and four JPEG files in the list
+    # With a resize every file is decoded, resized and encoded, as Caffe does.
+    write_imageset(LMDB / "images", items, tmp_path / "resized", encode_type=encode_type, progress=False)
+    resized = DatumDB(tmp_path / "resized")
+    assert all(resized[i][0].shape == (3, 160, 64) for i in range(len(items)))
 
 
 def test_decoded_records_and_labels():

@@ -4,7 +4,9 @@ writes them and its Data layer reads them (../shared/docs/CAFFE_SEMANTICS.md).
 * :func:`write_imageset`: a list of ``(relative path, label)`` -> an LMDB whose
   records are byte-identical to ``convert_imageset --resize_height=160
   --resize_width=64`` (keys ``%08d_<path>``, BGR, C x H x W, OpenCV bilinear
-  resize, raw or PNG/JPEG-encoded, commits every 1000 records). The database is
+  resize, raw or PNG/JPEG-encoded, commits every 1000 records). Encoded
+  without a resize, a file already in the requested encoding is stored as
+  its own bytes, as convert_imageset does (no lossy re-encoding). The database is
   written under a temporary name and renamed when complete, so an interrupted
   conversion leaves nothing that looks finished. Unreadable images are
   skipped, counted and named in a warning (their line index is left as a gap
@@ -24,7 +26,8 @@ import numpy as np
 
 from mspcnn.caffe import proto
 
-__all__ = ["write_imageset", "write_records", "file_loader", "DatumDB", "encode_datum", "decode_datum", "read_image_list"]
+__all__ = ["write_imageset", "write_records", "file_loader", "DatumDB", "encode_datum", "decode_datum", "read_image_list",
+           "matches_encoding", "file_datum"]
 
 MAP_SIZE = 1 << 40  # LMDB reserves address space, not disk
 
@@ -86,13 +89,35 @@ def decode_datum(value):
 
 def file_loader(path):
     """A loader for :func:`write_records`: () -> (BGR image, None), or
-    (None, reason) when the file is missing or cannot be decoded."""
+    (None, reason) when the file is missing or cannot be decoded. The loader
+    carries the file's ``path`` (for convert_imageset's pass-through of files
+    already in the requested encoding)."""
     def load():
         img = cv2.imread(path, cv2.IMREAD_COLOR)
         if img is None:
             return None, "missing" if not os.path.exists(path) else "unreadable or corrupt"
         return img, None
+    load.path = path
     return load
+
+
+def matches_encoding(path, encode_type):
+    """Caffe's ``matchExt``: the file's extension (lower case) is the encoding, or "jpeg" for
+    "jpg"."""
+    ext = path.rsplit(".", 1)[-1].lower()
+    enc = encode_type.lower()
+    return ext == enc or (enc == "jpg" and ext == "jpeg")
+
+
+def file_datum(path, label):
+    """The Datum ``ReadFileToDatum`` writes: the file's own bytes, the label, encoded true;
+    channels, height and width left unset."""
+    datum = proto.Datum()
+    with open(path, "rb") as f:
+        datum.data = f.read()
+    datum.label = int(label)
+    datum.encoded = True
+    return datum.SerializeToString()
 
 
 def write_imageset(root, items, out_path, resize=(160, 64), encode_type=None, commit_every=1000,
@@ -132,9 +157,16 @@ def write_records(out_path, records, total=None, resize=(160, 64), encode_type=N
             if img is None:
                 skipped.append((index, name, reason))
                 continue
-            if resize is not None and img.shape[:2] != tuple(resize):
-                img = cv2.resize(img, (resize[1], resize[0]), interpolation=cv2.INTER_LINEAR)
-            txn.put(f"{index:08d}_{name}".encode(), encode_datum(img, label, encode_type))
+            path = getattr(load, "path", None)
+            if encode_type and resize is None and path and matches_encoding(path, encode_type):
+                # convert_imageset stores a file already in the requested encoding as it is
+                # (ReadImageToDatum -> ReadFileToDatum), once OpenCV has decoded it.
+                value = file_datum(path, label)
+            else:
+                if resize is not None and img.shape[:2] != tuple(resize):
+                    img = cv2.resize(img, (resize[1], resize[0]), interpolation=cv2.INTER_LINEAR)
+                value = encode_datum(img, label, encode_type)
+            txn.put(f"{index:08d}_{name}".encode(), value)
             written += 1
             if written % commit_every == 0:
                 txn.commit()
