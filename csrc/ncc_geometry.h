@@ -1,7 +1,7 @@
 // Geometry of the wide-search NCC operator, shared by every backend.
 //
 // This header is plain C++ (no PyTorch, no CUDA includes) so that the CUDA
-// kernels in cuda/ncc_kernels.cu can include it and still be compiled by nvcc
+// kernels in cuda/*.cu can include it and still be compiled by nvcc
 // on a machine whose PyTorch has no CUDA support.
 //
 // Notation (see docs/ncc_layer.md):

@@ -1,6 +1,6 @@
 // The gradient of one NCC value with respect to its two patches, shared by
 // the CPU backward (cpu/ncc_cpu.cpp) and the CUDA backward kernels
-// (cuda/ncc_kernels.cu). Plain C++, callable from CUDA kernels.
+// (cuda/ncc_max_backward.cu). Plain C++, callable from CUDA kernels.
 //
 // For patches x (of a) and y (of b) of n = P * P elements with means mu_a,
 // mu_b, standard deviations s_a, s_b (n - 1 in the denominator, no eps) and

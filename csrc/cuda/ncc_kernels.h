@@ -1,4 +1,5 @@
-// Host-side entry points of the CUDA kernels in ncc_kernels.cu.
+// Host-side entry points of the CUDA kernels: ncc_forward.cu (statistics and
+// forward passes), ncc_max_backward.cu and ncc_volume_backward.cu.
 //
 // Plain C++ with raw pointers and an explicit stream, so that the kernels file
 // includes only CUDA headers and compiles with nvcc alone; the launcher

@@ -8,7 +8,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
-# Limits of the CUDA kernels (csrc/cuda/ncc_kernels.cu): a block keeps the
+# Limits of the CUDA kernels (csrc/cuda/ncc_forward.cu and the backward files): a block keeps the
 # rows of both maps it needs and one row of outputs in shared memory.
 CUDA_MAX_WIDTH = 64
 CUDA_MAX_PATCH = 15

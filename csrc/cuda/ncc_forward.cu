@@ -1,0 +1,480 @@
+// CUDA kernels of the NCC forward passes (docs/ncc_layer.md, "CUDA kernels"):
+// patch statistics, ncc_max and ncc_volume. CUDA headers only (ncc_kernels.h,
+// ncc_device.cuh): raw pointers, kernels templated on the scalar type, an
+// explicit stream; the launcher ncc_cuda.cpp checks the tensors and calls the
+// host functions at the end of this file.
+//
+// Kernels:
+//   stats_kernel           patch mean / std of every centre (two passes, double)
+//   max_fast_kernel<P, R>  ncc_max forward, register-blocked decomposition
+//   max_generic_kernel     ncc_max forward for any P, R (direct sums)
+//   volume_kernel          ncc_volume forward (direct sums, coalesced stores)
+// The backward kernels: ncc_max_backward.cu and ncc_volume_backward.cu.
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+
+#include "ncc_device.cuh"
+#include "ncc_kernels.h"
+
+namespace mspcnn {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Patch statistics
+// ---------------------------------------------------------------------------
+// One block per plane; 32-bit index arithmetic inside the plane.
+template <typename T>
+__global__ void stats_kernel(NccGeometry g, const T* __restrict__ a,
+                             const T* __restrict__ b, double* ma, double* sa,
+                             double* mb, double* sb) {
+  const int H = int(g.H), W = int(g.W), h = int(g.h()), BR = int(g.b_rows());
+  const int R2 = int(g.R2()), P = int(g.P);
+  const int64_t plane = blockIdx.x;
+  const double n = double(P * P);
+  for (int t = threadIdx.x; t < (H + BR) * W; t += blockDim.x) {
+    const bool is_a = t < H * W;
+    const int e = is_a ? t : t - H * W;
+    const int w = e % W, rr = e / W;
+    const T* x = (is_a ? a : b) + plane * H * W;
+    const int cr = is_a ? rr : rr - R2;
+    const int u0 = max(cr - h, 0), u1 = min(cr + h + 1, H);
+    const int v0 = max(w - h, 0), v1 = min(w + h + 1, W);
+    double sum = 0.0;
+    for (int u = u0; u < u1; ++u)
+      for (int v = v0; v < v1; ++v) sum += double(load(x + u * W + v));
+    const double mu = sum / n;
+    double ss = 0.0;
+    for (int u = u0; u < u1; ++u)
+      for (int v = v0; v < v1; ++v) {
+        const double dv = double(load(x + u * W + v)) - mu;
+        ss += dv * dv;
+      }
+    const int inside = (u1 > u0 ? u1 - u0 : 0) * (v1 - v0);
+    ss += double(P * P - inside) * mu * mu;
+    const int64_t o = plane * (is_a ? H : BR) * W + e;
+    (is_a ? ma : mb)[o] = mu;
+    (is_a ? sa : sb)[o] = sqrt(ss / (n - 1.0));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// ncc_max forward, register-blocked (P in {3, 5}, R in {1, 3, 5}, W <= 32)
+// ---------------------------------------------------------------------------
+// One block computes a tile of `tile_rows` output rows of one plane. Thread
+// (x = col, y) owns candidate column col for the two output columns
+// w0 = y and w1 = y + ceil(W / 2) (two columns per thread halve the
+// shared-memory loads of b, which bound the kernel). For every row u of a it
+// forms, for each of the R row offsets d,
+//   Hs_u(w, d, col) = sum_j a(u, w + j) b(u + d, col + j)       (P FMAs)
+// and keeps the last P of them per d in registers (win[d][*]); their sum is
+// the patch product X of output row u - h. A warp is one pair of output
+// columns, its 32 lanes the candidate columns: the maximum over col is a warp
+// shuffle reduction, the maximum over d is in registers.
+//
+// Shared memory: the rows of a and b the tile needs (zero padded), and the
+// normalisation factors ka, n ma ka (per output) and kb, mb kb (per centre),
+// computed from those rows (no separate statistics pass).
+constexpr int kLanes = 32;
+constexpr bool kDefaultTwoColumns = false;  // measured: docs/perf_notes.md
+
+template <typename T, int P>
+__host__ __device__ constexpr int fast_width() {
+  return kLanes + P - 1;
+}
+
+template <typename T, int P, int R>
+__host__ __device__ inline int64_t fast_smem_elems(int tile_rows) {
+  return int64_t(tile_rows + P - 1) * fast_width<T, P>() +
+         int64_t(tile_rows + P + R - 2) * fast_width<T, P>() +
+         2 * int64_t(tile_rows) * kLanes + 2 * int64_t(tile_rows + R - 1) * kLanes;
+}
+
+// Warp-wide maximum of (value, index) in the order of better().
+template <typename T>
+__device__ __forceinline__ void warp_best(T& best, int& best_k) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const T ov = __shfl_xor_sync(0xffffffffu, best, off);
+    const int ok = __shfl_xor_sync(0xffffffffu, best_k, off);
+    if (better(ov, ok, best, best_k)) {
+      best = ov;
+      best_k = ok;
+    }
+  }
+}
+
+template <typename T, int P, int R, int WPT>
+__global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
+    max_fast_kernel(NccGeometry g, int tile_rows, int tiles, int wsplit,
+                    const T* __restrict__ a, const T* __restrict__ b,
+                    T* __restrict__ values, int64_t* __restrict__ index) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  constexpr int h = P / 2, R2 = R / 2, SW = fast_width<T, P>();
+  const int H = int(g.H), W = int(g.W);
+  // Block = (plane, row tile, part of the output columns).
+  const int part = blockIdx.x % wsplit;
+  const int plane = blockIdx.x / wsplit / tiles, tile = blockIdx.x / wsplit % tiles;
+  const int r0 = tile * tile_rows;
+  const int TR = min(tile_rows, H - r0);
+  const T* A = a + int64_t(plane) * H * W;
+  const T* B = b + int64_t(plane) * H * W;
+  const double nm1 = double(P * P - 1), eps = g.eps;
+
+  T* As = smem;                                  // (TR + P - 1) x SW
+  T* Bs = As + (tile_rows + P - 1) * SW;         // (TR + P + R - 2) x SW
+  T* kaS = Bs + (tile_rows + P + R - 2) * SW;    // TR x 32
+  T* nmakaS = kaS + tile_rows * kLanes;          // TR x 32
+  T* kbS = nmakaS + tile_rows * kLanes;          // (TR + R - 1) x 32
+  T* mbkbS = kbS + (tile_rows + R - 1) * kLanes;  // (TR + R - 1) x 32
+
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * blockDim.y;
+  for (int i = tid; i < (TR + P - 1) * SW; i += nthreads) {
+    const int row = i / SW, c = i % SW;
+    As[i] = pixel(A, H, W, r0 - h + row, c - h);
+  }
+  for (int i = tid; i < (TR + P + R - 2) * SW; i += nthreads) {
+    const int row = i / SW, c = i % SW;
+    Bs[i] = pixel(B, H, W, r0 - R2 - h + row, c - h);
+  }
+  __syncthreads();
+  // Patch statistics from the staged rows (two passes over the zero-padded
+  // patch): per output the factors ka = 1 / ((n-1) sig_a) and n mu_a ka, per
+  // candidate centre kb = 1 / sig_b and mu_b kb. Lanes past W get 0.
+  for (int i = tid; i < TR * kLanes + (TR + R - 1) * kLanes; i += nthreads) {
+    const bool is_a = i < TR * kLanes;
+    const int e = is_a ? i : i - TR * kLanes;
+    const int row = e / kLanes, c = e % kLanes;
+    T k = 0, m = 0;
+    if (c < W) {
+      const T* x = (is_a ? As : Bs) + row * SW + c;  // top-left of the patch
+      T sum = 0;
+#pragma unroll
+      for (int u = 0; u < P; ++u)
+#pragma unroll
+        for (int v = 0; v < P; ++v) sum += x[u * SW + v];
+      const T mu = sum / T(P * P);
+      T ss = 0;
+#pragma unroll
+      for (int u = 0; u < P; ++u)
+#pragma unroll
+        for (int v = 0; v < P; ++v) {
+          const T d = x[u * SW + v] - mu;
+          ss += d * d;
+        }
+      const T sig = sqrt(ss / T(nm1)) + T(eps);
+      if (is_a) {
+        k = T(1) / (T(nm1) * sig);
+        m = T(P * P) * mu * k;
+      } else {
+        k = T(1) / sig;
+        m = mu * k;
+      }
+    }
+    if (is_a) {
+      kaS[e] = k;
+      nmakaS[e] = m;
+    } else {
+      kbS[e] = k;
+      mbkbS[e] = m;
+    }
+  }
+  __syncthreads();
+
+  const int col = threadIdx.x;
+  int wc[WPT];  // the output columns of this thread, all <= 31
+#pragma unroll
+  for (int c = 0; c < WPT; ++c) wc[c] = part * WPT * blockDim.y + threadIdx.y + c * blockDim.y;
+  T win[WPT][R][P];
+#pragma unroll
+  for (int c = 0; c < WPT; ++c)
+#pragma unroll
+    for (int k = 0; k < R; ++k)
+#pragma unroll
+      for (int i = 0; i < P; ++i) win[c][k][i] = T(0);
+
+  // The row loop is unrolled by P so that the window slot of row uu is the
+  // compile-time constant uu % P: no register moves.
+  for (int base = 0; base < TR + P - 1; base += P) {
+#pragma unroll
+    for (int s = 0; s < P; ++s) {
+      const int uu = base + s;
+      if (uu >= TR + P - 1) break;
+      T av[WPT][P];
+#pragma unroll
+      for (int c = 0; c < WPT; ++c)
+#pragma unroll
+        for (int j = 0; j < P; ++j) av[c][j] = As[uu * SW + wc[c] + j];
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        const T* brow = Bs + (uu + k) * SW + col;
+        T hs[WPT];
+#pragma unroll
+        for (int c = 0; c < WPT; ++c) hs[c] = T(0);
+#pragma unroll
+        for (int j = 0; j < P; ++j) {
+          const T bv = brow[j];
+#pragma unroll
+          for (int c = 0; c < WPT; ++c) hs[c] += av[c][j] * bv;
+        }
+#pragma unroll
+        for (int c = 0; c < WPT; ++c) win[c][k][s] = hs[c];
+      }
+      if (uu < P - 1) continue;
+      const int ri = uu - (P - 1);  // output row r0 + ri
+      T c2[WPT], c1[WPT], best[WPT];
+      int bk[WPT];
+#pragma unroll
+      for (int c = 0; c < WPT; ++c) {
+        c2[c] = kaS[ri * kLanes + wc[c]];
+        c1[c] = nmakaS[ri * kLanes + wc[c]];
+        best[c] = -INFINITY;
+        bk[c] = col;
+      }
+      // Candidates are visited in increasing index k * W + col. Take v when
+      // it is larger, or NaN while the best so far is not: the first maximum
+      // (or the first NaN) wins, as torch.argmax.
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        const T kbq = kbS[(ri + k) * kLanes + col], mq = mbkbS[(ri + k) * kLanes + col];
+#pragma unroll
+        for (int c = 0; c < WPT; ++c) {
+          T x = win[c][k][0];
+#pragma unroll
+          for (int i = 1; i < P; ++i) x += win[c][k][i];
+          const T v = x * (c2[c] * kbq) - c1[c] * mq;
+          if (!(v <= best[c]) && best[c] == best[c]) {
+            best[c] = v;
+            bk[c] = k * W + col;
+          }
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < WPT; ++c) {
+        if (col >= W) {
+          best[c] = -INFINITY;
+          bk[c] = INT_MAX;
+        }
+        warp_best(best[c], bk[c]);
+        if (col == 0 && wc[c] < W) {
+          const int64_t o = (int64_t(plane) * H + r0 + ri) * W + wc[c];
+          values[o] = best[c];
+          index[o] = bk[c];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Generic forward kernels (any P, R; W <= 64): one block per (plane, row r).
+// ---------------------------------------------------------------------------
+// Shared memory: the P rows of a and the R + P - 1 rows of b the row needs,
+// zero padded to width W + 2h, and the normalisation factors.
+template <typename T>
+__device__ void stage_row(const NccGeometry& g, int64_t plane, int64_t r,
+                          const T* a, const T* b, const double* ma,
+                          const double* sa, const double* mb, const double* sb,
+                          T* smem) {
+  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R = g.R, R2 = g.R2();
+  const int64_t SW = W + 2 * h, BR = g.b_rows();
+  const double nm1 = double(g.n() - 1);
+  T* As = smem;
+  T* Bs = As + P * SW;
+  T* ka = Bs + (R + P - 1) * SW;
+  T* nmaka = ka + W;
+  T* kb = nmaka + W;
+  T* mbkb = kb + R * W;
+  const T* A = a + plane * H * W;
+  const T* B = b + plane * H * W;
+  for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x)
+    As[i] = pixel(A, H, W, r - h + i / SW, i % SW - h);
+  for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x)
+    Bs[i] = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h);
+  for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
+    const int64_t e = (plane * H + r) * W + w;
+    const double k = 1.0 / (nm1 * (sa[e] + g.eps));
+    ka[w] = T(k);
+    nmaka[w] = T(double(g.n()) * ma[e] * k);
+  }
+  for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
+    const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
+    const double k = 1.0 / (sb[e] + g.eps);
+    kb[i] = T(k);
+    mbkb[i] = T(mb[e] * k);
+  }
+}
+
+inline int64_t generic_smem_elems(const NccGeometry& g) {
+  const int64_t SW = g.W + 2 * g.h();
+  return g.P * SW + (g.R + g.P - 1) * SW + 2 * g.W + 2 * g.R * g.W;
+}
+
+template <typename T>
+__device__ __forceinline__ T candidate(const NccGeometry& g, const T* smem,
+                                       int64_t w, int64_t k, int64_t col) {
+  const int64_t W = g.W, P = g.P, h = g.h(), R = g.R, SW = W + 2 * h;
+  const T* As = smem;
+  const T* Bs = As + P * SW;
+  const T* ka = Bs + (R + P - 1) * SW;
+  const T* nmaka = ka + W;
+  const T* kb = nmaka + W;
+  const T* mbkb = kb + R * W;
+  T x = T(0);
+  for (int64_t i = 0; i < P; ++i) {
+    const T* ar = As + i * SW + w;
+    const T* br = Bs + (k + i) * SW + col;
+    for (int64_t j = 0; j < P; ++j) x += ar[j] * br[j];
+  }
+  return x * (ka[w] * kb[k * W + col]) - nmaka[w] * mbkb[k * W + col];
+}
+
+template <typename T>
+__global__ void max_generic_kernel(NccGeometry g, const T* __restrict__ a,
+                                   const T* __restrict__ b, const double* ma,
+                                   const double* sa, const double* mb,
+                                   const double* sb, T* values, int64_t* index) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
+  stage_row(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  __syncthreads();
+  const int64_t W = g.W;
+  for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
+    T best = T(0);
+    int best_k = INT_MAX;
+    for (int64_t k = 0; k < g.R; ++k)
+      for (int64_t col = 0; col < W; ++col) {
+        const T v = candidate(g, smem, w, k, col);
+        const int idx = int(k * W + col);
+        if (best_k == INT_MAX || better(v, idx, best, best_k)) {
+          best = v;
+          best_k = idx;
+        }
+      }
+    values[(plane * g.H + r) * W + w] = best;
+    index[(plane * g.H + r) * W + w] = best_k;
+  }
+}
+
+template <typename T>
+__global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
+                              const T* __restrict__ b, const double* ma,
+                              const double* sa, const double* mb,
+                              const double* sb, T* volume) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
+  stage_row(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  __syncthreads();
+  const int64_t W = g.W, HW = g.H * W, per = g.R * W * W;
+  // e -> (k, col, w) with w fastest: consecutive threads store consecutive w.
+  for (int64_t e = threadIdx.x; e < per; e += blockDim.x) {
+    const int64_t w = e % W, kc = e / W;  // kc = k * W + col
+    volume[(plane * g.R * W + kc) * HW + r * W + w] = candidate(g, smem, w, kc / W, kc % W);
+  }
+}
+
+template <typename T, int P, int R, int WPT>
+cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
+                        const double* ma, const double* sa, const double* mb,
+                        const double* sb, T* values, int64_t* index, int num_sms,
+                        cudaStream_t stream) {
+  // Enough blocks to fill the GPU twice over, and shared memory <= 48 KB.
+  int tiles = int((2 * int64_t(num_sms) + g.planes() - 1) / g.planes());
+  if (tiles < 1) tiles = 1;
+  if (tiles > g.H) tiles = int(g.H);
+  int tile_rows = int((g.H + tiles - 1) / tiles);
+  while (tile_rows > 1 && fast_smem_elems<T, P, R>(tile_rows) * int64_t(sizeof(T)) > 48 * 1024)
+    tile_rows = (tile_rows + 1) / 2;
+  tiles = int((g.H + tile_rows - 1) / tile_rows);
+  const size_t smem = size_t(fast_smem_elems<T, P, R>(tile_rows)) * sizeof(T);
+  // MSPCNN_NCC_WSPLIT=2 splits the output columns of a tile over two blocks
+  // of half the size (a tuning knob for tools/bench_ncc.py; 1 by default).
+  const char* env = getenv("MSPCNN_NCC_WSPLIT");
+  const int wsplit = (env && env[0] == '2') ? 2 : 1;
+  if (wsplit > 1)
+    cudaFuncSetAttribute(max_fast_kernel<T, P, R, WPT>,
+                         cudaFuncAttributePreferredSharedMemoryCarveout,
+                         cudaSharedmemCarveoutMaxShared);
+  const dim3 block(kLanes, unsigned((g.W + WPT * wsplit - 1) / (WPT * wsplit)));
+  const int64_t grid = g.planes() * tiles * wsplit;
+  max_fast_kernel<T, P, R, WPT><<<unsigned(grid), block, smem, stream>>>(
+      g, tile_rows, tiles, wsplit, a, b, values, index);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Host entry points (declared in ncc_kernels.h)
+// ---------------------------------------------------------------------------
+template <typename T>
+cudaError_t patch_stats(const NccGeometry& g, const T* a, const T* b, double* ma,
+                        double* sa, double* mb, double* sb, cudaStream_t stream) {
+  stats_kernel<T><<<unsigned(g.planes()), kThreads, 0, stream>>>(g, a, b, ma, sa, mb, sb);
+  return cudaGetLastError();
+}
+
+bool has_fast_max_kernel(const NccGeometry& g) {
+  return g.W <= kLanes && (g.P == 3 || g.P == 5) && (g.R == 1 || g.R == 3 || g.R == 5);
+}
+
+template <typename T>
+cudaError_t ncc_max_forward(const NccGeometry& g, const T* a, const T* b,
+                            const double* ma, const double* sa, const double* mb,
+                            const double* sb, T* values, int64_t* index,
+                            int num_sms, cudaStream_t stream) {
+  if (has_fast_max_kernel(g)) {
+    // Output columns per thread: 2 halves the shared-memory loads of b, 1
+    // doubles the threads per block (tools/bench_ncc.py compares them with
+    // MSPCNN_NCC_COLS_PER_THREAD=1 or 2; docs/perf_notes.md has the numbers).
+    const char* env = getenv("MSPCNN_NCC_COLS_PER_THREAD");
+    const bool two = env ? env[0] == '2' : kDefaultTwoColumns;
+#define MSPCNN_FAST(P_, R_)                                                                   \
+  if (g.P == P_ && g.R == R_)                                                                 \
+    return two ? launch_fast<T, P_, R_, 2>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream) \
+               : launch_fast<T, P_, R_, 1>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream);
+    MSPCNN_FAST(3, 1) MSPCNN_FAST(3, 3) MSPCNN_FAST(3, 5)
+    MSPCNN_FAST(5, 1) MSPCNN_FAST(5, 3) MSPCNN_FAST(5, 5)
+#undef MSPCNN_FAST
+  }
+  const size_t smem = size_t(generic_smem_elems(g)) * sizeof(T);
+  max_generic_kernel<T><<<unsigned(g.planes() * g.H), 64, smem, stream>>>(
+      g, a, b, ma, sa, mb, sb, values, index);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,
+                               const double* ma, const double* sa,
+                               const double* mb, const double* sb, T* volume,
+                               cudaStream_t stream) {
+  const size_t smem = size_t(generic_smem_elems(g)) * sizeof(T);
+  volume_kernel<T><<<unsigned(g.planes() * g.H), kThreads, smem, stream>>>(
+      g, a, b, ma, sa, mb, sb, volume);
+  return cudaGetLastError();
+}
+
+#define MSPCNN_INSTANTIATE(T) \
+  template cudaError_t patch_stats<T>(const NccGeometry&, const T*, const T*, double*, \
+                                      double*, double*, double*, cudaStream_t); \
+  template cudaError_t ncc_max_forward<T>(const NccGeometry&, const T*, const T*,      \
+                                          const double*, const double*, const double*, \
+                                          const double*, T*, int64_t*, int, cudaStream_t); \
+  template cudaError_t ncc_volume_forward<T>(const NccGeometry&, const T*, const T*,   \
+                                             const double*, const double*,             \
+                                             const double*, const double*, T*,         \
+                                             cudaStream_t);
+MSPCNN_INSTANTIATE(float)
+MSPCNN_INSTANTIATE(double)
+#undef MSPCNN_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace mspcnn
