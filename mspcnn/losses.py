@@ -3,7 +3,7 @@
 The classification and high-level losses are Caffe's SoftmaxWithLoss and
 ContrastiveLoss (:mod:`mspcnn.caffe.layers`). The low-level loss compares the
 pool1 maps of the two images of a pair through the wide-search NCC operator
-(METHOD.md section 3, reconstructed; the paper gives no formula).
+(docs/method.md, section 3, reconstructed; the paper gives no formula).
 """
 import torch
 

@@ -1,5 +1,5 @@
 """CUHK03 and CUHK01 converters on small fabricated copies of the raw releases
-(same structure as the real files: EVALUATION.md)."""
+(same structure as the real files: docs/evaluation.md)."""
 import json
 
 import cv2

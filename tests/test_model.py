@@ -62,7 +62,7 @@ def test_deploy_output_shapes_and_pooling_rounding(deploy_pair):
             want = tuple(pool_output_size(s, k, st, p) for s, k, st, p in
                          zip(in_shape[-2:], mod.kernel, mod.stride, mod.pad))
             assert tuple(out_shape[-2:]) == want, name
-    # METHOD.md's table.
+    # docs/method.md's table.
     expected = {"pool1": (32, 72, 28), "inception_1a/output": (256, 72, 28),
                 "inception_1b/output": (384, 36, 14), "inception_2a/output": (512, 36, 14),
                 "inception_2b/output": (768, 18, 7), "inception_3a/output": (1024, 18, 7),

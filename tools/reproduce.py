@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Reproduce a row of the paper: raw dataset -> LMDBs -> stage 1 -> stage 2 -> evaluation over
-all splits, and a table beside the paper's numbers (METHOD.md section 5).
+all splits, and a table beside the paper's numbers (docs/method.md, section 5).
 
     python tools/reproduce.py {cuhk03-labeled,cuhk03-detected,cuhk01-100,cuhk01-486,market1501}
                               RAW_DIR [--out runs/reproduce] [--splits N] [--ablation]
@@ -45,7 +45,7 @@ from mspcnn.model import MSPCNNBackbone
 from mspcnn.paths import PROTOTXT_DIR
 from mspcnn.train_net import NetDefinitionError
 
-# METHOD.md section 5: rank-1 (%) of MSP-CNN (and mAP for Market-1501).
+# docs/method.md, section 5: rank-1 (%) of MSP-CNN (and mAP for Market-1501).
 PAPER = {"cuhk03-labeled": {"rank1": 85.7}, "cuhk03-detected": {"rank1": 83.6},
          "cuhk01-100": {"rank1": 79.3}, "cuhk01-486": {"rank1": 63.7},
          "market1501": {"rank1": 81.9, "mAP": 63.6}}

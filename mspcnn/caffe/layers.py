@@ -1,5 +1,5 @@
 """Caffe's layer semantics in PyTorch, wherever they differ from PyTorch's
-defaults (../shared/docs/CAFFE_SEMANTICS.md, checked against real Caffe in
+defaults (docs/caffe_semantics.md, checked against real Caffe in
 tests/test_caffe_golden.py).
 
 * :class:`BatchNorm`: Caffe's BatchNorm (no affine part), with its three

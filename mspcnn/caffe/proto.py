@@ -314,7 +314,7 @@ _MESSAGES = {
         ("optional", "int32", "has_gauss", 3, None),
         ("optional", "double", "cached_gaussian", 4, None),
     ],
-    # MSP-CNN's low-level similarity loss (METHOD.md section 3). The defaults
+    # MSP-CNN's low-level similarity loss (docs/method.md, section 3). The defaults
     # of the thresholds disable them (every patch counts); the sweep that
     # chooses MSP-CNN's values is recorded in docs/RESULTS.md when run.
     "NCCLossParameter": [

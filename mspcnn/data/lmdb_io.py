@@ -1,5 +1,5 @@
 """LMDB databases of Caffe ``Datum`` records, as Caffe's ``convert_imageset``
-writes them and its Data layer reads them (../shared/docs/CAFFE_SEMANTICS.md).
+writes them and its Data layer reads them (docs/caffe_semantics.md).
 
 * :func:`write_imageset`: a list of ``(relative path, label)`` -> an LMDB whose
   records are byte-identical to ``convert_imageset --resize_height=160

@@ -1,5 +1,5 @@
 """Pairs for the Siamese net: every positive pair comes with two negative
-pairs (METHOD.md section 4), anchors cover the training set each epoch, and
+pairs (docs/method.md, section 4), anchors cover the training set each epoch, and
 batches are decoded and transformed by background threads ahead of use.
 
 * :class:`PairSampler`: per epoch, a seeded permutation of all training images

@@ -9,7 +9,7 @@ background clutter and partial occlusion. Colours come from small shared
 palettes, so many identities share their colours and telling them apart needs
 the local patterns (what MSP-CNN's low-level NCC loss is meant to use).
 
-The output follows Market-1501 (EVALUATION.md): ``bounding_box_train/``,
+The output follows Market-1501 (docs/evaluation.md): ``bounding_box_train/``,
 ``bounding_box_test/`` (with distractors ``0000`` and junk ``-1``) and
 ``query/``, files ``PPPP_cCsS_FFFFFF_BB.jpg``, 128 x 64 images, so the same
 converter and protocols apply. Everything is drawn from one seed.

@@ -1,5 +1,5 @@
 """Caffe's DataTransformer, vectorised over a batch, and its sequential Data
-layer (../shared/docs/CAFFE_SEMANTICS.md; checked bit-exactly against Caffe
+layer (docs/caffe_semantics.md; checked bit-exactly against Caffe
 in tests/test_data_golden.py).
 
 out = (x - mean) * scale on a crop of each image, optionally mirrored:

@@ -1,6 +1,6 @@
 """Custom operators of mspcnn.
 
-``ncc_volume`` and ``ncc_max`` are the wide-search NCC layer (METHOD.md
+``ncc_volume`` and ``ncc_max`` are the wide-search NCC layer (docs/method.md
 section 2, docs/ncc_layer.md), implemented in C++ (CPU) and CUDA and registered
 as PyTorch custom operators ``torch.ops.mspcnn.*``. ``ncc_volume_reference`` and
 ``ncc_max_reference`` are plain-PyTorch implementations of the same functions,

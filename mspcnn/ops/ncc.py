@@ -103,7 +103,7 @@ torch.library.register_autograd(
 # Public functions
 # --------------------------------------------------------------------------
 def ncc_volume(a, b, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS):
-    """Wide-search normalized cross-correlation volume (METHOD.md section 2).
+    """Wide-search normalized cross-correlation volume (docs/method.md, section 2).
 
     For every channel c and position (r, w) of ``a``, the P x P patch of ``a``
     centred there is compared with the patches of ``b`` centred at rows

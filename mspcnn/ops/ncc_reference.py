@@ -1,6 +1,6 @@
 """Plain-PyTorch reference implementation of the wide-search NCC operators.
 
-This is the definition of METHOD.md section 2 written with unfold and einsum,
+This is the definition of docs/method.md, section 2, written with unfold and einsum,
 differentiated by autograd. It materialises every patch and the whole
 N x (C*R*W) x H x W volume, so it is slow and memory-hungry; the tests compare
 the C++/CUDA kernels against it and tools/bench_ncc.py uses it as the baseline.
