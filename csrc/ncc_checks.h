@@ -38,6 +38,13 @@ inline NccGeometry check_inputs(const at::Tensor& a, const at::Tensor& b,
               ": `search_rows` must be an odd integer >= 1, got ", search_rows);
   TORCH_CHECK(eps >= 0.0 && eps < 1e300, op,
               ": `eps` must be finite and >= 0, got ", eps);
+  // Sizes that only add zero padding (and would run for hours): see size_limits in
+  // mspcnn/ops/_checks.py.
+  const int64_t H = a.size(2), W = a.size(3), HW = H > W ? H : W;
+  TORCH_CHECK(HW == 0 || patch <= 2 * HW + 1, op, ": `patch` ", patch,
+              " is larger than 2 max(H, W) + 1 = ", 2 * HW + 1);
+  TORCH_CHECK(H == 0 || search_rows <= 2 * H + patch - 2, op, ": `search_rows` ",
+              search_rows, " is larger than 2 H + patch - 2 = ", 2 * H + patch - 2);
   NccGeometry g;
   g.N = a.size(0);
   g.C = a.size(1);

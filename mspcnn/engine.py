@@ -15,7 +15,7 @@ net), and runs Caffe's loop:
   folder has one), before the first iteration when ``test_initialization``;
 * ``display`` and ``average_loss``: log lines in Caffe's format (glog prefix; "Iteration N (...),
   loss = X", "Train net output #k: ...", "Iteration N, lr = Y", "Test net output #k: ..."), with
-  iterations done / total and an ETA;
+  iterations done / total, an ETA, and the share of time spent waiting for the data layer;
 * ``snapshot`` and ``snapshot_after_train``: .caffemodel + .solverstate pairs; a resume from a
   .solverstate continues bit for bit;
 * signals, as the caffe tool handles them (``-sigint_effect``, ``-sighup_effect``): "stop"
@@ -68,7 +68,9 @@ class SolveResult:
     the name of the signal that stopped training early, or None; loss: the last smoothed loss
     (``average_loss`` iterations); losses: the last iteration's loss terms (unweighted);
     test: the last validation {"iteration", "rank1", "mAP", "queries"} or None; history: every
-    displayed {"iteration", "loss", "lr", "seconds"} and validation; seconds: wall time."""
+    displayed {"iteration", "loss", "lr", "seconds", "data_wait"} and validation; seconds: wall time;
+    data_wait: the share of the training loop's time spent waiting for batches (near 0 when the
+    data layer keeps up with the device)."""
     iterations: int = 0
     snapshots: list = field(default_factory=list)
     weights: str = None
@@ -78,6 +80,7 @@ class SolveResult:
     test: dict = None
     history: list = field(default_factory=list)
     seconds: float = 0.0
+    data_wait: float = 0.0
     net: str = None
 
 
@@ -216,9 +219,57 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         val = (DatumDB(os.path.join(data, "val.lmdb")), [r["id"] for r in val_rows],
                [r["camera"] for r in val_rows])
     prefix = sp.snapshot_prefix or "runs/mspcnn"
+    lock = _lock_prefix(prefix)
+    try:
+        return _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
+                      device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
+                      start_time)
+    finally:
+        lock.close()  # releases the lock
+
+
+def _lock_prefix(prefix):
+    """Check that snapshots can be written at ``prefix`` and take ``<prefix>.lock`` (an exclusive
+    flock held for the whole training, released when the process ends however it ends): two
+    trainings with one prefix would interleave their snapshots. Removes the temporary files of
+    snapshots interrupted by a kill."""
+    import fcntl
+
     folder = os.path.dirname(os.path.abspath(prefix))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise TrainingError(f"snapshot prefix {prefix}: {folder} is not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"snapshot prefix {prefix}: cannot create {folder} ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TrainingError(f"snapshot prefix {prefix}: {folder} is not writable")
+    if os.path.isdir(prefix + "_iter_0.caffemodel"):
+        raise TrainingError(f"snapshot prefix {prefix}: {prefix}_iter_0.caffemodel is a folder")
+    try:
+        lock = open(prefix + ".lock", "a+")
+    except OSError as exc:
+        raise TrainingError(f"snapshot prefix {prefix}: cannot create {prefix}.lock ({exc.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise TrainingError(f"snapshot prefix {prefix}: another training ({holder}) is writing snapshots "
+                            "with this prefix; choose another --snapshot-prefix") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    cio.remove_stale_temporaries(folder, os.path.basename(prefix) + "_iter_")
+    return lock
+
+
+def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
+           device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
+           start_time):
+    """The training itself (see :func:`solve`), with the inputs checked and the prefix locked."""
 
     seed = sp.random_seed if sp.random_seed >= 0 else 0
     torch.manual_seed(seed)
@@ -278,7 +329,16 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         if val is None:
             return
         log("solver.cpp:330", f"Iteration {solver_.iter}, Testing net (#0)")
-        feats = extract_features(backbone, val[0], feature_transformer(), device=device)
+        try:
+            feats = extract_features(backbone, val[0], feature_transformer(), device=device)
+        except ValueError as exc:
+            # e.g. before any training step: BatchNorm statistics are still 0 (Caffe then divides by
+            # sqrt(eps) in every layer, and the outputs overflow); nothing to score.
+            backbone.train()
+            log("solver.cpp:397", f"    Test net: no score ({exc})")
+            result.history.append({"kind": "test", "iteration": solver_.iter, "rank1": float("nan"),
+                                   "mAP": float("nan"), "queries": 0})
+            return
         rank1, mean_ap, queries = cross_camera_retrieval(feats, val[1], val[2])
         backbone.train()
         log("solver.cpp:397", f"    Test net output #0: rank1 = {rank1:.4f}")
@@ -303,6 +363,7 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         + (", deterministic algorithms" if deterministic else ""))
     model.train()
     recent = []
+    waited = [0.0]  # seconds spent waiting for the data layer (a starved GPU shows here)
     max_iter = sp.max_iter
     first_iter, loop_start = solver_.iter, time.time()
     try:
@@ -313,7 +374,10 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
             terms = {}
 
             def forward_backward(k):
-                batch = {key: t.to(device, non_blocking=True) for key, t in next(stream).items()}
+                wait = time.time()
+                host = next(stream)
+                waited[0] += time.time() - wait
+                batch = {key: t.to(device, non_blocking=True) for key, t in host.items()}
                 losses = model(batch["data"], batch["data_p"], batch["label"], batch["sim"])
                 losses["total"].backward()
                 for name, value in losses.items():
@@ -331,14 +395,17 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
                 elapsed = time.time() - loop_start
                 done = solver_.iter - first_iter
                 eta = elapsed / max(done, 1) * (max_iter - solver_.iter)
+                data_share = waited[0] / max(elapsed, 1e-9)
                 log("solver.cpp:228", f"Iteration {it} ({done / max(elapsed, 1e-9):.3g} iter/s; "
-                    f"{solver_.iter}/{max_iter}, ETA {format_duration(eta)}), loss = {result.loss:.6g}")
+                    f"{solver_.iter}/{max_iter}, ETA {format_duration(eta)}; data wait {100 * data_share:.0f}%), "
+                    f"loss = {result.loss:.6g}")
                 for k, (caffe_name, key, weight) in enumerate(terms_display):
                     log("solver.cpp:244", f"    Train net output #{k}: {caffe_name} = {terms[key]:.6g} "
                         f"(* {weight:g} = {weight * terms[key]:.6g} loss)")
                 log("sgd_solver.cpp:106", f"Iteration {it}, lr = {float(rate):.6g}")
                 result.history.append({"kind": "train", "iteration": it, "loss": result.loss,
-                                       "lr": float(rate), "seconds": time.time() - start_time})
+                                       "lr": float(rate), "seconds": time.time() - start_time,
+                                       "data_wait": data_share})
             if draw:
                 bar = int(30 * solver_.iter / max(max_iter, 1))
                 sys.stderr.write(f"\r[{'#' * bar}{'.' * (30 - bar)}] {solver_.iter}/{max_iter} loss {loss:.4f}")
@@ -367,4 +434,5 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         log("solver.cpp:470", "Optimization Done.")
     result.iterations = solver_.iter
     result.seconds = time.time() - start_time
+    result.data_wait = waited[0] / max(time.time() - loop_start, 1e-9)
     return result

@@ -31,7 +31,7 @@ from mspcnn.caffe.weights import layer_blobs_to_net, load_layer_blobs
 from mspcnn.data.transformer import INPUT_SHAPE
 from mspcnn.losses import ncc_loss
 
-__all__ = ["MSPCNNBackbone", "MSPCNN", "caffe_float32", "OPTIONAL_LAYERS", "TRAIN_BATCH_PAIRS"]
+__all__ = ["MSPCNNBackbone", "MSPCNN", "caffe_float32", "feature_model", "OPTIONAL_LAYERS", "TRAIN_BATCH_PAIRS"]
 
 # [1] trains with batches of 50 (x iter_size 2): the batch of the Input layer of describe().
 TRAIN_BATCH_PAIRS = 50
@@ -45,6 +45,18 @@ def caffe_float32():
     1e-3 level; the training and feature tools call this before using a GPU."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def feature_model(weights, device="cpu", allow_partial=False):
+    """The one-branch network for features (:class:`MSPCNNBackbone` without fc8) with ``weights``
+    (a .caffemodel of a training snapshot or a deploy net), in eval mode on ``device``. Every layer
+    must be in the file unless ``allow_partial``; then the skipped layers (which keep their initial
+    values: their features are not trustworthy) are in ``model.skipped_layers``. Raises
+    FileNotFoundError or CaffeFormatError naming the file."""
+    if device.startswith("cuda"):
+        caffe_float32()
+    model = MSPCNNBackbone().load_caffemodel(weights, strict=not allow_partial)
+    return model.to(device).eval()
 
 
 # ------------------------------------------------------------------ layer definitions
@@ -324,8 +336,9 @@ class MSPCNNBackbone(nn.Module):
 
     def load_caffemodel(self, source, strict=True):
         """Import weights (BatchNorm accumulators included) by layer name; checked before anything
-        is copied."""
-        load_layer_blobs(self.layer_blobs(), source, strict)
+        is copied. ``strict`` (default): every layer must be in the file; otherwise the layers it
+        lacks keep their values and are listed in ``self.skipped_layers``."""
+        self.skipped_layers = load_layer_blobs(self.layer_blobs(), source, strict)
         return self
 
     def save_caffemodel(self, path, prototxt=None):

@@ -1,8 +1,9 @@
-"""Plots drawn with OpenCV (no plotting dependency): CMC curves and ranking pictures."""
+"""Plots drawn with OpenCV (no plotting dependency): CMC curves, learning curves and ranking
+pictures."""
 import cv2
 import numpy as np
 
-__all__ = ["draw_cmc", "draw_ranking", "RIGHT", "WRONG", "UNKNOWN"]
+__all__ = ["draw_cmc", "draw_curves", "draw_ranking", "RIGHT", "WRONG", "UNKNOWN"]
 
 COLORS = [(200, 80, 30), (40, 40, 200), (40, 160, 40), (150, 60, 150), (30, 150, 200)]  # BGR
 
@@ -35,6 +36,62 @@ def draw_cmc(curves, path, max_rank=20, size=(480, 640), title="CMC"):
                     cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
     if not cv2.imwrite(str(path), img):
         raise OSError(f"draw_cmc: could not write {path}")
+
+
+def _panel(img, box, series, title, ylabel, x_max, y_range, percent=False):
+    """One panel of :func:`draw_curves`: ``series`` {name: (xs, ys)} inside ``box`` (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    lo, hi = y_range
+    if hi <= lo:
+        hi = lo + 1.0
+    x = lambda v: int(x0 + v / max(x_max, 1e-9) * (x1 - x0))  # noqa: E731
+    y = lambda v: int(y1 - (v - lo) / (hi - lo) * (y1 - y0))  # noqa: E731
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for v in np.linspace(lo, hi, 5):
+        cv2.line(img, (x0, y(v)), (x1, y(v)), (225, 225, 225), 1)
+        label = f"{100 * v:.0f}%" if percent else f"{v:.3g}"
+        cv2.putText(img, label, (x0 - 55, y(v) + 4), font, 0.4, (80, 80, 80), 1)
+    for v in np.linspace(0, x_max, 5):
+        cv2.putText(img, f"{v:.0f}", (x(v) - 10, y1 + 16), font, 0.4, (80, 80, 80), 1)
+    cv2.rectangle(img, (x0, y0), (x1, y1), (0, 0, 0), 1)
+    cv2.putText(img, title, (x0, y0 - 10), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, ylabel, (x0 + 5, y0 + 15), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        color = COLORS[k % len(COLORS)]
+        pts = np.array([(x(a), y(b)) for a, b in zip(xs, ys) if np.isfinite(b)], np.int32)
+        if len(pts) > 1:
+            cv2.polylines(img, [pts], False, color, 2, cv2.LINE_AA)
+        for p in pts if len(pts) <= 40 else []:
+            cv2.circle(img, tuple(int(c) for c in p), 3, color, -1, cv2.LINE_AA)
+        cv2.putText(img, name, (x1 - 230, y0 + 18 + 16 * k), font, 0.4, color, 1, cv2.LINE_AA)
+
+
+def draw_curves(path, loss, score, title="learning curve", xlabel="iteration", score_label="rank-1",
+                size=(720, 720)):
+    """A learning curve to a PNG at ``path``: two panels sharing the iteration axis, the training
+    loss on top (``loss`` {name: (iterations, values)}) and a validation score in [0, 1] below
+    (``score`` {name: (iterations, values)}), with legends."""
+    if not loss and not score:
+        raise ValueError("draw_curves: nothing to draw")
+    h, w = size
+    img = np.full((h, w, 3), 255, np.uint8)
+    everything = list(loss.values()) + list(score.values())
+    x_max = max(max(xs) for xs, _ in everything if len(xs)) if any(len(xs) for xs, _ in everything) else 1
+    left, right = 70, 20
+    half = (h - 60) // 2
+    if loss:
+        vals = np.concatenate([np.asarray(v, float) for _, v in loss.values()])
+        vals = vals[np.isfinite(vals)]
+        lo, hi = (float(vals.min()), float(vals.max())) if len(vals) else (0.0, 1.0)
+        _panel(img, (left, 40, w - right, 40 + half - 40), loss, title, "training loss", x_max, (min(0.0, lo), hi))
+    if score:
+        vals = np.concatenate([np.asarray(v, float) for _, v in score.values()])
+        hi = float(np.nanmax(vals)) if len(vals) else 1.0
+        _panel(img, (left, 40 + half + 20, w - right, h - 40), score, "", f"validation {score_label}",
+               x_max, (0.0, min(1.0, max(0.1, np.ceil(hi * 10) / 10))), percent=True)
+    cv2.putText(img, xlabel, (w // 2 - 30, h - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+    if not cv2.imwrite(str(path), img):
+        raise OSError(f"draw_curves: could not write {path}")
 
 
 RIGHT, WRONG, UNKNOWN = (0, 190, 0), (0, 0, 230), (170, 170, 170)  # BGR borders of ranked images

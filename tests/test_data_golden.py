@@ -117,15 +117,15 @@ def test_mirror_flips_about_half_and_maps_the_mean_correctly():
 
 def test_interrupted_conversion_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = lmdb_io.cv2.imread
+    real = lmdb_io.cv2.imdecode
 
-    def flaky(path, flags):
+    def flaky(data, flags):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real(path, flags)
+        return real(data, flags)
 
-    monkeypatch.setattr(lmdb_io.cv2, "imread", flaky)
+    monkeypatch.setattr(lmdb_io.cv2, "imdecode", flaky)
     out = tmp_path / "db"
     with pytest.raises(KeyboardInterrupt):
         write_imageset(LMDB / "images", read_image_list(LMDB / "list.txt"), out, progress=False)

@@ -36,6 +36,10 @@ def good(shape=(1, 2, 6, 5), dtype=torch.float32):
         (good, {"search_rows": 0}, ValueError, r"`search_rows` must be an odd integer >= 1, got 0"),
         (good, {"eps": -0.1}, ValueError, r"`eps` must be finite and >= 0, got -0.1"),
         (good, {"eps": float("nan")}, ValueError, r"`eps` must be finite and >= 0, got nan"),
+        # sizes that only add padding would run for hours: refused at once (maps are 6 x 5)
+        (good, {"search_rows": 10**7 + 1}, ValueError,
+         r"`search_rows` 10000001 is larger than 2 H \+ patch - 2 = 15 for maps of height 6"),
+        (good, {"patch": 10**7 + 1}, ValueError, r"`patch` 10000001 is larger than 2 max\(H, W\) \+ 1 = 13"),
     ],
 )
 def test_bad_input_message(op, make, kwargs, exc, message):

@@ -1,6 +1,7 @@
 """tools/reproduce.py end to end on a fabricated CUHK01 (two seeded splits,
 single-shot CMC) with minimal training."""
 import json
+import re
 
 import cv2
 import numpy as np
@@ -25,9 +26,10 @@ def test_reproduce_cuhk01_two_splits(tmp_path, run_tool):
     proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--splits", "2", "--iters1", "2",
                     "--iters2", "1", "--batch-pairs", "2", "--device", "cpu", "--val-ids", "2", "--repeats", "5")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "cuhk01-100, 2 split(s)" in proc.stdout and "paper: all" in proc.stdout
+    assert "cuhk01-100, recipe paper, 2 split(s)" in proc.stdout and "paper: all" in proc.stdout
+    assert re.search(r"^chance +1\.0 +5\.0 +10\.0 +20\.0$", proc.stdout, re.M)  # 100 gallery identities
     result = json.loads((out / "results.json").read_text())
-    assert result["paper"] == {"rank1": 79.3} and result["splits"] == 2
+    assert result["paper"] == {"rank1": 79.3} and result["splits"] == 2 and result["chance"]["rank5"] == 5.0
     ours = result["ours"]["all"]
     assert len(ours["runs"]) == 2 and 0 <= ours["mean"]["rank1"] <= 100
     assert ours["mean"]["rank20"] >= ours["mean"]["rank1"]
@@ -36,7 +38,7 @@ def test_reproduce_cuhk01_two_splits(tmp_path, run_tool):
 @pytest.mark.slow
 def test_ablation_over_seeds(tmp_path, run_tool):
     """--ablation --seeds: four loss sets x two seeds, stage 1 trained once per (cls, high) weights and
-    seed and shared with the loss set that adds the NCC loss."""
+    seed and reused (by its manifest) by the loss set that adds the NCC loss."""
     fabricate_cuhk01(tmp_path / "raw")
     out = tmp_path / "out"
     proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--splits", "1", "--ablation",
@@ -50,11 +52,64 @@ def test_ablation_over_seeds(tmp_path, run_tool):
         assert sorted(run["seed"] for run in entry["runs"]) == [3, 4]
     for seed in (3, 4):
         runs = out / "split00" / f"seed{seed}"
-        assert (runs / "cls" / "stage1_iter_1.caffemodel").exists()
-        assert not list((runs / "cls+low").glob("stage1_*")) and not list((runs / "all").glob("stage1_*"))
+        assert (runs / "stage1_cls" / "stage1_iter_1.caffemodel").exists()
+        assert (runs / "stage1_cls+high" / "stage1_iter_1.caffemodel").exists()
         # the NCC loss is the only difference between cls and cls + low: their weights differ
         assert (runs / "cls" / "stage2_iter_2.caffemodel").read_bytes() != \
             (runs / "cls+low" / "stage2_iter_2.caffemodel").read_bytes()
-    assert proc.stdout.count("stage1 is the one of the same cls/high weights") == 4
-    seeds3 = (out / "split00" / "seed3" / "cls" / "stage1_iter_1.caffemodel").read_bytes()
-    assert seeds3 != (out / "split00" / "seed4" / "cls" / "stage1_iter_1.caffemodel").read_bytes()
+    assert proc.stdout.count("stage1 reused from") == 4 and proc.stdout.count(": stage1\n") == 4
+    seeds3 = (out / "split00" / "seed3" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
+    assert seeds3 != (out / "split00" / "seed4" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
+
+
+@pytest.mark.slow
+def test_stage2_settings_curves_and_stage1_reuse(tmp_path, run_tool):
+    """--w-low/--pos-floor/--lr2 edit a copy of the net (kept in the run's folder) for the loss set with
+    the NCC loss, name the runs, and leave cls+high's NCC-free stage 2 unaffected but for the rate; a
+    second invocation reuses stage 1 when its manifest matches and retrains it when an input differs;
+    --test-interval records the validation curve and draws it."""
+    fabricate_cuhk01(tmp_path / "raw")
+    out = tmp_path / "out"
+    common = ["cuhk01-100", tmp_path / "raw", "--out", out, "--splits", "1", "--loss-sets", "cls+high", "all",
+              "--iters2", "2", "--batch-pairs", "2", "--device", "cpu", "--val-ids", "4", "--repeats", "2",
+              "--test-interval", "1"]
+    first = run_tool("reproduce.py", *common, "--iters1", "2", "--name", "defaults")
+    assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
+    second = run_tool("reproduce.py", *common, "--iters1", "2", "--name", "edited", "--w-low", "2",
+                      "--pos-floor", "0.3", "--lr2", "0.005")
+    assert second.returncode == 0, second.stderr[-3000:] + second.stdout[-3000:]
+    assert "stage1 reused from" in second.stdout and ": stage1\n" not in second.stdout
+    assert "+-" not in second.stdout.split("recipe paper")[1]  # one run per loss set: no spread column
+    net = (out / "split00" / "all_wlow2_pf0.3_lr0.005" / "stage2_net.prototxt").read_text()
+    assert re.search(r'name: "loss_low".*?loss_weight: 2\b.*?pos_floor: 0\.3', net, re.S)
+    assert (out / "split00" / "cls+high_lr0.005" / "stage2_iter_2.caffemodel").exists()
+    assert not (out / "split00" / "cls+high_lr0.005" / "stage2_net.prototxt").exists()
+    result = json.loads((out / "edited.json").read_text())
+    curves = result["learning_curves"]
+    assert len(curves) == 2 and all(any(h["kind"] == "test" and h["stage"] == 2 for h in c) for c in curves.values())
+    assert (out / "edited_curves.png").stat().st_size > 1000 and (out / "defaults.json").exists()
+    third = run_tool("reproduce.py", *common, "--iters1", "3", "--name", "longer", "--bn-maf", "0.99")
+    assert third.returncode == 0 and third.stdout.count(": stage1\n") == 1  # retrained once, then reused
+    edited = (out / "split00" / "stage1_cls+high" / "stage1_net.prototxt").read_text()
+    assert edited.count("moving_average_fraction: 0.99") == 80  # every BatchNorm of both branches
+
+
+@pytest.mark.slow
+def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
+    """tools/gpu_cuhk01.sh, the one call that runs the full CUHK01-100 recipe of split 0 on a GPU,
+    run here on the CPU with a tiny schedule (the same script, the same reproduce.py invocation)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fabricate_cuhk01(tmp_path / "raw")
+    env = dict(os.environ, SKIP_BUILD="1", DEVICE="cpu", WORKERS="2", BENCH_PAIRS="4", BENCH_BATCHES="3",
+               EXTRA="--iters1 2 --iters2 1 --batch-pairs 2 --val-ids 4 --repeats 2")
+    proc = subprocess.run(["bash", str(root / "tools" / "gpu_cuhk01.sh"), str(tmp_path / "raw"), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=root, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "exit status 0" in proc.stdout and "ours: all" in proc.stdout and "paper: all" in proc.stdout
+    result = json.loads((tmp_path / "out" / "gpu_split0.json").read_text())
+    assert result["recipe"] == "paper" and result["splits"] == 1
+    assert json.loads((tmp_path / "out" / "bench_data.json").read_text())["images_per_s"]["ours"] > 0

@@ -188,10 +188,14 @@ def test_bad_input(tmp_path):
 
 def test_every_shipped_solver_file_is_usable():
     folder = Path(__file__).resolve().parents[1] / "prototxt_equiv"
+    from mspcnn.train_net import read_train_net
+
     files = sorted(folder.glob("solver_*.prototxt"))
-    assert len(files) == 6
+    assert len(files) == 8
     for path in files:
         sp = cio.read_prototxt(path, proto.SolverParameter)
+        net = read_train_net(sp, str(path))  # the net it names is one mspcnn trains
+        assert ("loss_low" in net.layers) == ("stage2" in path.name), path.name
         assert ("stage2" in sp.train_state.stage) == ("stage2" in path.name), path.name
         rates = [float(learning_rate(sp, it)[0]) for it in range(0, sp.max_iter, max(1, sp.max_iter // 7))]
         assert all(0 < r <= sp.base_lr + 1e-9 for r in rates), path.name

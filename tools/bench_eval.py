@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from mspcnn.cli import run
 from mspcnn.metrics import market1501_official, market1501_reference
 
 
@@ -59,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from mspcnn.cli import run
 from mspcnn.ops import ncc_max, ncc_max_reference, ncc_volume, ncc_volume_reference
 
 C, H, W = 32, 72, 28
@@ -245,4 +246,4 @@ def print_row(row, device, header=False):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -15,11 +15,12 @@ import sys
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError
+from mspcnn.cli import run
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.evaluation import extract_features
 from mspcnn.index import write_index
 from mspcnn.data.transformer import feature_transformer
-from mspcnn.model import MSPCNNBackbone, caffe_float32
+from mspcnn.model import feature_model
 
 
 def main(argv=None):
@@ -29,12 +30,15 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept weights that lack some layers (they keep their initial values; listed)")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda"):
-        caffe_float32()
     try:
         db = DatumDB(args.db)
-        backbone = MSPCNNBackbone().to(args.device).load_caffemodel(args.weights, strict=False)
+        backbone = feature_model(args.weights, args.device, args.allow_partial)
+        if backbone.skipped_layers:
+            print(f"warning: {args.weights} lacks {len(backbone.skipped_layers)} layers, left at their initial "
+                  f"values: {', '.join(backbone.skipped_layers)}", file=sys.stderr)
     except (FileNotFoundError, CaffeFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -50,4 +54,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

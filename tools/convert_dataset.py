@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 
+from mspcnn.cli import run
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 
 
@@ -60,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

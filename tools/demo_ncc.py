@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from mspcnn.cli import run
 from mspcnn.ops import ncc_max, ncc_max_reference
 
 
@@ -77,4 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -31,8 +31,9 @@ import sys
 import torch
 
 from mspcnn.caffe.io import atomic_write
+from mspcnn.cli import run
 from mspcnn.evaluation import PROTOCOLS, evaluate_features, folder_features, protocol_of
-from mspcnn.model import MSPCNNBackbone, caffe_float32
+from mspcnn.model import feature_model
 from mspcnn.plots import draw_cmc
 
 
@@ -48,6 +49,8 @@ def main(argv=None):
     p.add_argument("--json", help="write the metrics and the CMC curve here")
     p.add_argument("--cmc", help="draw the CMC curve to this PNG")
     p.add_argument("--features", help="save the features, identities, cameras and keys here")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept weights that lack some layers (they keep their initial values; listed)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1:
         p.error("--repeats and --batch-size must be at least 1")
@@ -55,10 +58,11 @@ def main(argv=None):
         p.error(f"--device {args.device}: no CUDA device is visible")
     if not os.path.isdir(args.data):
         p.error(f"--data {args.data}: no such folder")
-    if args.device.startswith("cuda"):
-        caffe_float32()
     try:
-        backbone = MSPCNNBackbone().to(args.device).load_caffemodel(args.weights, strict=False)
+        backbone = feature_model(args.weights, args.device, args.allow_partial)
+        if backbone.skipped_layers:
+            print(f"warning: {args.weights} lacks {len(backbone.skipped_layers)} layers, left at their initial "
+                  f"values: {', '.join(backbone.skipped_layers)}", file=sys.stderr)
         feats = folder_features(backbone, args.data, device=args.device, batch_size=args.batch_size)
     except (OSError, ValueError) as exc:  # missing files, foreign weights (CaffeFormatError), bad folder
         print(f"error: {exc}", file=sys.stderr)
@@ -107,4 +111,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from mspcnn.cli import run
 from mspcnn.data.synthetic import make_synthetic_market
 
 
@@ -41,4 +42,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

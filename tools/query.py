@@ -18,10 +18,11 @@ import cv2
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError
+from mspcnn.cli import run
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import IMAGE_SIZE, feature_transformer
 from mspcnn.index import load_index
-from mspcnn.model import MSPCNNBackbone, caffe_float32
+from mspcnn.model import feature_model
 from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
 
 
@@ -33,7 +34,10 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--out", default="ranking.png")
     p.add_argument("--query-ids", type=int, nargs="*")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept weights that lack some layers (they keep their initial values; listed)")
     args = p.parse_args(argv)
     if args.query_ids and len(args.query_ids) != len(args.images):
         p.error("--query-ids needs one identity per image")
@@ -44,9 +48,10 @@ def main(argv=None):
     try:
         index = load_index(args.index)
         gallery = DatumDB(index["db"])
-        if args.device.startswith("cuda"):
-            caffe_float32()
-        backbone = MSPCNNBackbone().to(args.device).load_caffemodel(args.weights, strict=False).eval()
+        backbone = feature_model(args.weights, args.device, args.allow_partial)
+        if backbone.skipped_layers:
+            print(f"warning: {args.weights} lacks {len(backbone.skipped_layers)} layers, left at their initial "
+                  f"values: {', '.join(backbone.skipped_layers)}", file=sys.stderr)
     except (OSError, CaffeFormatError) as exc:  # CaffeFormatError: also a bad index file
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -87,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -1,34 +1,49 @@
 #!/usr/bin/env python
 """Reproduce a row of the paper: raw dataset -> LMDBs -> stage 1 -> stage 2 -> evaluation over
-all splits, and a table beside the paper's numbers (docs/method.md, section 5).
+all splits, and a table beside the paper's numbers and the chance level (docs/method.md, section 5).
 
     python tools/reproduce.py {cuhk03-labeled,cuhk03-detected,cuhk01-100,cuhk01-486,market1501}
-                              RAW_DIR [--out runs/reproduce] [--splits N] [--ablation]
-                              [--device cuda] [--iters1 N] [--iters2 N] [--batch-pairs 50]
-                              [--base-lr R] [--repeats 100] [--val-ids N] [--seeds 0 1 2]
+                              RAW_DIR [--out runs/reproduce] [--name results] [--recipe paper|cpu]
+                              [--splits N] [--seeds 0 1 2] [--ablation | --loss-sets NAME ...]
+                              [--w-low W] [--pos-floor F] [--neg-ceiling C] [--lr2 R]
+                              [--device cuda] [--iters1 N] [--iters2 N] [--batch-pairs N] [--base-lr R]
+                              [--test-interval N] [--repeats 100] [--val-ids N] [--workers N]
 
 * Splits: CUHK03 the 20 official test sets, CUHK01 10 seeded random splits, Market-1501 its one
-  split (--splits N takes the first N).
-* Training: mspcnn.engine.solve (what tools/train.py runs) with
-  prototxt_equiv/solver_<dataset>_stage{1,2}.prototxt (CUHK03: solver_stage{1,2}) and the net they
-  name; --iters1/--iters2/--batch-pairs/--base-lr override them for short runs.
+  split (--splits N takes the first N). Identities held out from the training identities
+  (--val-ids, `val`) serve every choice made during training; test identities never do.
+* Recipes: `paper` trains with [1]'s solver settings (prototxt_equiv/solver_<dataset>_stage{1,2}
+  .prototxt; CUHK03: solver_stage{1,2}) and the net's batch of 50 pairs; `cpu` (CUHK01 only) is the
+  shortened recipe of solver_cuhk01_cpu_stage{1,2}.prototxt, about 30 minutes a run on 2 cores,
+  whose files state every shortening and why. --iters1/--iters2/--batch-pairs/--base-lr override
+  either for shorter runs. Training is mspcnn.engine.solve (what tools/train.py runs) with the net
+  the solvers name.
+* Loss sets (the paper's Table 5): cls; cls+high; cls+low; all. Default: all (the full model);
+  --ablation runs the four; --loss-sets chooses (e.g. `--loss-sets cls+high all`, the paired
+  comparison of the NCC loss). Each sets the loss weights of the net (0 turns a loss off). Every
+  loss set runs both stages with the same solvers and iterations (stage 2 of cls and cls+high
+  continues without the NCC loss). Stage 1 has no NCC loss, so cls+low and all start stage 2 from
+  the stage-1 weights of cls and cls+high (same split and seed): their difference is the NCC loss's
+  alone.
+* Stage 2's NCC loss: --w-low (its loss weight), --pos-floor, --neg-ceiling, --lr2 (stage 2's
+  base_lr) edit a copy of the net / the solver; the edited net is written into the run's folder
+  (the net that trained) and the runs are named with a tag of the values. --bn-maf sets every
+  BatchNorm's moving_average_fraction in both stages' nets the same way (the cpu recipe's 0.986
+  scales [1]'s averaging window with its shorter schedule).
+* Stage 1 is trained once per split, seed and cls/high weights: a later invocation with the same
+  --out reuses it when its manifest (solver, net, options, data and weights, by SHA-256) matches,
+  and says so.
 * Evaluation: CUHK03 and CUHK01 with the classic single-shot CMC (--repeats gallery draws,
-  mspcnn.metrics.single_shot_cmc); Market-1501 with its official protocol
-  (mspcnn.metrics.market1501_official). Features: L2-normalised fc7_bn, Euclidean distance.
-* --ablation trains the four loss sets of the paper's Table 5 (cls; cls + high; cls + low; all
-  three) instead of only the full model: each sets the loss weights of the net (a weight of 0
-  turns a loss off). Every loss set runs both stages with the same solvers and iterations (stage
-  2 of cls and cls+high simply continues without the NCC loss), so the loss set is the only
-  difference. Stage 1 has no NCC loss, so cls + low and all start stage 2 from the
-  stage-1 weights of cls and cls + high (same split and seed): their difference is the NCC loss's
-  alone, and the ablation trains stage 1 twice instead of four times.
-* --seeds S [S ...] repeats the training with each solver random_seed (initialisation, pair
-  sampling, crops, mirroring); the table gives the mean and the spread (standard deviation) over
-  all splits and seeds. The gallery draws of the single-shot CMC depend on the split only, so
-  every seed and loss set is scored on the same draws.
-Writes results.json and prints the table. The full recipes need a GPU and the datasets.
+  mspcnn.metrics.single_shot_cmc), Market-1501 with its official protocol. Features: L2-normalised
+  fc7_bn, Euclidean distance. Chance: a random ranking (single-shot: rank-k = k / gallery
+  identities; Market-1501: random features, 20 draws).
+* --test-interval N validates every N iterations (cross-camera rank-1 on the `val` identities) and
+  --seeds S [S ...] repeats the training per seed; OUT/<name>.json keeps every run (rewritten after
+  each one), its learning curves, and the mean and sample standard deviation over splits and seeds;
+  OUT/<name>_curves.png plots training loss and validation rank-1 against the iteration.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -37,13 +52,18 @@ import time
 import numpy as np
 import torch
 
+from mspcnn.caffe import io as cio
+from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
+from mspcnn.cli import run
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.engine import TrainingError, solve
 from mspcnn.evaluation import evaluate_features, folder_features
-from mspcnn.model import MSPCNNBackbone
+from mspcnn.metrics import euclidean_distances, market1501_official
+from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
-from mspcnn.train_net import NetDefinitionError
+from mspcnn.plots import draw_curves
+from mspcnn.train_net import NetDefinitionError, resolve_net_path
 
 # docs/method.md, section 5: rank-1 (%) of MSP-CNN (and mAP for Market-1501).
 PAPER = {"cuhk03-labeled": {"rank1": 85.7}, "cuhk03-detected": {"rank1": 83.6},
@@ -53,6 +73,13 @@ SPLITS = {"cuhk03-labeled": 20, "cuhk03-detected": 20, "cuhk01-100": 10, "cuhk01
           "market1501": 1}
 # Table 5's loss sets: (name, loss weights cls/high/low)
 ABLATION = [("cls", (1, 0, 0)), ("cls+high", (1, 1, 0)), ("cls+low", (1, 0, 1)), ("all", (1, 1, 1))]
+# Recipes: the solver files and the batch (pairs per forward pass; None: the net's).
+# cpu: 16 pairs (see solver_cuhk01_cpu_stage1.prototxt) and BatchNorm's moving-average window
+# scaled with the schedule: [1] averages over about 1/(1 - 0.999) = 1000 of its 11,000 forward
+# passes (9%); 9% of this recipe's 800 is 73 passes, moving_average_fraction 1 - 1/73 = 0.986.
+RECIPES = {"paper": {"batch": None, "bn_maf": None},
+           "cpu": {"batch": 16, "bn_maf": 0.986, "datasets": ("cuhk01",)}}
+STAGE2_OPTIONS = (("w_low", "wlow"), ("pos_floor", "pf"), ("neg_ceiling", "nc"), ("lr2", "lr"))
 
 
 def convert(dataset, raw, out, split, val_ids=None):
@@ -65,55 +92,141 @@ def convert(dataset, raw, out, split, val_ids=None):
     return convert_market1501(raw, out, progress=False, **kw)
 
 
-def solver_files(dataset):
+def solver_files(dataset, recipe="paper"):
     name = dataset.split("-")[0]
+    if recipe == "cpu":
+        return (PROTOTXT_DIR / f"solver_{name}_cpu_stage1.prototxt",
+                PROTOTXT_DIR / f"solver_{name}_cpu_stage2.prototxt")
     if name == "cuhk03":
         return PROTOTXT_DIR / "solver_stage1.prototxt", PROTOTXT_DIR / "solver_stage2.prototxt"
     return (PROTOTXT_DIR / f"solver_{name}_stage1.prototxt", PROTOTXT_DIR / f"solver_{name}_stage2.prototxt")
 
 
 def evaluate(dataset, db, weights, device, repeats, seed):
-    backbone = MSPCNNBackbone().to(device).load_caffemodel(weights, strict=False)
-    feats = folder_features(backbone, db, device=device)
+    backbone = feature_model(weights, device)
+    feats = folder_features(backbone, db, device=device, progress=False)
     out, _ = evaluate_features(feats["probe"], feats["gallery"],
                                "market1501" if dataset == "market1501" else "single-shot", repeats, seed)
     out.pop("cmc")
-    return out
+    return out, feats
 
 
-def train_both_stages(args, db, run, loss_weights, seed, stage1, stage2, where, stage1_done):
-    """Stage 1 from scratch, then stage 2 from its weights; returns the final weights (the
-    .caffemodel the last stage wrote). Raises what mspcnn.engine.solve raises.
-
-    ``stage1_done`` maps (weight of cls, weight of high) to the stage-1 weights already trained with
-    them on this split and seed: stage 1 has no NCC loss and training is deterministic, so cls + low
-    starts stage 2 from cls's stage 1 (and all from cls + high's), which is what Table 5 compares
-    and saves a third of the ablation's time."""
-    weights = None
-    stage1_key = tuple(loss_weights[:2])
-    for stage, solver, iters in (("stage1", stage1, args.iters1), ("stage2", stage2, args.iters2)):
-        if iters == 0:
-            continue
-        if stage == "stage1" and stage1_key in stage1_done:
-            weights = stage1_done[stage1_key]
-            print(f"== {where}: stage1 is the one of the same cls/high weights: {weights}", flush=True)
-            continue
-        print(f"== {where}: {stage}", flush=True)
-        overrides = {"snapshot_prefix": os.path.join(run, stage), "test_interval": 0, "base_lr": args.base_lr,
-                     "random_seed": seed, "max_iter": iters, "snapshot": iters}
-        w_cls, w_high, w_low = loss_weights
-        result = solve(solver, db, weights=weights, device=args.device, overrides=overrides,
-                       batch_pairs=args.batch_pairs, workers=args.workers,
-                       loss_weights={"loss_cls": w_cls, "loss_high": w_high,
-                                     "loss_low": w_low if stage == "stage2" else 0})
-        weights = result.weights
-        if stage == "stage1":
-            stage1_done[stage1_key] = weights
-    return weights
+def chance_level(dataset, feats, seed):
+    """The metrics of a random ranking: single-shot rank-k = k / gallery identities (exact);
+    Market-1501: the official protocol on random features, mean of 20 draws."""
+    keys = ("rank1", "rank5", "rank10", "rank20")
+    if dataset != "market1501":
+        n = len(set(feats["gallery"]["ids"]))
+        return {k: min(1.0, int(k[4:]) / n) for k in keys}
+    gen = torch.Generator().manual_seed(seed)
+    q, g = feats["probe"], feats["gallery"]
+    runs = [market1501_official(euclidean_distances(torch.randn(q["features"].shape, generator=gen),
+                                                    torch.randn(g["features"].shape, generator=gen)),
+                                q["ids"], q["cameras"], g["ids"], g["cameras"]) for _ in range(20)]
+    return {k: float(np.mean([r[k] for r in runs])) for k in keys + ("mAP",)}
 
 
-def write_results(args, n_splits, seeds, results):
-    """Mean and spread (in %) of every loss set over its finished runs; writes OUT/results.json
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def run_tag(args, uses_low):
+    """The suffix naming a run's stage-2 settings: '_lr0.005' for --lr2, and for a loss set with the
+    NCC loss '_wlow2_pf0.3_nc0.8' for --w-low/--pos-floor/--neg-ceiling; '' for the defaults."""
+    return "".join(f"_{short}{getattr(args, key):g}" for key, short in STAGE2_OPTIONS
+                   if getattr(args, key) is not None and (uses_low or key == "lr2"))
+
+
+def prepare_net(solver_path, folder, filename, bn_maf=None, ncc=None):
+    """The net the solver names with edits applied, written to FOLDER/FILENAME (the net that trains;
+    None when there is nothing to edit: the solver's own net trains). ``bn_maf``: every BatchNorm's
+    moving_average_fraction; ``ncc``: {"w_low", "pos_floor", "neg_ceiling"} of the NCCLoss layer."""
+    ncc = {k: v for k, v in (ncc or {}).items() if v is not None}
+    if bn_maf is None and not ncc:
+        return None
+    sp = cio.read_prototxt(solver_path, proto.SolverParameter)
+    net = cio.read_net(resolve_net_path(sp.net, str(solver_path)))
+    if bn_maf is not None:
+        for lp in net.layer:
+            if lp.type == "BatchNorm":
+                lp.batch_norm_param.moving_average_fraction = bn_maf
+    if ncc:
+        layer = next((lp for lp in net.layer if lp.type == "NCCLoss"), None)
+        if layer is None:
+            raise NetDefinitionError(f"{sp.net}: no NCCLoss layer to edit")
+        if "w_low" in ncc:
+            layer.loss_weight[:] = [ncc["w_low"]]
+        for key in ("pos_floor", "neg_ceiling"):
+            if key in ncc:
+                setattr(layer.ncc_loss_param, key, ncc[key])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, filename)
+    cio.write_prototxt(net, path)
+    return path
+
+
+def train_stage1(args, db, folder, loss_weights, seed, solver, where):
+    """Stage 1 from scratch into FOLDER, or the stage 1 already there when its manifest matches.
+    Returns (weights, history, iterations)."""
+    overrides = {"snapshot_prefix": os.path.join(folder, "stage1"), "base_lr": args.base_lr,
+                 "random_seed": seed, "max_iter": args.iters1, "snapshot": args.iters1,
+                 "test_interval": args.test_interval}
+    sp = cio.read_prototxt(solver, proto.SolverParameter)
+    net = prepare_net(solver, folder, "stage1_net.prototxt", bn_maf=args.bn_maf)
+    manifest = {"solver": sha256(solver), "net": sha256(net or resolve_net_path(sp.net, str(solver))),
+                "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights[:2]),
+                "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
+                "batch_pairs": args.batch_pairs, "device": args.device}
+    path = os.path.join(folder, "stage1.manifest.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        weights = old.get("weights")
+        if (old.get("inputs") == manifest and weights and os.path.isfile(weights)
+                and sha256(weights) == old.get("weights_sha256")):
+            print(f"== {where}: stage1 reused from {weights} (manifest matches)", flush=True)
+            return weights, old.get("history", []), old.get("iterations", 0)
+    print(f"== {where}: stage1", flush=True)
+    w_cls, w_high, _ = loss_weights
+    result = solve(solver, db, device=args.device, overrides=overrides, batch_pairs=args.batch_pairs, net=net,
+                   workers=args.workers, loss_weights={"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0})
+    record = {"inputs": manifest, "weights": result.weights, "weights_sha256": sha256(result.weights),
+              "iterations": result.iterations, "history": result.history, "seconds": result.seconds}
+    atomic_write(path, json.dumps(record, indent=1), mode="w")
+    return result.weights, result.history, result.iterations
+
+
+def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, stage2, where, tag):
+    """Stage 1 (or its reuse), then stage 2 from its weights; returns (final weights, history), the
+    history's iterations counted from the start of stage 1. Raises what mspcnn.engine.solve raises."""
+    key = "cls" if loss_weights[1] == 0 else "cls+high"
+    weights, history, offset = train_stage1(args, db, os.path.join(split_dir, f"stage1_{key}"), loss_weights,
+                                            seed, stage1, where)
+    history = [dict(h, stage=1) for h in history]
+    if args.iters2 == 0:
+        return weights, history
+    run = os.path.join(split_dir, name + tag)
+    print(f"== {where}: stage2", flush=True)
+    ncc = {k: getattr(args, k) for k in ("w_low", "pos_floor", "neg_ceiling")} if loss_weights[2] else None
+    net = prepare_net(stage2, run, "stage2_net.prototxt", bn_maf=args.bn_maf, ncc=ncc)
+    overrides = {"snapshot_prefix": os.path.join(run, "stage2"), "test_interval": args.test_interval,
+                 "base_lr": args.lr2 if args.lr2 is not None else args.base_lr, "random_seed": seed,
+                 "max_iter": args.iters2, "snapshot": args.iters2}
+    w_cls, w_high, w_low = loss_weights
+    weights_low = {"loss_low": w_low} if args.w_low is None or w_low == 0 else {}
+    result = solve(stage2, db, weights=weights, device=args.device, overrides=overrides, net=net,
+                   batch_pairs=args.batch_pairs, workers=args.workers,
+                   loss_weights={"loss_cls": w_cls, "loss_high": w_high, **weights_low})
+    history += [dict(h, stage=2, iteration=h["iteration"] + offset) for h in result.history]
+    return result.weights, history
+
+
+def write_results(args, n_splits, seeds, results, chance, histories):
+    """Mean and spread (in %) of every loss set over its finished runs; writes OUT/<name>.json
     atomically and returns the summary."""
     keys = ["rank1", "rank5", "rank10", "rank20"] + (["mAP"] if args.dataset == "market1501" else [])
     summary = {}
@@ -122,40 +235,88 @@ def write_results(args, n_splits, seeds, results):
             ddof = 1 if len(rows) > 1 else 0
             summary[name] = {"mean": {k: 100 * float(np.mean([r[k] for r in rows])) for k in keys},
                              "std": {k: 100 * float(np.std([r[k] for r in rows], ddof=ddof)) for k in keys},
-                             "runs": rows}
-    record = {"dataset": args.dataset, "splits": n_splits, "seeds": seeds, "paper": PAPER[args.dataset],
-              "ours": summary, "args": vars(args)}
-    atomic_write(os.path.join(args.out, "results.json"), json.dumps(record, indent=2), mode="w")
+                             "n": len(rows), "runs": rows}
+    record = {"dataset": args.dataset, "recipe": args.recipe, "splits": n_splits, "seeds": seeds,
+              "paper": PAPER[args.dataset], "ours": summary,
+              "chance": {k: 100 * v for k, v in chance.items()} if chance else None,
+              "learning_curves": histories, "args": vars(args)}
+    atomic_write(os.path.join(args.out, f"{args.name}.json"), json.dumps(record, indent=1), mode="w")
     return summary
+
+
+def draw(args, histories):
+    loss, score = {}, {}
+    for label, history in histories.items():
+        train = [h for h in history if h.get("kind") == "train"]
+        tests = [h for h in history if h.get("kind") == "test"]
+        if train:
+            loss[label] = ([h["iteration"] for h in train], [h["loss"] for h in train])
+        if tests:
+            score[label] = ([h["iteration"] for h in tests], [h["rank1"] for h in tests])
+    if loss or score:
+        draw_curves(os.path.join(args.out, f"{args.name}_curves.png"), loss, score,
+                    title=f"{args.dataset}, recipe {args.recipe}: stage 1 then stage 2")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=sorted(PAPER))
     p.add_argument("raw_dir")
-    p.add_argument("--out", default="runs/reproduce")
-    p.add_argument("--splits", type=int)
-    p.add_argument("--ablation", action="store_true")
+    p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
+    p.add_argument("--name", default="results", help="name of the results JSON and curves (default results)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
+                   help="paper: [1]'s solver settings (default); cpu: the shortened CUHK01 recipe")
+    p.add_argument("--splits", type=int, help="the first N splits (default: all of the dataset's)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ablation", action="store_true", help="the four loss sets of Table 5")
+    group.add_argument("--loss-sets", nargs="+", choices=[n for n, _ in ABLATION], help="these loss sets")
+    p.add_argument("--w-low", type=float, help="stage 2: the NCC loss weight (default: the net's)")
+    p.add_argument("--pos-floor", type=float, help="stage 2: NCCLoss pos_floor (default: the net's)")
+    p.add_argument("--neg-ceiling", type=float, help="stage 2: NCCLoss neg_ceiling (default: the net's)")
+    p.add_argument("--lr2", type=float, help="stage 2: base_lr (default: the solver's, or --base-lr)")
+    p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction, both stages "
+                   "(default: the net's 0.999; the cpu recipe's 0.986)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--iters1", type=int)
-    p.add_argument("--iters2", type=int)
-    p.add_argument("--batch-pairs", type=int, help="pairs per forward pass (default: the net's, 50)")
-    p.add_argument("--workers", type=int, default=2, help="threads decoding batches ahead")
-    p.add_argument("--base-lr", type=float)
-    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--iters1", type=int, help="stage 1 iterations (default: the solver's max_iter)")
+    p.add_argument("--iters2", type=int, help="stage 2 iterations (default: the solver's; 0: none)")
+    p.add_argument("--batch-pairs", type=int, help="pairs per forward pass (default: the recipe's)")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding batches ahead (default 2)")
+    p.add_argument("--base-lr", type=float, help="base_lr of both stages (default: the solvers')")
+    p.add_argument("--test-interval", type=int, default=0,
+                   help="validate every N iterations, for the learning curve (default 0: never)")
+    p.add_argument("--repeats", type=int, default=100, help="gallery draws of the single-shot CMC")
     p.add_argument("--seed", type=int, default=0, help="seed of the gallery draws (plus the split number)")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: each solver's random_seed)")
     p.add_argument("--val-ids", type=int, help="identities held out for validation (converter default)")
     args = p.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    if "datasets" in recipe and args.dataset.split("-")[0] not in recipe["datasets"]:
+        p.error(f"--recipe {args.recipe}: only for {', '.join(recipe['datasets'])}")
+    if args.batch_pairs is None:
+        args.batch_pairs = recipe["batch"]
+    if args.bn_maf is None:
+        args.bn_maf = recipe["bn_maf"]
+    if args.bn_maf is not None and not 0 <= args.bn_maf < 1:
+        p.error(f"--bn-maf must be in [0, 1), got {args.bn_maf}")
     n_splits = min(args.splits or SPLITS[args.dataset], SPLITS[args.dataset])
-    configs = ABLATION if args.ablation else ABLATION[-1:]
-    stage1, stage2 = solver_files(args.dataset)
-    if args.iters1 == 0:
-        p.error("--iters1: stage 1 needs at least one iteration")
+    if args.ablation:
+        configs = ABLATION
+    elif args.loss_sets:
+        configs = [c for c in ABLATION if c[0] in args.loss_sets]
+    else:
+        configs = ABLATION[-1:]
+    stage1, stage2 = solver_files(args.dataset, args.recipe)
+    for name, value in (("--iters1", args.iters1), ("--splits", args.splits), ("--repeats", args.repeats),
+                        ("--batch-pairs", args.batch_pairs), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            p.error(f"{name} must be at least 1, got {value}")
+    if args.iters2 is not None and args.iters2 < 0 or args.test_interval < 0:
+        p.error("--iters2 and --test-interval must be >= 0")
     seeds = args.seeds or [None]
     if len(set(seeds)) != len(seeds):
         p.error("--seeds: repeated seed")
     results = {name: [] for name, _ in configs}
+    histories, chance = {}, None
     start = time.time()
     for split in range(n_splits):
         db = os.path.join(args.out, f"split{split:02d}", "db")
@@ -166,33 +327,41 @@ def main(argv=None):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         for seed in seeds:
-            stage1_done = {}
+            split_dir = os.path.join(args.out, f"split{split:02d}", *([] if seed is None else [f"seed{seed}"]))
             for name, weights3 in configs:
-                where = f"split {split + 1}" + ("" if seed is None else f", seed {seed}") + f", {name}"
-                run = os.path.join(args.out, f"split{split:02d}", *([] if seed is None else [f"seed{seed}"]), name)
+                tag = run_tag(args, uses_low=bool(weights3[2]))
+                where = f"split {split + 1}" + ("" if seed is None else f", seed {seed}") + f", {name}{tag}"
                 try:
-                    weights = train_both_stages(args, db, run, weights3, seed, stage1, stage2, where, stage1_done)
+                    weights, history = train_both_stages(args, db, split_dir, name, weights3, seed, stage1,
+                                                         stage2, where, tag)
                 except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2
-                row = evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split)
-                results[name].append(dict(row, split=split, seed=seed))
-                write_results(args, n_splits, seeds, results)  # after every run: a crash loses nothing
+                row, feats = evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split)
+                if chance is None:
+                    chance = chance_level(args.dataset, feats, args.seed)
+                results[name].append(dict(row, split=split, seed=seed, weights=weights))
+                histories[where] = history
+                write_results(args, n_splits, seeds, results, chance, histories)  # a crash loses nothing
+                draw(args, histories)
                 print(f"   {where}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in row.items()), flush=True)
 
-    summary = write_results(args, n_splits, seeds, results)
+    summary = write_results(args, n_splits, seeds, results, chance, histories)
     paper, keys = PAPER[args.dataset], list(next(iter(summary.values()))["mean"])
     runs = n_splits * len(seeds)
-    print(f"\n{args.dataset}, {n_splits} split(s) x {len(seeds)} seed(s), {time.time() - start:.0f} s"
-          + ("; mean +- sample standard deviation over the runs" if runs > 1 else ""))
-    print(f"{'':<16}" + "".join(f"{k:>16}" for k in keys))
+    print(f"\n{args.dataset}, recipe {args.recipe}, {n_splits} split(s) x {len(seeds)} seed(s), "
+          f"{time.time() - start:.0f} s; in %" + ("; mean +- sample standard deviation over the runs"
+                                                  if runs > 1 else ""))
+    print(f"{'':<22}" + "".join(f"{k:>16}" for k in keys))
     for name, entry in summary.items():
         mean, std = entry["mean"], entry["std"]
-        print(f"{'ours: ' + name:<16}" + "".join(f"{mean[k]:>9.1f} +- {std[k]:>3.1f}" for k in keys))
-    print(f"{'paper: all':<16}" + "".join(f"{paper[k]:>15.1f}%" if k in paper else f"{'-':>16}" for k in keys))
+        cells = [f"{mean[k]:>9.1f} +- {std[k]:>3.1f}" if runs > 1 else f"{mean[k]:>16.1f}" for k in keys]
+        print(f"{'ours: ' + name + run_tag(args, name in ('cls+low', 'all')):<22}" + "".join(cells))
+    print(f"{'chance':<22}" + "".join(f"{100 * chance[k]:>16.1f}" if k in chance else f"{'-':>16}" for k in keys))
+    print(f"{'paper: all':<22}" + "".join(f"{paper[k]:>16.1f}" if k in paper else f"{'-':>16}" for k in keys))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

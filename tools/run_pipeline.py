@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError
+from mspcnn.cli import run
 from mspcnn.data.datasets import convert_market1501
 from mspcnn.data.synthetic import make_synthetic_market
 from mspcnn.engine import TrainingError, solve
 from mspcnn.evaluation import evaluate_features, folder_features
 from mspcnn.metrics import euclidean_distances, market1501_official
-from mspcnn.model import MSPCNNBackbone
+from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
 from mspcnn.plots import RIGHT, WRONG, draw_cmc, draw_ranking
 from mspcnn.train_net import NetDefinitionError
@@ -126,8 +127,7 @@ def main(argv=None):
         return 130
 
     print("[5/5] evaluation (Market-1501 protocol) on the test identities", flush=True)
-    backbone = MSPCNNBackbone().to(args.device)
-    backbone.load_caffemodel(weights, strict=False)  # fc8 is not needed for features
+    backbone = feature_model(weights, args.device)
     feats = folder_features(backbone, db, device=args.device)
     probe, gallery = feats["probe"], feats["gallery"]
     result, dist = evaluate_features(probe, gallery, "market1501")
@@ -151,4 +151,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

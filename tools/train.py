@@ -31,6 +31,7 @@ import sys
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError
+from mspcnn.cli import run
 from mspcnn.engine import SIGNAL_EFFECTS, TrainingError, solve
 from mspcnn.train_net import NetDefinitionError
 
@@ -93,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

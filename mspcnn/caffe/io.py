@@ -26,7 +26,7 @@ __all__ = [
     "CaffeFormatError", "read_prototxt", "parse_prototxt", "write_prototxt", "read_net",
     "upgrade_net_batchnorm",
     "read_caffemodel", "write_caffemodel", "read_binaryproto", "write_binaryproto", "read_solverstate",
-    "blob_to_array", "array_to_blob", "atomic_write",
+    "blob_to_array", "array_to_blob", "atomic_write", "remove_stale_temporaries",
 ]
 
 
@@ -97,24 +97,64 @@ def read_net(path):
     return net
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, data, mode="wb"):
     """Write ``data`` (bytes, or str with mode "w") to ``path`` through a temporary file in the same
     folder (created if needed), flushed to disk and renamed over ``path``: an interrupted write
-    leaves the previous file intact and no partial one."""
+    leaves the previous file intact and no partial one (its ``<name>.*.tmp`` is removed at once, or
+    by :func:`remove_stale_temporaries` after a kill). The file gets the permissions of the user's
+    umask, as ``open`` would give it."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; a file gets the user's umask
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder, prefix=""):
+    """Remove the ``<prefix>*.<pid>.*.tmp`` files :func:`atomic_write` leaves in ``folder`` when its
+    process is killed mid-write (those of a process still running are kept). Returns their paths."""
+    import glob
+    import re
+
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.tmp")):
+        m = re.search(r"\.(\d+)\.[^./]+\.tmp$", path)
+        if not m or _alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_prototxt(msg, path):

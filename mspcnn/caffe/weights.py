@@ -18,16 +18,22 @@ def load_layer_blobs(layer_blobs, source, strict=True):
     Every layer and shape is checked before anything is copied: a mismatch
     raises CaffeFormatError naming the layer and both shapes and leaves the
     tensors unchanged. ``strict``: every layer of ``layer_blobs`` must be in
-    the file (extra layers in the file are ignored, as Caffe does)."""
+    the file (extra layers in the file are ignored, as Caffe does); otherwise the layers the file
+    lacks keep their values. Returns the names of the layers skipped (empty when strict)."""
     is_path = isinstance(source, (str, os.PathLike))
     model = cio.read_caffemodel(source) if is_path else source
     where = os.fspath(source) if is_path else "caffemodel"
     by_name = {lp.name: lp for lp in model.layer}
-    plan = []
+    plan, skipped = [], []
     for name, tensors in layer_blobs.items():
         if name not in by_name:
             if strict:
-                raise cio.CaffeFormatError(f"{where}: no layer {name!r} in the file")
+                missing = [n for n in layer_blobs if n not in by_name]
+                raise cio.CaffeFormatError(
+                    f"{where}: no layer {name!r} in the file" + (f" (and {len(missing) - 1} more layers missing)"
+                                                                  if len(missing) > 1 else "")
+                    + "; is it the weights of this network?")
+            skipped.append(name)
             continue
         blobs = by_name[name].blobs
         if len(blobs) != len(tensors):
@@ -43,6 +49,7 @@ def load_layer_blobs(layer_blobs, source, strict=True):
     with torch.no_grad():
         for t, arr in plan:
             t.copy_(torch.from_numpy(np.ascontiguousarray(arr)).reshape(t.shape).to(t.dtype))
+    return skipped
 
 
 BLOB_TYPES = ("Convolution", "InnerProduct", "BatchNorm", "Scale")

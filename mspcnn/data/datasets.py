@@ -18,10 +18,23 @@ Market-1501 splits written:
 Each ``<split>.json`` lists, in database order, every record's key, source
 path, identity, camera and label. Images are resized to 160 x 64 (bilinear,
 as convert_imageset) and stored raw (or PNG-encoded with ``encode_type``).
+
+A converted folder is all new or untouched: it is built beside its final place
+(``<out>.partial-<pid>``) and swapped in when complete, replacing any previous
+conversion as a whole (no split of an earlier run survives), and it carries a
+``manifest.json`` naming the run that wrote it (dataset, source, options,
+time, process, the SHA-256 of every split's JSON). The ``.partial-*`` folders
+of conversions killed midway are removed at the next start.
 """
+import glob
+import hashlib
 import json
 import os
 import re
+import shutil
+import time
+import uuid
+import warnings
 
 import numpy as np
 
@@ -31,7 +44,8 @@ __all__ = ["parse_market_name", "read_market1501", "convert_market1501", "read_c
            "convert_cuhk01", "CUHK03Mat", "convert_cuhk03"]
 
 MARKET_FOLDERS = ("bounding_box_train", "bounding_box_test", "query")
-_MARKET_NAME = re.compile(r"^(-1|\d{4})_c(\d)s\d+_\d+_\d+\.(jpg|jpeg|png)$", re.I)
+_MARKET_NAME = re.compile(r"^(-1|\d{4})_c(\d+)s\d+_\d+_\d+\.(jpg|jpeg|png)$", re.I)
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def parse_market_name(name):
@@ -48,14 +62,20 @@ def read_market1501(raw_dir):
         raise FileNotFoundError(
             f"{raw_dir}: not a Market-1501 folder, missing {', '.join(missing)}/ (expected "
             "bounding_box_train/, bounding_box_test/ and query/ holding PPPP_cCsS_FFFFFF_BB.jpg files)")
-    out = {}
+    out, ignored = {}, []
     for folder in MARKET_FOLDERS:
         records = []
         for name in sorted(os.listdir(os.path.join(raw_dir, folder))):
             parsed = parse_market_name(name)
             if parsed:
                 records.append((f"{folder}/{name}", parsed[0], parsed[1]))
+            elif name.lower().endswith(_IMAGE_EXT):
+                ignored.append(f"{folder}/{name}")
         out[folder] = records
+    if ignored:
+        more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+        warnings.warn(f"{raw_dir}: {len(ignored)} image files do not follow Market-1501's naming "
+                      f"(PPPP_cCsS_FFFFFF_BB.jpg) and are left out: {', '.join(ignored[:5])}{more}", stacklevel=2)
     return out
 
 
@@ -84,16 +104,71 @@ def _write_split(out_dir, split, rows, encode_type, progress, dataset, extra=Non
     return meta
 
 
-def _write_splits(out_dir, splits, encode_type, progress, dataset, extra=None):
-    os.makedirs(out_dir, exist_ok=True)
-    summary = {}
-    for split, rows in splits.items():
-        if not rows:
-            continue
-        if progress:
-            print(f"{dataset}: writing {split} ({len(rows)} images)", flush=True)
-        meta = _write_split(out_dir, split, rows, encode_type, progress, dataset, extra)
-        summary[split] = (meta["images"], meta["ids"])
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_builds(out_dir):
+    """Remove ``<out>.partial-<pid>`` and ``<out>.old-<pid>`` folders of conversions whose process is
+    gone (killed midway)."""
+    for path in glob.glob(glob.escape(out_dir) + ".partial-*") + glob.glob(glob.escape(out_dir) + ".old-*"):
+        m = re.search(r"\.(?:partial|old)-(\d+)$", path)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_splits(out_dir, splits, encode_type, progress, dataset, extra=None, source=None):
+    """Write every split into a new folder beside ``out_dir``, with manifest.json, then put it in
+    place of ``out_dir`` (whose previous content, if any, is removed only then). An error or a kill
+    leaves ``out_dir`` as it was."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create {parent} ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{parent} is not writable")
+    _remove_stale_builds(out_dir)
+    build = f"{out_dir}.partial-{os.getpid()}"
+    shutil.rmtree(build, ignore_errors=True)
+    os.makedirs(build)
+    summary, files = {}, {}
+    try:
+        for split, rows in splits.items():
+            if not rows:
+                continue
+            if progress:
+                print(f"{dataset}: writing {split} ({len(rows)} images)", flush=True)
+            meta = _write_split(build, split, rows, encode_type, progress, dataset, extra)
+            summary[split] = (meta["images"], meta["ids"])
+            with open(os.path.join(build, f"{split}.json"), "rb") as f:
+                files[split] = {"images": meta["images"], "ids": meta["ids"],
+                                "json_sha256": hashlib.sha256(f.read()).hexdigest()}
+        manifest = {"writer": "mspcnn.data.datasets", "run_id": uuid.uuid4().hex, "dataset": dataset,
+                    "source": os.path.abspath(source) if source else None, "options": extra or {},
+                    "encode_type": encode_type, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "host_pid": os.getpid(), "splits": files}
+        with open(os.path.join(build, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        old = None
+        if os.path.exists(out_dir):
+            old = f"{out_dir}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+        os.replace(build, out_dir)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     return summary
 
 
@@ -122,7 +197,8 @@ def convert_market1501(raw_dir, out_dir, val_ids=50, seed=0, encode_type=None, p
               "val": rows([r for r in train_all if r[1] in held], int),
               "probe": rows(tree["query"], int),
               "gallery": rows(tree["bounding_box_test"], int)}
-    return _write_splits(out_dir, splits, encode_type, progress, dataset)
+    return _write_splits(out_dir, splits, encode_type, progress, dataset,
+                         {"val_ids": val_ids, "seed": seed}, source=raw_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -172,7 +248,7 @@ def convert_cuhk01(raw_dir, out_dir, test_ids=100, split=0, val_ids=20, seed=0, 
               "probe": rows(lambda i, c: i in test and c == 1, int),
               "gallery": rows(lambda i, c: i in test and c == 2, int)}
     return _write_splits(out_dir, splits, encode_type, progress, "cuhk01",
-                         {"protocol": f"{test_ids} test ids", "split": split, "seed": seed})
+                         {"protocol": f"{test_ids} test ids", "split": split, "seed": seed}, source=raw_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -292,4 +368,4 @@ def convert_cuhk03(raw_dir, out_dir, variant="labeled", split=0, protocol="class
         extra = {"variant": variant, "protocol": "new 767/700"}
     else:
         raise ValueError(f"protocol must be 'classic' or 'new', got {protocol!r}")
-    return _write_splits(out_dir, splits, encode_type, progress, "cuhk03", extra)
+    return _write_splits(out_dir, splits, encode_type, progress, "cuhk03", extra, source=raw_dir)

@@ -26,7 +26,7 @@ import numpy as np
 
 from mspcnn.caffe import proto
 
-__all__ = ["write_imageset", "write_records", "file_loader", "DatumDB", "encode_datum", "decode_datum", "read_image_list",
+__all__ = ["write_imageset", "write_records", "file_loader", "truncation", "DatabaseError", "DatumDB", "encode_datum", "decode_datum", "read_image_list",
            "matches_encoding", "file_datum"]
 
 MAP_SIZE = 1 << 40  # LMDB reserves address space, not disk
@@ -73,29 +73,62 @@ def encode_datum(image_bgr, label, encode_type=None):
 
 def decode_datum(value):
     """(C x H x W array, label) from a serialized Datum: uint8 for raw or
-    encoded images (encoded ones decoded to BGR), float32 for float_data."""
+    encoded images (encoded ones decoded to BGR), float32 for float_data.
+    Raises ValueError for a record that is not a valid Datum."""
+    if value is None:
+        raise ValueError("the record is missing")
     datum = proto.Datum()
-    datum.ParseFromString(value)
+    try:
+        datum.ParseFromString(value)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ValueError(f"not a Datum record ({type(exc).__name__})") from None
     if datum.encoded:
         img = cv2.imdecode(np.frombuffer(datum.data, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
             raise ValueError("an encoded Datum holds bytes OpenCV cannot decode")
         return img.transpose(2, 0, 1), datum.label
     shape = (datum.channels, datum.height, datum.width)
+    count = int(np.prod(shape))
     if datum.data:
+        if len(datum.data) != count or count == 0:
+            raise ValueError(f"a Datum of {len(datum.data)} bytes for shape {list(shape)}")
         return np.frombuffer(datum.data, np.uint8).reshape(shape), datum.label
+    if len(datum.float_data) != count or count == 0:
+        raise ValueError(f"a Datum of {len(datum.float_data)} floats for shape {list(shape)}")
     return np.asarray(datum.float_data, np.float32).reshape(shape), datum.label
+
+
+def truncation(data):
+    """Why the bytes of a JPEG or PNG file are incomplete, or None: a JPEG must end with its EOI
+    marker (FF D9; a few bytes of padding after it are tolerated), a PNG with its IEND chunk.
+    OpenCV decodes a truncated JPEG without an error (the missing rows come out grey), so a
+    truncated file would otherwise enter a database."""
+    if data[:2] == b"\xff\xd8":
+        return None if b"\xff\xd9" in data[-64:] else "truncated JPEG (no end marker)"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return None if b"IEND" in data[-16:] else "truncated PNG (no IEND chunk)"
+    return None
 
 
 def file_loader(path):
     """A loader for :func:`write_records`: () -> (BGR image, None), or
-    (None, reason) when the file is missing or cannot be decoded. The loader
-    carries the file's ``path`` (for convert_imageset's pass-through of files
-    already in the requested encoding)."""
+    (None, reason) when the file is missing, truncated or cannot be decoded.
+    The loader carries the file's ``path`` (for convert_imageset's
+    pass-through of files already in the requested encoding)."""
     def load():
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, "missing"
+        except OSError as exc:
+            return None, f"unreadable ({exc.strerror})"
+        reason = truncation(data)
+        if reason:
+            return None, reason
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
-            return None, "missing" if not os.path.exists(path) else "unreadable or corrupt"
+            return None, "unreadable or corrupt"
         return img, None
     load.path = path
     return load
@@ -198,13 +231,29 @@ def write_records(out_path, records, total=None, resize=(160, 64), encode_type=N
 _ENVS = {}
 
 
+class DatabaseError(ValueError):
+    """A database that cannot be read: names the database (and the record)."""
+
+
 def _open_readonly(path):
     """One read-only environment per database and process (LMDB refuses to
-    open the same environment twice in a process)."""
+    open the same environment twice in a process). A data.mdb shorter than the
+    pages its header says it holds (a copy cut short, a full disk) is refused
+    here: LMDB maps the file, and reading a page past its end would kill the
+    process with SIGBUS."""
     key = (os.getpid(), os.path.realpath(path))
     env = _ENVS.get(key)
     if env is None:
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512)
+        try:
+            env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512)
+            need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        except lmdb.Error as exc:
+            raise DatabaseError(f"{path}: not a readable LMDB database ({exc})") from None
+        size = os.path.getsize(os.path.join(path, "data.mdb"))
+        if size < need:
+            env.close()
+            raise DatabaseError(f"{path}: data.mdb is truncated ({size} bytes, its pages need {need}); "
+                                "convert the dataset again")
         _ENVS[key] = env
     return env
 
@@ -229,19 +278,28 @@ class DatumDB:
         with self.env.begin() as txn:
             return txn.get(self.keys[i])
 
+    def _decode(self, i, value):
+        try:
+            return decode_datum(value)
+        except ValueError as exc:
+            raise DatabaseError(f"{self.path}: record {i} ({self.keys[i].decode(errors='replace')}): {exc}") from None
+
     def __getitem__(self, i):
-        return decode_datum(self.raw(i))
+        return self._decode(i, self.raw(i))
 
     def read_list(self, indices):
         """[C x H x W arrays], labels: the records decoded, not stacked."""
         with self.env.begin() as txn:
-            decoded = [decode_datum(txn.get(self.keys[i])) for i in indices]
+            decoded = [self._decode(i, txn.get(self.keys[i])) for i in indices]
         return [d[0] for d in decoded], np.array([d[1] for d in decoded], np.int64)
 
     def read_batch(self, indices):
         """Arrays stacked N x C x H x W (all records must have one shape) and labels."""
         with self.env.begin() as txn:
-            decoded = [decode_datum(txn.get(self.keys[i])) for i in indices]
+            decoded = [self._decode(i, txn.get(self.keys[i])) for i in indices]
+        shapes = {d[0].shape for d in decoded}
+        if len(shapes) > 1:
+            raise DatabaseError(f"{self.path}: records of different shapes {sorted(shapes)} in one batch")
         return np.stack([d[0] for d in decoded]), np.array([d[1] for d in decoded], np.int64)
 
     def __getstate__(self):  # reopen in worker processes

@@ -71,5 +71,20 @@ def check_inputs(op, a, b, patch, search_rows, eps):
         raise TypeError(f"{op}: `eps` must be a float, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{op}: `eps` must be finite and >= 0, got {eps}")
+    size_limits(op, a, patch, search_rows)
     if a.device.type == "cuda":
         cuda_limits(op, a, patch, search_rows)
+
+
+def size_limits(op, a, patch, search_rows):
+    """Reject a patch or a search window so large that it only adds zero padding: patch at most
+    2 max(H, W) + 1 (a larger patch holds the whole map and more zeros) and search_rows at most
+    2 H + patch - 2 (further candidate rows lie wholly in the padding). Without these limits an
+    absurd value (e.g. 10**7 + 1) would run for hours or exhaust memory."""
+    H, W = a.shape[2], a.shape[3]
+    if max(H, W) > 0 and patch > 2 * max(H, W) + 1:
+        raise ValueError(f"{op}: `patch` {patch} is larger than 2 max(H, W) + 1 = {2 * max(H, W) + 1} for "
+                         f"{H} x {W} maps (a larger patch only adds zero padding)")
+    if H > 0 and search_rows > 2 * H + patch - 2:
+        raise ValueError(f"{op}: `search_rows` {search_rows} is larger than 2 H + patch - 2 = {2 * H + patch - 2} "
+                         f"for maps of height {H} (further candidate rows lie wholly in the zero padding)")

@@ -1,0 +1,38 @@
+"""tools/sweep_stage2.py on the tiny synthetic dataset: configurations one at a time from a
+baseline, each an edited copy of the net, scored on the validation identities."""
+import json
+import re
+
+import pytest
+
+from mspcnn.engine import solve
+from mspcnn.paths import PROTOTXT_DIR
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_one_at_a_time(tiny_market_db, tmp_path, run_tool):
+    stage1 = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, batch_pairs=2, workers=1,
+                   overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")},
+                   log=lambda *a: None)
+    out = tmp_path / "sweep"
+    proc = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", stage1.weights,
+                    "--solver", PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2",
+                    "--device", "cpu", "--set", "w_low=1,0", "--set", "pos_floor=-1,0.3", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    result = json.loads((out / "sweep.json").read_text())
+    names = [r["name"] for r in result["runs"]]
+    assert names == ["w_low1_pos_floor-1", "w_low0_pos_floor-1", "w_low1_pos_floor0.3"]
+    assert all(0 <= r["val"]["rank1"] <= 1 and r["val"]["queries"] > 0 for r in result["runs"])
+    assert result["best"] in names and "<- best" in proc.stdout
+    net = (out / "w_low1_pos_floor0.3" / "net.prototxt").read_text()
+    assert re.search(r'name: "loss_low".*?pos_floor: 0\.3', net, re.S)
+    assert "Train net output #2: loss_low" not in (proc.stdout.split("w_low0_pos_floor-1")[1].split("== [3/3]")[0])
+
+
+def test_sweep_bad_input(tiny_market_db, tmp_path, run_tool):
+    proc = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", tmp_path / "none.caffemodel",
+                    "--set", "w_high=1")
+    assert proc.returncode == 2 and "expected NAME=V1,V2" in proc.stderr
+    proc = run_tool("sweep_stage2.py", "--data", tmp_path, "--weights", tmp_path / "x", "--set", "w_low=1")
+    assert proc.returncode == 2 and "no val split" in proc.stderr

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The full CUHK01-100 recipe of split 0 on a GPU, in one call: [1]'s solver settings for both
+# stages (prototxt_equiv/solver_cuhk01_stage{1,2}.prototxt: 5500 + 1500 iterations of 50 pairs x
+# iter_size 2), the single-shot CMC over 100 gallery draws beside the paper's 79.3% rank-1, the
+# validation curve, and the share of time the GPU waited for the data layer (engine log lines
+# "data wait N%"; the loader is also benchmarked alone with the same worker count).
+#
+#   bash tools/gpu_cuhk01.sh RAW_DIR [OUT]        RAW_DIR: CUHK01 as released (campus/ or its files)
+#
+# Environment: DEVICE (cuda), WORKERS (12 decoding threads), EXTRA (more reproduce.py options,
+# e.g. "--iters1 2 --iters2 2" for a smoke test), SKIP_BUILD=1 to use an existing build,
+# BENCH_PAIRS / BENCH_BATCHES (50 / 30) for the loader benchmark.
+# Writes OUT (default ${OUT:-gpu_out}/cuhk01): gpu_split0.json, gpu_split0_curves.png, logs.
+set -uo pipefail
+raw=${1:?usage: bash tools/gpu_cuhk01.sh RAW_DIR [OUT]}
+out=${2:-${OUT:-gpu_out}/cuhk01}
+device=${DEVICE:-cuda}
+workers=${WORKERS:-12}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+if [ -z "${SKIP_BUILD:-}" ]; then
+  start=$(date +%s)
+  python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - start )) s"
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+start=$(date +%s)
+# shellcheck disable=SC2086
+python3 tools/reproduce.py cuhk01-100 "$raw" --recipe paper --splits 1 --device "$device" \
+  --workers "$workers" --test-interval 500 --out "$out" --name gpu_split0 ${EXTRA:-} 2>&1 | tee "$out/reproduce.log" | \
+  grep -E "^== |data wait|Test net output #0|ours:|chance|paper:|error" || true
+status=${PIPESTATUS[0]}
+echo "recipe: $(( $(date +%s) - start )) s, exit status $status"
+python3 tools/bench_data.py --db "$out/split00/db" --no-baseline --pairs-per-batch "${BENCH_PAIRS:-50}" \
+  --batches "${BENCH_BATCHES:-30}" --workers "$workers" --json "$out/bench_data.json" 2>&1 | tail -4 || true
+exit "$status"

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Sweep stage 2's free parameters (the NCC loss's weight and thresholds, the stage-2 learning rate)
+from one set of stage-1 weights, scored on the validation identities only.
+
+    python tools/sweep_stage2.py --data DB_DIR --weights STAGE1.caffemodel
+                                 [--solver prototxt_equiv/solver_cuhk01_cpu_stage2.prototxt]
+                                 --set w_low=1,0,0.5,2 --set pos_floor=-1,0.3 [--set neg_ceiling=1,0.6]
+                                 [--set lr=0.0016,0.005] [--mode one-at-a-time|grid] [--iters N]
+                                 [--batch-pairs 16] [--seed 0] [--device cpu] [--out runs/sweep]
+
+Each configuration edits a copy of the net the solver names (NCCLoss loss_weight, pos_floor,
+neg_ceiling; written to OUT/<config>/net.prototxt) and the solver's base_lr, trains stage 2 from
+--weights with mspcnn.engine.solve, and scores the result on DB_DIR's `val` split (identities held
+out from training; cross-camera rank-1 and mAP of L2-normalised fc7_bn features). The test
+identities are never read. The first value of each --set is the baseline: `one-at-a-time` (default)
+varies one parameter at a time from it, `grid` tries every combination. w_low=0 is stage 2 without
+the NCC loss (the same iterations and rate), the reference the NCC loss has to beat.
+
+Writes OUT/sweep.json (every configuration, its validation figures and learning curve) after each
+run, and prints a table with the best configuration by validation rank-1 (then mAP). One seed per
+configuration: differences of a few points are within the noise of 200 validation queries and of
+the training seed; the table says how many queries the figures rest on.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+
+from mspcnn.caffe import io as cio
+from mspcnn.caffe import proto
+from mspcnn.caffe.io import CaffeFormatError, atomic_write
+from mspcnn.cli import run
+from mspcnn.engine import TrainingError, solve
+from mspcnn.paths import PROTOTXT_DIR
+from mspcnn.train_net import NetDefinitionError, resolve_net_path
+
+PARAMS = ("w_low", "pos_floor", "neg_ceiling", "lr")
+
+
+def parse_set(text):
+    name, sep, values = text.partition("=")
+    if not sep or name not in PARAMS:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected NAME=V1,V2,... with NAME one of {', '.join(PARAMS)}")
+    try:
+        vals = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: values must be numbers") from None
+    if not vals:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: no values")
+    return name, vals
+
+
+def configurations(sets, mode):
+    """The configurations to run: dicts {param: value}, the baseline first."""
+    base = {name: vals[0] for name, vals in sets.items()}
+    if mode == "grid":
+        names = list(sets)
+        return [dict(zip(names, combo)) for combo in itertools.product(*(sets[n] for n in names))]
+    out = [base]
+    for name, vals in sets.items():
+        out += [dict(base, **{name: v}) for v in vals[1:]]
+    return out
+
+
+def tag(config):
+    return "_".join(f"{k}{v:g}" for k, v in config.items()) or "baseline"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a folder written by tools/convert_dataset.py (with val)")
+    p.add_argument("--weights", required=True, help="stage-1 weights every configuration starts from")
+    p.add_argument("--solver", default=str(PROTOTXT_DIR / "solver_cuhk01_cpu_stage2.prototxt"),
+                   help="the stage-2 solver (default: the CUHK01 CPU recipe's)")
+    p.add_argument("--set", dest="sets", action="append", type=parse_set, required=True,
+                   help="PARAM=V1,V2,... (w_low, pos_floor, neg_ceiling, lr); the first value is the baseline")
+    p.add_argument("--mode", choices=("one-at-a-time", "grid"), default="one-at-a-time")
+    p.add_argument("--iters", type=int, help="stage-2 iterations (default: the solver's max_iter)")
+    p.add_argument("--batch-pairs", type=int, default=16, help="pairs per forward pass (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every configuration")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction (default: the "
+                   "net's; 0.986 for the CPU recipe, as tools/reproduce.py --recipe cpu)")
+    p.add_argument("--out", default="runs/sweep")
+    args = p.parse_args(argv)
+    sets = dict(args.sets)
+    if len(sets) != len(args.sets):
+        p.error("--set: a parameter is given twice")
+    if args.iters is not None and args.iters < 1 or args.batch_pairs < 1:
+        p.error("--iters and --batch-pairs must be at least 1")
+    if args.bn_maf is not None and not 0 <= args.bn_maf < 1:
+        p.error(f"--bn-maf must be in [0, 1), got {args.bn_maf}")
+    if not os.path.isfile(os.path.join(args.data, "val.json")):
+        p.error(f"--data {args.data}: no val split (convert with --val-ids > 0); the sweep scores on it")
+    try:
+        sp = cio.read_prototxt(args.solver, proto.SolverParameter)
+        base_net = cio.read_net(resolve_net_path(sp.net, args.solver))
+    except (CaffeFormatError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not any(lp.type == "NCCLoss" for lp in base_net.layer):
+        print(f"error: {sp.net}: the net has no NCCLoss layer to sweep", file=sys.stderr)
+        return 2
+    configs = configurations(sets, args.mode)
+    rows, start = [], time.time()
+    for k, config in enumerate(configs):
+        name = tag(config)
+        folder = os.path.join(args.out, name)
+        net = proto.NetParameter()
+        net.CopyFrom(base_net)
+        layer = next(lp for lp in net.layer if lp.type == "NCCLoss")
+        if args.bn_maf is not None:
+            for lp in net.layer:
+                if lp.type == "BatchNorm":
+                    lp.batch_norm_param.moving_average_fraction = args.bn_maf
+        if "w_low" in config:
+            layer.loss_weight[:] = [config["w_low"]]
+        for key in ("pos_floor", "neg_ceiling"):
+            if key in config:
+                setattr(layer.ncc_loss_param, key, config[key])
+        os.makedirs(folder, exist_ok=True)
+        net_path = os.path.join(folder, "net.prototxt")
+        cio.write_prototxt(net, net_path)
+        iters = args.iters or sp.max_iter
+        print(f"== [{k + 1}/{len(configs)}] {name}", flush=True)
+        try:
+            result = solve(sp, args.data, weights=args.weights, device=args.device, net=net_path,
+                           batch_pairs=args.batch_pairs, workers=args.workers,
+                           overrides={"max_iter": iters, "base_lr": config.get("lr"), "random_seed": args.seed,
+                                      "snapshot": iters, "snapshot_prefix": os.path.join(folder, "stage2"),
+                                      "test_interval": iters, "test_initialization": False})
+        except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        rows.append({"config": config, "name": name, "val": result.test, "loss": result.loss,
+                     "weights": result.weights, "seconds": result.seconds, "history": result.history})
+        best = max(rows, key=lambda r: (r["val"]["rank1"], r["val"]["mAP"]))
+        atomic_write(os.path.join(args.out, "sweep.json"), json.dumps(
+            {"data": args.data, "weights": args.weights, "solver": args.solver, "mode": args.mode,
+             "seed": args.seed, "sets": sets, "runs": rows, "best": best["name"]}, indent=1), mode="w")
+    print(f"\nstage-2 sweep, {len(rows)} configurations, {time.time() - start:.0f} s; validation identities "
+          f"only ({rows[0]['val']['queries']} queries), one training seed")
+    print(f"{'configuration':<40}{'val rank-1':>12}{'val mAP':>10}{'final loss':>12}")
+    for r in rows:
+        mark = "  <- best" if r is best else ""
+        print(f"{r['name']:<40}{100 * r['val']['rank1']:>11.1f}%{100 * r['val']['mAP']:>9.1f}%{r['loss']:>12.4f}{mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
