@@ -80,7 +80,8 @@ def folder_features(backbone, db_dir, device="cpu", batch_size=32, progress=True
         except json.JSONDecodeError as exc:
             raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
         rows = meta.pop("records", None) if isinstance(meta, dict) else None
-        if rows is None:
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"id", "camera", "key"} <= r.keys()
+                                                  for r in rows):
             raise ValueError(f"{meta_path}: no records (not written by tools/convert_dataset.py)")
         db = DatumDB(os.path.join(db_dir, f"{split}.lmdb"))
         if len(db) != len(rows):

@@ -33,6 +33,12 @@ def main(argv=None):
     p.add_argument("--allow-partial", action="store_true",
                    help="accept weights that lack some layers (they keep their initial values; listed)")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a folder; give a file name")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is visible")
     try:
         db = DatumDB(args.db)
         backbone = feature_model(args.weights, args.device, args.allow_partial)

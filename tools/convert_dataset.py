@@ -17,6 +17,7 @@ Images are resized to 160 x 64 as Caffe's convert_imageset does; databases are w
 temporary name and renamed when complete.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -38,6 +39,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoded", action="store_true", help="store PNG-encoded images (smaller, slower)")
     args = p.parse_args(argv)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f"{args.out_dir} exists and is not a folder")
+    if args.val_ids is not None and args.val_ids < 0:
+        p.error(f"--val-ids must be >= 0, got {args.val_ids}")
+    if args.split < 0:
+        p.error(f"--split must be >= 0, got {args.split}")
     enc = "png" if args.encoded else None
     start = time.time()
     try:
