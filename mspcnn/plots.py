@@ -97,33 +97,67 @@ def draw_curves(path, loss, score, title="learning curve", xlabel="iteration", s
 RIGHT, WRONG, UNKNOWN = (0, 190, 0), (0, 0, 230), (170, 170, 170)  # BGR borders of ranked images
 
 
-def draw_ranking(path, rows, border=4, gap=4):
+def _caption(width, lines, font_scale=0.36):
+    """White strip of ``width`` pixels with one or two short lines of dark text."""
+    h = 6 + 13 * len(lines)
+    strip = np.full((h, width, 3), 255, np.uint8)
+    for k, text in enumerate(lines):
+        size = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)[0][0]
+        x = max(1, (width - size) // 2)
+        cv2.putText(strip, text, (x, 13 + 13 * k), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (40, 40, 40), 1, cv2.LINE_AA)
+    return strip
+
+
+def draw_ranking(path, rows, border=4, gap=4, legend=None):
     """Draw a ranking picture to a PNG at ``path``: one line per query, the query image on the
     left, then its ranked gallery images, each framed by a ``border``-pixel frame whose colour
     says whether it is the query's identity (``RIGHT`` green, ``WRONG`` red, ``UNKNOWN`` grey when
     identities are not known). White ``gap``s keep the frames apart, so a green frame stays visible
     against a green background.
 
-    ``rows``: a list of ``(query, ranked)``, ``query`` an H x W x 3 uint8 BGR image and ``ranked`` a
-    list of ``(image, colour)``. Lines of different lengths are padded with white."""
+    ``rows``: a list of ``(query, ranked)``. ``query`` is an H x W x 3 uint8 BGR image, or
+    ``(image, caption)``; ``ranked`` a list of ``(image, colour)`` or ``(image, colour, caption)``.
+    A caption (a string; "|" separates two lines, e.g. "#1|d 0.83") is written under its image.
+    ``legend``: lines of text drawn above the picture, after a key to the frame colours. Lines of
+    different lengths are padded with white."""
     if not rows:
         raise ValueError("draw_ranking: no rows")
 
-    def framed(img, colour):
+    def framed(img, colour, caption=None):
         img = np.ascontiguousarray(img, dtype=np.uint8)
         if img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"draw_ranking: images must be H x W x 3, got shape {img.shape}")
         img = cv2.copyMakeBorder(img, border, border, border, border, cv2.BORDER_CONSTANT, value=colour)
-        return cv2.copyMakeBorder(img, gap, gap, gap, gap, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+        img = cv2.copyMakeBorder(img, gap, gap, gap, gap, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+        if caption is not None:
+            img = np.concatenate([img, _caption(img.shape[1], str(caption).split("|"))], axis=0)
+        return img
 
+    captioned = any(isinstance(q, tuple) for q, _ in rows) or any(len(item) > 2 for _, r in rows for item in r)
     lines = []
     for query, ranked in rows:
-        tiles = [framed(query, (255, 255, 255))] + [framed(img, colour) for img, colour in ranked]
+        q_img, q_cap = query if isinstance(query, tuple) else (query, None)
+        tiles = [framed(q_img, (255, 255, 255), q_cap if q_cap is not None else ("" if captioned else None))]
+        for item in ranked:
+            img, colour = item[0], item[1]
+            cap = item[2] if len(item) > 2 else ("" if captioned else None)
+            tiles.append(framed(img, colour, cap))
         height = max(t.shape[0] for t in tiles)
         tiles = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]
         tiles.insert(1, np.full((height, 3 * gap, 3), 255, np.uint8))  # the query stands apart
         lines.append(np.concatenate(tiles, axis=1))
     width = max(line.shape[1] for line in lines)
     lines = [np.pad(line, ((0, 0), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
+    if legend is not None:
+        head = np.full((22 + 16 * len(legend), width, 3), 255, np.uint8)
+        x = 6
+        for colour, label in ((RIGHT, "same person as the query"), (WRONG, "another person"),
+                              (UNKNOWN, "identity not known")):
+            cv2.rectangle(head, (x, 5), (x + 12, 17), colour, 3)
+            cv2.putText(head, label, (x + 18, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (40, 40, 40), 1, cv2.LINE_AA)
+            x += 30 + cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0]
+        for k, text in enumerate(legend):
+            cv2.putText(head, text, (6, 34 + 16 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (40, 40, 40), 1, cv2.LINE_AA)
+        lines.insert(0, head)
     if not cv2.imwrite(str(path), np.concatenate(lines, axis=0)):
         raise OSError(f"draw_ranking: could not write {path}")

@@ -75,3 +75,12 @@ def test_errors_under_torch_compile_name_the_argument():
     f = torch.compile(lambda x, y: ncc_max(x, y, 4)[0], backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match=r"`patch` must be an odd integer >= 3, got 4"):
         f(a, b)
+
+
+def test_absurd_sizes_refused_by_the_kernels_too():
+    """The C++ checks repeat the size limits for direct torch.ops calls (no Python checks there)."""
+    a, b = torch.randn(1, 2, 6, 5), torch.randn(1, 2, 6, 5)
+    with pytest.raises(RuntimeError, match=r"`search_rows` 10000001 is larger than 2 H \+ patch - 2 = 13"):
+        torch.ops.mspcnn.ncc_max(a, b, 3, 10**7 + 1, 0.01)
+    with pytest.raises(RuntimeError, match=r"`patch` 10000001 is larger than 2 max\(H, W\) \+ 1 = 13"):
+        torch.ops.mspcnn.ncc_volume(a, b, 10**7 + 1, 1, 0.01)

@@ -45,3 +45,29 @@ def test_cmc_curve_is_drawn(tmp_path):
     assert img.shape == (480, 640, 3) and (img != 255).any(axis=2).mean() > 0.01
     with pytest.raises(ValueError, match="no curves"):
         draw_cmc({}, tmp_path / "c.png")
+
+
+def test_ranking_captions_and_legend(tmp_path):
+    """Captions under the images (rank and distance), a legend with the colour key on top."""
+    rows = [((solid(40, 20, (50, 50, 50)), "id 7|cam 1"),
+             [(solid(40, 20, (200, 200, 200)), RIGHT, "#1|d 0.31"), (solid(40, 20, (9, 9, 9)), WRONG, "#2|d 0.52")])]
+    draw_ranking(tmp_path / "plain.png", [(r[0][0], [x[:2] for x in r[1]]) for r in rows])
+    draw_ranking(tmp_path / "r.png", rows, legend=["the rule the queries were chosen by"])
+    plain, img = cv2.imread(str(tmp_path / "plain.png")), cv2.imread(str(tmp_path / "r.png"))
+    assert img.shape[1] == plain.shape[1] and img.shape[0] == plain.shape[0] + 32 + 38  # captions + legend
+    legend, tiles = img[:38], img[38:]
+    assert (np.abs(legend.astype(int) - np.array(RIGHT)).sum(2) < 30).any()  # the colour key
+    caption = tiles[plain.shape[0]:]
+    assert (caption < 128).any()  # dark text under the images
+    assert (tiles[: plain.shape[0]] == plain).all()
+
+
+def test_learning_curves(tmp_path):
+    from mspcnn.plots import draw_curves
+
+    it = np.arange(0, 200, 20)
+    draw_curves(tmp_path / "c.png", {"seed 0": (it, 6 - it / 50)}, {"seed 0": (it[::2], it[::2] / 400)})
+    img = cv2.imread(str(tmp_path / "c.png"))
+    assert img.shape == (720, 720, 3) and (np.abs(img.astype(int) - np.array([200, 80, 30])).sum(2) < 40).sum() > 300
+    with pytest.raises(ValueError, match="nothing to draw"):
+        draw_curves(tmp_path / "d.png", {}, {})

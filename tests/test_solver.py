@@ -213,6 +213,10 @@ def test_snapshots_hold_no_code_and_are_checked(tmp_path):
     weights, state_path = solver.snapshot(str(tmp_path / "snap"))
     state = cio.read_solverstate(state_path)
     assert len(state.numpy_rng_state.key) == 624 and state.torch_rng_state
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (weights, state_path):  # the user's umask, not mkstemp's 0600
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
     assert state.learned_net_sha256 and not state.HasField("rng_state")
 
     marker = tmp_path / "pwned"

@@ -73,10 +73,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw", help="a Market-1501-layout folder (default: generate a synthetic one)")
     p.add_argument("--db", help="its converted databases (default: convert --raw)")
-    p.add_argument("--pairs-per-batch", type=int, default=50)
-    p.add_argument("--batches", type=int, default=40)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--json", default="bench_data.json")
+    p.add_argument("--pairs-per-batch", type=int, default=50, help="pairs per batch (default 50, [1]'s batch)")
+    p.add_argument("--batches", type=int, default=40, help="batches timed (default 40)")
+    p.add_argument("--workers", type=int, default=2,
+               help="decoding threads of our loader and worker processes of the baseline (default 2)")
+    p.add_argument("--json", default="bench_data.json", help="write the figures here (default bench_data.json)")
     p.add_argument("--no-baseline", action="store_true",
                    help="time our loader only (e.g. on a --db of real images without their raw folder)")
     args = p.parse_args(argv)

@@ -19,11 +19,11 @@ from mspcnn.metrics import market1501_official, market1501_reference
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--queries", type=int, default=3368)
-    p.add_argument("--gallery", type=int, default=15913)
-    p.add_argument("--ids", type=int, default=750)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="bench_eval.json")
+    p.add_argument("--queries", type=int, default=3368, help="queries (default 3368, Market-1501's)")
+    p.add_argument("--gallery", type=int, default=15913, help="gallery images (default 15913, Market-1501's)")
+    p.add_argument("--ids", type=int, default=750, help="identities (default 750)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random distances and labels (default 0)")
+    p.add_argument("--json", default="bench_eval.json", help="write the figures here (default bench_eval.json)")
     args = p.parse_args(argv)
     if min(args.queries, args.gallery, args.ids) < 1:
         p.error("--queries, --gallery and --ids must be positive")

@@ -35,12 +35,13 @@ PATCH, ROWS = 5, 5
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to time the kernels (default cpu)")
     p.add_argument("--pairs", type=int, nargs="+", help="numbers of pairs (default cpu: 1 8 32, cuda: 1 32 128)")
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions of the operator (median reported)")
     p.add_argument("--ref-repeat", type=int, default=2, help="timed repetitions of the reference")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--ops", nargs="+", default=["ncc_max", "ncc_volume"], choices=["ncc_max", "ncc_volume"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float32 (default) or float64")
+    p.add_argument("--ops", nargs="+", default=["ncc_max", "ncc_volume"], choices=["ncc_max", "ncc_volume"],
+               help="the operators to time (default both)")
     p.add_argument("--no-reference", action="store_true", help="time the operator only")
     p.add_argument("--json", default=None, help="output file (default bench_ncc_<device>.json)")
     args = p.parse_args(argv)

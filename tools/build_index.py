@@ -25,11 +25,12 @@ from mspcnn.model import feature_model
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", required=True, help="a .caffemodel (a training snapshot or deploy weights)")
     p.add_argument("--db", required=True, help="an LMDB written by tools/convert_dataset.py")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="the index file to write")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+               help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept weights that lack some layers (they keep their initial values; listed)")
     args = p.parse_args(argv)

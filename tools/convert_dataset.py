@@ -27,16 +27,17 @@ from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["market1501", "cuhk03", "cuhk01"])
-    p.add_argument("raw_dir")
-    p.add_argument("out_dir")
+    p.add_argument("dataset", choices=["market1501", "cuhk03", "cuhk01"], help="the dataset's layout")
+    p.add_argument("raw_dir", help="the dataset as released (see docs/evaluation.md)")
+    p.add_argument("out_dir", help="the folder to write (replaced as a whole when it exists)")
     p.add_argument("--val-ids", type=int, default=None,
                    help="training identities held out for validation (default 50 / 100 / 20)")
     p.add_argument("--variant", choices=["labeled", "detected"], default="labeled", help="cuhk03")
     p.add_argument("--protocol", choices=["classic", "new"], default="classic", help="cuhk03")
     p.add_argument("--split", type=int, default=0, help="cuhk03 classic split / cuhk01 random split")
     p.add_argument("--test-ids", type=int, default=100, choices=[100, 486], help="cuhk01 protocol")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+               help="seed of the validation identities and of CUHK01's split (default 0)")
     p.add_argument("--encoded", action="store_true", help="store PNG-encoded images (smaller, slower)")
     args = p.parse_args(argv)
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):

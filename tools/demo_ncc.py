@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""A short demonstration of the wide-search NCC operator (the README's main job
-until the end-to-end training run lands).
+"""A short demonstration of the wide-search NCC operator alone (about 10 seconds on 2 cores; the
+README's main job, tools/run_pipeline.py, trains the whole network).
 
 1. Builds a pair of feature maps at the MSP-CNN pool1 shape (32 x 72 x 28)
    where the second is the first moved by a known displacement per channel,
@@ -8,7 +8,7 @@ until the end-to-end training run lands).
 2. Checks the operator's gradient numerically on a small float64 case.
 3. Times ncc_max forward+backward against the plain-PyTorch reference.
 
-    python tools/demo_ncc.py [--pairs 4] [--noise 0.1] [--seed 0]
+    python tools/demo_ncc.py [--pairs 4] [--noise 0.05] [--seed 0]
 """
 import argparse
 import sys
@@ -30,9 +30,9 @@ def smooth_maps(n, c, h, w, generator):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--pairs", type=int, default=4, help="pairs of pool1-shaped maps (default 4)")
     p.add_argument("--noise", type=float, default=0.05, help="std of the noise added to the moved map")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the maps, displacements and noise (default 0)")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.noise < 0:
         p.error("--pairs must be >= 1 and --noise >= 0")

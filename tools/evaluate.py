@@ -41,11 +41,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="a .caffemodel (e.g. stage 2's last snapshot)")
     p.add_argument("--data", required=True, help="a folder written by tools/convert_dataset.py")
-    p.add_argument("--protocol", default="auto", choices=("auto",) + PROTOCOLS)
+    p.add_argument("--protocol", default="auto", choices=("auto",) + PROTOCOLS,
+               help="auto (default: from the dataset), market1501 or single-shot")
     p.add_argument("--repeats", type=int, default=100, help="gallery draws of the single-shot protocol")
     p.add_argument("--seed", type=int, default=0, help="seed of the single-shot gallery draws")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+               help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--json", help="write the metrics and the CMC curve here")
     p.add_argument("--cmc", help="draw the CMC curve to this PNG")
     p.add_argument("--features", help="save the features, identities, cameras and keys here")

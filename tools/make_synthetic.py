@@ -17,13 +17,14 @@ from mspcnn.data.synthetic import make_synthetic_market
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out_dir")
-    p.add_argument("--train-ids", type=int, default=200)
-    p.add_argument("--test-ids", type=int, default=200)
-    p.add_argument("--cameras", type=int, default=6)
-    p.add_argument("--distractors", type=int, default=100)
-    p.add_argument("--junk", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out_dir", help="the folder to write (Market-1501 layout)")
+    p.add_argument("--train-ids", type=int, default=200, help="training identities (default 200)")
+    p.add_argument("--test-ids", type=int, default=200, help="test identities (default 200)")
+    p.add_argument("--cameras", type=int, default=6, help="cameras (default 6)")
+    p.add_argument("--distractors", type=int, default=100,
+               help="distractor images in the gallery, identity 0000 (default 100)")
+    p.add_argument("--junk", type=int, default=40, help="junk images in the gallery, identity -1 (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything drawn (default 0)")
     args = p.parse_args(argv)
     if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
         p.error(f"{args.out_dir} exists and is not empty; choose a new folder")

@@ -28,12 +28,13 @@ from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+")
-    p.add_argument("--index", required=True)
-    p.add_argument("--weights", required=True)
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--out", default="ranking.png")
-    p.add_argument("--query-ids", type=int, nargs="*")
+    p.add_argument("images", nargs="+", help="query images (any size; resized to 160 x 64)")
+    p.add_argument("--index", required=True, help="an index written by tools/build_index.py")
+    p.add_argument("--weights", required=True, help="the weights the index was built with")
+    p.add_argument("--top", type=int, default=10, help="gallery images shown per query (default 10)")
+    p.add_argument("--out", default="ranking.png", help="the ranking picture to write (default ranking.png)")
+    p.add_argument("--query-ids", type=int, nargs="*",
+               help="the identity of each query image, to colour right and wrong matches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
     p.add_argument("--allow-partial", action="store_true",
@@ -80,10 +81,11 @@ def main(argv=None):
             colour = UNKNOWN
             if args.query_ids and gid is not None:
                 colour = RIGHT if gid == args.query_ids[i] else WRONG
-            ranked.append((gallery[j][0].transpose(1, 2, 0), colour))
-        rows.append((images[i].transpose(1, 2, 0), ranked))
+            ranked.append((gallery[j][0].transpose(1, 2, 0), colour, f"#{rank}|d {dist[i, j]:.2f}"))
+        label = f"id {args.query_ids[i]}" if args.query_ids else f"query {i + 1}"
+        rows.append(((images[i].transpose(1, 2, 0), label), ranked))
     try:
-        draw_ranking(args.out, rows)
+        draw_ranking(args.out, rows, legend=["#k: rank; d: Euclidean distance of L2-normalised features"])
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -260,8 +260,8 @@ def draw(args, histories):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=sorted(PAPER))
-    p.add_argument("raw_dir")
+    p.add_argument("dataset", choices=sorted(PAPER), help="the row of the paper's table")
+    p.add_argument("raw_dir", help="the dataset as released (see docs/evaluation.md)")
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--name", default="results", help="name of the results JSON and curves (default results)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
@@ -276,7 +276,8 @@ def main(argv=None):
     p.add_argument("--lr2", type=float, help="stage 2: base_lr (default: the solver's, or --base-lr)")
     p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction, both stages "
                    "(default: the net's 0.999; the cpu recipe's 0.986)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+               help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
     p.add_argument("--iters1", type=int, help="stage 1 iterations (default: the solver's max_iter)")
     p.add_argument("--iters2", type=int, help="stage 2 iterations (default: the solver's; 0: none)")
     p.add_argument("--batch-pairs", type=int, help="pairs per forward pass (default: the recipe's)")

@@ -22,41 +22,58 @@ About 5 minutes on 2 CPU cores with the defaults.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 import torch
 
-from mspcnn.caffe.io import CaffeFormatError
+from mspcnn.caffe.io import CaffeFormatError, atomic_write
 from mspcnn.cli import run
 from mspcnn.data.datasets import convert_market1501
 from mspcnn.data.synthetic import make_synthetic_market
 from mspcnn.engine import TrainingError, solve
 from mspcnn.evaluation import evaluate_features, folder_features
-from mspcnn.metrics import euclidean_distances, market1501_official
+from mspcnn.metrics import euclidean_distances, market1501_official, market_ranking_stats
 from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
 from mspcnn.plots import RIGHT, WRONG, draw_cmc, draw_ranking
 from mspcnn.train_net import NetDefinitionError
 
 
-def ranking_picture(path, probe, gallery, dist, n_queries=6, top=10):
+def ranking_picture(path, probe, gallery, dist, n_queries=6, top=10, per_query=False):
     """Queries (left) and their top-`top` gallery images (junk and same-camera matches left out,
-    as the protocol does), green = same id, red = not. `probe`, `gallery`: splits of
-    mspcnn.evaluation.folder_features."""
-    rng = np.random.default_rng(0)
-    picks = rng.choice(len(probe["ids"]), min(n_queries, len(probe["ids"])), replace=False)
+    as the protocol does), green = same identity, red = not; each image captioned (the query's
+    identity and camera; each match's rank and distance). The queries are chosen by a stated rule:
+    sorted by the rank of their first correct match, ``n_queries`` evenly spaced from the best to
+    the worst (so the picture shows the spread, not a lucky or unlucky draw). ``per_query`` also
+    writes one picture per query beside ``path``. `probe`, `gallery`: splits of
+    mspcnn.evaluation.folder_features. Returns the paths written."""
     g_ids, g_cams = gallery["ids"], gallery["cameras"]
+    stats = market_ranking_stats(dist, probe["ids"], probe["cameras"], g_ids, g_cams, max_rank=1)
+    valid = np.flatnonzero(stats["valid"])
+    order = valid[np.lexsort((valid, stats["first_hit"][valid]))]
+    picks = order[np.unique(np.round(np.linspace(0, len(order) - 1, min(n_queries, len(order)))).astype(int))]
     rows = []
     for q in picks:
         q_id, q_cam = probe["ids"][q], probe["cameras"][q]
-        order = [j for j in np.argsort(np.asarray(dist[q]), kind="stable")
-                 if not (g_ids[j] == q_id and g_cams[j] == q_cam) and g_ids[j] != -1][:top]
-        rows.append((probe["db"][int(q)][0].transpose(1, 2, 0),
-                     [(gallery["db"][int(j)][0].transpose(1, 2, 0), RIGHT if g_ids[j] == q_id else WRONG)
-                      for j in order]))
-    draw_ranking(path, rows)
+        ranked = [j for j in np.argsort(np.asarray(dist[q]), kind="stable")
+                  if not (g_ids[j] == q_id and g_cams[j] == q_cam) and g_ids[j] != -1][:top]
+        rows.append(((probe["db"][int(q)][0].transpose(1, 2, 0), f"id {q_id}|cam {q_cam}"),
+                     [(gallery["db"][int(j)][0].transpose(1, 2, 0), RIGHT if g_ids[j] == q_id else WRONG,
+                       f"#{k + 1}|d {dist[q][j]:.2f}") for k, j in enumerate(ranked)]))
+    legend = [f"{len(rows)} queries of {len(valid)}, sorted by the rank of their first correct match and "
+              "taken evenly from the best to the worst; d: Euclidean distance of L2-normalised features"]
+    draw_ranking(path, rows, legend=legend)
+    written = [path]
+    if per_query:
+        stem, ext = os.path.splitext(path)
+        for k, row in enumerate(rows):
+            one = f"{stem}_query{k + 1}{ext}"
+            draw_ranking(one, [row], legend=[])
+            written.append(one)
+    return written
 
 
 def chance_level(q_shape, g_shape, labels, seed, draws=20):
@@ -74,30 +91,53 @@ def chance_level(q_shape, g_shape, labels, seed, draws=20):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/pipeline")
-    p.add_argument("--train-ids", type=int, default=60)
-    p.add_argument("--test-ids", type=int, default=50)
-    p.add_argument("--iters1", type=int, default=150)
-    p.add_argument("--iters2", type=int, default=40)
-    p.add_argument("--batch-pairs", type=int, default=4)
-    p.add_argument("--base-lr", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="runs/pipeline", help="output folder (default runs/pipeline)")
+    p.add_argument("--train-ids", type=int, default=60, help="training identities of the generated dataset (default 60)")
+    p.add_argument("--test-ids", type=int, default=50, help="test identities of the generated dataset (default 50)")
+    p.add_argument("--iters1", type=int, default=150, help="stage-1 iterations (default 150)")
+    p.add_argument("--iters2", type=int, default=40, help="stage-2 iterations, with the NCC loss (default 40; 0: none)")
+    p.add_argument("--batch-pairs", type=int, default=4,
+               help="pairs per forward pass (default 4; iter_size 2 doubles it)")
+    p.add_argument("--base-lr", type=float, default=0.01,
+               help="base_lr of both stages (default 0.01; [1]'s 0.1 is for 100-pair batches)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dataset, training and chance level (default 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--per-query", action="store_true",
+                   help="also write one ranking picture per query (ranking_query<k>.png)")
     args = p.parse_args(argv)
     if min(args.train_ids, args.test_ids, args.iters1, args.batch_pairs) < 2 or args.iters2 < 0:
         p.error("--train-ids, --test-ids, --iters1 and --batch-pairs must be >= 2, --iters2 >= 0")
     start = time.time()
     raw, db, runs = (os.path.join(args.out, d) for d in ("raw", "db", "snapshots"))
-    if os.path.exists(raw) and os.listdir(raw):
-        p.error(f"{raw} exists and is not empty; choose another --out")
     try:
         os.makedirs(runs, exist_ok=True)
     except OSError as exc:
         p.error(f"--out {args.out}: cannot create it ({exc.strerror})")
-
-    print(f"[1/5] synthetic dataset: {args.train_ids} training and {args.test_ids} test identities", flush=True)
-    print("      ", make_synthetic_market(raw, args.train_ids, args.test_ids, seed=args.seed,
-                                          distractors=20, junk=10, progress=False), flush=True)
+    # The generated dataset is reused when a previous run made it with the same settings (the
+    # command can be run again), regenerated when its settings differ; a folder the pipeline did
+    # not make is never touched.
+    settings = {"generator": "mspcnn.data.synthetic.make_synthetic_market", "train_ids": args.train_ids,
+                "test_ids": args.test_ids, "seed": args.seed, "distractors": 20, "junk": 10}
+    stamp = os.path.join(args.out, "raw.json")
+    previous = None
+    if os.path.isfile(stamp):
+        try:
+            with open(stamp) as f:
+                previous = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            previous = None
+    if os.path.exists(raw) and os.listdir(raw) and previous is None:
+        p.error(f"{raw} exists and was not made by this pipeline (no {stamp}); choose another --out")
+    if previous == settings and os.path.isdir(raw):
+        print(f"[1/5] synthetic dataset: reusing {raw} (made earlier with the same settings)", flush=True)
+    else:
+        if os.path.exists(raw):
+            shutil.rmtree(raw)
+        print(f"[1/5] synthetic dataset: {args.train_ids} training and {args.test_ids} test identities", flush=True)
+        print("      ", make_synthetic_market(raw, args.train_ids, args.test_ids, seed=args.seed,
+                                              distractors=20, junk=10, progress=False), flush=True)
+        atomic_write(stamp, json.dumps(settings, indent=1), mode="w")
     print("[2/5] converting to LMDB", flush=True)
     summary = convert_market1501(raw, db, val_ids=max(2, args.train_ids // 6), seed=args.seed, progress=False)
     print("      ", {k: f"{v[0]} images / {v[1]} ids" for k, v in summary.items()}, flush=True)
@@ -134,19 +174,20 @@ def main(argv=None):
     labels = (probe["ids"], probe["cameras"], gallery["ids"], gallery["cameras"])
     chance = chance_level(probe["features"].shape, gallery["features"].shape, labels, args.seed)
     picture = os.path.join(args.out, "ranking.png")
-    ranking_picture(picture, probe, gallery, dist)
+    pictures = ranking_picture(picture, probe, gallery, dist, per_query=args.per_query)
     draw_cmc({"MSP-CNN (this run)": result["cmc"], "chance": chance["cmc"]}, os.path.join(args.out, "cmc.png"),
              title="CMC, Market-1501 protocol, synthetic test identities")
-    print(f"\n{'':<22} {'rank-1':>7} {'rank-5':>7} {'rank-10':>8} {'rank-20':>8} {'mAP':>7}")
+    print(f"\ntest identities ({args.test_ids}), Market-1501 protocol:")
+    print(f"{'':<22} {'rank-1':>7} {'rank-5':>7} {'rank-10':>8} {'rank-20':>8} {'mAP':>7}")
     for name, r in (("MSP-CNN (this run)", result), ("chance (random feats)", chance)):
         print(f"{name:<22} {100 * r['rank1']:>6.1f}% {100 * r['rank5']:>6.1f}% {100 * r['rank10']:>7.1f}% "
               f"{100 * r['rank20']:>7.1f}% {100 * r['mAP']:>6.1f}%")
-    print(f"\n{result['queries']} queries; ranking picture: {picture}; CMC curve: "
-          f"{os.path.join(args.out, 'cmc.png')}; weights: {weights}")
-    print(f"total time {time.time() - start:.0f} s")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"msp_cnn": result, "chance": chance, "weights": weights, "args": vars(args),
-                   "seconds": time.time() - start}, f, indent=2)
+    atomic_write(os.path.join(args.out, "results.json"), json.dumps(
+        {"msp_cnn": result, "chance": chance, "weights": weights, "args": vars(args),
+         "seconds": time.time() - start}, indent=2), mode="w")
+    print(f"\n{result['queries']} queries, {time.time() - start:.0f} s. Results in {args.out}/: ranking.png "
+          f"(the ranking picture{f', and {len(pictures) - 1} pictures of one query each' if len(pictures) > 1 else ''}), "
+          f"cmc.png (CMC curves), results.json (every figure); weights: {weights}")
     return 0
 
 

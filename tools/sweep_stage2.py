@@ -78,15 +78,17 @@ def main(argv=None):
                    help="the stage-2 solver (default: the CUHK01 CPU recipe's)")
     p.add_argument("--set", dest="sets", action="append", type=parse_set, required=True,
                    help="PARAM=V1,V2,... (w_low, pos_floor, neg_ceiling, lr); the first value is the baseline")
-    p.add_argument("--mode", choices=("one-at-a-time", "grid"), default="one-at-a-time")
+    p.add_argument("--mode", choices=("one-at-a-time", "grid"), default="one-at-a-time",
+               help="one-at-a-time (default) or grid")
     p.add_argument("--iters", type=int, help="stage-2 iterations (default: the solver's max_iter)")
     p.add_argument("--batch-pairs", type=int, default=16, help="pairs per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every configuration")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+               help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding batches ahead (default 2)")
     p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction (default: the "
                    "net's; 0.986 for the CPU recipe, as tools/reproduce.py --recipe cpu)")
-    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     args = p.parse_args(argv)
     sets = dict(args.sets)
     if len(sets) != len(args.sets):
