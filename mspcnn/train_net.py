@@ -35,7 +35,7 @@ from mspcnn.caffe import proto
 from mspcnn.caffe.net import NetDefinitionError
 from mspcnn.model import MSPCNN, OPTIONAL_LAYERS
 
-__all__ = ["TrainNet", "read_train_net", "resolve_net_path", "included", "NetDefinitionError"]
+__all__ = ["TrainNet", "read_train_net", "resolve_net_path", "included", "edit_net", "solver_net", "NetDefinitionError"]
 
 # Fields a layer of each type may set (dotted paths; a message field admits all its sub-fields).
 # Anything else set in a layer is not implemented by mspcnn and is an error.
@@ -392,3 +392,34 @@ def read_train_net(solver, solver_path=None, net=None):
                                  f"{[s[0] for s in shapes]}")
     return TrainNet(source, by_name, stages, batch.pop(), by_name["fc8"].inner_product_param.num_output,
                     bool(bn_groups), notes)
+
+
+def solver_net(solver_path):
+    """The net a solver file names, read as Caffe reads files (a copy to edit)."""
+    sp = cio.read_prototxt(solver_path, proto.SolverParameter)
+    if not sp.net:
+        raise NetDefinitionError(f"{solver_path}: the solver names no net file (net:)")
+    return cio.read_net(resolve_net_path(sp.net, str(solver_path)))
+
+
+def edit_net(net, bn_maf=None, ncc=None):
+    """Edit a NetParameter in place, as a user edits the prototxt: ``bn_maf`` sets every BatchNorm's
+    moving_average_fraction; ``ncc`` ({"w_low", "pos_floor", "neg_ceiling"}, None values skipped)
+    sets the NCCLoss layer's loss weight and thresholds. Returns ``net``."""
+    if bn_maf is not None:
+        if not 0 <= bn_maf < 1:
+            raise ValueError(f"moving_average_fraction must be in [0, 1), got {bn_maf}")
+        for lp in net.layer:
+            if lp.type == "BatchNorm":
+                lp.batch_norm_param.moving_average_fraction = bn_maf
+    ncc = {k: v for k, v in (ncc or {}).items() if v is not None}
+    if ncc:
+        layer = next((lp for lp in net.layer if lp.type == "NCCLoss"), None)
+        if layer is None:
+            raise NetDefinitionError("the net has no NCCLoss layer to edit")
+        if "w_low" in ncc:
+            layer.loss_weight[:] = [float(ncc["w_low"])]
+        for key in ("pos_floor", "neg_ceiling"):
+            if key in ncc:
+                setattr(layer.ncc_loss_param, key, float(ncc[key]))
+    return net

@@ -63,7 +63,7 @@ from mspcnn.metrics import euclidean_distances, market1501_official
 from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
 from mspcnn.plots import draw_curves
-from mspcnn.train_net import NetDefinitionError, resolve_net_path
+from mspcnn.train_net import NetDefinitionError, edit_net, resolve_net_path, solver_net
 
 # docs/method.md, section 5: rank-1 (%) of MSP-CNN (and mAP for Market-1501).
 PAPER = {"cuhk03-labeled": {"rank1": 85.7}, "cuhk03-detected": {"rank1": 83.6},
@@ -139,27 +139,13 @@ def run_tag(args, uses_low):
 
 
 def prepare_net(solver_path, folder, filename, bn_maf=None, ncc=None):
-    """The net the solver names with edits applied, written to FOLDER/FILENAME (the net that trains;
-    None when there is nothing to edit: the solver's own net trains). ``bn_maf``: every BatchNorm's
-    moving_average_fraction; ``ncc``: {"w_low", "pos_floor", "neg_ceiling"} of the NCCLoss layer."""
+    """The net the solver names with edits applied (mspcnn.train_net.edit_net), written to
+    FOLDER/FILENAME (the net that trains; None when there is nothing to edit: the solver's own net
+    trains)."""
     ncc = {k: v for k, v in (ncc or {}).items() if v is not None}
     if bn_maf is None and not ncc:
         return None
-    sp = cio.read_prototxt(solver_path, proto.SolverParameter)
-    net = cio.read_net(resolve_net_path(sp.net, str(solver_path)))
-    if bn_maf is not None:
-        for lp in net.layer:
-            if lp.type == "BatchNorm":
-                lp.batch_norm_param.moving_average_fraction = bn_maf
-    if ncc:
-        layer = next((lp for lp in net.layer if lp.type == "NCCLoss"), None)
-        if layer is None:
-            raise NetDefinitionError(f"{sp.net}: no NCCLoss layer to edit")
-        if "w_low" in ncc:
-            layer.loss_weight[:] = [ncc["w_low"]]
-        for key in ("pos_floor", "neg_ceiling"):
-            if key in ncc:
-                setattr(layer.ncc_loss_param, key, ncc[key])
+    net = edit_net(solver_net(solver_path), bn_maf=bn_maf, ncc=ncc)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, filename)
     cio.write_prototxt(net, path)

@@ -13,8 +13,8 @@
 5. draw a ranking picture (queries and their top-10 gallery images, green
    border = same identity, red = not) and the CMC curve (cmc.png).
 
-    python tools/run_pipeline.py [--out runs/pipeline] [--train-ids 60] [--test-ids 50]
-                                 [--iters1 150] [--iters2 40] [--batch-pairs 4] [--base-lr 0.01]
+    python tools/run_pipeline.py [--out runs/pipeline] [--train-ids 150] [--test-ids 50]
+                                 [--iters1 250] [--iters2 50] [--batch-pairs 4] [--base-lr 0.01]
                                  [--seed 0] [--device cpu|cuda]
 
 About 5 minutes on 2 CPU cores with the defaults.
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from mspcnn.caffe.io import CaffeFormatError, atomic_write
+from mspcnn.caffe.io import CaffeFormatError, atomic_write, write_prototxt
 from mspcnn.cli import run
 from mspcnn.data.datasets import convert_market1501
 from mspcnn.data.synthetic import make_synthetic_market
@@ -39,7 +39,7 @@ from mspcnn.metrics import euclidean_distances, market1501_official, market_rank
 from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
 from mspcnn.plots import RIGHT, WRONG, draw_cmc, draw_ranking
-from mspcnn.train_net import NetDefinitionError
+from mspcnn.train_net import NetDefinitionError, edit_net, solver_net
 
 
 def ranking_picture(path, probe, gallery, dist, n_queries=6, top=10, per_query=False):
@@ -92,10 +92,10 @@ def chance_level(q_shape, g_shape, labels, seed, draws=20):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/pipeline", help="output folder (default runs/pipeline)")
-    p.add_argument("--train-ids", type=int, default=60, help="training identities of the generated dataset (default 60)")
+    p.add_argument("--train-ids", type=int, default=150, help="training identities of the generated dataset (default 150)")
     p.add_argument("--test-ids", type=int, default=50, help="test identities of the generated dataset (default 50)")
-    p.add_argument("--iters1", type=int, default=150, help="stage-1 iterations (default 150)")
-    p.add_argument("--iters2", type=int, default=40, help="stage-2 iterations, with the NCC loss (default 40; 0: none)")
+    p.add_argument("--iters1", type=int, default=250, help="stage-1 iterations (default 250)")
+    p.add_argument("--iters2", type=int, default=50, help="stage-2 iterations, with the NCC loss (default 50; 0: none)")
     p.add_argument("--batch-pairs", type=int, default=4,
                help="pairs per forward pass (default 4; iter_size 2 doubles it)")
     p.add_argument("--base-lr", type=float, default=0.01,
@@ -103,6 +103,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset, training and chance level (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--bn-maf", type=float, help="BatchNorm's moving_average_fraction (default: scaled with the "
+                   "schedule, 1 - 1/(9% of the forward passes); the net's own is 0.999 for [1]'s long runs)")
     p.add_argument("--per-query", action="store_true",
                    help="also write one ranking picture per query (ranking_query<k>.png)")
     args = p.parse_args(argv)
@@ -142,11 +144,20 @@ def main(argv=None):
     summary = convert_market1501(raw, db, val_ids=max(2, args.train_ids // 6), seed=args.seed, progress=False)
     print("      ", {k: f"{v[0]} images / {v[1]} ids" for k, v in summary.items()}, flush=True)
 
+    # BatchNorm's moving average scaled with the schedule (see solver_cuhk01_cpu_stage1.prototxt):
+    # [1] averages over about 9% of its forward passes; 0.999 over a short run would keep the
+    # statistics of the first, very different weights.
+    passes = 2 * (args.iters1 + args.iters2)  # iter_size 2
+    bn_maf = args.bn_maf if args.bn_maf is not None else round(1 - 1 / max(10.0, 0.09 * passes), 4)
+    nets = {}
+    for stage in ("stage1", "stage2"):
+        nets[stage] = os.path.join(args.out, f"{stage}_net.prototxt")
+        write_prototxt(edit_net(solver_net(PROTOTXT_DIR / f"solver_{stage}.prototxt"), bn_maf=bn_maf), nets[stage])
     common = dict(device=args.device, batch_pairs=args.batch_pairs, workers=2)
     overrides = {"base_lr": args.base_lr, "display": 10}
     try:
         print(f"[3/5] stage 1: {args.iters1} iterations (softmax + contrastive)", flush=True)
-        result = solve(PROTOTXT_DIR / "solver_stage1.prototxt", db, **common,
+        result = solve(PROTOTXT_DIR / "solver_stage1.prototxt", db, **common, net=nets["stage1"],
                        overrides=dict(overrides, max_iter=args.iters1, snapshot=args.iters1,
                                       snapshot_prefix=os.path.join(runs, "stage1"), test_interval=args.iters1))
         weights = result.weights
@@ -155,7 +166,7 @@ def main(argv=None):
                   f"{100 * result.test['rank1']:.1f}%", flush=True)
         if args.iters2:
             print(f"[4/5] stage 2: {args.iters2} iterations (+ the NCC loss), from {weights}", flush=True)
-            result = solve(PROTOTXT_DIR / "solver_stage2.prototxt", db, **common, weights=weights,
+            result = solve(PROTOTXT_DIR / "solver_stage2.prototxt", db, **common, weights=weights, net=nets["stage2"],
                            overrides=dict(overrides, max_iter=args.iters2, snapshot=args.iters2,
                                           snapshot_prefix=os.path.join(runs, "stage2"), test_interval=0))
             weights = result.weights
