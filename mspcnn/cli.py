@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-__all__ = ["run", "EXPECTED"]
+__all__ = ["run", "EXPECTED", "format_duration"]
 
 try:  # lmdb is a dependency, but the guard must work even where it is broken
     import lmdb
@@ -50,3 +50,13 @@ def run(main, argv=None):
         print(f"error: unexpected {type(exc).__name__}: {exc} (a bug; run with MSPCNN_DEBUG=1 for the "
               "traceback and report it)", file=sys.stderr)
         return 1
+
+
+def format_duration(seconds):
+    """'42s', '7m05s', '2h03m'."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

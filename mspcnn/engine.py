@@ -40,6 +40,7 @@ import torch
 
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
+from mspcnn.cli import format_duration
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import feature_transformer, train_transformer
@@ -89,16 +90,6 @@ def glog(where, message, stream=None):
     now = time.time()
     stamp = time.strftime("%m%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1e6):06d}"
     print(f"I{stamp} {os.getpid():>5} {where}] {message}", file=stream or sys.stdout, flush=True)
-
-
-def format_duration(seconds):
-    """'42s', '7m05s', '2h03m'."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _read_records(data, split):

@@ -9,9 +9,11 @@
 import json
 import os
 import sys
+import time
 
 import torch
 
+from mspcnn.cli import format_duration
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import feature_transformer
 from mspcnn.metrics import euclidean_distances, market_ranking_stats, single_shot_cmc, summarize
@@ -21,12 +23,17 @@ __all__ = ["extract_features", "folder_features", "protocol_of", "evaluate_featu
 PROTOCOLS = ("market1501", "single-shot")
 
 
-def _report(label, before, done, total):
+def _report(label, before, done, total, start):
+    """Progress of a feature extraction on stderr: done/total, the rate and an ETA (a counter in a
+    terminal, a line at every tenth of the way in a log)."""
     label = label if isinstance(label, str) else "features"
+    elapsed = time.time() - start
+    rate = done / max(elapsed, 1e-9)
+    text = f"  {label}: {done}/{total} images ({rate:.0f}/s, ETA {format_duration((total - done) / max(rate, 1e-9))})"
     if sys.stderr.isatty():
-        sys.stderr.write(f"\r  {label}: {done}/{total}" + ("\n" if done == total else ""))
+        sys.stderr.write("\r" + text + ("\n" if done == total else ""))
     elif done == total or done * 10 // total > before * 10 // total:
-        sys.stderr.write(f"  {label}: {done}/{total}\n")
+        sys.stderr.write(text + "\n")
     sys.stderr.flush()
 
 
@@ -44,6 +51,7 @@ def extract_features(backbone, db, transformer, batch_size=32, device="cpu", pro
     reach the ranking and the metrics as a plausible-looking number)."""
     backbone.eval()
     feats = []
+    began = time.time()
     for start in range(0, len(db), batch_size):
         images = db.read_list(range(start, min(start + batch_size, len(db))))[0]
         x = torch.from_numpy(transformer(images)).to(device)
@@ -51,7 +59,7 @@ def extract_features(backbone, db, transformer, batch_size=32, device="cpu", pro
             x = x.contiguous(memory_format=torch.channels_last)
         feats.append(backbone(x, logits=False)["fc7_bn"].float().cpu())
         if progress:
-            _report(progress, start, start + len(images), len(db))
+            _report(progress, start, start + len(images), len(db), began)
     out = torch.cat(feats) if feats else torch.zeros(0, backbone.feature_dim)
     bad = int((~torch.isfinite(out)).any(dim=1).sum())
     if bad:

@@ -207,7 +207,8 @@ def write_records(out_path, records, total=None, resize=(160, 64), encode_type=N
                 if progress:
                     rate = written / max(time.time() - start, 1e-9)
                     of = f"/{total}" if total else ""
-                    print(f"  {os.path.basename(out_path)}: {written}{of} images ({rate:.0f}/s)",
+                    eta = f", ETA {max(0, total - written) / max(rate, 1e-9):.0f} s" if total else ""
+                    print(f"  {os.path.basename(out_path)}: {written}{of} images ({rate:.0f}/s{eta})",
                           file=sys.stderr, flush=True)
         txn.commit()
     except BaseException:
