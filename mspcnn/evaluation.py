@@ -16,7 +16,9 @@ import torch
 from mspcnn.cli import format_duration
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import feature_transformer
-from mspcnn.metrics import euclidean_distances, market_ranking_stats, single_shot_cmc, summarize
+from mspcnn.metrics import (euclidean_distances, market_ranking_stats, market_ranking_stats_chunked,
+                            single_shot_cmc, summarize)
+from mspcnn.reranking import k_reciprocal_distances
 
 __all__ = ["extract_features", "folder_features", "protocol_of", "evaluate_features", "PROTOCOLS"]
 
@@ -112,18 +114,32 @@ def protocol_of(meta):
     return "single-shot"
 
 
-def evaluate_features(probe, gallery, protocol, repeats=100, seed=0):
+def evaluate_features(probe, gallery, protocol, repeats=100, seed=0, rerank=None, return_dist=True):
     """Evaluate split dicts of :func:`folder_features` (or any dicts with ``features``, ``ids``
     and, for Market-1501, ``cameras``) with ``protocol``, one of :data:`PROTOCOLS`.
 
     "market1501": :func:`market1501_official`, plus ``mAP_noninterp`` (:func:`market1501_noninterp`,
     the same ranking). "single-shot": :func:`single_shot_cmc` with ``repeats`` gallery draws from
-    ``seed``. Returns the metrics with ``cmc`` as a list, and the distance matrix."""
+    ``seed``. ``rerank``: {"k1", "k2", "lambda_value"} ranks by the k-reciprocal re-ranked
+    distances of :mod:`mspcnn.reranking` (computed over the probe and the whole gallery) instead of
+    the Euclidean distances. Returns the metrics with ``cmc`` as a list, and the distance matrix
+    (None with ``return_dist=False``: then the Market-1501 protocol runs on blocks of queries, in
+    memory bounded by a block of distances, with identical results)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"evaluate_features: protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    dist = euclidean_distances(probe["features"], gallery["features"])
+    if protocol == "market1501" and not rerank and not return_dist:
+        # bounded memory: distances of a block of queries at a time, never the whole matrix
+        dist = None
+        stats = market_ranking_stats_chunked(probe["features"], gallery["features"], probe["ids"], probe["cameras"],
+                                             gallery["ids"], gallery["cameras"], 20)
+    elif rerank:
+        dist = k_reciprocal_distances(probe["features"], gallery["features"], **rerank)
+    else:
+        dist = euclidean_distances(probe["features"], gallery["features"])
     if protocol == "market1501":
-        stats = market_ranking_stats(dist, probe["ids"], probe["cameras"], gallery["ids"], gallery["cameras"], 20)
+        if dist is not None:
+            stats = market_ranking_stats(dist, probe["ids"], probe["cameras"], gallery["ids"], gallery["cameras"],
+                                         20)
         result = summarize(stats, "ap_trapezoid", (1, 5, 10, 20))
         result["mAP_noninterp"] = summarize(stats, "ap_noninterp", (1,))["mAP"]
     else:

@@ -18,7 +18,8 @@ distance matrix takes about a second on 2 cores (tools/bench_eval.py).
 import numpy as np
 import torch
 
-__all__ = ["market1501_official", "market1501_noninterp", "market_ranking_stats", "summarize",
+__all__ = ["market1501_official", "market1501_noninterp", "market_ranking_stats", "market_ranking_stats_chunked",
+           "summarize",
            "single_shot_cmc", "cross_camera_retrieval", "euclidean_distances", "market1501_reference"]
 
 
@@ -138,6 +139,28 @@ def market_ranking_stats(dist, q_ids, q_cams, g_ids, g_cams, max_rank=50, chunk=
         return {"valid": np.zeros(0, bool), "first_hit": np.zeros(0, np.int64), "ap_trapezoid": np.zeros(0),
                 "ap_noninterp": np.zeros(0), "cmc": np.zeros((0, max_rank), bool)}
     return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def market_ranking_stats_chunked(query, gallery, q_ids, q_cams, g_ids, g_cams, max_rank=50, chunk=1024,
+                                 bins=4096):
+    """:func:`market_ranking_stats` from features instead of a distance matrix: the Euclidean
+    distances of ``chunk`` queries at a time to the whole gallery, so memory stays at chunk x
+    gallery distances (a million-image gallery does not need a queries x gallery matrix). The
+    results are identical to the matrix version's: every query is ranked on its own row, and the
+    bins only speed the counting up (they never decide a rank)."""
+    q = torch.as_tensor(np.asarray(query), dtype=torch.float32)
+    g = torch.as_tensor(np.asarray(gallery), dtype=torch.float32)
+    if q.dim() != 2 or g.dim() != 2 or q.shape[1] != g.shape[1]:
+        raise ValueError(f"features must be Q x D and G x D, got {list(q.shape)} and {list(g.shape)}")
+    q_ids, q_cams = np.asarray(q_ids).reshape(-1), np.asarray(q_cams).reshape(-1)
+    parts = []
+    for s in range(0, len(q), chunk):
+        d = torch.cdist(q[s:s + chunk], g)
+        parts.append(market_ranking_stats(d, q_ids[s:s + chunk], q_cams[s:s + chunk], g_ids, g_cams, max_rank,
+                                          chunk=chunk, bins=bins))
+    if not parts:
+        return market_ranking_stats(np.zeros((0, len(g))), q_ids, q_cams, g_ids, g_cams, max_rank)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def summarize(stats, ap_key, ranks):

@@ -127,3 +127,23 @@ def test_cross_camera_retrieval():
 def test_bad_shapes_named():
     with pytest.raises(ValueError, match=r"distance matrix 2 x 3 does not match 2 query and 4 gallery"):
         market1501_official(np.zeros((2, 3)), [1, 2], [1, 1], [1, 2, 3, 4], [1, 1, 1, 1])
+
+
+def test_chunked_features_equal_the_matrix_version():
+    """market_ranking_stats_chunked (distances of a block of queries at a time) gives exactly the
+    statistics of the matrix version, ties and junk included."""
+    import torch
+
+    from mspcnn.metrics import market_ranking_stats_chunked
+
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(37, 16)).astype(np.float32)
+    g = np.concatenate([rng.normal(size=(150, 16)), q[:10]]).astype(np.float32)  # exact duplicates: ties
+    q_ids, q_cams = rng.integers(1, 20, 37), rng.integers(1, 7, 37)
+    g_ids = np.concatenate([rng.integers(-1, 20, 150), q_ids[:10]])
+    g_cams = rng.integers(1, 7, 160)
+    full = market_ranking_stats(torch.cdist(torch.from_numpy(q), torch.from_numpy(g)).numpy(), q_ids, q_cams,
+                                g_ids, g_cams, 20)
+    chunked = market_ranking_stats_chunked(q, g, q_ids, q_cams, g_ids, g_cams, 20, chunk=8)
+    for key in full:
+        np.testing.assert_array_equal(full[key], chunked[key], err_msg=key)

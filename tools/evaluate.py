@@ -53,6 +53,8 @@ def main(argv=None):
     p.add_argument("--features", help="save the features, identities, cameras and keys here")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept weights that lack some layers (they keep their initial values; listed)")
+    p.add_argument("--rerank", type=float, nargs=3, metavar=("K1", "K2", "LAMBDA"),
+                   help="rank by k-reciprocal re-ranked distances (Zhong et al., CVPR 2017; e.g. 20 6 0.3)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1:
         p.error("--repeats and --batch-size must be at least 1")
@@ -73,14 +75,20 @@ def main(argv=None):
     protocol = protocol_of(meta) if args.protocol == "auto" else args.protocol
     probe, gallery = feats["probe"], feats["gallery"]
     try:
-        result, _ = evaluate_features(probe, gallery, protocol, repeats=args.repeats, seed=args.seed)
+        rerank = None
+        if args.rerank:
+            rerank = {"k1": int(args.rerank[0]), "k2": int(args.rerank[1]), "lambda_value": args.rerank[2]}
+        result, _ = evaluate_features(probe, gallery, protocol, repeats=args.repeats, seed=args.seed, rerank=rerank,
+                                      return_dist=False)
     except ValueError as exc:  # e.g. no query has a match in the gallery
         print(f"error: {args.data}: {exc}", file=sys.stderr)
         return 2
 
     name = meta.get("dataset", "?") + (f" ({meta['protocol']})" if "protocol" in meta else "")
     print(f"{name}: {len(probe['ids'])} queries, {len(gallery['ids'])} gallery images, protocol {protocol}"
-          + (f", {args.repeats} gallery draws" if protocol == "single-shot" else ""))
+          + (f", {args.repeats} gallery draws" if protocol == "single-shot" else "")
+          + (f", k-reciprocal re-ranking (k1 {args.rerank[0]:g}, k2 {args.rerank[1]:g}, lambda {args.rerank[2]:g})"
+             if args.rerank else ""))
     ranks = [r for r in (1, 5, 10, 20) if f"rank{r}" in result]
     header = "".join(f"{f'rank-{r}':>9}" for r in ranks) + ("      mAP  mAP (non-interp.)" if "mAP" in result else "")
     print(header)
