@@ -210,17 +210,117 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         val = (DatumDB(os.path.join(data, "val.lmdb")), [r["id"] for r in val_rows],
                [r["camera"] for r in val_rows])
     prefix = sp.snapshot_prefix or "runs/mspcnn"
-    lock = _lock_prefix(prefix)
+    group = _DataParallel.from_environment(device)
+    device = group.device
+    if group.rank != 0:
+        log = _quiet  # one log, one set of snapshots: the root worker's, as Caffe's root solver
+    lock = _lock_prefix(prefix) if group.rank == 0 else None
     try:
         return _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
                       device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-                      start_time)
+                      start_time, group)
     finally:
-        lock.close()  # releases the lock
+        if lock is not None:
+            lock.close()  # releases the lock
+        group.close()
+
+
+def _quiet(where, message):
+    pass
+
+
+class _DataParallel:
+    """Data-parallel training over torch.distributed (``torchrun --nproc_per_node N``), as Caffe's
+    multi-GPU training: every worker runs ``iter_size`` forward/backward passes on its own batches,
+    the accumulated gradients are summed over the workers and divided by their number, and every
+    worker applies the same update (so the effective batch is N x iter_size x batch, the rate and
+    the iteration count are the solver's). The data: the batches of the one-process sequence, an
+    iteration's N x iter_size batches shared out in blocks of iter_size, each worker reading only
+    its own. The root (rank 0) logs, validates and writes the snapshots; BatchNorm statistics stay
+    per worker and the root's are saved (Caffe keeps them per GPU as well). One process: nothing
+    of this happens."""
+
+    def __init__(self, rank=0, world=1, device=None, owned=False):
+        self.rank, self.world, self.device, self.owned = rank, world, device, owned
+
+    @classmethod
+    def from_environment(cls, device):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(0, 1, device)
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise TrainingError("WORLD_SIZE > 1 but this PyTorch has no torch.distributed")
+        owned = False
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            owned = True
+        rank = dist.get_rank()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        return cls(rank, dist.get_world_size(), device, owned)
+
+    def broadcast_parameters(self, model):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for p in model.parameters():
+                    dist.broadcast(p.data, 0)
+
+    def average_gradients(self, params):
+        """Sum the workers' gradients and divide by their number (one flat all-reduce)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def mean(self, values):
+        """The mean of a few floats over the workers (losses, for the log)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def any(self, flags):
+        """Each flag set on any worker (signals: every worker stops at the same iteration)."""
+        if self.world == 1:
+            return flags
+        import torch.distributed as dist
+
+        t = torch.tensor([int(f) for f in flags], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def mine(self, base, iter_size, per_epoch):
+        """The predicate of epoch e's batch indices this worker makes (None: all of them)."""
+        if self.world == 1:
+            return lambda e: None
+        return lambda e: (lambda k: ((e * per_epoch + k - base) // iter_size) % self.world == self.rank)
+
+    def close(self):
+        if self.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def _lock_prefix(prefix):
-    """Check that snapshots can be written at ``prefix`` and take ``<prefix>.lock`` (an exclusive
+    """Check that snapshots can be written at ``prefix`` and take ``.<name>.lock`` beside them (an exclusive
     flock held for the whole training, released when the process ends however it ends): two
     trainings with one prefix would interleave their snapshots. Removes the temporary files of
     snapshots interrupted by a kill."""
@@ -237,10 +337,11 @@ def _lock_prefix(prefix):
         raise TrainingError(f"snapshot prefix {prefix}: {folder} is not writable")
     if os.path.isdir(prefix + "_iter_0.caffemodel"):
         raise TrainingError(f"snapshot prefix {prefix}: {prefix}_iter_0.caffemodel is a folder")
+    lock_path = os.path.join(folder, f".{os.path.basename(prefix)}.lock")  # hidden beside the snapshots
     try:
-        lock = open(prefix + ".lock", "a+")
+        lock = open(lock_path, "a+")
     except OSError as exc:
-        raise TrainingError(f"snapshot prefix {prefix}: cannot create {prefix}.lock ({exc.strerror})") from None
+        raise TrainingError(f"snapshot prefix {prefix}: cannot create {lock_path} ({exc.strerror})") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -259,7 +360,7 @@ def _lock_prefix(prefix):
 
 def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
            device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-           start_time):
+           start_time, group):
     """The training itself (see :func:`solve`), with the inputs checked and the prefix locked."""
 
     seed = sp.random_seed if sp.random_seed >= 0 else 0
@@ -297,18 +398,25 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
             position["epoch"], position["batch"] = restored
         log("solver.cpp:330", f"Restoring previous solver status from {snapshot}")
 
+    group.broadcast_parameters(model)
     sampler = PairSampler(labels, [r["camera"] for r in rows], seed=seed)
     loader = PairLoader(db, labels, sampler, batch_pairs, train_transformer(seed), workers=workers)
+    # The data position counts the batches of the one-process sequence: after an iteration every
+    # worker has consumed iter_size x workers of them, its own share made, the others skipped.
+    per_epoch = loader.batches_per_epoch()
+    step = max(1, sp.iter_size) * group.world
+    base = position["epoch"] * per_epoch + position["batch"]
+    select = group.mine(base, max(1, sp.iter_size), per_epoch)
 
     def batches():
+        e, start = divmod(base, per_epoch)
         while True:
-            for k, batch in enumerate(loader.epoch(position["epoch"])):
-                if k < position["batch"]:
-                    continue
-                position["batch"] = k + 1
+            for _, batch in loader.epoch(e, start=start, select=select(e)):
                 yield batch
-            position["epoch"] += 1
-            position["batch"] = 0
+            e, start = e + 1, 0
+
+    def set_position():
+        position["epoch"], position["batch"] = divmod(base + (solver_.iter - first_iter) * step, per_epoch)
 
     stream = batches()
     backbone = model.backbone
@@ -317,7 +425,7 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
                      if key in ("cls", "high") and caffe in train_net.layers or key == "low" and model.use_low]
 
     def test():
-        if val is None:
+        if val is None or group.rank != 0:
             return
         log("solver.cpp:330", f"Iteration {solver_.iter}, Testing net (#0)")
         try:
@@ -339,6 +447,9 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
         result.history.append(dict(result.test, kind="test"))
 
     def take_snapshot():
+        if group.rank != 0:
+            return
+        set_position()
         paths = solver_.snapshot(prefix, data_position=(position["epoch"], position["batch"]))
         log("sgd_solver.cpp:273", f"Snapshotting to binary proto file {paths[0]}")
         log("sgd_solver.cpp:290", f"Snapshotting solver state to binary proto file {paths[1]}")
@@ -350,7 +461,8 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
                                         "SIGTERM": sigterm_effect}, requests)
     log("solver.cpp:48", f"Solving MSP-CNN ({'stage 2: ' if model.use_low else ''}"
         f"{' + '.join(k for _, k, _ in terms_display)}), {len(labels)} training images of {num_classes} "
-        f"identities, batch {batch_pairs} pairs x iter_size {max(1, sp.iter_size)}, device {device}"
+        f"identities, batch {batch_pairs} pairs x iter_size {max(1, sp.iter_size)}"
+        + (f" x {group.world} workers" if group.world > 1 else "") + f", device {device}"
         + (", deterministic algorithms" if deterministic else ""))
     model.train()
     recent = []
@@ -377,7 +489,12 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
 
             it = solver_.iter
             rate = solver_.rate()
-            loss = solver_.step(forward_backward)
+            loss = solver_.step(forward_backward,
+                                lambda: group.average_gradients([e["param"] for e in solver_.entries]))
+            if group.world > 1:
+                names = sorted(terms)
+                averaged = group.mean([loss] + [terms[k] for k in names])
+                loss, terms = averaged[0], dict(zip(names, averaged[1:]))
             if not math.isfinite(loss):
                 log("solver.cpp:228", f"Iteration {it}: the loss is {loss} (diverged); lower base_lr")
             recent = (recent + [loss])[-max(1, sp.average_loss):]
@@ -402,6 +519,11 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
                 sys.stderr.write(f"\r[{'#' * bar}{'.' * (30 - bar)}] {solver_.iter}/{max_iter} loss {loss:.4f}")
                 sys.stderr.flush()
             actions = [effect for effect, _ in requests]
+            if group.world > 1:
+                want_snapshot, want_stop = group.any(["snapshot" in actions, "stop" in actions])
+                actions = (["snapshot"] if want_snapshot else []) + (["stop"] if want_stop else [])
+                if want_stop and not any(effect == "stop" for effect, _ in requests):
+                    requests.append(("stop", "a signal to another worker"))
             if sp.snapshot and solver_.iter % sp.snapshot == 0 or "snapshot" in actions:
                 take_snapshot()
             if "stop" in actions:

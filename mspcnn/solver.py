@@ -155,13 +155,18 @@ class SGDSolver:
         for e in self.entries:
             e["param"].grad = None
 
-    def step(self, forward_backward):
+    def step(self, forward_backward, reduce_gradients=None):
         """One Caffe iteration. ``forward_backward(k)`` runs sub-iteration k
         (0 .. iter_size-1): a forward pass and ``loss.backward()``; it returns
-        the loss value. Returns the mean loss over the sub-iterations."""
+        the loss value. ``reduce_gradients()``, when given, runs after the
+        passes and before the update (data-parallel training averages the
+        accumulated gradients of the workers there, as Caffe's multi-GPU
+        solver does). Returns the mean loss over the sub-iterations."""
         self.zero_grad()
         iter_size = max(1, int(self.param.iter_size))
         losses = [float(forward_backward(k)) for k in range(iter_size)]
+        if reduce_gradients is not None:
+            reduce_gradients()
         rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
         self.apply_update(float(rate))
         self.iter += 1

@@ -107,11 +107,16 @@ def test_pair_loader_batches_are_reproducible(synthetic, tmp_path):
     sampler = PairSampler(labels, [r["camera"] for r in rows], seed=0)
     transformer = DataTransformer((144, 56), [102, 102, 101], mirror=True, phase="TRAIN")
     loader = PairLoader(DatumDB(out / "train.lmdb"), labels, sampler, 8, transformer, workers=2)
-    first = list(loader.epoch(0))
-    second = list(loader.epoch(0))
+    first = [b for _, b in loader.epoch(0)]
+    second = [b for _, b in loader.epoch(0)]
     assert len(first) == len(labels) // 8
     for a, b in zip(first, second):
         assert all(torch.equal(a[k], b[k]) for k in a)
+    # a data-parallel worker's share (odd batches, from batch 3): the same batches, made alone
+    share = list(loader.epoch(0, start=3, select=lambda k: k % 2 == 1))
+    assert [k for k, _ in share] == [k for k in range(3, len(first)) if k % 2 == 1]
+    for k, b in share:
+        assert all(torch.equal(b[key], first[k][key]) for key in b)
     batch = first[0]
     assert batch["data"].shape == (8, 3, 144, 56) and batch["data_p"].shape == (8, 3, 144, 56)
     assert batch["label"].dtype == torch.float32 and set(batch["sim"].tolist()) <= {0.0, 1.0}

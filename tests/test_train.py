@@ -104,7 +104,7 @@ def test_ctrl_c_snapshots_and_stops(db, tmp_path):
     code, out = _run_with_signals(db, tmp_path, {0: signal.SIGINT})
     assert code == 130
     assert re.search(r"SIGINT received: stopping after iteration \d+", out) and "Optimization stopped early." in out
-    snaps = sorted(p.name for p in tmp_path.iterdir())
+    snaps = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert len(snaps) == 2 and snaps[0].endswith(".caffemodel") and snaps[1].endswith(".solverstate")
 
 

@@ -102,16 +102,16 @@ def test_solve_trains_the_net_the_solver_names(tiny_market_db, tmp_path):
     for name, sp in (("shipped", solver(STAGE1)), ("file", by_file), ("inline", inline)):
         lines = []
         result = solve(sp, tiny_market_db, batch_pairs=2, workers=1,
-                       overrides={"max_iter": 1, "display": 1, "test_interval": 0, "snapshot": 0,
+                       overrides={"max_iter": 3, "display": 1, "test_interval": 0, "snapshot": 0,
                                   "snapshot_prefix": str(tmp_path / name)},
                        log=lambda where, message: lines.append(message))
         runs[name] = ("\n".join(lines), result)
     for name in ("file", "inline"):
         log, result = runs[name]
         assert re.search(r"loss_high = ([\d.e+-]+) \(\* 0\.25 = ", log), log
-        assert result.losses["high"] == runs["shipped"][1].losses["high"]
-        assert result.losses["total"] != runs["shipped"][1].losses["total"]
-        assert result.weights.endswith("_iter_1.caffemodel")
+        assert result.weights.endswith("_iter_3.caffemodel")
+    first = [re.search(r"loss_high = ([\d.e+-]+) ", log).group(1) for log, _ in runs.values()]
+    assert len(set(first)) == 1  # the first iteration's unweighted term: the same in the three runs
     assert "Creating training net from " + str(net_path) in runs["file"][0]
     assert "(net_param)" in runs["inline"][0]
     w = {name: cio.read_caffemodel(runs[name][1].weights) for name in runs}

@@ -105,7 +105,7 @@ def main(argv=None):
     transformer = DataTransformer((144, 56), [102, 102, 101], mirror=True, phase="TRAIN")
     loader = PairLoader(DatumDB(os.path.join(db_dir, "train.lmdb")), labels, sampler,
                         args.pairs_per_batch, transformer, workers=args.workers)
-    ours = timed_batches(loader.epoch(0), args.batches)
+    ours = timed_batches((b for _, b in loader.epoch(0)), args.batches)
 
     baseline = None
     if not args.no_baseline:

@@ -24,6 +24,9 @@
   iterations done / total and an ETA. A progress bar is drawn on stderr when it is a terminal.
 * Signals as the caffe tool: SIGINT stops (after a snapshot), SIGHUP snapshots and goes on, SIGTERM
   stops (after a snapshot). Exit status: 0 done, 2 bad input, 130 stopped by a signal.
+* Data-parallel: `torchrun --nproc_per_node N tools/train.py ...` trains on N workers as Caffe's
+  multi-GPU training does (NCCL on GPUs, gloo on CPUs): each worker its own batches, gradients
+  averaged over the workers, one update, one log and one set of snapshots (mspcnn.engine).
 """
 import argparse
 import sys
@@ -47,6 +50,8 @@ def parse_args(argv=None):
                    help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
     p.add_argument("--max-iter", type=int, help="overrides the solver's max_iter")
     p.add_argument("--base-lr", type=float, help="overrides the solver's base_lr (e.g. for small batches)")
+    p.add_argument("--iter-size", type=int, help="overrides the solver's iter_size (forward/backward passes per "
+                   "update, per worker)")
     p.add_argument("--loss-weights", type=float, nargs=3, metavar=("CLS", "HIGH", "LOW"),
                    help="replace the net's loss weights of loss_cls, loss_high and loss_low (a loss the "
                         "stage does not have must be given 0)")
@@ -76,7 +81,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    overrides = {"max_iter": args.max_iter, "base_lr": args.base_lr, "snapshot_prefix": args.snapshot_prefix,
+    overrides = {"max_iter": args.max_iter, "base_lr": args.base_lr, "iter_size": args.iter_size, "snapshot_prefix": args.snapshot_prefix,
                  "snapshot": args.snapshot_every, "test_interval": args.test_interval, "display": args.display,
                  "random_seed": args.seed}
     loss_weights = None

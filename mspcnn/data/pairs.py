@@ -109,17 +109,20 @@ class PairLoader:
                 "label": torch.from_numpy(self.labels[anchors].astype(np.float32)),
                 "sim": torch.from_numpy(sim)}
 
-    def epoch(self, e):
-        """Generator of the batches of epoch e (the last incomplete batch is dropped)."""
+    def epoch(self, e, start=0, select=None):
+        """Generator of the batches of epoch e (the last incomplete batch is dropped), from batch
+        ``start``, as (index in the epoch, batch). ``select(k)``, when given, picks the batches to
+        make: the others are skipped without reading a single image (a data-parallel worker makes
+        only its share)."""
         anchors, partners, sim = self.sampler.epoch(e)
         nb, bp = self.batches_per_epoch(), self.batch_pairs
-        jobs = [(anchors[i * bp:(i + 1) * bp], partners[i * bp:(i + 1) * bp], sim[i * bp:(i + 1) * bp],
-                 (self.sampler.seed + e) * 1_000_003 + i) for i in range(nb)]
+        keep = [k for k in range(start, nb) if select is None or select(k)]
+        jobs = [(k, (anchors[k * bp:(k + 1) * bp], partners[k * bp:(k + 1) * bp], sim[k * bp:(k + 1) * bp],
+                     (self.sampler.seed + e) * 1_000_003 + k)) for k in keep]
         with ThreadPoolExecutor(self.workers) as pool:
-            pending = [pool.submit(self._make, *job) for job in jobs[:self.prefetch]]
-            for k in range(nb):
+            pending = [pool.submit(self._make, *job) for _, job in jobs[:self.prefetch]]
+            for i, (k, _) in enumerate(jobs):
                 batch = pending.pop(0).result()
-                if k + self.prefetch < nb:
-                    pending.append(pool.submit(self._make, *jobs[k + self.prefetch]))
-                yield batch
-
+                if i + self.prefetch < len(jobs):
+                    pending.append(pool.submit(self._make, *jobs[i + self.prefetch][1]))
+                yield k, batch
