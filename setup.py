@@ -51,6 +51,7 @@ setup(
     packages=find_packages(include=["mspcnn", "mspcnn.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "protobuf>=4", "opencv-python", "lmdb"],
+    extras_require={"onnx": ["onnx", "onnxruntime"], "faiss": ["faiss-cpu"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -31,6 +31,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--faiss", choices=("flat", "hnsw", "ivf"),
+                   help="also build a FAISS index (optional package faiss-cpu): flat = exact, hnsw or ivf = "
+                        "approximate and faster on large galleries")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept weights that lack some layers (they keep their initial values; listed)")
     args = p.parse_args(argv)
@@ -55,7 +58,8 @@ def main(argv=None):
     feats = extract_features(backbone, db, feature_transformer(),
                              args.batch_size, args.device, progress="gallery")
     write_index(args.out, feats, [k.decode() for k in db.keys], args.db, args.weights,
-                ids=[r["id"] for r in rows] if rows else None, cameras=[r["camera"] for r in rows] if rows else None)
+                ids=[r["id"] for r in rows] if rows else None, cameras=[r["camera"] for r in rows] if rows else None,
+                search_kind=args.faiss)
     print(f"wrote {args.out}: {len(db)} x {feats.shape[1]} features")
     return 0
 

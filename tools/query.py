@@ -21,7 +21,7 @@ from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import run
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import IMAGE_SIZE, feature_transformer
-from mspcnn.index import load_index
+from mspcnn.index import load_index, search
 from mspcnn.model import feature_model
 from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
 
@@ -37,6 +37,8 @@ def main(argv=None):
                help="the identity of each query image, to colour right and wrong matches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--effort", type=int, help="search effort of an approximate FAISS index (HNSW's efSearch, "
+                   "IVF's nprobe; default: FAISS's)")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept weights that lack some layers (they keep their initial values; listed)")
     args = p.parse_args(argv)
@@ -69,19 +71,20 @@ def main(argv=None):
     x = torch.from_numpy(feature_transformer()(images))
     with torch.no_grad():
         q = torch.nn.functional.normalize(backbone(x.to(args.device), logits=False)["fc7_bn"].cpu())
-    dist = torch.cdist(q, index["features"])
+    dists, positions = search(index, q, args.top, effort=args.effort)
     rows = []
     for i, path in enumerate(args.images):
-        order = torch.argsort(dist[i], stable=True)[: args.top].tolist()
+        order = positions[i].tolist()
         print(f"{path}:")
         ranked = []
         for rank, j in enumerate(order, 1):
             gid = index["ids"][j] if "ids" in index else None
-            print(f"  {rank:>3}. {index['keys'][j]}  distance {dist[i, j]:.4f}" + (f"  id {gid}" if gid is not None else ""))
+            print(f"  {rank:>3}. {index['keys'][j]}  distance {dists[i, rank - 1]:.4f}"
+                  + (f"  id {gid}" if gid is not None else ""))
             colour = UNKNOWN
             if args.query_ids and gid is not None:
                 colour = RIGHT if gid == args.query_ids[i] else WRONG
-            ranked.append((gallery[j][0].transpose(1, 2, 0), colour, f"#{rank}|d {dist[i, j]:.2f}"))
+            ranked.append((gallery[j][0].transpose(1, 2, 0), colour, f"#{rank}|d {dists[i, rank - 1]:.2f}"))
         label = f"id {args.query_ids[i]}" if args.query_ids else f"query {i + 1}"
         rows.append(((images[i].transpose(1, 2, 0), label), ranked))
     try:

@@ -165,7 +165,7 @@ class Pooling(nn.Module):
                 pool_output_size(w, self.kernel[1], self.stride[1], self.pad[1]))
 
     def forward(self, x):
-        h, w = x.shape[-2:]
+        h, w = (int(v) for v in x.shape[-2:])  # plain ints: a traced (exported) net gets a fixed kernel
         kernel, stride, pad = self.kernel, self.stride, self.pad
         if self.global_pooling:
             kernel, stride, pad = (h, w), (1, 1), (0, 0)
