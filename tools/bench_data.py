@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_market1501
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.pairs import PairLoader, PairSampler
@@ -80,7 +81,9 @@ def main(argv=None):
     p.add_argument("--json", default="bench_data.json", help="write the figures here (default bench_data.json)")
     p.add_argument("--no-baseline", action="store_true",
                    help="time our loader only (e.g. on a --db of real images without their raw folder)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.batches < 1 or args.pairs_per_batch < 1 or args.workers < 1:
         p.error("--batches, --pairs-per-batch and --workers must be positive")
     tmp = tempfile.TemporaryDirectory()

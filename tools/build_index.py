@@ -16,6 +16,7 @@ import torch
 
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.evaluation import extract_features
 from mspcnn.index import write_index
@@ -36,7 +37,9 @@ def main(argv=None):
                         "approximate and faster on large galleries")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept weights that lack some layers (they keep their initial values; listed)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if os.path.isdir(args.out):

@@ -32,6 +32,7 @@ import torch
 
 from mspcnn.caffe.io import atomic_write
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.evaluation import PROTOCOLS, evaluate_features, folder_features, protocol_of
 from mspcnn.model import feature_model
 from mspcnn.plots import draw_cmc
@@ -55,7 +56,9 @@ def main(argv=None):
                    help="accept weights that lack some layers (they keep their initial values; listed)")
     p.add_argument("--rerank", type=float, nargs=3, metavar=("K1", "K2", "LAMBDA"),
                    help="rank by k-reciprocal re-ranked distances (Zhong et al., CVPR 2017; e.g. 20 6 0.3)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.repeats < 1 or args.batch_size < 1:
         p.error("--repeats and --batch-size must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

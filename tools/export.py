@@ -31,6 +31,7 @@ from mspcnn.caffe import io as cio
 from mspcnn.caffe.net import CaffeNet
 from mspcnn.caffe.weights import layer_blobs_to_net
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.transformer import IMAGE_SIZE, INPUT_SHAPE, feature_transformer
 from mspcnn.model import feature_model
 from mspcnn.paths import DEPLOY_PROTOTXT
@@ -136,7 +137,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the .onnx file, or the folder of the Caffe files")
     p.add_argument("--check", metavar="IMAGE_DIR", help="compare the export with mspcnn on these images")
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest relative difference accepted (1e-5)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.format == "onnx" and os.path.isdir(args.out):
         p.error(f"--out {args.out} is a folder; give the .onnx file name")
     if args.format == "caffe" and os.path.exists(args.out) and not os.path.isdir(args.out):

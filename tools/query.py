@@ -19,6 +19,7 @@ import torch
 
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import IMAGE_SIZE, feature_transformer
 from mspcnn.index import load_index, search
@@ -41,7 +42,9 @@ def main(argv=None):
                    "IVF's nprobe; default: FAISS's)")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept weights that lack some layers (they keep their initial values; listed)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.query_ids and len(args.query_ids) != len(args.images):
         p.error("--query-ids needs one identity per image")
     if args.top < 1:

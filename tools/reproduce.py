@@ -56,6 +56,7 @@ from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.engine import TrainingError, solve
 from mspcnn.evaluation import evaluate_features, folder_features
@@ -275,7 +276,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the gallery draws (plus the split number)")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: each solver's random_seed)")
     p.add_argument("--val-ids", type=int, help="identities held out for validation (converter default)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     recipe = RECIPES[args.recipe]
     if "datasets" in recipe and args.dataset.split("-")[0] not in recipe["datasets"]:
         p.error(f"--recipe {args.recipe}: only for {', '.join(recipe['datasets'])}")

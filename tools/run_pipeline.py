@@ -31,6 +31,7 @@ import torch
 
 from mspcnn.caffe.io import CaffeFormatError, atomic_write, write_prototxt
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_market1501
 from mspcnn.data.synthetic import make_synthetic_market
 from mspcnn.engine import TrainingError, solve
@@ -107,7 +108,9 @@ def main(argv=None):
                    "schedule, 1 - 1/(9% of the forward passes); the net's own is 0.999 for [1]'s long runs)")
     p.add_argument("--per-query", action="store_true",
                    help="also write one ranking picture per query (ranking_query<k>.png)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if min(args.train_ids, args.test_ids, args.iters1, args.batch_pairs) < 2 or args.iters2 < 0:
         p.error("--train-ids, --test-ids, --iters1 and --batch-pairs must be >= 2, --iters2 >= 0")
     start = time.time()

@@ -34,6 +34,7 @@ from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.engine import TrainingError, solve
 from mspcnn.paths import PROTOTXT_DIR
 from mspcnn.train_net import NetDefinitionError, resolve_net_path
@@ -89,7 +90,9 @@ def main(argv=None):
     p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction (default: the "
                    "net's; 0.986 for the CPU recipe, as tools/reproduce.py --recipe cpu)")
     p.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     sets = dict(args.sets)
     if len(sets) != len(args.sets):
         p.error("--set: a parameter is given twice")

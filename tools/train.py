@@ -35,6 +35,7 @@ import torch
 
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.engine import SIGNAL_EFFECTS, TrainingError, solve
 from mspcnn.train_net import NetDefinitionError
 
@@ -71,7 +72,9 @@ def parse_args(argv=None):
                    help="what SIGINT (Ctrl-C) does, as caffe's -sigint_effect (default stop)")
     p.add_argument("--sighup-effect", choices=SIGNAL_EFFECTS, default="snapshot",
                    help="what SIGHUP does, as caffe's -sighup_effect (default snapshot)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
+    print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.batch_pairs is not None and args.batch_pairs < 1:
         p.error(f"--batch-pairs must be >= 1, got {args.batch_pairs}")
     if args.workers < 1:

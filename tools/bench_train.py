@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Benchmark of a training iteration: mspcnn's MSP-CNN (stage 1 and stage 2) against a plain
+PyTorch eager version of the same network, on a quiet machine and beside busy processes.
+
+    python tools/bench_train.py [--batches paper main] [--busy 0 2] [--threads N] [--repeat 5]
+                                [--json bench_train.json]
+
+* mspcnn: mspcnn.model.MSPCNN as the training engine runs it (Caffe's BatchNorm, Scale, pooling and
+  losses; the NCC loss with the C++ operator in stage 2), one iteration = iter_size forward/backward
+  passes and Caffe's SGD update (mspcnn.solver.SGDSolver).
+* plain: the same architecture written with torch.nn only (nn.Conv2d, nn.BatchNorm2d with its affine
+  part, nn.ReLU, nn.MaxPool2d / nn.AvgPool2d with ceil_mode, nn.Linear, nn.Dropout), cross-entropy,
+  a contrastive loss in tensor operations, torch.optim.SGD; in stage 2 the NCC loss with the
+  plain-PyTorch reference operator (mspcnn.ops.ncc_max_reference), since plain PyTorch has none.
+* batches: `paper` = [1]'s 50 pairs x iter_size 2; `main` = the main job's 4 pairs x iter_size 2.
+* --busy N runs N CPU-bound processes (busy loops) beside the measurement, to see how the training
+  slows down on a shared machine. Ratios in the same run are what carry over between machines; the
+  load average is written beside each figure.
+Medians of --repeat iterations after one warm-up iteration. Prints a table and writes JSON.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from mspcnn.caffe import proto
+from mspcnn.cli import run
+from mspcnn.model import MSPCNN
+from mspcnn.ops import ncc_max_reference
+from mspcnn.runtime import configure_threads
+from mspcnn.solver import SGDSolver
+
+BATCHES = {"paper": (50, 2), "main": (4, 2)}
+
+
+# ---------------------------------------------------------------------------- the plain network
+def conv_bn(cin, cout, k, s, p):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, p), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, w):
+        super().__init__()
+        self.b1 = conv_bn(cin, w, 1, 1, 0)
+        self.b2 = nn.Sequential(conv_bn(cin, w, 1, 1, 0), conv_bn(w, w, 3, 1, 1))
+        self.b3 = nn.Sequential(conv_bn(cin, w, 1, 1, 0), conv_bn(w, w, 3, 1, 1), conv_bn(w, w, 3, 1, 1))
+        self.b4 = nn.Sequential(nn.AvgPool2d(3, 1, 1, ceil_mode=True, count_include_pad=True), conv_bn(cin, w, 1, 1, 0))
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin, w, pad=(0, 0)):
+        super().__init__()
+        self.b1 = nn.Sequential(conv_bn(cin, w, 1, 1, 0), conv_bn(w, w, 3, 2, 1))
+        self.b2 = nn.Sequential(conv_bn(cin, w, 1, 1, 0), conv_bn(w, w, 3, 1, 1), conv_bn(w, w, 3, 2, 1))
+        self.pool = nn.MaxPool2d(3, 2, pad, ceil_mode=True)
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b2(x), self.pool(x)], 1)
+
+
+class PlainBackbone(nn.Module):
+    def __init__(self, classes):
+        super().__init__()
+        self.low = nn.Sequential(conv_bn(3, 32, 3, 1, 1), conv_bn(32, 32, 3, 1, 1), conv_bn(32, 32, 3, 1, 1),
+                                 nn.MaxPool2d(2, 2, ceil_mode=True))
+        self.high = nn.Sequential(InceptionA(32, 64), InceptionB(256, 64), InceptionA(384, 128),
+                                  InceptionB(512, 128), InceptionA(768, 256), InceptionB(1024, 256, (0, 1)),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1536, 256), nn.BatchNorm1d(256))
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, classes))
+
+    def forward(self, x):
+        pool1 = self.low(x)
+        feat = self.high(pool1)
+        return pool1, feat, self.head(feat)
+
+
+def plain_losses(net, a, b, label, sim, use_low):
+    pa, fa, logits = net(a)
+    pb, fb, _ = net(b)
+    d = (nn.functional.normalize(fa) - nn.functional.normalize(fb)).norm(dim=1)
+    high = (sim * d ** 2 + (1 - sim) * (1 - d).clamp(min=0) ** 2).mean() / 2
+    total = nn.functional.cross_entropy(logits, label.long()) + high
+    if use_low:
+        s, _ = ncc_max_reference(pa, pb)
+        total = total + torch.where(sim.view(-1, 1, 1, 1) > 0, 1 - s, s.clamp(min=0)).mean()
+    return total
+
+
+# ---------------------------------------------------------------------------- measurement
+def _busy():
+    x = 0
+    while True:
+        x += 1
+
+
+def measure(kind, stage, pairs, iter_size, repeat, classes=100):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(pairs, 3, 144, 56, generator=g), torch.randn(pairs, 3, 144, 56, generator=g),
+             torch.randint(0, classes, (pairs,), generator=g).float(), (torch.rand(pairs, generator=g) < 1 / 3).float())
+            for _ in range(iter_size)]
+    if kind == "mspcnn":
+        model = MSPCNN(classes, use_low=stage == 2).train()
+        sp = proto.SolverParameter(base_lr=0.001, lr_policy="fixed", momentum=0.9, weight_decay=0.0005,
+                                   iter_size=iter_size, max_iter=1000)
+        solver = SGDSolver(sp, model.param_groups())
+
+        def iteration():
+            def fb(k):
+                loss = model(*data[k])["total"]
+                loss.backward()
+                return loss.item()
+            solver.step(fb)
+    else:
+        model = PlainBackbone(classes).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=0.0005)
+
+        def iteration():
+            opt.zero_grad()
+            for k in range(iter_size):
+                (plain_losses(model, *data[k], stage == 2) / iter_size).backward()
+            opt.step()
+    iteration()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        iteration()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", nargs="+", default=["paper", "main"], choices=sorted(BATCHES),
+                   help="paper: 50 pairs x iter_size 2; main: 4 pairs x iter_size 2 (default both)")
+    p.add_argument("--busy", type=int, nargs="+", default=[0], help="busy processes beside (default 0)")
+    p.add_argument("--threads", help="intra-op threads: a number or auto (default: mspcnn's default)")
+    p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="stages (default both)")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch version")
+    p.add_argument("--repeat", type=int, default=5, help="timed iterations per figure (default 5)")
+    p.add_argument("--json", default="bench_train.json", help="write the figures here")
+    args = p.parse_args(argv)
+    if args.repeat < 1 or min(args.busy) < 0:
+        p.error("--repeat must be >= 1 and --busy >= 0")
+    threads = configure_threads(args.threads)
+    rows = []
+    for busy in args.busy:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_busy, daemon=True) for _ in range(busy)]
+        for proc in procs:
+            proc.start()
+        time.sleep(1.0 if busy else 0)
+        try:
+            for batch in args.batches:
+                pairs, iter_size = BATCHES[batch]
+                for stage in args.stages:
+                    for kind in ("mspcnn",) + (() if args.no_plain else ("plain",)):
+                        load = os.getloadavg()[0]
+                        sec = measure(kind, stage, pairs, iter_size, args.repeat)
+                        rows.append({"busy": busy, "batch": batch, "stage": stage, "kind": kind, "seconds": sec,
+                                     "load": load, "threads": torch.get_num_threads()})
+                        print(f"  busy {busy}, {batch}, stage {stage}, {kind}: {sec:.3f} s/iteration "
+                              f"(load {load:.2f})", flush=True)
+        finally:
+            for proc in procs:
+                proc.terminate()
+    print(f"\nthreads: {threads}; seconds per iteration (median of {args.repeat}); ratio = plain / mspcnn, "
+          "slowdown = busy / quiet")
+    print(f"{'busy':>5} {'batch':>6} {'stage':>6} {'mspcnn s':>9} {'plain s':>9} {'ratio':>7} {'slowdown':>9} {'load':>6}")
+    index = {(r["busy"], r["batch"], r["stage"], r["kind"]): r for r in rows}
+    for r in rows:
+        if r["kind"] != "mspcnn":
+            continue
+        plain = index.get((r["busy"], r["batch"], r["stage"], "plain"))
+        quiet = index.get((0, r["batch"], r["stage"], "mspcnn"))
+        ratio = f"{plain['seconds'] / r['seconds']:.2f}x" if plain else "-"
+        slow = f"{r['seconds'] / quiet['seconds']:.2f}x" if quiet else "-"
+        print(f"{r['busy']:>5} {r['batch']:>6} {r['stage']:>6} {r['seconds']:>9.3f} "
+              f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}")
+    with open(args.json, "w") as f:
+        json.dump({"threads": threads, "rows": rows, "torch": torch.__version__, "cpus": os.cpu_count()}, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
