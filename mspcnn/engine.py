@@ -326,15 +326,10 @@ def _lock_prefix(prefix):
     snapshots interrupted by a kill."""
     import fcntl
 
-    folder = os.path.dirname(os.path.abspath(prefix))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise TrainingError(f"snapshot prefix {prefix}: {folder} is not a folder")
     try:
-        os.makedirs(folder, exist_ok=True)
+        folder = cio.writable_folder(os.path.dirname(os.path.abspath(prefix)), f"snapshot prefix {prefix}")
     except OSError as exc:
-        raise TrainingError(f"snapshot prefix {prefix}: cannot create {folder} ({exc.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise TrainingError(f"snapshot prefix {prefix}: {folder} is not writable")
+        raise TrainingError(str(exc)) from None
     if os.path.isdir(prefix + "_iter_0.caffemodel"):
         raise TrainingError(f"snapshot prefix {prefix}: {prefix}_iter_0.caffemodel is a folder")
     lock_path = os.path.join(folder, f".{os.path.basename(prefix)}.lock")  # hidden beside the snapshots

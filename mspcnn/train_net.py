@@ -32,7 +32,7 @@ from collections import OrderedDict
 
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
-from mspcnn.caffe.net import NetDefinitionError
+from mspcnn.caffe.net import NetDefinitionError, pair_param
 from mspcnn.model import MSPCNN, OPTIONAL_LAYERS
 
 __all__ = ["TrainNet", "read_train_net", "resolve_net_path", "included", "edit_net", "solver_net", "NetDefinitionError"]
@@ -86,28 +86,15 @@ def _set_fields(msg, prefix=""):
     return out
 
 
-def _pair(msg, single, h, w, default):
-    """(h, w) of a kernel/stride/pad: *_h/*_w, else the single or repeated value, else default."""
-    if msg.HasField(h) or msg.HasField(w):
-        return int(getattr(msg, h)), int(getattr(msg, w))
-    value = getattr(msg, single)
-    if isinstance(value, int):
-        return (int(value), int(value)) if msg.HasField(single) else (default, default)
-    values = list(value)
-    if not values:
-        return default, default
-    return (int(values[0]), int(values[0])) if len(values) == 1 else (int(values[0]), int(values[1]))
-
-
 def _structure(lp):
     """The values of a layer that define MSP-CNN's structure (Caffe's defaults resolved)."""
     t = lp.type
     if t == "Convolution":
         c = lp.convolution_param
-        return {"num_output": c.num_output, "kernel": _pair(c, "kernel_size", "kernel_h", "kernel_w", None),
-                "stride": _pair(c, "stride", "stride_h", "stride_w", 1),
-                "pad": _pair(c, "pad", "pad_h", "pad_w", 0),
-                "dilation": _pair(c, "dilation", "dilation", "dilation", 1) if len(c.dilation) else (1, 1),
+        return {"num_output": c.num_output, "kernel": pair_param(c, "kernel_size", "kernel_h", "kernel_w", None),
+                "stride": pair_param(c, "stride", "stride_h", "stride_w", 1),
+                "pad": pair_param(c, "pad", "pad_h", "pad_w", 0),
+                "dilation": pair_param(c, "dilation", "dilation", "dilation", 1) if len(c.dilation) else (1, 1),
                 "group": c.group, "bias_term": c.bias_term, "axis": c.axis}
     if t == "InnerProduct":
         ip = lp.inner_product_param
@@ -117,9 +104,9 @@ def _structure(lp):
         pp = lp.pooling_param
         if pp.global_pooling:
             return {"pool": pp.pool, "global_pooling": True}
-        return {"pool": pp.pool, "kernel": _pair(pp, "kernel_size", "kernel_h", "kernel_w", None),
-                "stride": _pair(pp, "stride", "stride_h", "stride_w", 1),
-                "pad": _pair(pp, "pad", "pad_h", "pad_w", 0), "global_pooling": False}
+        return {"pool": pp.pool, "kernel": pair_param(pp, "kernel_size", "kernel_h", "kernel_w", None),
+                "stride": pair_param(pp, "stride", "stride_h", "stride_w", 1),
+                "pad": pair_param(pp, "pad", "pad_h", "pad_w", 0), "global_pooling": False}
     if t == "Scale":
         sp = lp.scale_param
         return {"axis": sp.axis, "num_axes": sp.num_axes, "bias_term": sp.bias_term}

@@ -26,7 +26,8 @@ __all__ = [
     "CaffeFormatError", "read_prototxt", "parse_prototxt", "write_prototxt", "read_net",
     "upgrade_net_batchnorm",
     "read_caffemodel", "write_caffemodel", "read_binaryproto", "write_binaryproto", "read_solverstate",
-    "blob_to_array", "array_to_blob", "atomic_write", "remove_stale_temporaries",
+    "blob_to_array", "array_to_blob", "atomic_write", "remove_stale_temporaries", "process_alive",
+    "writable_folder",
 ]
 
 
@@ -135,7 +136,7 @@ def remove_stale_temporaries(folder, prefix=""):
     removed = []
     for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.tmp")):
         m = re.search(r"\.(\d+)\.[^./]+\.tmp$", path)
-        if not m or _alive(int(m.group(1))):
+        if not m or process_alive(int(m.group(1))):
             continue
         try:
             os.unlink(path)
@@ -145,7 +146,8 @@ def remove_stale_temporaries(folder, prefix=""):
     return removed
 
 
-def _alive(pid):
+def process_alive(pid):
+    """Whether process ``pid`` is running (this one counts as running)."""
     if pid == os.getpid():
         return True
     try:
@@ -155,6 +157,21 @@ def _alive(pid):
     except PermissionError:
         return True
     return True
+
+
+def writable_folder(folder, what):
+    """Create ``folder`` if needed and check that files can be written in it; raise OSError whose
+    message starts with ``what`` (the option or the file the folder is for) otherwise."""
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"{what}: {folder} is not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"{what}: cannot create {folder} ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: {folder} is not writable")
+    return folder
 
 
 def write_prototxt(msg, path):

@@ -26,7 +26,7 @@ from . import layers as L
 from . import proto
 from .weights import layer_blobs_to_net, load_layer_blobs
 
-__all__ = ["CaffeNet", "NetDefinitionError", "SUPPORTED_TYPES"]
+__all__ = ["CaffeNet", "NetDefinitionError", "SUPPORTED_TYPES", "pair_param"]
 
 INPUT_TYPES = ("Input", "Data", "MemoryData")
 LOSS_TYPES = ("SoftmaxWithLoss", "ContrastiveLoss", "NCCLoss")
@@ -70,9 +70,13 @@ def _included(lp, phase, stages=()):
     return True
 
 
-def _pair(msg, single, h, w, default):
-    """Kernel/stride/pad of Convolution or Pooling: *_h/*_w, else the single or repeated value."""
-    if msg.HasField(h) or msg.HasField(w):
+def pair_param(msg, single, h, w, default):
+    """(h, w) of a Convolution's or Pooling's kernel/stride/pad: *_h/*_w, else the single or
+    repeated value, else ``default``."""
+    def given(name):
+        return not msg.DESCRIPTOR.fields_by_name[name].is_repeated and msg.HasField(name)
+
+    if given(h) or given(w):
         return int(getattr(msg, h)), int(getattr(msg, w))
     value = getattr(msg, single)
     if isinstance(value, int):
@@ -203,10 +207,10 @@ class CaffeNet(nn.Module):
             elif t == "Convolution":
                 cp = lp.convolution_param
                 (n, c, h, w) = bottoms[0]
-                kh, kw = _pair(cp, "kernel_size", "kernel_h", "kernel_w", None)
-                sh, sw = _pair(cp, "stride", "stride_h", "stride_w", 1)
-                ph, pw = _pair(cp, "pad", "pad_h", "pad_w", 0)
-                dh, dw = _pair(cp, "dilation", "dilation", "dilation", 1) if cp.dilation else (1, 1)
+                kh, kw = pair_param(cp, "kernel_size", "kernel_h", "kernel_w", None)
+                sh, sw = pair_param(cp, "stride", "stride_h", "stride_w", 1)
+                ph, pw = pair_param(cp, "pad", "pad_h", "pad_w", 0)
+                dh, dw = pair_param(cp, "dilation", "dilation", "dilation", 1) if cp.dilation else (1, 1)
                 if kh is None:
                     raise NetDefinitionError(f"{where}: convolution_param needs kernel_size")
                 groups = int(cp.group)
@@ -267,11 +271,11 @@ class CaffeNet(nn.Module):
                 method = {0: "MAX", 1: "AVE"}.get(int(pp.pool))
                 if method is None:
                     raise NetDefinitionError(f"{where}: only MAX and AVE pooling are supported")
-                kernel = _pair(pp, "kernel_size", "kernel_h", "kernel_w", None)
+                kernel = pair_param(pp, "kernel_size", "kernel_h", "kernel_w", None)
                 if kernel[0] is None and not pp.global_pooling:
                     raise NetDefinitionError(f"{where}: pooling_param needs kernel_size")
-                mod = L.Pooling(method, kernel, _pair(pp, "stride", "stride_h", "stride_w", 1),
-                                _pair(pp, "pad", "pad_h", "pad_w", 0), pp.global_pooling)
+                mod = L.Pooling(method, kernel, pair_param(pp, "stride", "stride_h", "stride_w", 1),
+                                pair_param(pp, "pad", "pad_h", "pad_w", 0), pp.global_pooling)
                 n, c, h, w = bottoms[0]
                 tops = [(n, c) + mod.output_size(h, w)]
             elif t == "Concat":

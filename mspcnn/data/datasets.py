@@ -38,6 +38,8 @@ import warnings
 
 import numpy as np
 
+from mspcnn.caffe.io import process_alive, writable_folder
+
 from .lmdb_io import file_loader, write_records
 
 __all__ = ["parse_market_name", "read_market1501", "convert_market1501", "read_cuhk01",
@@ -104,22 +106,12 @@ def _write_split(out_dir, split, rows, encode_type, progress, dataset, extra=Non
     return meta
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_builds(out_dir):
     """Remove ``<out>.partial-<pid>`` and ``<out>.old-<pid>`` folders of conversions whose process is
     gone (killed midway)."""
     for path in glob.glob(glob.escape(out_dir) + ".partial-*") + glob.glob(glob.escape(out_dir) + ".old-*"):
         m = re.search(r"\.(?:partial|old)-(\d+)$", path)
-        if m and not _alive(int(m.group(1))):
+        if m and not process_alive(int(m.group(1))):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -128,15 +120,9 @@ def _write_splits(out_dir, splits, encode_type, progress, dataset, extra=None, s
     place of ``out_dir`` (whose previous content, if any, is removed only then). An error or a kill
     leaves ``out_dir`` as it was."""
     out_dir = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a folder")
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"cannot create {parent} ({exc.strerror})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{parent} is not writable")
+    writable_folder(os.path.dirname(out_dir), out_dir)
     _remove_stale_builds(out_dir)
     build = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(build, ignore_errors=True)
