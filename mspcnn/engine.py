@@ -20,7 +20,9 @@ net), and runs Caffe's loop:
   .solverstate continues bit for bit;
 * signals, as the caffe tool handles them (``-sigint_effect``, ``-sighup_effect``): "stop"
   (stop after the current iteration; the snapshot after training is written), "snapshot"
-  (snapshot and go on) or "none". Defaults: SIGINT and SIGTERM stop, SIGHUP snapshots.
+  (snapshot and go on) or "none". Defaults: SIGINT and SIGTERM stop, SIGHUP snapshots;
+* data-parallel training when started by torchrun (WORLD_SIZE > 1): Caffe's multi-GPU semantics
+  (see :class:`_DataParallel`).
 
 It returns a :class:`SolveResult`: the snapshots written, the final loss and validation figures.
 Errors in the inputs raise :class:`TrainingError` (or CaffeFormatError / NetDefinitionError /
