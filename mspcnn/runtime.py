@@ -4,33 +4,51 @@ PyTorch runs each convolution, matrix product and the NCC kernels on a team of t
 meet at a barrier after every operation. On a machine whose cores are busy with other processes,
 one descheduled thread stalls the whole team at every barrier, hundreds of times per iteration: a
 2-thread training beside two busy processes ran 4x slower, against 1.2x for single-threaded code.
-So the default is chosen at start from the load: as many threads as cores the other processes
-leave free (at least one). ``--threads N`` on every tool that computes overrides it.
+So the default is chosen at start from how busy the cores are: as many threads as cores the other
+processes leave free (at least one), measured over a fraction of a second. ``--threads N`` on every
+tool that computes overrides it.
 """
 import os
+import time
 
 import torch
 
 __all__ = ["configure_threads", "free_cores", "add_threads_argument"]
 
 
-def free_cores():
-    """Cores not taken by other processes at this moment: CPU count minus the 1-minute load average
-    (rounded), at least 1."""
+def _cpu_times():
+    with open("/proc/stat") as f:
+        fields = [float(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields), idle
+
+
+def free_cores(window=0.3):
+    """Cores not taken by other processes now: the CPU count times the share of idle time over a
+    short ``window`` (from /proc/stat), rounded, at least 1. The 1-minute load average lags: a tool
+    started just after another one ended would still count that one. Falls back to the load
+    average where /proc/stat is missing. Returns (free, cpus, busy cores measured)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    return max(1, cpus - int(round(load))), cpus, load
+        total0, idle0 = _cpu_times()
+        time.sleep(window)
+        total1, idle1 = _cpu_times()
+        share_busy = 1.0 - (idle1 - idle0) / max(total1 - total0, 1e-9)
+        busy = share_busy * (os.cpu_count() or cpus)
+    except (OSError, ValueError, IndexError):
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+    return max(1, min(cpus, cpus - int(round(busy)))), cpus, busy
 
 
 def configure_threads(threads=None):
     """Set PyTorch's intra-op threads: an int, or None / "auto" for :func:`free_cores`. Returns a
     one-line description for the log."""
     if threads in (None, "auto"):
-        n, cpus, load = free_cores()
-        why = f"auto: {cpus} cores, load average {load:.2f}"
+        n, cpus, busy = free_cores()
+        why = f"auto: {cpus} cores, {busy:.1f} busy with other processes"
     else:
         try:
             n = int(threads)
@@ -47,4 +65,5 @@ def add_threads_argument(parser):
     """The ``--threads`` option every computing tool has."""
     parser.add_argument("--threads", default="auto",
                         help="CPU threads for the computations: a number, or auto (default: the cores the other "
-                             "processes leave free at start, at least 1; see mspcnn/runtime.py)")
+                             "processes leave free, measured over 0.3 s at start, at least 1; see "
+                             "mspcnn/runtime.py)")

@@ -1,0 +1,43 @@
+"""The CPU thread choice of mspcnn/runtime.py: bounds of the automatic choice, explicit values, and
+the error for a bad value."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mspcnn.runtime import configure_threads, free_cores
+
+
+def test_free_cores_is_within_the_machine():
+    free, cpus, busy = free_cores(window=0.05)
+    assert 1 <= free <= cpus
+    assert busy >= 0.0
+
+
+def test_a_busy_core_is_seen():
+    """A process spinning on one core must be counted: the automatic choice leaves it its core."""
+    free_quiet, cpus, _ = free_cores(window=0.2)
+    if cpus < 2:
+        pytest.skip("needs 2 cores")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+        time.sleep(0.3)
+        _, _, busy = free_cores(window=0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy >= 0.7, busy
+
+
+def test_explicit_and_bad_values():
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads("1").startswith("1 threads")
+        assert torch.get_num_threads() == 1
+        for bad in ("0", "-2", "many", 1.5j):
+            with pytest.raises(ValueError, match="positive integer"):
+                configure_threads(bad)
+    finally:
+        torch.set_num_threads(before)
