@@ -105,7 +105,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
     p.add_argument("--bn-maf", type=float, help="BatchNorm's moving_average_fraction (default: scaled with the "
-                   "schedule, 1 - 1/(9% of the forward passes); the net's own is 0.999 for [1]'s long runs)")
+                   "schedule, 1 - 1/(9%% of the forward passes); the net's own is 0.999 for [1]'s long runs)")
     p.add_argument("--per-query", action="store_true",
                    help="also write one ranking picture per query (ranking_query<k>.png)")
     add_threads_argument(p)
