@@ -431,6 +431,10 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
             # e.g. before any training step: BatchNorm statistics are still 0 (Caffe then divides by
             # sqrt(eps) in every layer, and the outputs overflow); nothing to score.
             backbone.train()
+            if solver_.iter == 0 and not weights and not snapshot:
+                exc = ("before the first iteration the BatchNorm layers hold no statistics yet; Caffe "
+                       "then divides by sqrt(eps) in every layer and the features overflow; the "
+                       "first score comes at the next test")
             log("solver.cpp:397", f"    Test net: no score ({exc})")
             result.history.append({"kind": "test", "iteration": solver_.iter, "rank1": float("nan"),
                                    "mAP": float("nan"), "queries": 0})

@@ -164,6 +164,7 @@ def main(argv=None):
                        overrides=dict(overrides, max_iter=args.iters1, snapshot=args.iters1,
                                       snapshot_prefix=os.path.join(runs, "stage1"), test_interval=args.iters1))
         weights = result.weights
+        stage1_val = result.test
         if result.test:
             print(f"      stage-1 validation (held-out training identities, cross-camera rank-1): "
                   f"{100 * result.test['rank1']:.1f}%", flush=True)
@@ -198,6 +199,7 @@ def main(argv=None):
               f"{100 * r['rank20']:>7.1f}% {100 * r['mAP']:>6.1f}%")
     atomic_write(os.path.join(args.out, "results.json"), json.dumps(
         {"msp_cnn": result, "chance": chance, "weights": weights, "args": vars(args),
+         "stage1_validation": stage1_val,
          "seconds": time.time() - start}, indent=2), mode="w")
     print(f"\n{result['queries']} queries, {time.time() - start:.0f} s. Results in {args.out}/: ranking.png "
           f"(the ranking picture{f', and {len(pictures) - 1} pictures of one query each' if len(pictures) > 1 else ''}), "
