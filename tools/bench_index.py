@@ -22,9 +22,12 @@ import resource
 import sys
 import time
 
+import queue as queue_module
+
 import numpy as np
 
 from mspcnn.cli import run
+from mspcnn.runtime import add_threads_argument, configure_threads
 
 
 def features(n, dim, identities, seed):
@@ -43,6 +46,11 @@ def _worker(method, args, queue):
 
 def _measure(method, args, queue):
     from mspcnn.index import brute_force_search, build_search, search
+
+    configure_threads(args.threads_n)
+    if method != "brute":
+        import faiss
+        faiss.omp_set_num_threads(args.threads_n)
 
     gallery = features(args.gallery, args.dim, args.identities, 0)
     queries = features(args.queries, args.dim, args.identities, 1)
@@ -76,6 +84,7 @@ def main(argv=None):
     p.add_argument("--ef", type=int, default=128, help="HNSW efSearch (default 128)")
     p.add_argument("--nprobe", type=int, default=32, help="IVF nprobe (default 32)")
     p.add_argument("--json", default="bench_index.json", help="write the figures here")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     if min(args.gallery, args.queries, args.dim, args.k, args.identities) < 1:
         p.error("--gallery, --queries, --dim, --k and --identities must be positive")
@@ -84,6 +93,9 @@ def main(argv=None):
             import faiss  # noqa: F401
         except ImportError:
             p.error("the FAISS methods need the optional package faiss-cpu (or give --methods brute)")
+    print(f"cpu: {configure_threads(args.threads)}", flush=True)
+    import torch
+    args.threads_n = torch.get_num_threads()  # every method runs with the same number of threads
     ctx = mp.get_context("spawn")
     rows = {}
     load = os.getloadavg()
@@ -91,7 +103,14 @@ def main(argv=None):
         queue = ctx.Queue()
         proc = ctx.Process(target=_worker, args=(method, args, queue))
         proc.start()
-        rows[method] = queue.get()
+        while True:  # a worker killed (out of memory, a signal) never answers: do not wait forever
+            try:
+                rows[method] = queue.get(timeout=1.0)
+                break
+            except queue_module.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"{method}: the measuring process ended without a result (exit "
+                                       f"status {proc.exitcode}; killed for memory?)") from None
         proc.join()
         if "error" in rows[method]:
             raise RuntimeError(f"{method}: {rows[method]['error']}")
@@ -99,17 +118,22 @@ def main(argv=None):
     reference = rows.get("brute") or rows.get("flat")
     print(f"\ngallery {args.gallery} x {args.dim}, {args.queries} queries, k {args.k}; load average "
           f"{load[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
-    print(f"{'method':<8}{'build s':>10}{'search s':>10}{'peak MB':>10}{'recall@k':>10}")
-    out = {"args": vars(args), "load_average_start": load, "load_average_end": os.getloadavg(), "methods": {}}
+    print(f"{'method':<8}{'build s':>10}{'search s':>10}{'search x':>10}{'peak MB':>10}{'recall@k':>10}"
+          f"   (search x: brute force's search time / this one's)")
+    brute_s = rows["brute"]["search_s"] if "brute" in rows else None
+    out = {"args": vars(args), "threads": args.threads_n, "load_average_start": load, "load_average_end": os.getloadavg(), "methods": {}}
     for method, r in rows.items():
         recall = None
         if reference is not None:
             recall = float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(r["positions"],
                                                                                    reference["positions"])]))
-        print(f"{method:<8}{r['build_s']:>10.1f}{r['search_s']:>10.1f}{r['peak_rss_mb']:>10.0f}"
+        ratio = brute_s / r["search_s"] if brute_s and r["search_s"] > 0 else None
+        print(f"{method:<8}{r['build_s']:>10.1f}{r['search_s']:>10.1f}"
+              f"{'' if ratio is None else f'{ratio:.2f}':>10}{r['peak_rss_mb']:>10.0f}"
               f"{'' if recall is None else f'{recall:.4f}':>10}")
         out["methods"][method] = {k: v for k, v in r.items() if k != "positions"}
         out["methods"][method]["recall_at_k"] = recall
+        out["methods"][method]["search_speedup_vs_brute"] = ratio
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {args.json}")
