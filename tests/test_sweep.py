@@ -29,6 +29,20 @@ def test_sweep_one_at_a_time(tiny_market_db, tmp_path, run_tool):
     assert re.search(r'name: "loss_low".*?pos_floor: 0\.3', net, re.S)
     assert "Train net output #2: loss_low" not in (proc.stdout.split("w_low0_pos_floor-1")[1].split("== [3/3]")[0])
 
+    # a second run with the same --out resumes: the finished configurations are reused, a new value
+    # is trained, and a changed setting (--iters) trains everything again
+    again = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", stage1.weights,
+                     "--solver", PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2",
+                     "--device", "cpu", "--set", "w_low=1,0,2", "--set", "pos_floor=-1,0.3", "--out", out)
+    assert again.returncode == 0, again.stderr[-3000:] + again.stdout[-3000:]
+    assert again.stdout.count("reused from") == 3 and "== [3/4] w_low2_pos_floor-1\n" in again.stdout
+    resumed = json.loads((out / "sweep.json").read_text())
+    assert resumed["runs"][0] == result["runs"][0] and len(resumed["runs"]) == 4
+    longer = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", stage1.weights,
+                      "--solver", PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "2", "--batch-pairs", "2",
+                      "--device", "cpu", "--set", "w_low=1,0", "--out", out)
+    assert longer.returncode == 0 and "reused from" not in longer.stdout
+
 
 def test_sweep_bad_input(tiny_market_db, tmp_path, run_tool):
     proc = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", tmp_path / "none.caffemodel",

@@ -17,7 +17,10 @@ varies one parameter at a time from it, `grid` tries every combination. w_low=0 
 the NCC loss (the same iterations and rate), the reference the NCC loss has to beat.
 
 Writes OUT/sweep.json (every configuration, its validation figures and learning curve) after each
-run, and prints a table with the best configuration by validation rank-1 (then mAP). One seed per
+run, and prints a table with the best configuration by validation rank-1 (then mAP). Run again with
+the same --out, it resumes: a configuration already in OUT/sweep.json is reused (and says so) when
+the data, weights, solver, seed, iterations, batch and BatchNorm setting recorded with it match and
+its weights and net file are there unchanged; any other is trained again. One seed per
 configuration: differences of a few points are within the noise of 200 validation queries and of
 the training seed; the table says how many queries the figures rest on.
 """
@@ -67,6 +70,28 @@ def configurations(sets, mode):
     return out
 
 
+def previous_runs(path, settings):
+    """The configurations of an earlier sweep.json that were run with these settings, by name."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        return {r["name"]: r for r in old["runs"] if r.get("settings") == settings}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"warning: {path}: unreadable ({exc}); every configuration is trained again", file=sys.stderr)
+        return {}
+
+
+def write_sweep(args, sets, rows):
+    """OUT/sweep.json with the rows so far; returns the best row (validation rank-1, then mAP)."""
+    best = max(rows, key=lambda r: (r["val"]["rank1"], r["val"]["mAP"]))
+    atomic_write(os.path.join(args.out, "sweep.json"), json.dumps(
+        {"data": args.data, "weights": args.weights, "solver": args.solver, "mode": args.mode,
+         "seed": args.seed, "sets": sets, "runs": rows, "best": best["name"]}, indent=1), mode="w")
+    return best
+
+
 def tag(config):
     return "_".join(f"{k}{v:g}" for k, v in config.items()) or "baseline"
 
@@ -112,6 +137,10 @@ def main(argv=None):
         print(f"error: {sp.net}: the net has no NCCLoss layer to sweep", file=sys.stderr)
         return 2
     configs = configurations(sets, args.mode)
+    iters = args.iters or sp.max_iter
+    settings = {"data": args.data, "weights": args.weights, "solver": args.solver, "seed": args.seed,
+                "iters": iters, "batch_pairs": args.batch_pairs, "bn_maf": args.bn_maf}
+    done = previous_runs(os.path.join(args.out, "sweep.json"), settings)
     rows, start = [], time.time()
     for k, config in enumerate(configs):
         name = tag(config)
@@ -130,8 +159,15 @@ def main(argv=None):
                 setattr(layer.ncc_loss_param, key, config[key])
         os.makedirs(folder, exist_ok=True)
         net_path = os.path.join(folder, "net.prototxt")
+        old = done.get(name)
+        if old is not None and old["config"] == config and os.path.isfile(old["weights"]) \
+                and os.path.isfile(net_path) and cio.read_net(net_path) == net:
+            print(f"== [{k + 1}/{len(configs)}] {name}: reused from {args.out}/sweep.json "
+                  f"(val rank-1 {100 * old['val']['rank1']:.1f}%)", flush=True)
+            rows.append(old)
+            best = write_sweep(args, sets, rows)
+            continue
         cio.write_prototxt(net, net_path)
-        iters = args.iters or sp.max_iter
         print(f"== [{k + 1}/{len(configs)}] {name}", flush=True)
         try:
             result = solve(sp, args.data, weights=args.weights, device=args.device, net=net_path,
@@ -143,11 +179,9 @@ def main(argv=None):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         rows.append({"config": config, "name": name, "val": result.test, "loss": result.loss,
-                     "weights": result.weights, "seconds": result.seconds, "history": result.history})
-        best = max(rows, key=lambda r: (r["val"]["rank1"], r["val"]["mAP"]))
-        atomic_write(os.path.join(args.out, "sweep.json"), json.dumps(
-            {"data": args.data, "weights": args.weights, "solver": args.solver, "mode": args.mode,
-             "seed": args.seed, "sets": sets, "runs": rows, "best": best["name"]}, indent=1), mode="w")
+                     "weights": result.weights, "seconds": result.seconds, "history": result.history,
+                     "settings": settings})
+        best = write_sweep(args, sets, rows)
     print(f"\nstage-2 sweep, {len(rows)} configurations, {time.time() - start:.0f} s; validation identities "
           f"only ({rows[0]['val']['queries']} queries), one training seed")
     print(f"{'configuration':<40}{'val rank-1':>12}{'val mAP':>10}{'final loss':>12}")
