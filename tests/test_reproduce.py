@@ -63,6 +63,27 @@ def test_ablation_over_seeds(tmp_path, run_tool):
 
 
 @pytest.mark.slow
+def test_stage1_seed_shares_stage1_across_seeds(tmp_path, run_tool):
+    """--stage1-seed: stage 1 is trained once (with that seed) and every --seeds run starts stage 2
+    from it; the seeds still change stage 2, and the rows record both seeds."""
+    fabricate_cuhk01(tmp_path / "raw")
+    out = tmp_path / "out"
+    proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--splits", "1", "--loss-sets",
+                    "cls+high", "all", "--seeds", "5", "6", "--stage1-seed", "5", "--iters1", "1", "--iters2", "2",
+                    "--batch-pairs", "2", "--device", "cpu", "--val-ids", "2", "--repeats", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert proc.stdout.count(": stage1\n") == 1 and proc.stdout.count("stage1 reused from") == 3
+    assert not (out / "split00" / "seed6" / "stage1_cls+high").exists()
+    result = json.loads((out / "results.json").read_text())
+    for entry in result["ours"].values():
+        assert [(r["seed"], r["stage1_seed"]) for r in entry["runs"]] == [(5, 5), (6, 5)]
+    a = (out / "split00" / "seed5" / "all_stage1seed5" / "stage2_iter_2.caffemodel").read_bytes()
+    assert a != (out / "split00" / "seed6" / "all_stage1seed5" / "stage2_iter_2.caffemodel").read_bytes()
+    bad = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--stage1-seed", "5")
+    assert bad.returncode == 2 and "--stage1-seed needs --seeds" in bad.stderr
+
+
+@pytest.mark.slow
 def test_stage2_settings_curves_and_stage1_reuse(tmp_path, run_tool):
     """--w-low/--pos-floor/--lr2 edit a copy of the net (kept in the run's folder) for the loss set with
     the NCC loss, name the runs, and leave cls+high's NCC-free stage 2 unaffected but for the rate; a

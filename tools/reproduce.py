@@ -38,9 +38,11 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   fc7_bn, Euclidean distance. Chance: a random ranking (single-shot: rank-k = k / gallery
   identities; Market-1501: random features, 20 draws).
 * --test-interval N validates every N iterations (cross-camera rank-1 on the `val` identities) and
-  --seeds S [S ...] repeats the training per seed; OUT/<name>.json keeps every run (rewritten after
-  each one), its learning curves, and the mean and sample standard deviation over splits and seeds;
-  OUT/<name>_curves.png plots training loss and validation rank-1 against the iteration.
+  --seeds S [S ...] repeats the training per seed (with --stage1-seed S1, stage 1 is trained once
+  with seed S1 and the seeds vary stage 2 only: the paired comparison of loss sets at a fraction of
+  the cost, with a spread that leaves out stage 1's); OUT/<name>.json keeps every run (rewritten
+  after each one), its learning curves, and the mean and sample standard deviation over splits and
+  seeds; OUT/<name>_curves.png plots training loss and validation rank-1 against the iteration.
 """
 import argparse
 import hashlib
@@ -191,8 +193,12 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
     """Stage 1 (or its reuse), then stage 2 from its weights; returns (final weights, history), the
     history's iterations counted from the start of stage 1. Raises what mspcnn.engine.solve raises."""
     key = "cls" if loss_weights[1] == 0 else "cls+high"
-    weights, history, offset = train_stage1(args, db, os.path.join(split_dir, f"stage1_{key}"), loss_weights,
-                                            seed, stage1, where)
+    if args.stage1_seed is not None:  # one stage 1 for every seed; only stage 2's seed varies
+        folder = os.path.join(os.path.dirname(split_dir), f"seed{args.stage1_seed}", f"stage1_{key}")
+        seed1 = args.stage1_seed
+    else:
+        folder, seed1 = os.path.join(split_dir, f"stage1_{key}"), seed
+    weights, history, offset = train_stage1(args, db, folder, loss_weights, seed1, stage1, where)
     history = [dict(h, stage=1) for h in history]
     if args.iters2 == 0:
         return weights, history
@@ -275,6 +281,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=100, help="gallery draws of the single-shot CMC")
     p.add_argument("--seed", type=int, default=0, help="seed of the gallery draws (plus the split number)")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: each solver's random_seed)")
+    p.add_argument("--stage1-seed", type=int,
+                   help="train stage 1 once with this seed and start every --seeds run's stage 2 from it "
+                        "(the seeds then vary stage 2 only; default: each seed trains its own stage 1)")
     p.add_argument("--val-ids", type=int, help="identities held out for validation (converter default)")
     add_threads_argument(p)
     args = p.parse_args(argv)
@@ -305,6 +314,8 @@ def main(argv=None):
     seeds = args.seeds or [None]
     if len(set(seeds)) != len(seeds):
         p.error("--seeds: repeated seed")
+    if args.stage1_seed is not None and not args.seeds:
+        p.error("--stage1-seed needs --seeds (the stage-2 seeds)")
     results = {name: [] for name, _ in configs}
     histories, chance = {}, None
     start = time.time()
@@ -320,6 +331,8 @@ def main(argv=None):
             split_dir = os.path.join(args.out, f"split{split:02d}", *([] if seed is None else [f"seed{seed}"]))
             for name, weights3 in configs:
                 tag = run_tag(args, uses_low=bool(weights3[2]))
+                if args.stage1_seed is not None:
+                    tag += f"_stage1seed{args.stage1_seed}"
                 where = f"split {split + 1}" + ("" if seed is None else f", seed {seed}") + f", {name}{tag}"
                 try:
                     weights, history = train_both_stages(args, db, split_dir, name, weights3, seed, stage1,
@@ -330,7 +343,8 @@ def main(argv=None):
                 row, feats = evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split)
                 if chance is None:
                     chance = chance_level(args.dataset, feats, args.seed)
-                results[name].append(dict(row, split=split, seed=seed, weights=weights))
+                results[name].append(dict(row, split=split, seed=seed, weights=weights,
+                                          stage1_seed=seed if args.stage1_seed is None else args.stage1_seed))
                 histories[where] = history
                 write_results(args, n_splits, seeds, results, chance, histories)  # a crash loses nothing
                 draw(args, histories)
