@@ -3,19 +3,18 @@
 #   A. seed 0, cls+high and all (the full model) with the net's NCC parameters;
 #   B. a sweep of stage 2's free parameters from seed 0's stage-1 weights, scored on the
 #      validation identities only (tools/sweep_stage2.py);
-#   C. stage-2 seeds 1, 2, 0, cls+high against all with the configuration B chose, every one from
-#      seed 0's stage-1 weights (--stage1-seed 0): the paired test of the NCC loss. Stage 1 is not
-#      retrained per seed: that would add about 70 minutes (35 per seed) and is not needed for a
-#      paired test, but the spread then leaves out stage 1's. Seed 0 runs last, in its own folder,
-#      and repeats step A's seed-0 stage 2 when B keeps the net's settings (a determinism check).
-# About 2 h 50 min on 2 idle cores (A 60 min, B 75, C 75).
-# Usage: [STEPS="A B C"] bash tools/study_cuhk01_cpu.sh RAW_DIR [OUT]   (STEPS: the steps to run;
+#   C. seeds 1, 2 and 0, cls+high against all with the configuration B chose: each seed trains
+#      its own stage 1 (seed 0's from A is reused) and both loss sets start stage 2 from it, the
+#      paired test of the NCC loss with a spread that includes stage 1's. (A cheaper variant,
+#      --stage1-seed 0, shares one stage 1 and varies stage 2's seed only.)
+# About 2 h 40 min on 2 idle cores (A 35 min, B 45, C 85), longer on a busy machine.
+# Usage: [STEPS="A B C"] [THREADS=auto|N] bash tools/study_cuhk01_cpu.sh RAW_DIR [OUT]   (STEPS: the steps to run;
 # B resumes: finished configurations in OUT/sweep/sweep.json are reused)
 set -euo pipefail
 raw=${1:?usage: bash tools/study_cuhk01_cpu.sh RAW_DIR [OUT]}
 out=${2:-runs/cuhk01_cpu}
 common=(cuhk01-100 "$raw" --recipe cpu --splits 1 --val-ids 50 --test-interval 100 --out "$out"
-        --loss-sets cls+high all --device cpu)
+        --loss-sets cls+high all --device cpu --threads "${THREADS:-auto}")
 steps=${STEPS:-A B C}
 stage1="$out/split00/seed0/stage1_cls+high/stage1_iter_800.caffemodel"
 if [[ " $steps " == *" A "* ]]; then
@@ -25,6 +24,7 @@ fi
 if [[ " $steps " == *" B "* ]]; then
   echo "== B: sweep $(date)"
   python tools/sweep_stage2.py --data "$out/split00/db" --weights "$stage1" --device cpu --seed 0 --bn-maf 0.986 \
+    --threads "${THREADS:-auto}" \
   --set w_low=1,0.5,2 --set pos_floor=-1,0.3 --set neg_ceiling=1,0.6 --set lr=0.0016,0.005 \
   --out "$out/sweep"
 fi
@@ -39,7 +39,7 @@ opt = {"w_low": "--w-low", "pos_floor": "--pos-floor", "neg_ceiling": "--neg-cei
 print(" ".join(f"{opt[k]} {v:g}" for k, v in best["config"].items() if v != base[k]))
 PY
 )
-echo "== C: stage-2 seeds 1 2 0 from seed 0's stage 1, chosen stage-2 options: '${flags}' $(date)"
+echo "== C: seeds 1 2 0, chosen stage-2 options: '${flags}' $(date)"
 # shellcheck disable=SC2086
-python tools/reproduce.py "${common[@]}" --seeds 1 2 0 --stage1-seed 0 --name C_ablation $flags
+python tools/reproduce.py "${common[@]}" --seeds 1 2 0 --name C_ablation $flags
 echo "== done $(date)"
