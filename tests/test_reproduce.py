@@ -58,6 +58,13 @@ def test_ablation_over_seeds(tmp_path, run_tool):
         assert (runs / "cls" / "stage2_iter_2.caffemodel").read_bytes() != \
             (runs / "cls+low" / "stage2_iter_2.caffemodel").read_bytes()
     assert proc.stdout.count("stage1 reused from") == 4 and proc.stdout.count(": stage1\n") == 4
+    paired = result["paired"]
+    assert list(paired) == ["cls+low - cls", "all - cls+high"] and "the NCC loss, paired" in proc.stdout
+    for name, (a, b) in {"cls+low - cls": ("cls+low", "cls"), "all - cls+high": ("all", "cls+high")}.items():
+        diffs = [100 * (x["rank1"] - y["rank1"]) for x, y in zip(result["ours"][a]["runs"], result["ours"][b]["runs"])]
+        entry = paired[name]["rank1"]
+        assert entry["mean"] == pytest.approx(sum(diffs) / 2)
+        assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
     seeds3 = (out / "split00" / "seed3" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
     assert seeds3 != (out / "split00" / "seed4" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
 

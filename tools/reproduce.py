@@ -43,6 +43,9 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   the cost, with a spread that leaves out stage 1's); OUT/<name>.json keeps every run (rewritten
   after each one), its learning curves, and the mean and sample standard deviation over splits and
   seeds; OUT/<name>_curves.png plots training loss and validation rank-1 against the iteration.
+* Paired comparison: when cls+low and cls (or all and cls+high) both ran, the table is followed by
+  their difference per split and seed (the NCC loss's effect: both start stage 2 from the same
+  weights), its mean, sample standard deviation and 95% t-interval; also in the JSON ("paired").
 """
 import argparse
 import hashlib
@@ -230,11 +233,42 @@ def write_results(args, n_splits, seeds, results, chance, histories):
                              "std": {k: 100 * float(np.std([r[k] for r in rows], ddof=ddof)) for k in keys},
                              "n": len(rows), "runs": rows}
     record = {"dataset": args.dataset, "recipe": args.recipe, "splits": n_splits, "seeds": seeds,
-              "paper": PAPER[args.dataset], "ours": summary,
+              "paper": PAPER[args.dataset], "ours": summary, "paired": paired_differences(summary, keys),
               "chance": {k: 100 * v for k, v in chance.items()} if chance else None,
               "learning_curves": histories, "args": vars(args)}
     atomic_write(os.path.join(args.out, f"{args.name}.json"), json.dumps(record, indent=1), mode="w")
     return summary
+
+
+# The paired comparisons of the NCC loss: each pair shares its stage-1 weights (same split and seed).
+PAIRS = (("cls+low", "cls"), ("all", "cls+high"))
+
+
+def paired_differences(summary, keys):
+    """For each loss set with the NCC loss whose partner without it also ran: the difference
+    (with - without, in percentage points) per split and seed, its mean, sample standard deviation
+    and 95% confidence interval (Student's t over the pairs; none with fewer than 2 pairs)."""
+    from scipy import stats
+
+    out = {}
+    for with_low, without in PAIRS:
+        if with_low not in summary or without not in summary:
+            continue
+        base = {(r["split"], r["seed"]): r for r in summary[without]["runs"]}
+        rows = [(r, base[(r["split"], r["seed"])]) for r in summary[with_low]["runs"]
+                if (r["split"], r["seed"]) in base]
+        if not rows:
+            continue
+        entry = {"n": len(rows), "runs": [{"split": a["split"], "seed": a["seed"],
+                                           **{k: 100 * (a[k] - b[k]) for k in keys}} for a, b in rows]}
+        for k in keys:
+            d = np.array([100 * (a[k] - b[k]) for a, b in rows])
+            sd = float(d.std(ddof=1)) if len(d) > 1 else None
+            half = float(stats.t.ppf(0.975, len(d) - 1) * sd / np.sqrt(len(d))) if sd is not None else None
+            entry[k] = {"mean": float(d.mean()), "std": sd,
+                        "ci95": None if half is None else [float(d.mean()) - half, float(d.mean()) + half]}
+        out[f"{with_low} - {without}"] = entry
+    return out
 
 
 def draw(args, histories):
@@ -364,6 +398,17 @@ def main(argv=None):
         print(f"{'ours: ' + name + run_tag(args, name in ('cls+low', 'all')):<22}" + "".join(cells))
     print(f"{'chance':<22}" + "".join(f"{100 * chance[k]:>16.1f}" if k in chance else f"{'-':>16}" for k in keys))
     print(f"{'paper: all':<22}" + "".join(f"{paper[k]:>16.1f}" if k in paper else f"{'-':>16}" for k in keys))
+    paired = paired_differences(summary, keys)
+    if paired:
+        print("\nthe NCC loss, paired (same stage-1 weights), in percentage points: mean, and with 2 or more "
+              "pairs +- sample standard deviation [95% interval]")
+        for name, entry in paired.items():
+            cells = []
+            for k in keys:
+                e = entry[k]
+                cells.append(f"{k} {e['mean']:+.1f}" + ("" if e["std"] is None else
+                             f" +- {e['std']:.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]"))
+            print(f"{name} ({entry['n']} pair(s)): " + "; ".join(cells))
     return 0
 
 
