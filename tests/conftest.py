@@ -1,3 +1,4 @@
+import mspcnn  # noqa: F401  (before torch: OpenMP threads wait passively)
 import subprocess
 import sys
 from pathlib import Path
