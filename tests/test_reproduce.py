@@ -141,3 +141,34 @@ def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
     result = json.loads((tmp_path / "out" / "gpu_split0.json").read_text())
     assert result["recipe"] == "paper" and result["splits"] == 1
     assert json.loads((tmp_path / "out" / "bench_data.json").read_text())["images_per_s"]["ours"] > 0
+
+
+@pytest.mark.slow
+def test_a_stopped_run_is_not_a_result(tmp_path, run_tool):
+    """SIGTERM during stage 1: reproduce.py stops with status 130 and a message, the unfinished
+    stage 1 gets no manifest (a later invocation trains it again instead of reusing it), and no
+    result row is written for it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    fabricate_cuhk01(tmp_path / "raw")
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "reproduce.py"), "cuhk01-100", str(tmp_path / "raw"), "--out",
+           str(out), "--splits", "1", "--loss-sets", "cls+high", "--iters1", "100000", "--iters2", "1",
+           "--batch-pairs", "2", "--device", "cpu", "--val-ids", "2", "--repeats", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = out / "split00" / "stage1_cls+high"
+    deadline = time.time() + 120
+    while not list(folder.glob("*.lock")) + list(folder.glob(".*.lock")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # inside the training loop
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "stage 1 stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert not (folder / "stage1.manifest.json").exists() and not (out / "results.json").exists()

@@ -50,3 +50,32 @@ def test_sweep_bad_input(tiny_market_db, tmp_path, run_tool):
     assert proc.returncode == 2 and "expected NAME=V1,V2" in proc.stderr
     proc = run_tool("sweep_stage2.py", "--data", tmp_path, "--weights", tmp_path / "x", "--set", "w_low=1")
     assert proc.returncode == 2 and "no val split" in proc.stderr
+
+
+def test_a_stopped_configuration_is_not_recorded(tiny_market_db, tmp_path):
+    """SIGTERM during a configuration: status 130, a message, and sweep.json without that
+    configuration (a later run trains it again)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    stage1 = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, batch_pairs=2, workers=1,
+                   overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")},
+                   log=lambda *a: None)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "tools" / "sweep_stage2.py"), "--data", str(tiny_market_db), "--weights",
+           stage1.weights, "--solver", str(PROTOTXT_DIR / "solver_stage2.prototxt"), "--iters", "100000",
+           "--batch-pairs", "2", "--device", "cpu", "--set", "w_low=1,0", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((out / "w_low1").glob(".*.lock")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "w_low1: stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert not (out / "sweep.json").exists()

@@ -159,6 +159,16 @@ def prepare_net(solver_path, folder, filename, bn_maf=None, ncc=None):
     return path
 
 
+class Stopped(Exception):
+    """Training was stopped by a signal (SIGINT, SIGTERM): the run is not finished."""
+
+
+def stop_if_stopped(result, where, stage):
+    if result.stopped_by:
+        raise Stopped(f"{where}: {stage} stopped by {result.stopped_by} after iteration {result.iterations} "
+                      f"(snapshot {result.weights}); this run is left out of the results")
+
+
 def train_stage1(args, db, folder, loss_weights, seed, solver, where):
     """Stage 1 from scratch into FOLDER, or the stage 1 already there when its manifest matches.
     Returns (weights, history, iterations)."""
@@ -187,6 +197,7 @@ def train_stage1(args, db, folder, loss_weights, seed, solver, where):
     w_cls, w_high, _ = loss_weights
     result = solve(solver, db, device=args.device, overrides=overrides, batch_pairs=args.batch_pairs, net=net,
                    workers=args.workers, loss_weights={"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0})
+    stop_if_stopped(result, where, "stage 1")  # an unfinished stage 1 gets no manifest: never reused
     record = {"inputs": manifest, "weights": result.weights, "weights_sha256": sha256(result.weights),
               "iterations": result.iterations, "history": result.history, "seconds": result.seconds}
     atomic_write(path, json.dumps(record, indent=1), mode="w")
@@ -218,6 +229,7 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
     result = solve(stage2, db, weights=weights, device=args.device, overrides=overrides, net=net,
                    batch_pairs=args.batch_pairs, workers=args.workers,
                    loss_weights={"loss_cls": w_cls, "loss_high": w_high, **weights_low})
+    stop_if_stopped(result, where, "stage 2")
     history += [dict(h, stage=2, iteration=h["iteration"] + offset) for h in result.history]
     return result.weights, history
 
@@ -375,6 +387,10 @@ def main(argv=None):
                 except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2
+                except Stopped as exc:
+                    print(f"{exc}; the finished runs are in {os.path.join(args.out, args.name + '.json')}",
+                          file=sys.stderr)
+                    return 130
                 row, feats = evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split)
                 if chance is None:
                     chance = chance_level(args.dataset, feats, args.seed)

@@ -179,6 +179,10 @@ def main(argv=None):
         except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if result.stopped_by:  # unfinished: not a result, not recorded (a later run trains it again)
+            print(f"{name}: stopped by {result.stopped_by} after iteration {result.iterations}; the finished "
+                  f"configurations are in {os.path.join(args.out, 'sweep.json')}", file=sys.stderr)
+            return 130
         rows.append({"config": config, "name": name, "val": result.test, "loss": result.loss,
                      "weights": result.weights, "seconds": result.seconds, "history": result.history,
                      "settings": settings})
