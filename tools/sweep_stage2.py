@@ -189,10 +189,11 @@ def main(argv=None):
         best = write_sweep(args, sets, rows)
     print(f"\nstage-2 sweep, {len(rows)} configurations, {time.time() - start:.0f} s; validation identities "
           f"only ({rows[0]['val']['queries']} queries), one training seed")
-    print(f"{'configuration':<40}{'val rank-1':>12}{'val mAP':>10}{'final loss':>12}")
+    width = max(len("configuration"), *(len(r["name"]) for r in rows)) + 2
+    print(f"{'configuration':<{width}}{'val rank-1':>12}{'val mAP':>10}{'final loss':>12}")
     for r in rows:
         mark = "  <- best" if r is best else ""
-        print(f"{r['name']:<40}{100 * r['val']['rank1']:>11.1f}%{100 * r['val']['mAP']:>9.1f}%{r['loss']:>12.4f}{mark}")
+        print(f"{r['name']:<{width}}{100 * r['val']['rank1']:>11.1f}%{100 * r['val']['mAP']:>9.1f}%{r['loss']:>12.4f}{mark}")
     return 0
 
 
