@@ -417,8 +417,9 @@ def main(argv=None):
     print(f"{'paper: all':<22}" + "".join(f"{paper[k]:>16.1f}" if k in paper else f"{'-':>16}" for k in keys))
     paired = paired_differences(summary, keys)
     if paired:
-        print("\nthe NCC loss, paired (same stage-1 weights), in percentage points: mean, and with 2 or more "
-              "pairs +- sample standard deviation [95% interval]")
+        spread = any(entry["n"] > 1 for entry in paired.values())
+        print("\nthe NCC loss, paired (same stage-1 weights), in percentage points: mean"
+              + (" +- sample standard deviation [95% interval]" if spread else ""))
         for name, entry in paired.items():
             cells = []
             for k in keys:
