@@ -5,7 +5,8 @@ import numpy as np
 
 __all__ = ["draw_cmc", "draw_curves", "draw_ranking", "RIGHT", "WRONG", "UNKNOWN"]
 
-COLORS = [(200, 80, 30), (40, 40, 200), (40, 160, 40), (150, 60, 150), (30, 150, 200)]  # BGR
+COLORS = [(200, 80, 30), (40, 40, 200), (40, 160, 40), (150, 60, 150), (30, 150, 200),
+          (0, 0, 0), (140, 140, 0), (60, 100, 160)]  # BGR; distinct up to 8 series
 
 
 def draw_cmc(curves, path, max_rank=20, size=(480, 640), title="CMC"):

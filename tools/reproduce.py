@@ -14,7 +14,7 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   (--val-ids, `val`) serve every choice made during training; test identities never do.
 * Recipes: `paper` trains with [1]'s solver settings (prototxt_equiv/solver_<dataset>_stage{1,2}
   .prototxt; CUHK03: solver_stage{1,2}) and the net's batch of 50 pairs; `cpu` (CUHK01 only) is the
-  shortened recipe of solver_cuhk01_cpu_stage{1,2}.prototxt, about 30 minutes a run on 2 cores,
+  shortened recipe of solver_cuhk01_cpu_stage{1,2}.prototxt, about 33 minutes a run on 2 idle cores,
   whose files state every shortening and why. --iters1/--iters2/--batch-pairs/--base-lr override
   either for shorter runs. Training is mspcnn.engine.solve (what tools/train.py runs) with the net
   the solvers name.
