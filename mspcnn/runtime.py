@@ -8,11 +8,12 @@ So the default is chosen at start from how busy the cores are: as many threads a
 processes leave free (at least one), measured over a fraction of a second. ``--threads N`` on every
 tool that computes overrides it.
 
-The waiting itself is the other half. By default OpenMP threads spin at the barrier, burning the
-core another process needs, and a descheduled team member makes the spinners wait longer still:
-measured with 2 threads beside three other busy threads on 2 cores, 7.5 s per main-job iteration
-spinning against 2.9 s with passive waiting. Importing mspcnn before torch sets
-``OMP_WAIT_POLICY=PASSIVE`` (mspcnn/__init__.py) unless the user set it; the log line says which.
+How the threads wait matters as much. OpenMP's threads spin at the barrier by default; on a busy
+machine the spinners take the cores other processes need. ``OMP_WAIT_POLICY=PASSIVE`` (set in the
+environment before starting the tool) makes them sleep instead, which helps under contention and
+costs on an idle machine (measured, 2 threads, one main-job iteration: idle 0.75-0.78 s spinning
+against 1.13-1.15 s passive; beside a 2-thread training and a 1-thread job, 7.5 s spinning against
+2.9 s passive; docs/perf_notes.md). The default stays OpenMP's; the log line says which is in force.
 """
 import os
 import time
@@ -69,14 +70,8 @@ def configure_threads(threads=None):
 
 def wait_policy():
     """How OpenMP's threads wait at barriers in this process, for the log."""
-    import mspcnn
-
     policy = os.environ.get("OMP_WAIT_POLICY")
-    if mspcnn.PASSIVE_WAIT:
-        return "passive (set by mspcnn)"
-    if policy is not None:
-        return f"{policy.lower()} (OMP_WAIT_POLICY)"
-    return "spinning (torch was imported before mspcnn; set OMP_WAIT_POLICY=PASSIVE)"
+    return f"{policy.lower()} (OMP_WAIT_POLICY)" if policy else "OpenMP's default (spin, then sleep)"
 
 
 def add_threads_argument(parser):

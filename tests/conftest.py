@@ -1,4 +1,3 @@
-import mspcnn  # noqa: F401  (before torch: OpenMP threads wait passively)
 import subprocess
 import sys
 from pathlib import Path

@@ -13,7 +13,6 @@ workers. Prints a table and writes JSON.
 
     python tools/bench_data.py [--pairs-per-batch 50] [--batches 40] [--workers 2]
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import json
 import os

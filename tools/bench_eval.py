@@ -6,7 +6,6 @@ compute_AP.m logic), in the same run; checks that the results are identical.
 
     python tools/bench_eval.py [--queries 3368] [--gallery 15913] [--json bench_eval.json]
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import json
 import sys

@@ -14,7 +14,6 @@ FAISS's exhaustive index (exact); hnsw / ivf = approximate indexes. Recall@k: th
 force's k nearest neighbours an approximate method returns. Needs the optional package faiss-cpu
 for the FAISS methods. Prints a table with the load average and writes JSON.
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import json
 import multiprocessing as mp

@@ -17,7 +17,6 @@ operation and byte counts).
     python tools/bench_ncc.py --device cuda        # GPU, 1/32/128 pairs
     python tools/bench_ncc.py --pairs 4 --repeat 3 --json out.json
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import json
 import platform

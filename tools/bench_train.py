@@ -18,7 +18,6 @@ PyTorch eager version of the same network, on a quiet machine and beside busy pr
   load average is written beside each figure.
 Medians of --repeat iterations after one warm-up iteration. Prints a table and writes JSON.
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import json
 import multiprocessing as mp

@@ -7,7 +7,6 @@
 The index (a torch file, format in mspcnn/index.py) holds the features, the record keys and, when DB_DIR/<split>.json
 exists beside the database, identities, cameras and source paths. tools/query.py ranks it.
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import json
 import os

@@ -16,7 +16,6 @@ cuhk01: RAW_DIR holds campus/ (PPPPIII.png); --split K draws the K-th seeded ran
 Images are resized to 160 x 64 as Caffe's convert_imageset does; databases are written under a
 temporary name and renamed when complete.
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import os
 import sys

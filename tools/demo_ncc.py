@@ -10,7 +10,6 @@ README's main job, tools/run_pipeline.py, trains the whole network).
 
     python tools/demo_ncc.py [--pairs 4] [--noise 0.05] [--seed 0]
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import sys
 import time

@@ -22,7 +22,6 @@
   * --features: the features with their identities, cameras and keys, for other tools
     (torch.load(path, weights_only=True)).
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import io
 import json

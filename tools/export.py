@@ -17,7 +17,6 @@ resized to 160 x 64 as the databases are): ONNX Runtime's features, or every blo
 Caffe net run by mspcnn's independent prototxt interpreter (mspcnn.caffe.net, Caffe's semantics),
 must equal mspcnn's within 1e-5 relative to the largest value. Without it, a few random images.
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import glob
 import os

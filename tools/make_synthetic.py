@@ -7,7 +7,6 @@
 See mspcnn/data/synthetic.py for what is drawn. The output converts with
 `python tools/convert_dataset.py market1501 OUT_DIR DB_DIR`.
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import os
 import sys

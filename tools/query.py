@@ -10,7 +10,6 @@ top-k are printed and drawn in one row per query. When --query-ids are given and
 knows the gallery identities, frames are green for the same identity and red otherwise (grey
 when identities are not known).
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import os
 import sys

@@ -47,7 +47,6 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   their difference per split and seed (the NCC loss's effect: both start stage 2 from the same
   weights), its mean, sample standard deviation and 95% t-interval; also in the JSON ("paired").
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import hashlib
 import json

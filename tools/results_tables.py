@@ -14,7 +14,6 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 * --sweep: the sweep's configurations with their validation figures.
 Reads only; prints to standard output.
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import json
 import sys
@@ -46,7 +45,7 @@ def summary_table(record, name):
     if not ours:
         raise ValueError(f"{name}: no finished runs (\"ours\" is empty)")
     keys = [k for k in KEYS if k in next(iter(ours.values()))["mean"]]
-    lines = [f"| loss set | runs | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    lines = ["| loss set | runs | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for loss_set, entry in ours.items():
         n = entry["n"]
         lines.append(f"| {loss_set} | {n} | " + " | ".join(

@@ -19,7 +19,6 @@
 
 About 5 minutes on 2 CPU cores with the defaults.
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import json
 import os

@@ -24,7 +24,6 @@ its weights and net file are there unchanged; any other is trained again. One se
 configuration: differences of a few points are within the noise of 200 validation queries and of
 the training seed; the table says how many queries the figures rest on.
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import itertools
 import json

@@ -28,7 +28,6 @@
   multi-GPU training does (NCCL on GPUs, gloo on CPUs): each worker its own batches, gradients
   averaged over the workers, one update, one log and one set of snapshots (mspcnn.engine).
 """
-import mspcnn  # noqa: F401  (first: OpenMP threads wait passively; see mspcnn/__init__.py)
 import argparse
 import sys
 
