@@ -4,13 +4,16 @@
 * :func:`folder_features`: L2-normalised features of the probe and gallery of a folder written by
   tools/convert_dataset.py;
 * :func:`protocol_of` and :func:`evaluate_features`: that folder evaluated with its dataset's
-  protocol, through the pure metrics of :mod:`mspcnn.metrics`.
+  protocol, through the pure metrics of :mod:`mspcnn.metrics`;
+* :data:`NCC_PAIRS` and :func:`paired_summary`: the paired comparison of the NCC loss over runs
+  (tools/reproduce.py, tools/results_tables.py).
 """
 import json
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 from mspcnn.cli import format_duration
@@ -20,9 +23,27 @@ from mspcnn.metrics import (euclidean_distances, market_ranking_stats, market_ra
                             single_shot_cmc, summarize)
 from mspcnn.reranking import k_reciprocal_distances
 
-__all__ = ["extract_features", "folder_features", "protocol_of", "evaluate_features", "PROTOCOLS"]
+__all__ = ["extract_features", "folder_features", "protocol_of", "evaluate_features", "PROTOCOLS",
+           "NCC_PAIRS", "paired_summary"]
 
 PROTOCOLS = ("market1501", "single-shot")
+
+# The loss sets of the paper's Table 5 that differ by the NCC loss alone: (with it, without it). Each
+# pair starts stage 2 from the same stage-1 weights (same split and seed).
+NCC_PAIRS = (("cls+low", "cls"), ("all", "cls+high"))
+
+
+def paired_summary(differences, level=0.95):
+    """Mean, sample standard deviation and two-sided Student's t interval (``level``) of paired
+    differences: {"mean", "std", "ci95"}; std and the interval are None with fewer than 2."""
+    d = np.asarray(differences, dtype=np.float64)
+    if len(d) < 2:
+        return {"mean": float(d.mean()), "std": None, "ci95": None}
+    from scipy import stats
+
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * sd / np.sqrt(len(d)))
+    return {"mean": float(d.mean()), "std": sd, "ci95": [float(d.mean()) - half, float(d.mean()) + half]}
 
 
 def _report(label, before, done, total, start):

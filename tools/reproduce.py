@@ -64,7 +64,7 @@ from mspcnn.cli import run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.engine import TrainingError, solve
-from mspcnn.evaluation import evaluate_features, folder_features
+from mspcnn.evaluation import NCC_PAIRS, evaluate_features, folder_features, paired_summary
 from mspcnn.metrics import euclidean_distances, market1501_official
 from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
@@ -252,18 +252,12 @@ def write_results(args, n_splits, seeds, results, chance, histories):
     return summary
 
 
-# The paired comparisons of the NCC loss: each pair shares its stage-1 weights (same split and seed).
-PAIRS = (("cls+low", "cls"), ("all", "cls+high"))
-
-
 def paired_differences(summary, keys):
     """For each loss set with the NCC loss whose partner without it also ran: the difference
     (with - without, in percentage points) per split and seed, its mean, sample standard deviation
     and 95% confidence interval (Student's t over the pairs; none with fewer than 2 pairs)."""
-    from scipy import stats
-
     out = {}
-    for with_low, without in PAIRS:
+    for with_low, without in NCC_PAIRS:
         if with_low not in summary or without not in summary:
             continue
         base = {(r["split"], r["seed"]): r for r in summary[without]["runs"]}
@@ -274,11 +268,7 @@ def paired_differences(summary, keys):
         entry = {"n": len(rows), "runs": [{"split": a["split"], "seed": a["seed"],
                                            **{k: 100 * (a[k] - b[k]) for k in keys}} for a, b in rows]}
         for k in keys:
-            d = np.array([100 * (a[k] - b[k]) for a, b in rows])
-            sd = float(d.std(ddof=1)) if len(d) > 1 else None
-            half = float(stats.t.ppf(0.975, len(d) - 1) * sd / np.sqrt(len(d))) if sd is not None else None
-            entry[k] = {"mean": float(d.mean()), "std": sd,
-                        "ci95": None if half is None else [float(d.mean()) - half, float(d.mean()) + half]}
+            entry[k] = paired_summary([100 * (a[k] - b[k]) for a, b in rows])
         out[f"{with_low} - {without}"] = entry
     return out
 

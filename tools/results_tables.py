@@ -18,12 +18,10 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 from mspcnn.cli import run
+from mspcnn.evaluation import NCC_PAIRS, paired_summary
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
-PAIRS = (("all", "cls+high"), ("cls+low", "cls"))
 
 
 def load(path):
@@ -80,19 +78,16 @@ def per_run_rows(record):
 
 def paired_lines(all_runs):
     lines = []
-    for with_low, without in PAIRS:
+    for with_low, without in NCC_PAIRS:
         d = [100 * (sets[with_low]["rank1"] - sets[without]["rank1"]) for sets in all_runs
              if with_low in sets and without in sets]
         if not d:
             continue
-        d = np.array(d)
         text = f"{with_low} − {without}, rank-1, {len(d)} paired run(s): " + ", ".join(f"{x:+.1f}" for x in d)
-        if len(d) > 1:
-            from scipy import stats
-
-            sd = d.std(ddof=1)
-            half = stats.t.ppf(0.975, len(d) - 1) * sd / np.sqrt(len(d))
-            text += f"; mean {d.mean():+.1f} ± {sd:.1f} points, 95% interval [{d.mean() - half:+.1f}, {d.mean() + half:+.1f}]"
+        e = paired_summary(d)
+        if e["std"] is not None:
+            text += (f"; mean {e['mean']:+.1f} ± {e['std']:.1f} points, 95% interval "
+                     f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
         lines.append(text)
     return lines
 
