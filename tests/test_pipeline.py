@@ -19,6 +19,8 @@ def test_pipeline_runs_end_to_end(tmp_path, run_tool):
     assert (out / "snapshots" / "stage2_iter_1.caffemodel").exists()
     assert f"Results in {out}/" in proc.stdout and "test identities (4), Market-1501 protocol" in proc.stdout
     assert "stage-1 validation (held-out training identities" in proc.stdout
+    assert "stage-2 validation (the same held-out identities)" in proc.stdout
+    assert result["stage2_validation"]["queries"] > 0
     # The same command again works, reusing the generated data; other settings regenerate it.
     again = run_tool("run_pipeline.py", "--out", out, "--train-ids", "8", "--test-ids", "4", "--iters1", "2",
                      "--iters2", "1", "--batch-pairs", "2", "--device", "cpu", "--per-query")
@@ -26,8 +28,10 @@ def test_pipeline_runs_end_to_end(tmp_path, run_tool):
     assert "reusing" in again.stdout and json.loads((out / "results.json").read_text())["msp_cnn"] == result["msp_cnn"]
     assert len(list(out.glob("ranking_query*.png"))) >= 2
     other = run_tool("run_pipeline.py", "--out", out, "--train-ids", "9", "--test-ids", "4", "--iters1", "2",
-                     "--iters2", "0", "--batch-pairs", "2", "--device", "cpu")
+                     "--iters2", "0", "--batch-pairs", "2", "--device", "cpu", "--iter-size", "1",
+                     "--lr-policy", "stepdecr")
     assert other.returncode == 0 and "reusing" not in other.stdout
+    assert "batch 2 pairs x iter_size 1" in other.stdout
 
 
 def test_unwritable_output_folders_are_clear_errors(tmp_path, run_tool):

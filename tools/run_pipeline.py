@@ -15,6 +15,7 @@
 
     python tools/run_pipeline.py [--out runs/pipeline] [--train-ids 150] [--test-ids 50]
                                  [--iters1 250] [--iters2 50] [--batch-pairs 4] [--base-lr 0.01]
+                                 [--iter-size 2] [--lr-policy step] [--stage2-lr 0.001]
                                  [--seed 0] [--device cpu|cuda]
 
 About 5 minutes on 2 CPU cores with the defaults.
@@ -99,8 +100,17 @@ def main(argv=None):
     p.add_argument("--iters2", type=int, default=50, help="stage-2 iterations, with the NCC loss (default 50; 0: none)")
     p.add_argument("--batch-pairs", type=int, default=4,
                help="pairs per forward pass (default 4; iter_size 2 doubles it)")
+    p.add_argument("--iter-size", type=int, default=2,
+                   help="forward passes per update (default 2, as in [1]; 1 makes twice the updates in the same time)")
+    p.add_argument("--lr-policy", choices=("step", "stepdecr"), default="step",
+                   help="stage 1's rate: step = solver_stage1.prototxt's (constant over a short run); stepdecr = "
+                   "[1]'s CUHK01 linear decay scaled to the run (gamma 0.04, stepsize iters1/25), as the "
+                   "CUHK01 CPU recipe (default step)")
     p.add_argument("--base-lr", type=float, default=0.01,
-               help="base_lr of both stages (default 0.01; [1]'s 0.1 is for 100-pair batches)")
+               help="base_lr of stage 1 (default 0.01; [1]'s 0.1 is for 100-pair batches)")
+    p.add_argument("--stage2-lr", type=float,
+                   help="base_lr of stage 2 (default: a tenth of --base-lr, the ratio of [1]'s solvers: 0.1 "
+                   "from scratch, 0.01 to fine-tune)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset, training and chance level (default 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
@@ -111,8 +121,8 @@ def main(argv=None):
     add_threads_argument(p)
     args = p.parse_args(argv)
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
-    if min(args.train_ids, args.test_ids, args.iters1, args.batch_pairs) < 2 or args.iters2 < 0:
-        p.error("--train-ids, --test-ids, --iters1 and --batch-pairs must be >= 2, --iters2 >= 0")
+    if min(args.train_ids, args.test_ids, args.iters1, args.batch_pairs) < 2 or args.iters2 < 0 or args.iter_size < 1:
+        p.error("--train-ids, --test-ids, --iters1 and --batch-pairs must be >= 2, --iters2 >= 0, --iter-size >= 1")
     start = time.time()
     raw, db, runs = (os.path.join(args.out, d) for d in ("raw", "db", "snapshots"))
     try:
@@ -150,30 +160,42 @@ def main(argv=None):
     # BatchNorm's moving average scaled with the schedule (see solver_cuhk01_cpu_stage1.prototxt):
     # [1] averages over about 9% of its forward passes; 0.999 over a short run would keep the
     # statistics of the first, very different weights.
-    passes = 2 * (args.iters1 + args.iters2)  # iter_size 2
+    passes = args.iter_size * (args.iters1 + args.iters2)
     bn_maf = args.bn_maf if args.bn_maf is not None else round(1 - 1 / max(10.0, 0.09 * passes), 4)
     nets = {}
     for stage in ("stage1", "stage2"):
         nets[stage] = os.path.join(args.out, f"{stage}_net.prototxt")
         write_prototxt(edit_net(solver_net(PROTOTXT_DIR / f"solver_{stage}.prototxt"), bn_maf=bn_maf), nets[stage])
     common = dict(device=args.device, batch_pairs=args.batch_pairs, workers=2)
-    overrides = {"base_lr": args.base_lr, "display": 10}
+    overrides = {"base_lr": args.base_lr, "display": 10, "iter_size": args.iter_size}
+    stage1_rate = {}
+    if args.lr_policy == "stepdecr":  # [1]'s CUHK01 schedule over this run (solver_cuhk01_cpu_stage1.prototxt)
+        stage1_rate = {"lr_policy": "stepdecr", "gamma": 0.04, "stepsize": max(1, args.iters1 // 25),
+                       "min_lr": args.base_lr * 0.005}
     try:
         print(f"[3/5] stage 1: {args.iters1} iterations (softmax + contrastive)", flush=True)
         result = solve(PROTOTXT_DIR / "solver_stage1.prototxt", db, **common, net=nets["stage1"],
-                       overrides=dict(overrides, max_iter=args.iters1, snapshot=args.iters1,
-                                      snapshot_prefix=os.path.join(runs, "stage1"), test_interval=args.iters1))
+                       overrides=dict(overrides, **stage1_rate, max_iter=args.iters1, snapshot=args.iters1,
+                                      snapshot_prefix=os.path.join(runs, "stage1"), test_interval=args.iters1,
+                                      test_initialization=False))
         weights = result.weights
         stage1_val = result.test
+        stage2_val = None
         if result.test:
             print(f"      stage-1 validation (held-out training identities, cross-camera rank-1): "
                   f"{100 * result.test['rank1']:.1f}%", flush=True)
         if args.iters2:
             print(f"[4/5] stage 2: {args.iters2} iterations (+ the NCC loss), from {weights}", flush=True)
+            stage2_lr = args.stage2_lr if args.stage2_lr is not None else args.base_lr / 10
             result = solve(PROTOTXT_DIR / "solver_stage2.prototxt", db, **common, weights=weights, net=nets["stage2"],
-                           overrides=dict(overrides, max_iter=args.iters2, snapshot=args.iters2,
-                                          snapshot_prefix=os.path.join(runs, "stage2"), test_interval=0))
+                           overrides=dict(overrides, base_lr=stage2_lr, max_iter=args.iters2, snapshot=args.iters2,
+                                          snapshot_prefix=os.path.join(runs, "stage2"),
+                                          test_interval=args.iters2, test_initialization=False))
             weights = result.weights
+            stage2_val = result.test
+            if result.test:
+                print(f"      stage-2 validation (the same held-out identities): {100 * result.test['rank1']:.1f}%",
+                      flush=True)
     except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -199,7 +221,7 @@ def main(argv=None):
               f"{100 * r['rank20']:>7.1f}% {100 * r['mAP']:>6.1f}%")
     atomic_write(os.path.join(args.out, "results.json"), json.dumps(
         {"msp_cnn": result, "chance": chance, "weights": weights, "args": vars(args),
-         "stage1_validation": stage1_val,
+         "stage1_validation": stage1_val, "stage2_validation": stage2_val,
          "seconds": time.time() - start}, indent=2), mode="w")
     print(f"\n{result['queries']} queries, {time.time() - start:.0f} s. Results in {args.out}/: ranking.png "
           f"(the ranking picture{f', and {len(pictures) - 1} pictures of one query each' if len(pictures) > 1 else ''}), "
