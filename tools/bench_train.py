@@ -15,7 +15,8 @@ PyTorch eager version of the same network, on a quiet machine and beside busy pr
 * batches: `paper` = [1]'s 50 pairs x iter_size 2; `main` = the main job's 4 pairs x iter_size 2.
 * --busy N runs N CPU-bound processes (busy loops) beside the measurement, to see how the training
   slows down on a shared machine. Ratios in the same run are what carry over between machines; the
-  load average is written beside each figure.
+  load average is written beside each figure. With the default --threads auto the thread count is
+  chosen again beside each level's busy processes (what a tool started on that machine does).
 Medians of --repeat iterations after one warm-up iteration. Prints a table and writes JSON.
 """
 import argparse
@@ -108,8 +109,12 @@ def measure(kind, stage, pairs, iter_size, repeat, classes=100):
     data = [(torch.randn(pairs, 3, 144, 56, generator=g), torch.randn(pairs, 3, 144, 56, generator=g),
              torch.randint(0, classes, (pairs,), generator=g).float(), (torch.rand(pairs, generator=g) < 1 / 3).float())
             for _ in range(iter_size)]
-    if kind == "mspcnn":
+    if kind in ("mspcnn", "mspcnn-cl"):
         model = MSPCNN(classes, use_low=stage == 2).train()
+        if kind == "mspcnn-cl":  # channels-last weights and images (oneDNN's preferred layout)
+            model = model.to(memory_format=torch.channels_last)
+            data = [(a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last),
+                     label, sim) for a, b, label, sim in data]
         sp = proto.SolverParameter(base_lr=0.001, lr_policy="fixed", momentum=0.9, weight_decay=0.0005,
                                    iter_size=iter_size, max_iter=1000)
         solver = SGDSolver(sp, model.param_groups())
@@ -143,14 +148,18 @@ def main(argv=None):
     p.add_argument("--batches", nargs="+", default=["paper", "main"], choices=sorted(BATCHES),
                    help="paper: 50 pairs x iter_size 2; main: 4 pairs x iter_size 2 (default both)")
     p.add_argument("--busy", type=int, nargs="+", default=[0], help="busy processes beside (default 0)")
-    p.add_argument("--threads", help="intra-op threads: a number or auto (default: mspcnn's default)")
+    p.add_argument("--threads", help="intra-op threads: a number, or auto (default: mspcnn's default, chosen again at each "
+                   "--busy level beside the busy processes, as a tool started on such a machine would)")
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="stages (default both)")
     p.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch version")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also time mspcnn with channels-last weights and images (row 'mspcnn-cl')")
     p.add_argument("--repeat", type=int, default=5, help="timed iterations per figure (default 5)")
     p.add_argument("--json", default="bench_train.json", help="write the figures here")
     args = p.parse_args(argv)
     if args.repeat < 1 or min(args.busy) < 0:
         p.error("--repeat must be >= 1 and --busy >= 0")
+    auto = args.threads in (None, "auto")
     threads = configure_threads(args.threads)
     rows = []
     for busy in args.busy:
@@ -159,11 +168,18 @@ def main(argv=None):
         for proc in procs:
             proc.start()
         time.sleep(1.0 if busy else 0)
+        if auto:
+            # As a user who starts a tool on a machine that is already this busy: the default is
+            # chosen now, beside the busy processes, not once for the whole benchmark.
+            threads = configure_threads(None)
+            print(f"busy {busy}: cpu: {threads}", flush=True)
         try:
             for batch in args.batches:
                 pairs, iter_size = BATCHES[batch]
                 for stage in args.stages:
-                    for kind in ("mspcnn",) + (() if args.no_plain else ("plain",)):
+                    kinds = ("mspcnn",) + (("mspcnn-cl",) if args.channels_last else ()) + \
+                        (() if args.no_plain else ("plain",))
+                    for kind in kinds:
                         load = os.getloadavg()[0]
                         sec = measure(kind, stage, pairs, iter_size, args.repeat)
                         rows.append({"busy": busy, "batch": batch, "stage": stage, "kind": kind, "seconds": sec,
@@ -173,9 +189,11 @@ def main(argv=None):
         finally:
             for proc in procs:
                 proc.terminate()
-    print(f"\nthreads: {threads}; seconds per iteration (median of {args.repeat}); ratio = plain / mspcnn, "
-          "slowdown = busy / quiet")
-    print(f"{'busy':>5} {'batch':>6} {'stage':>6} {'mspcnn s':>9} {'plain s':>9} {'ratio':>7} {'slowdown':>9} {'load':>6}")
+    print(f"\nthreads: {'chosen at each busy level (auto)' if auto else threads}; seconds per iteration (median of "
+          f"{args.repeat}); ratio = plain / mspcnn, slowdown = busy / quiet"
+          + ("; cl gain = mspcnn / mspcnn-cl" if args.channels_last else ""))
+    print(f"{'busy':>5} {'batch':>6} {'stage':>6} {'threads':>7} {'mspcnn s':>9} {'plain s':>9} {'ratio':>7} "
+          f"{'slowdown':>9} {'load':>6}" + (f" {'cl s':>7} {'cl gain':>7}" if args.channels_last else ""))
     index = {(r["busy"], r["batch"], r["stage"], r["kind"]): r for r in rows}
     for r in rows:
         if r["kind"] != "mspcnn":
@@ -184,10 +202,12 @@ def main(argv=None):
         quiet = index.get((0, r["batch"], r["stage"], "mspcnn"))
         ratio = f"{plain['seconds'] / r['seconds']:.2f}x" if plain else "-"
         slow = f"{r['seconds'] / quiet['seconds']:.2f}x" if quiet else "-"
-        print(f"{r['busy']:>5} {r['batch']:>6} {r['stage']:>6} {r['seconds']:>9.3f} "
-              f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}")
+        cl = index.get((r["busy"], r["batch"], r["stage"], "mspcnn-cl"))
+        cl_cols = f" {cl['seconds']:>7.3f} {r['seconds'] / cl['seconds']:>6.2f}x" if cl else ""
+        print(f"{r['busy']:>5} {r['batch']:>6} {r['stage']:>6} {r['threads']:>7} {r['seconds']:>9.3f} "
+              f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}{cl_cols}")
     with open(args.json, "w") as f:
-        json.dump({"threads": threads, "rows": rows, "torch": torch.__version__, "cpus": os.cpu_count()}, f, indent=1)
+        json.dump({"threads": "auto, chosen at each busy level" if auto else threads, "rows": rows, "torch": torch.__version__, "cpus": os.cpu_count()}, f, indent=1)
     print(f"wrote {args.json}")
     return 0
 
