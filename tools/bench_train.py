@@ -15,10 +15,10 @@ PyTorch eager version of the same network, on a quiet machine and beside busy pr
 * batches: `paper` = [1]'s 50 pairs x iter_size 2; `main` = the main job's 4 pairs x iter_size 2.
 * --busy N runs N CPU-bound processes (busy loops) beside the measurement, to see how the training
   slows down on a shared machine. Ratios in the same run are what carry over between machines; the
-  load average is written beside each figure. `mspcnn` rows use the contiguous (NCHW) layout;
-  --channels-last adds `mspcnn-cl`, the layout the training engine uses on the CPU since 2026-11-30.
-  With the default --threads auto the thread count is
+  load average is written beside each figure. With the default --threads auto the thread count is
   chosen again beside each level's busy processes (what a tool started on that machine does).
+* layouts: `mspcnn` rows use the contiguous (NCHW) layout; --channels-last adds `mspcnn-cl`, the
+  layout the training engine uses on the CPU since 2026-11-30.
 Medians of --repeat iterations after one warm-up iteration. Prints a table and writes JSON.
 """
 import argparse
