@@ -360,7 +360,7 @@ def _lock_prefix(prefix):
 
 def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
            device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-           start_time, group, channels_last=None):
+           start_time, group, channels_last):
     """The training itself (see :func:`solve`), with the inputs checked and the prefix locked."""
 
     seed = sp.random_seed if sp.random_seed >= 0 else 0

@@ -162,7 +162,7 @@ def main(argv=None):
     if args.repeat < 1 or min(args.busy) < 0:
         p.error("--repeat must be >= 1 and --busy >= 0")
     auto = args.threads in (None, "auto")
-    threads = configure_threads(args.threads)
+    threads = None if auto else configure_threads(args.threads)  # auto: chosen at each busy level below
     rows = []
     for busy in args.busy:
         ctx = mp.get_context("spawn")

@@ -104,8 +104,8 @@ def main(argv=None):
                    help="forward passes per update (default 2, as in [1]; 1 makes twice the updates in the same time)")
     p.add_argument("--lr-policy", choices=("step", "stepdecr"), default="step",
                    help="stage 1's rate: step = solver_stage1.prototxt's (constant over a short run); stepdecr = "
-                   "[1]'s CUHK01 linear decay scaled to the run (gamma 0.04, stepsize iters1/25), as the "
-                   "CUHK01 CPU recipe (default step)")
+                   "[1]'s CUHK01 linear decay (gamma 0.04, min_lr 0.5%% of base_lr) in 25 steps over the run "
+                   "(stepsize iters1/25), so the rate reaches its floor at the end (default step)")
     p.add_argument("--base-lr", type=float, default=0.01,
                help="base_lr of stage 1 (default 0.01; [1]'s 0.1 is for 100-pair batches)")
     p.add_argument("--stage2-lr", type=float,
@@ -169,7 +169,7 @@ def main(argv=None):
     common = dict(device=args.device, batch_pairs=args.batch_pairs, workers=2)
     overrides = {"base_lr": args.base_lr, "display": 10, "iter_size": args.iter_size}
     stage1_rate = {}
-    if args.lr_policy == "stepdecr":  # [1]'s CUHK01 schedule over this run (solver_cuhk01_cpu_stage1.prototxt)
+    if args.lr_policy == "stepdecr":  # [1]'s gamma and min_lr / base_lr (solver_cuhk01_stage1.prototxt)
         stage1_rate = {"lr_policy": "stepdecr", "gamma": 0.04, "stepsize": max(1, args.iters1 // 25),
                        "min_lr": args.base_lr * 0.005}
     try:
