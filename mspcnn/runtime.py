@@ -5,8 +5,11 @@ meet at a barrier after every operation. On a machine whose cores are busy with 
 one descheduled thread stalls the whole team at every barrier, hundreds of times per iteration: a
 2-thread training beside two busy processes ran 4x slower, against 1.2x for single-threaded code.
 So the default is chosen at start from how busy the cores are: as many threads as cores the other
-processes leave free (at least one), measured over a fraction of a second. ``--threads N`` on every
-tool that computes overrides it.
+processes leave free (at least one), measured over a fraction of a second, shared among the
+data-parallel workers of this machine (``LOCAL_WORLD_SIZE``, set by ``torch.distributed.run``).
+``OMP_NUM_THREADS`` in the environment, PyTorch's own setting, is taken as given instead of that
+measurement (``torch.distributed.run`` sets it to 1 for each of several workers unless it is already
+set). ``--threads N`` on every tool that computes overrides both.
 
 How the threads wait matters as much. OpenMP's threads spin at the barrier by default; on a busy
 machine the spinners take the cores other processes need. ``OMP_WAIT_POLICY=PASSIVE`` (set in the
@@ -50,12 +53,35 @@ def free_cores(window=0.3):
     return max(1, min(cpus, cpus - int(round(busy)))), cpus, busy
 
 
+def _local_workers():
+    """The data-parallel workers started on this machine (``LOCAL_WORLD_SIZE``; 1 without one)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def configure_threads(threads=None):
-    """Set PyTorch's intra-op threads: an int, or None / "auto" for :func:`free_cores`. Returns a
-    one-line description for the log."""
+    """Set PyTorch's intra-op threads: an int, or None / "auto". Auto: ``OMP_NUM_THREADS`` when the
+    environment sets it (the same count in every process that inherits it, so that runs meant to be
+    compared use the same reductions), else the cores :func:`free_cores` finds free divided among
+    the ``LOCAL_WORLD_SIZE`` workers. Returns a one-line description for the log."""
     if threads in (None, "auto"):
-        n, cpus, busy = free_cores()
-        why = f"auto: {cpus} cores, {busy:.1f} busy with other processes"
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if env:
+            try:
+                n = int(env)
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {env!r}")
+            why = "OMP_NUM_THREADS"
+        else:
+            free, cpus, busy = free_cores()
+            workers = _local_workers()
+            n = max(1, free // workers)
+            why = f"auto: {cpus} cores, {busy:.1f} busy with other processes" + (
+                f", shared by {workers} workers" if workers > 1 else "")
     else:
         try:
             n = int(threads)
@@ -77,6 +103,7 @@ def wait_policy():
 def add_threads_argument(parser):
     """The ``--threads`` option every computing tool has."""
     parser.add_argument("--threads", default="auto",
-                        help="CPU threads for the computations: a number, or auto (default: the cores the other "
-                             "processes leave free, measured over 0.3 s at start, at least 1; see "
+                        help="CPU threads for the computations: a number, or auto (default: OMP_NUM_THREADS "
+                             "when set, else the cores the other processes leave free, measured over 0.3 s "
+                             "at start, shared among the data-parallel workers, at least 1; see "
                              "mspcnn/runtime.py)")

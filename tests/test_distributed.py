@@ -26,7 +26,11 @@ def test_two_gloo_workers_equal_one_process_with_iter_size_doubled(tiny_market_d
     # A small rate: this 2-pair recipe at the solver's 0.1 turns float rounding (the all-reduce adds
     # in another order) into visible differences within a few iterations.
     common = ["--solver", str(solver), "--data", str(tiny_market_db), "--batch-pairs", "2", "--workers", "1",
-              "--max-iter", "4", "--test-interval", "0", "--display", "1", "--device", "cpu", "--base-lr", "0.002"]
+              "--max-iter", "4", "--test-interval", "0", "--display", "1", "--device", "cpu", "--base-lr", "0.002",
+              "--threads", "1"]
+    # One thread in every process: runs with 1 and 2 threads reduce in other orders, and 4 iterations
+    # of this net turn that into differences of 1e-3 in conv1 (the test was flaky while each process
+    # chose its own count from how busy the machine was).
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), *common, "--iter-size", "2",
                           "--snapshot-prefix", str(tmp_path / "one")], capture_output=True, text=True, cwd=ROOT,

@@ -52,3 +52,35 @@ def test_the_log_line_names_the_openmp_wait_policy():
     out = subprocess.run([sys.executable, "-c", code], env=dict(env, OMP_WAIT_POLICY="PASSIVE"),
                          capture_output=True, text=True, check=True).stdout
     assert "OpenMP waits: passive (OMP_WAIT_POLICY)" in out
+
+
+def _auto_line(env_overrides, drop=("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE")):
+    code = "import torch; from mspcnn.runtime import configure_threads; print(configure_threads()); " \
+           "print(torch.get_num_threads())"
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return subprocess.run([sys.executable, "-c", code], env=dict(env, **env_overrides), capture_output=True,
+                          text=True)
+
+
+def test_auto_takes_omp_num_threads_when_the_environment_sets_it():
+    """Processes meant to give the same numbers (one process against data-parallel workers, both
+    started with OMP_NUM_THREADS=1) must not each measure the machine and choose differently: a 1- and
+    a 2-thread run reduce in other orders, and a comparison of their weights then fails."""
+    out = _auto_line({"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    line, n = out.stdout.splitlines()
+    assert line.startswith("1 threads (OMP_NUM_THREADS)") and n == "1"
+    bad = _auto_line({"OMP_NUM_THREADS": "lots"})
+    assert bad.returncode != 0 and "OMP_NUM_THREADS must be a positive integer" in bad.stderr
+    # an explicit count still wins over the environment
+    code = "from mspcnn.runtime import configure_threads; print(configure_threads(2))"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("2 threads (given)")
+
+
+def test_auto_shares_the_free_cores_among_the_local_workers():
+    out = _auto_line({"LOCAL_WORLD_SIZE": str(4 * (os.cpu_count() or 1))})
+    assert out.returncode == 0, out.stderr
+    line, n = out.stdout.splitlines()
+    assert line.startswith("1 threads (auto:") and "workers" in line and n == "1"
