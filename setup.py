@@ -30,7 +30,7 @@ def _with_cuda():
 
 def extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
     if os.environ.get("MSPCNN_NO_NATIVE", "0") != "1":
         cxx.append("-march=native")
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

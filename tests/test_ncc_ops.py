@@ -109,6 +109,15 @@ def test_gradcheck(device, patch, search_rows, H, W):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("patch", [7, 9])
+def test_gradcheck_wide_patches(device, patch):
+    """The CPU max backward loads each patch row as one 8-lane vector up to P = 8 (7: one lane
+    masked) and falls back to a scalar loop beyond (9): both against the numerical Jacobian."""
+    a, b = maps((1, 2, 6, 11), device, requires_grad=True)
+    assert gradcheck(lambda x, y: max_values(x, y, patch=patch, search_rows=3, eps=0.01), (a, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_eps_zero_and_large(device):
     """The eps terms of the derivative are exact, not the eps = 0 formula of [2]."""
     a, b = maps((1, 2, 5, 6), device, requires_grad=True)
@@ -153,6 +162,43 @@ def test_constant_patch_gives_zero_ncc_and_finite_gradient(device):
     ncc_volume_reference(a64, b64, 3, 3).sum().backward()
     torch.testing.assert_close(vol.detach().cpu(), ncc_volume_reference(a64, b64, 3, 3).detach(),
                                atol=1e-9, rtol=0)
+
+
+def test_float32_keeps_its_accuracy_when_the_features_have_a_large_mean():
+    """ReLU features are non-negative: their patch means are large beside their spread, and the
+    box-sum form (sum of products minus n times the product of the means) loses float32 digits to
+    that subtraction. The CPU kernel shifts each plane by its mean first; before that, at a mean of
+    10, values were off by 2.8e-4 and 17 of 129,024 argmax choices moved (tools/bench_ncc.py).
+    CPU only: the CUDA kernels do not shift yet."""
+    torch.manual_seed(3)
+    a = torch.randn(2, 32, 72, 28).relu() + 10.0
+    b = torch.randn(2, 32, 72, 28).relu() + 10.0
+    values, index = ncc_max(a, b)
+    v64, i64 = ncc_max(a.double(), b.double())
+    assert (values.double() - v64).abs().max() <= F32_ATOL / 4
+    vol = ncc_volume(a, b)
+    vol64 = ncc_volume(a.double(), b.double())
+    assert (vol.double() - vol64).abs().max() <= F32_ATOL
+    stable = argmax_stable(vol64, 2, 32, 5 * 28, 72, 28, 10 * F32_ATOL)
+    assert torch.equal(index[stable], i64[stable])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_patches_give_exactly_zero_in_float32(device):
+    """The zeros ReLU leaves (and the padding): a flat patch has covariance 0 with every other, so
+    its NCC is exactly 0 and its argmax the first candidate, in float32 as in the definition (the
+    kernel's shift by the plane mean must not turn them into rounding noise divided by eps)."""
+    torch.manual_seed(4)
+    a = torch.rand(2, 3, 20, 12, device=device) + 0.5
+    b = torch.rand(2, 3, 20, 12, device=device) + 0.5
+    a[:, :, 4:12, 2:9] = 0.0  # flat 3 x 3 patches centred at rows 5..10, columns 3..7
+    b[:, 1] = 0.0  # a whole flat channel of b
+    values, index = ncc_max(a, b, 3, 3)
+    assert values[:, :, 5:11, 3:8].abs().max().item() == 0.0
+    assert index[:, :, 5:11, 3:8].max().item() == 0
+    vol = ncc_volume(a, b, 3, 3).reshape(2, 3, 3 * 12, 20, 12)
+    assert vol[:, 1].abs().max().item() == 0.0
+    assert vol[:, :, :, 5:11, 3:8].abs().max().item() == 0.0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,12 +13,22 @@ multiply-add peak), times the operator's kernels alone with torch.profiler, and
 reports the fraction of each ceiling they reach (docs/ncc_layer.md explains the
 operation and byte counts).
 
+Then the accuracy of float32 ``ncc_max`` against the same operator in float64, on
+pool1-like inputs (ReLU of a normal draw, plus an offset of 0 and of 10: the
+subtraction of large patch means is where float32 loses digits): the largest
+error of the values, the argmax changes with the float64 gap between the two
+candidates (a true near-tie has a gap near float32 rounding), and the largest
+gradient error relative to the largest gradient, beside the plain-PyTorch
+reference's own float32 errors. Every timing row carries the 1-minute load
+average at its start (the machine may be shared).
+
     python tools/bench_ncc.py                      # CPU, 1/8/32 pairs
     python tools/bench_ncc.py --device cuda        # GPU, 1/32/128 pairs
     python tools/bench_ncc.py --pairs 4 --repeat 3 --json out.json
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -27,7 +37,9 @@ import time
 import torch
 
 from mspcnn.cli import run
+from mspcnn.defaults import NCC_EPS
 from mspcnn.ops import ncc_max, ncc_max_reference, ncc_volume, ncc_volume_reference
+from mspcnn.runtime import add_threads_argument, configure_threads
 
 C, H, W = 32, 72, 28
 PATCH, ROWS = 5, 5
@@ -43,12 +55,17 @@ def parse_args(argv=None):
     p.add_argument("--ops", nargs="+", default=["ncc_max", "ncc_volume"], choices=["ncc_max", "ncc_volume"],
                help="the operators to time (default both)")
     p.add_argument("--no-reference", action="store_true", help="time the operator only")
+    p.add_argument("--accuracy-pairs", type=int, default=2,
+                   help="pairs of the float32-against-float64 accuracy check (0: skip it; default 2)")
     p.add_argument("--json", default=None, help="output file (default bench_ncc_<device>.json)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
     if args.pairs is None:
         args.pairs = [1, 8, 32] if args.device == "cpu" else [1, 32, 128]
     if min(args.pairs) < 1 or args.repeat < 1 or args.ref_repeat < 1:
         p.error("--pairs, --repeat and --ref-repeat must be positive")
+    if args.accuracy_pairs < 0:
+        p.error("--accuracy-pairs must be 0 or positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to PyTorch")
     if args.device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("mspcnn::ncc_max", "CUDA"):
@@ -163,10 +180,76 @@ def kernel_time_ms(run, repeat=10):
     return total_us / 1e3 / repeat, breakdown
 
 
+def load_average():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _rel_max(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def accuracy(device, pairs, offsets=(0.0, 10.0), seed=0):
+    """Errors of float32 ncc_max (ours and the reference) against our float64 ncc_max, one dict per
+    input offset (see the module docstring)."""
+    op = torch.ops.mspcnn
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for offset in offsets:
+        a = torch.randn(pairs, C, H, W, generator=gen).relu() + offset
+        b = torch.randn(pairs, C, H, W, generator=gen).relu() + offset
+        g = torch.randn(pairs, C, H, W, generator=gen)
+        a32, b32, g32 = a.to(device), b.to(device), g.to(device)
+        a64, b64, g64 = a32.double(), b32.double(), g32.double()
+        v32, i32 = op.ncc_max(a32, b32, PATCH, ROWS, NCC_EPS)
+        v64, i64 = op.ncc_max(a64, b64, PATCH, ROWS, NCC_EPS)
+        vol = op.ncc_volume(a64, b64, PATCH, ROWS, NCC_EPS).view(pairs, C, ROWS * W, H, W)
+        changed = i32 != i64
+        gaps = (vol.gather(2, i64.unsqueeze(2)) - vol.gather(2, i32.unsqueeze(2))).squeeze(2)[changed]
+        del vol
+        # gradients at the float32 choice, so that both sides differentiate the same candidates
+        ga32, gb32 = op.ncc_max_backward(g32, a32, b32, i32, PATCH, ROWS, NCC_EPS)
+        ga64, gb64 = op.ncc_max_backward(g64, a64, b64, i32, PATCH, ROWS, NCC_EPS)
+        row = {"offset": offset, "pairs": pairs, "outputs": v32.numel(),
+               "value_max_abs_error": (v32.double() - v64).abs().max().item(),
+               "argmax_changes": int(changed.sum()),
+               "argmax_change_max_gap": gaps.abs().max().item() if gaps.numel() else 0.0,
+               "grad_a_rel_error": _rel_max(ga32, ga64), "grad_b_rel_error": _rel_max(gb32, gb64)}
+        # the plain-PyTorch reference in float32, against float64 at its own choice
+        x, y = a32.clone().requires_grad_(True), b32.clone().requires_grad_(True)
+        rv, ri = ncc_max_reference(x, y, PATCH, ROWS)
+        rv.backward(g32)
+        ra64, rb64 = op.ncc_max_backward(g64, a64, b64, ri, PATCH, ROWS, NCC_EPS)
+        row.update(reference_value_max_abs_error=(rv.detach().double() - v64).abs().max().item(),
+                   reference_argmax_changes=int((ri != i64).sum()),
+                   reference_grad_a_rel_error=_rel_max(x.grad, ra64),
+                   reference_grad_b_rel_error=_rel_max(y.grad, rb64))
+        out.append(row)
+    return out
+
+
+def print_accuracy(rows):
+    print("\nncc_max float32 against float64 (errors of the gradients relative to the largest gradient):")
+    cols = (f"{'offset':>6} {'impl':<10} {'value err':>10} {'argmax changes':>15} {'max gap':>9} "
+            f"{'grad_a err':>11} {'grad_b err':>11}")
+    print(cols)
+    print("-" * len(cols))
+    for r in rows:
+        print(f"{r['offset']:>6g} {'ours':<10} {r['value_max_abs_error']:>10.2e} "
+              f"{r['argmax_changes']:>7} / {r['outputs']:<6} {r['argmax_change_max_gap']:>9.1e} "
+              f"{r['grad_a_rel_error']:>11.2e} {r['grad_b_rel_error']:>11.2e}")
+        print(f"{'':>6} {'reference':<10} {r['reference_value_max_abs_error']:>10.2e} "
+              f"{r['reference_argmax_changes']:>7} / {r['outputs']:<6} {'':>9} "
+              f"{r['reference_grad_a_rel_error']:>11.2e} {r['reference_grad_b_rel_error']:>11.2e}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
     device = args.device
+    threads_line = configure_threads(args.threads)
     info = {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -186,7 +269,7 @@ def main(argv=None):
         print(f"device: {info['device']}; measured copy bandwidth {bw / 1e9:.0f} GB/s, "
               f"fp32 matmul {rate / 1e12:.1f} T multiply-adds/s", flush=True)
     else:
-        print(f"device: CPU ({info['cpu_capability']}), {info['threads']} threads", flush=True)
+        print(f"device: CPU ({info['cpu_capability']}), {threads_line}", flush=True)
 
     rows = []
     for pairs in args.pairs:
@@ -194,7 +277,7 @@ def main(argv=None):
         b = torch.randn(pairs, C, H, W, dtype=dtype, device=device)
         for op in args.ops:
             for mode in ("fwd", "fwd+bwd"):
-                row = {"op": op, "mode": mode, "pairs": pairs}
+                row = {"op": op, "mode": mode, "pairs": pairs, "load_average": load_average()}
                 ours, ours_all = timed(make_case(op, mode, "ours", a, b), device, args.repeat)
                 row.update(ours_ms=ours, ours_all_ms=ours_all)
                 if not args.no_reference:
@@ -222,14 +305,18 @@ def main(argv=None):
         for row in rows:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row.get("kernels_ms", {}).items(), key=lambda t: -t[1]))
             print(f"  {row['op']} {row['mode']} {row['pairs']}: {parts}")
+    acc = []
+    if args.accuracy_pairs and args.dtype == "float32":
+        acc = accuracy(device, args.accuracy_pairs)
+        print_accuracy(acc)
     with open(args.json, "w") as f:
-        json.dump({"info": info, "results": rows}, f, indent=2)
+        json.dump({"info": info, "results": rows, "accuracy": acc}, f, indent=2)
     print(f"wrote {args.json}")
     return 0
 
 
 def print_row(row, device, header=False):
-    cols = f"{'op':<11} {'mode':<8} {'pairs':>5} {'ours ms':>10} {'reference ms':>13} {'speed-up':>9}"
+    cols = f"{'op':<11} {'mode':<8} {'pairs':>5} {'ours ms':>10} {'reference ms':>13} {'speed-up':>9} {'load':>5}"
     if device == "cuda":
         cols += f" {'kernel ms':>10} {'%FMA peak':>9} {'%bandwidth':>10}"
     if header:
@@ -238,8 +325,9 @@ def print_row(row, device, header=False):
     ref = row.get("reference_ms")
     ref_text = f"{ref:.3f}" if ref else "-"
     speedup = f"{row['speedup']:.1f}x" if row.get("speedup") else "-"
+    load = f"{row['load_average']:.2f}" if row.get("load_average") is not None else "-"
     line = (f"{row['op']:<11} {row['mode']:<8} {row['pairs']:>5} {row['ours_ms']:>10.3f} "
-            f"{ref_text:>13} {speedup:>9}")
+            f"{ref_text:>13} {speedup:>9} {load:>5}")
     if device == "cuda":
         line += (f" {row.get('kernel_ms', 0):>10.3f} {100 * row.get('fraction_of_fma_peak', 0):>8.1f}%"
                  f" {100 * row.get('fraction_of_bandwidth', 0):>9.1f}%")

@@ -11,7 +11,9 @@
 //   Hs_u(w, col) = sum_j a(u, w + j) b(u + d, col + j)
 // is a W x W matrix (P multiply-adds per element), and X for output row r is
 // the sum of Hs_u over the P rows u = r - h .. r + h. Hs rows are kept in a
-// ring buffer of P rows per offset d, so each is computed once.
+// ring buffer of P rows per offset d, so each is computed once. Both maps are
+// first shifted by their plane means (the NCC does not change), so that X does
+// not carry the large product of the means of non-negative features.
 // Patch statistics are computed exactly (two passes, in double).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -49,39 +51,54 @@ void pad_plane(const scalar_t* x, int64_t H, int64_t W, int64_t top,
 // Patch mean and standard deviation (without eps) of a plane, for centres at
 // rows row0 .. row0 + rows - 1 (which may lie outside the map) and columns
 // 0 .. W - 1, zero padding outside the map. Separable box sums of x and x*x
-// in double: var = (Q - S*S/n) / (n - 1), clamped at 0.
+// in double: var = (Q - S*S/n) / (n - 1), clamped at 0 (a NaN variance gives
+// 0 as well). Every inner loop runs along a row with no branch, so that the
+// compiler vectorises it (the square roots included: setup.py builds with
+// -fno-math-errno); the sums are added in the same order as a direct loop
+// over the patch, rows outer and columns inner.
 template <typename scalar_t>
 void patch_stats(const scalar_t* x, int64_t H, int64_t W, int64_t P,
                  int64_t row0, int64_t rows, double* mean, double* sdev) {
-  const int64_t h = P / 2;
+  const int64_t h = P / 2, Wp = W + 2 * h;
   const double n = double(P * P);
+  std::vector<double> xp(Wp, 0.0), xq(Wp, 0.0);
   std::vector<double> hs(H * W), hq(H * W);  // horizontal box sums per map row
   for (int64_t u = 0; u < H; ++u) {
-    for (int64_t w = 0; w < W; ++w) {
-      double s = 0.0, q = 0.0;
-      const int64_t v1 = std::min<int64_t>(w + h + 1, W);
-      for (int64_t v = std::max<int64_t>(w - h, 0); v < v1; ++v) {
-        const double xv = double(x[u * W + v]);
-        s += xv;
-        q += xv * xv;
-      }
-      hs[u * W + w] = s;
-      hq[u * W + w] = q;
+    for (int64_t v = 0; v < W; ++v) {
+      const double xv = double(x[u * W + v]);
+      xp[v + h] = xv;
+      xq[v + h] = xv * xv;
     }
+    double* s = hs.data() + u * W;
+    double* q = hq.data() + u * W;
+    for (int64_t w = 0; w < W; ++w) {
+      s[w] = xp[w];
+      q[w] = xq[w];
+    }
+    for (int64_t j = 1; j < P; ++j)
+      for (int64_t w = 0; w < W; ++w) {
+        s[w] += xp[w + j];
+        q[w] += xq[w + j];
+      }
   }
+  std::vector<double> s(W), q(W);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t cr = row0 + r;
     const int64_t u0 = std::max<int64_t>(cr - h, 0);
     const int64_t u1 = std::min<int64_t>(cr + h + 1, H);
-    for (int64_t w = 0; w < W; ++w) {
-      double s = 0.0, q = 0.0;
-      for (int64_t u = u0; u < u1; ++u) {
-        s += hs[u * W + w];
-        q += hq[u * W + w];
+    std::fill(s.begin(), s.end(), 0.0);
+    std::fill(q.begin(), q.end(), 0.0);
+    for (int64_t u = u0; u < u1; ++u)
+      for (int64_t w = 0; w < W; ++w) {
+        s[w] += hs[u * W + w];
+        q[w] += hq[u * W + w];
       }
-      const double var = (q - s * s / n) / (n - 1.0);
-      mean[r * W + w] = s / n;
-      sdev[r * W + w] = var > 0.0 ? std::sqrt(var) : 0.0;
+    double* m = mean + r * W;
+    double* sd = sdev + r * W;
+    for (int64_t w = 0; w < W; ++w) {
+      const double var = (q[w] - s[w] * s[w] / n) / (n - 1.0);
+      m[w] = s[w] / n;
+      sd[w] = var > 0.0 ? std::sqrt(var) : 0.0;
     }
   }
 }
@@ -134,6 +151,15 @@ inline void storeu(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// Mean of a plane in double; 0 when it is not finite (NaN or infinite values).
+template <typename scalar_t>
+double plane_mean(const scalar_t* x, int64_t count) {
+  double s = 0.0;
+  for (int64_t i = 0; i < count; ++i) s += double(x[i]);
+  const double m = count ? s / double(count) : 0.0;
+  return std::isfinite(m) ? m : 0.0;
+}
+
 template <typename scalar_t>
 bool has_nan(const scalar_t* x, int64_t count) {
   bool nan = false;
@@ -175,38 +201,51 @@ void forward_plane(const NccGeometry& g, const scalar_t* a, const scalar_t* b,
 
   PlaneStats st;
   st.compute(g, a, b);
-  // NCC = X * (ka kb) - (n ma ka) (mb kb); lanes past W get 0.
+  // Both maps are shifted by their plane means ca, cb (rounded to scalar_t;
+  // 0 for a plane that is not finite, so that a NaN or an infinity stays in
+  // the patches that touch it), the zero padding becoming -ca, -cb. The NCC is
+  // unchanged (every patch, padding included, moves by the same constant, and
+  // the means below move with it), but X no longer carries n ma mb: ReLU
+  // features have a large positive mean, and X - n ma mb lost float32 digits.
+  const double ca = double(scalar_t(plane_mean(a, H * W)));
+  const double cb = double(scalar_t(plane_mean(b, H * W)));
+  // NCC = X * (ka kb) - (n ma ka) (mb kb), with the shifted X, ma and mb;
+  // lanes past W get 0. A flat patch (s = 0: all padding, or the zeros that
+  // ReLU leaves) has covariance 0 with any other: both of its factors are 0,
+  // so its NCC is exactly 0 (a NaN in X still gives NaN), as in the direct
+  // form, and not the shifted terms' rounding noise scaled by 1 / eps.
   std::vector<scalar_t> ka(H * Wv, scalar_t(0)), nmaka(H * Wv, scalar_t(0));
   std::vector<scalar_t> kb(BR * W), mbkb(BR * W);
   for (int64_t r = 0; r < H; ++r)
     for (int64_t w = 0; w < W; ++w) {
+      if (st.sa[r * W + w] == 0.0) continue;
       const double k = 1.0 / ((n - 1.0) * (st.sa[r * W + w] + g.eps));
       ka[r * Wv + w] = scalar_t(k);
-      nmaka[r * Wv + w] = scalar_t(n * st.ma[r * W + w] * k);
+      nmaka[r * Wv + w] = scalar_t(n * (st.ma[r * W + w] - ca) * k);
     }
   for (int64_t i = 0; i < BR * W; ++i) {
-    const double k = 1.0 / (st.sb[i] + g.eps);
+    const bool flat = st.sb[i] == 0.0;
+    const double k = flat ? 0.0 : 1.0 / (st.sb[i] + g.eps);
     kb[i] = scalar_t(k);
-    mbkb[i] = scalar_t(st.mb[i] * k);
+    mbkb[i] = scalar_t((st.mb[i] - cb) * k);
   }
 
-  std::vector<scalar_t> apad((H + 2 * h) * Wa, scalar_t(0));
-  std::vector<scalar_t> bpad((BR + 2 * h) * Wb, scalar_t(0));
-  for (int64_t u = 0; u < H; ++u) {
-    std::copy(a + u * W, a + (u + 1) * W, apad.data() + (u + h) * Wa + h);
-    std::copy(b + u * W, b + (u + 1) * W, bpad.data() + (u + R2 + h) * Wb + h);
-  }
+  std::vector<scalar_t> apad((H + 2 * h) * Wa, scalar_t(-ca));
+  std::vector<scalar_t> bpad((BR + 2 * h) * Wb, scalar_t(-cb));
+  for (int64_t u = 0; u < H; ++u)
+    for (int64_t v = 0; v < W; ++v) {
+      apad[(u + h) * Wa + h + v] = a[u * W + v] - scalar_t(ca);
+      bpad[(u + R2 + h) * Wb + h + v] = b[u * W + v] - scalar_t(cb);
+    }
 
   // ring[(k * P + slot) * W * NV + col * NV + cv]: Hs_u for offset
   // d = k - R2 in slot (u + h) % P.
   const int64_t plane_v = W * NV;
   std::vector<V> ring(R * P * plane_v), as(P * NV);
 
+  // Rows outside a map are padding (-ca or -cb, not 0): computed like the
+  // others, from the padded copies.
   auto compute_hs = [&](int64_t u, int64_t d, V* out) {
-    if (u < 0 || u >= H || u + d < 0 || u + d >= H) {
-      std::fill(out, out + plane_v, V{});
-      return;
-    }
     const scalar_t* arow = apad.data() + (u + h) * Wa;
     const scalar_t* brow = bpad.data() + (u + d + R2 + h) * Wb;
     // The P shifted copies of the a row, reused for every candidate column.
@@ -227,8 +266,16 @@ void forward_plane(const NccGeometry& g, const scalar_t* a, const scalar_t* b,
   for (int64_t k = 0; k < R; ++k)
     for (int64_t u = -h; u < h; ++u) compute_hs(u, k - R2, slot(k, u));
 
-  std::vector<V> best(NV);
-  std::vector<I> best_i(NV);
+  // The running maxima and their indices: local arrays (kept in registers)
+  // when NV is fixed at compile time, so that no candidate waits for the
+  // previous one's store.
+  constexpr int64_t kBest = kNV > 0 ? kNV : 1;
+  V best_fixed[kBest];
+  I best_i_fixed[kBest];
+  std::vector<V> best_heap(kNV > 0 ? 0 : NV);
+  std::vector<I> best_i_heap(kNV > 0 ? 0 : NV);
+  V* const best = kNV > 0 ? best_fixed : best_heap.data();
+  I* const best_i = kNV > 0 ? best_i_fixed : best_i_heap.data();
   alignas(64) scalar_t lanes[L];
   alignas(64) IE ilanes[L];
   for (int64_t r = 0; r < H; ++r) {
@@ -236,22 +283,25 @@ void forward_plane(const NccGeometry& g, const scalar_t* a, const scalar_t* b,
       best[cv] = V{} - std::numeric_limits<scalar_t>::infinity();
       best_i[cv] = I{};
     }
+    const scalar_t* karow = ka.data() + r * Wv;
+    const scalar_t* nmrow = nmaka.data() + r * Wv;
     for (int64_t k = 0; k < R; ++k) {
       const int64_t d = k - R2;
       compute_hs(r + h, d, slot(k, r + h));
       const V* s0 = ring.data() + k * P * plane_v;
       const scalar_t* kbrow = kb.data() + (r + d + R2) * W;
       const scalar_t* mbrow = mbkb.data() + (r + d + R2) * W;
-      for (int64_t col = 0; col < W; ++col) {
-        const scalar_t kbq = kbrow[col], mq = mbrow[col];
-        const IE idx = IE(k * W + col);
-        for (int64_t cv = 0; cv < NV; ++cv) {
-          const int64_t e = col * NV + cv;
-          V x = s0[e];
-          for (int64_t s = 1; s < P; ++s) x += s0[s * plane_v + e];
-          const V v = x * (loadu<V>(ka.data() + r * Wv + cv * L) * kbq) -
-                      loadu<V>(nmaka.data() + r * Wv + cv * L) * mq;
-          if (volume) {
+      // NCC of the L outputs of lane group cv against candidate column col.
+      auto ncc = [&](int64_t col, int64_t cv) {
+        const int64_t e = col * NV + cv;
+        V x = s0[e];
+        for (int64_t s = 1; s < P; ++s) x += s0[s * plane_v + e];
+        return x * (loadu<V>(karow + cv * L) * kbrow[col]) - loadu<V>(nmrow + cv * L) * mbrow[col];
+      };
+      if (volume) {
+        for (int64_t col = 0; col < W; ++col)
+          for (int64_t cv = 0; cv < NV; ++cv) {
+            const V v = ncc(col, cv);
             scalar_t* vo = volume + (k * W + col) * HW + r * W + cv * L;
             const int64_t cols = std::min<int64_t>(L, W - cv * L);
             if (cols == L) {
@@ -260,12 +310,17 @@ void forward_plane(const NccGeometry& g, const scalar_t* a, const scalar_t* b,
               storeu(lanes, v);
               std::copy(lanes, lanes + cols, vo);
             }
-          } else {
-            auto m = v > best[cv];
-            if (kNaN) m = m | ((v != v) & (best[cv] == best[cv]));
-            best[cv] = m ? v : best[cv];
-            best_i[cv] = m ? (I{} + idx) : best_i[cv];
           }
+        continue;
+      }
+      for (int64_t col = 0; col < W; ++col) {
+        const I idx = I{} + IE(k * W + col);
+        for (int64_t cv = 0; cv < NV; ++cv) {
+          const V v = ncc(col, cv);
+          auto m = v > best[cv];
+          if (kNaN) m = m | ((v != v) & (best[cv] == best[cv]));
+          best[cv] = m ? v : best[cv];
+          best_i[cv] = m ? idx : best_i[cv];
         }
       }
     }
@@ -368,6 +423,122 @@ void max_backward_plane(const NccGeometry& g, const scalar_t* grad,
     for (int64_t v = 0; v < W; ++v) {
       grad_a[u * W + v] = scalar_t(ga[(u + h) * Wp + v + h]);
       grad_b[u * W + v] = scalar_t(gb[(u + R2 + h) * Wp + v + h]);
+    }
+}
+
+// The same backward with SIMD rows, for patches of at most 8 columns (the
+// common case): every patch row is one vector of 8 lanes of scalar_t, loaded
+// from padded copies at any column; lanes j >= P belong to the neighbours and
+// are masked out by selects (never by multiplying with 0, so that a NaN next
+// to a patch stays where it is). Each output row is done in two passes:
+//  1. per output, the covariance of its two centred patches (accumulated in
+//     scalar_t, summed over the lanes in double) and its coefficients, in
+//     double, from per-centre reciprocals taken once per plane, so that no
+//     division is left per output:
+//       ncc = cov ka kb,  al = al_a = al_b = g ka kb,
+//       be_a = -g ka ncc / s_a,  be_b = -g kb ncc / ((n - 1) s_b),
+//     with ka = 1 / ((n - 1) sig_a), kb = 1 / sig_b (ncc_grad_coef.h's
+//     formulas with the reciprocals taken out). Nothing is written that a
+//     later output reads, so the processor overlaps the outputs.
+//  2. the scatter, in the centred form
+//       grad_x += al (y - mu_b) + be_a (x - mu_a),
+//       grad_y += al (x - mu_a) + be_b (y - mu_b),
+//     which equals ncc_grad_coef.h's al y + be x + c without the cancellation
+//     of c against the uncentred terms (float32 sums stay accurate when the
+//     features have a large mean). Columns are visited with a stride of 8 so
+//     that consecutive outputs never write overlapping vectors of grad_a.
+// Gradients are accumulated in scalar_t; the error against a float64 backward
+// is measured in docs/perf_notes.md.
+template <typename scalar_t>
+void max_backward_plane_simd(const NccGeometry& g, const scalar_t* grad,
+                             const scalar_t* a, const scalar_t* b,
+                             const int64_t* index, scalar_t* grad_a,
+                             scalar_t* grad_b) {
+  constexpr int64_t L = 8;
+  typedef scalar_t V __attribute__((vector_size(L * sizeof(scalar_t))));
+  typedef typename Simd<scalar_t>::IE IE;
+  typedef IE M __attribute__((vector_size(L * sizeof(scalar_t))));
+  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R2 = g.R2();
+  const int64_t Wp = W + 2 * h, BR = g.b_rows();
+  const double nm1 = double(g.n() - 1);
+  PlaneStats st;
+  st.compute(g, a, b);
+  // ka = 1 / ((n-1) sig_a), kb = 1 / sig_b, is = 1 / s (0 for a flat patch).
+  std::vector<double> ka(H * W), isa(H * W), kb(BR * W), isb(BR * W);
+  for (int64_t i = 0; i < H * W; ++i) {
+    ka[i] = 1.0 / (nm1 * (st.sa[i] + g.eps));
+    isa[i] = st.sa[i] > 0.0 ? 1.0 / st.sa[i] : 0.0;
+  }
+  for (int64_t i = 0; i < BR * W; ++i) {
+    kb[i] = 1.0 / (st.sb[i] + g.eps);
+    isb[i] = st.sb[i] > 0.0 ? 1.0 / st.sb[i] : 0.0;
+  }
+  // Padded copies (L spare elements at the end for the last row's loads).
+  std::vector<scalar_t> ap((H + 2 * h) * Wp + L, scalar_t(0)),
+      bp((BR + 2 * h) * Wp + L, scalar_t(0));
+  std::vector<scalar_t> ga(ap.size(), scalar_t(0)), gb(bp.size(), scalar_t(0));
+  for (int64_t u = 0; u < H; ++u) {
+    std::copy(a + u * W, a + (u + 1) * W, ap.data() + (u + h) * Wp + h);
+    std::copy(b + u * W, b + (u + 1) * W, bp.data() + (u + R2 + h) * Wp + h);
+  }
+  M lane;
+  for (int64_t j = 0; j < L; ++j) lane[j] = IE(j);
+  const M in = lane < IE(P);
+  const V zero = V{};
+  // One output row's coefficients (pass 1 -> pass 2); yoff < 0: no gradient.
+  std::vector<int64_t> yoff(W);
+  std::vector<scalar_t> c_al(W), c_ba(W), c_bb(W), c_ma(W), c_mb(W);
+  for (int64_t r = 0; r < H; ++r) {
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t p = r * W + w;
+      const double gv = double(grad[p]);
+      if (gv == 0.0) {
+        yoff[w] = -1;
+        continue;
+      }
+      const int64_t idx = index[p];
+      const int64_t qr = r + idx / W - R2, qc = idx % W;  // centre in b
+      const int64_t q = (qr + R2) * W + qc;
+      yoff[w] = (qr + R2) * Wp + qc;
+      const scalar_t mua = scalar_t(st.ma[p]), mub = scalar_t(st.mb[q]);
+      const scalar_t* x = ap.data() + r * Wp + w;
+      const scalar_t* y = bp.data() + yoff[w];
+      V acc = zero;
+      for (int64_t i = 0; i < P; ++i)
+        acc += (loadu<V>(x + i * Wp) - mua) * (loadu<V>(y + i * Wp) - mub);
+      acc = in ? acc : zero;
+      double cov = 0.0;
+      for (int64_t j = 0; j < P; ++j) cov += double(acc[j]);
+      const double kab = ka[p] * kb[q];
+      const double ncc = cov * kab;
+      c_al[w] = scalar_t(gv * kab);
+      c_ba[w] = scalar_t(-gv * ka[p] * ncc * isa[p]);
+      c_bb[w] = scalar_t(-gv * kb[q] / nm1 * ncc * isb[q]);
+      c_ma[w] = mua;
+      c_mb[w] = mub;
+    }
+    for (int64_t s = 0; s < std::min<int64_t>(L, W); ++s) {
+      for (int64_t w = s; w < W; w += L) {
+        if (yoff[w] < 0) continue;
+        const scalar_t* x = ap.data() + r * Wp + w;
+        const scalar_t* y = bp.data() + yoff[w];
+        scalar_t* gx = ga.data() + r * Wp + w;
+        scalar_t* gy = gb.data() + yoff[w];
+        const scalar_t al = c_al[w], ba = c_ba[w], bb = c_bb[w];
+        const scalar_t mua = c_ma[w], mub = c_mb[w];
+        for (int64_t i = 0; i < P; ++i) {
+          const V xc = loadu<V>(x + i * Wp) - mua, yc = loadu<V>(y + i * Wp) - mub;
+          const V dx = al * yc + ba * xc, dy = al * xc + bb * yc;
+          storeu(gx + i * Wp, loadu<V>(gx + i * Wp) + (in ? dx : zero));
+          storeu(gy + i * Wp, loadu<V>(gy + i * Wp) + (in ? dy : zero));
+        }
+      }
+    }
+  }
+  for (int64_t u = 0; u < H; ++u)
+    for (int64_t v = 0; v < W; ++v) {
+      grad_a[u * W + v] = ga[(u + h) * Wp + v + h];
+      grad_b[u * W + v] = gb[(u + R2 + h) * Wp + v + h];
     }
 }
 
@@ -581,7 +752,10 @@ std::tuple<at::Tensor, at::Tensor> ncc_max_backward_cpu(
     scalar_t* gb = grad_b.data_ptr<scalar_t>();
     for_each_plane(g, [&](int64_t p) {
       const int64_t o = p * g.plane();
-      max_backward_plane<scalar_t>(g, pg + o, pa + o, pb + o, pi + o, ga + o, gb + o);
+      if (g.P <= 8)
+        max_backward_plane_simd<scalar_t>(g, pg + o, pa + o, pb + o, pi + o, ga + o, gb + o);
+      else
+        max_backward_plane<scalar_t>(g, pg + o, pa + o, pb + o, pi + o, ga + o, gb + o);
     });
   });
   return {grad_a, grad_b};
