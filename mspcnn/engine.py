@@ -148,7 +148,8 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         workers: threads decoding batches ahead.
         deterministic: deterministic GPU kernels (bit-exact GPU runs and resumes; slower).
         channels_last: run the network in the channels-last layout (oneDNN's own: 1.03-1.20x faster
-            per iteration on a 2-core CPU, the same results to float32 rounding; docs/perf_notes.md).
+            per iteration on a 2-core CPU, the same results to float32 rounding, but about twice
+            the contiguous layout's gradient error against float64; docs/perf_notes.md).
             Default: on the CPU only.
         sigint_effect, sighup_effect, sigterm_effect: "stop", "snapshot" or "none".
         log: ``log(where, message)`` for the Caffe-format lines (default: glog lines on stdout).
