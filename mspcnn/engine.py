@@ -130,7 +130,7 @@ def _install_signals(effects, requests):
 
 
 def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=None, batch_pairs=None,
-          loss_weights=None, net=None, workers=2, deterministic=False, channels_last=None, sigint_effect="stop",
+          loss_weights=None, net=None, workers=2, deterministic=False, channels_last=False, sigint_effect="stop",
           sighup_effect="snapshot", sigterm_effect="stop", log=glog, progress=None):
     """Train as ``caffe train --solver SOLVER [--weights W | --snapshot S]`` would.
 
@@ -147,10 +147,11 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         net: a NetParameter (or path) to train instead of the one the solver names.
         workers: threads decoding batches ahead.
         deterministic: deterministic GPU kernels (bit-exact GPU runs and resumes; slower).
-        channels_last: run the network in the channels-last layout (oneDNN's own: 1.03-1.20x faster
-            per iteration on a 2-core CPU, the same results to float32 rounding, but about twice
-            the contiguous layout's gradient error against float64; docs/perf_notes.md).
-            Default: on the CPU only.
+        channels_last: run the network in the channels-last layout (oneDNN's own). Off by default:
+            on a 2-core CPU it was 2-6% faster per iteration (1.03-1.20x in noisier runs), but its
+            gradients are about twice as far from float64 as the contiguous layout's, because
+            BatchNorm's statistics are then summed in another order (docs/perf_notes.md). It was
+            the CPU default from commit fbc5bb3 to this change.
         sigint_effect, sighup_effect, sigterm_effect: "stop", "snapshot" or "none".
         log: ``log(where, message)`` for the Caffe-format lines (default: glog lines on stdout).
         progress: draw a progress bar on stderr (default: when stderr is a terminal).
@@ -378,8 +379,6 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
     model = train_net.build(num_classes, generator=torch.Generator().manual_seed(seed))
     model.use_low = "loss_low" in train_net.layers and model.w_low != 0  # weight 0: no need to compute it
     model.to(device)
-    if channels_last is None:
-        channels_last = device.type == "cpu"
     if channels_last:
         # Weights, images and (so) every activation and gradient in NHWC; the values are the same,
         # the memory order is the one oneDNN's convolutions use without reordering.

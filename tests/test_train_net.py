@@ -224,7 +224,7 @@ def test_batchnorm_statistics_as_real_caffe_shares_them(tmp_path):
 
 
 def test_channels_last_trains_the_same_weights(tiny_market_db, tmp_path):
-    """The engine's channels-last layout (its CPU default) changes the memory order only: one
+    """The engine's channels-last layout (an option) changes the memory order only: one
     iteration of stage 2 (the NCC loss included, iter_size 2) gives the same loss terms and the same
     update of every blob as the contiguous layout, to float32 rounding (measured: at most 0.4% of a
     layer's largest update, the same as between 1 and 2 threads), and the snapshot is in Caffe's

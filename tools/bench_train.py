@@ -17,8 +17,8 @@ PyTorch eager version of the same network, on a quiet machine and beside busy pr
   slows down on a shared machine. Ratios in the same run are what carry over between machines; the
   load average is written beside each figure. With the default --threads auto the thread count is
   chosen again beside each level's busy processes (what a tool started on that machine does).
-* layouts: `mspcnn` rows use the contiguous (NCHW) layout; --channels-last adds `mspcnn-cl`, the
-  layout the training engine uses on the CPU since 2026-11-30.
+* layouts: `mspcnn` rows use the contiguous (NCHW) layout, the training engine's; --channels-last adds
+  `mspcnn-cl`, the engine's `channels_last=True` option.
 Medians of --repeat iterations after one warm-up iteration. Prints a table and writes JSON.
 """
 import argparse
