@@ -61,6 +61,17 @@ def _local_workers():
         return 1
 
 
+def _positive_int(value, message):
+    """``int(value)`` when that is at least 1; else ValueError(message)."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(message)
+    return n
+
+
 def configure_threads(threads=None):
     """Set PyTorch's intra-op threads: an int, or None / "auto". Auto: ``OMP_NUM_THREADS`` when the
     environment sets it (the same count in every process that inherits it, so that runs meant to be
@@ -69,12 +80,7 @@ def configure_threads(threads=None):
     if threads in (None, "auto"):
         env = os.environ.get("OMP_NUM_THREADS", "").strip()
         if env:
-            try:
-                n = int(env)
-            except ValueError:
-                n = 0
-            if n < 1:
-                raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {env!r}")
+            n = _positive_int(env, f"OMP_NUM_THREADS must be a positive integer, got {env!r}")
             why = "OMP_NUM_THREADS"
         else:
             free, cpus, busy = free_cores()
@@ -83,12 +89,7 @@ def configure_threads(threads=None):
             why = f"auto: {cpus} cores, {busy:.1f} busy with other processes" + (
                 f", shared by {workers} workers" if workers > 1 else "")
     else:
-        try:
-            n = int(threads)
-        except (TypeError, ValueError):
-            raise ValueError(f"threads must be a positive integer or 'auto', got {threads!r}") from None
-        if n < 1:
-            raise ValueError(f"threads must be a positive integer or 'auto', got {threads!r}")
+        n = _positive_int(threads, f"threads must be a positive integer or 'auto', got {threads!r}")
         why = "given"
     torch.set_num_threads(n)
     return f"{n} threads ({why}); OpenMP waits: {wait_policy()}"

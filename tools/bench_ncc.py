@@ -180,13 +180,6 @@ def kernel_time_ms(run, repeat=10):
     return total_us / 1e3 / repeat, breakdown
 
 
-def load_average():
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
 def _rel_max(x, ref):
     return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
@@ -277,7 +270,7 @@ def main(argv=None):
         b = torch.randn(pairs, C, H, W, dtype=dtype, device=device)
         for op in args.ops:
             for mode in ("fwd", "fwd+bwd"):
-                row = {"op": op, "mode": mode, "pairs": pairs, "load_average": load_average()}
+                row = {"op": op, "mode": mode, "pairs": pairs, "load_average": os.getloadavg()[0]}
                 ours, ours_all = timed(make_case(op, mode, "ours", a, b), device, args.repeat)
                 row.update(ours_ms=ours, ours_all_ms=ours_all)
                 if not args.no_reference:
@@ -325,9 +318,8 @@ def print_row(row, device, header=False):
     ref = row.get("reference_ms")
     ref_text = f"{ref:.3f}" if ref else "-"
     speedup = f"{row['speedup']:.1f}x" if row.get("speedup") else "-"
-    load = f"{row['load_average']:.2f}" if row.get("load_average") is not None else "-"
     line = (f"{row['op']:<11} {row['mode']:<8} {row['pairs']:>5} {row['ours_ms']:>10.3f} "
-            f"{ref_text:>13} {speedup:>9} {load:>5}")
+            f"{ref_text:>13} {speedup:>9} {row['load_average']:>5.2f}")
     if device == "cuda":
         line += (f" {row.get('kernel_ms', 0):>10.3f} {100 * row.get('fraction_of_fma_peak', 0):>8.1f}%"
                  f" {100 * row.get('fraction_of_bandwidth', 0):>9.1f}%")
