@@ -130,7 +130,7 @@ def _install_signals(effects, requests):
 
 
 def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=None, batch_pairs=None,
-          loss_weights=None, net=None, workers=2, deterministic=False, channels_last=False, sigint_effect="stop",
+          loss_weights=None, net=None, workers=2, deterministic=False, channels_last=False, cpu_kernels=True, sigint_effect="stop",
           sighup_effect="snapshot", sigterm_effect="stop", log=glog, progress=None):
     """Train as ``caffe train --solver SOLVER [--weights W | --snapshot S]`` would.
 
@@ -147,11 +147,14 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         net: a NetParameter (or path) to train instead of the one the solver names.
         workers: threads decoding batches ahead.
         deterministic: deterministic GPU kernels (bit-exact GPU runs and resumes; slower).
-        channels_last: run the network in the channels-last layout (oneDNN's own). Off by default:
-            on a 2-core CPU it was 2-6% faster per iteration (1.03-1.20x in noisier runs), but its
-            gradients are about twice as far from float64 as the contiguous layout's, because
-            BatchNorm's statistics are then summed in another order (docs/perf_notes.md). It was
-            the CPU default from commit fbc5bb3 to this change.
+        channels_last: run the network in the channels-last layout (oneDNN's own), with PyTorch's
+            operations for BatchNorm, Scale, ReLU and pooling. Off by default: on a 2-core CPU it
+            was 2-6% faster per iteration than those operations in the contiguous layout, and our
+            CPU kernels below are faster still (docs/perf_notes.md).
+        cpu_kernels: on the CPU, run each BatchNorm + Scale (+ ReLU) of the training phase as one
+            C++ operator and the pooling layers with our C++ operators (mspcnn.caffe.kernels: the
+            same functions, BatchNorm's sums in double). False: PyTorch's operations (what a GPU
+            runs).
         sigint_effect, sighup_effect, sigterm_effect: "stop", "snapshot" or "none".
         log: ``log(where, message)`` for the Caffe-format lines (default: glog lines on stdout).
         progress: draw a progress bar on stderr (default: when stderr is a terminal).
@@ -225,7 +228,7 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
     try:
         return _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
                       device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-                      start_time, group, channels_last)
+                      start_time, group, channels_last, cpu_kernels)
     finally:
         if lock is not None:
             lock.close()  # releases the lock
@@ -362,7 +365,7 @@ def _lock_prefix(prefix):
 
 def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
            device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-           start_time, group, channels_last):
+           start_time, group, channels_last, cpu_kernels):
     """The training itself (see :func:`solve`), with the inputs checked and the prefix locked."""
 
     seed = sp.random_seed if sp.random_seed >= 0 else 0
@@ -379,6 +382,7 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
     model = train_net.build(num_classes, generator=torch.Generator().manual_seed(seed))
     model.use_low = "loss_low" in train_net.layers and model.w_low != 0  # weight 0: no need to compute it
     model.to(device)
+    model.backbone.cpu_kernels = cpu_kernels
     if channels_last:
         # Weights, images and (so) every activation and gradient in NHWC; the values are the same,
         # the memory order is the one oneDNN's convolutions use without reordering.
@@ -473,7 +477,9 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
         f"{' + '.join(k for _, k, _ in terms_display)}), {len(labels)} training images of {num_classes} "
         f"identities, batch {batch_pairs} pairs x iter_size {max(1, sp.iter_size)}"
         + (f" x {group.world} workers" if group.world > 1 else "") + f", device {device}"
-        + (", deterministic algorithms" if deterministic else "") + (", channels-last" if channels_last else ""))
+        + (", deterministic algorithms" if deterministic else "") + (", channels-last" if channels_last else "")
+        + (", own CPU kernels for BatchNorm and pooling" if cpu_kernels and device.type == "cpu" and not channels_last
+           else ""))
     model.train()
     recent = []
     waited = [0.0]  # seconds spent waiting for the data layer (a starved GPU shows here)

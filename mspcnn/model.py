@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mspcnn.caffe import layers as L
+from mspcnn.caffe.kernels import bn_scale
 from mspcnn.caffe import proto
 from mspcnn.caffe.weights import layer_blobs_to_net, load_layer_blobs
 from mspcnn.data.transformer import INPUT_SHAPE
@@ -116,12 +117,16 @@ class MSPCNNBackbone(nn.Module):
             structure must be the built-in one, which :mod:`mspcnn.train_net` checks).
 
     ``layer_params`` (attribute): the definitions of this branch's layers, in Caffe order;
-    ``caffe_layers``: their (name, type).
+    ``caffe_layers``: their (name, type). ``cpu_kernels`` (property, default True): on the CPU, run
+    each BatchNorm + Scale (+ ReLU) of the training phase as one C++ operator and the pooling layers
+    with our C++ operators (:mod:`mspcnn.caffe.kernels`: the same functions, BatchNorm's sums in
+    double); False runs PyTorch's operations (what a GPU runs).
     """
 
     def __init__(self, num_classes=None, generator=None, layer_params=None):
         super().__init__()
         self.num_classes = num_classes
+        self._cpu_kernels = True
         self._given = dict(layer_params or {})
         self._gen = generator
         self.layer_params = OrderedDict()
@@ -270,6 +275,18 @@ class MSPCNNBackbone(nn.Module):
         b3 = self._pool(f"{name}/pool", x, "MAX", 3, 2, pool_pad)
         return self._concat(f"{name}/output", [b1, b2, b3])
 
+    @property
+    def cpu_kernels(self):
+        """Whether the CPU runs our C++ operators for BatchNorm + Scale + ReLU and pooling."""
+        return self._cpu_kernels
+
+    @cpu_kernels.setter
+    def cpu_kernels(self, value):
+        self._cpu_kernels = bool(value)
+        for mod in self.modules():
+            if isinstance(mod, L.Pooling):
+                mod.cpu_kernel = self._cpu_kernels
+
     # --------------------------------------------------------------- forward
     def m(self, name):
         """The module registered under Caffe layer name ``name``."""
@@ -280,7 +297,7 @@ class MSPCNNBackbone(nn.Module):
         branch of the Siamese net keeps its own statistics)."""
         x = self.m(name)(x)
         norm = self.m(f"{name}_bn") if bn is None else bn[f"{name}_bn"]
-        return torch.relu(self.m(f"{name}_scale")(norm(x)))
+        return bn_scale(norm, self.m(f"{name}_scale"), x, relu=True, kernel=self._cpu_kernels)
 
     def inception_a(self, name, x, bn=None):
         b1 = self.conv_bn_relu(f"{name}/1x1", x, bn)
@@ -316,7 +333,7 @@ class MSPCNNBackbone(nn.Module):
         x = self.m("global_pool")(x).flatten(1)
         x = self.m("fc7")(x)
         norm = self.m("fc7_bn") if bn is None else bn["fc7_bn"]
-        x = out["fc7_bn"] = self.m("fc7_scale")(norm(x))
+        x = out["fc7_bn"] = bn_scale(norm, self.m("fc7_scale"), x, kernel=self._cpu_kernels)
         if self.num_classes and logits:
             x = L.dropout(torch.relu(x), self.dropout_ratio, self.training, dropout_mask)
             out["fc8"] = self.m("fc8")(x)

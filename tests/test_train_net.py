@@ -9,6 +9,7 @@ import torch
 
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
+from mspcnn.caffe.layers import Pooling
 from mspcnn.caffe.net import CaffeNet
 from mspcnn.caffe.weights import layer_blobs_to_net
 from mspcnn.engine import solve
@@ -62,6 +63,12 @@ def test_an_edited_net_trains_as_caffe_would(tmp_path):
     net = CaffeNet(path, "TRAIN", stages=("stage2",)).load_caffemodel(weights, strict=False)
     unedited = read_train_net(solver()).build(1367)
     unedited.load_caffemodel(weights)
+    # the interpreter runs PyTorch's operations layer by layer; so do the models here (same arithmetic,
+    # a tight tolerance; our CPU kernels against those operations: tests/test_layer_kernels.py)
+    model.backbone.cpu_kernels = unedited.backbone.cpu_kernels = False
+    for mod in net.modules():
+        if isinstance(mod, Pooling):
+            mod.cpu_kernel = False
 
     torch.manual_seed(1)
     a, b = torch.randn(3, 3, 144, 56), torch.randn(3, 3, 144, 56)
@@ -223,36 +230,46 @@ def test_batchnorm_statistics_as_real_caffe_shares_them(tmp_path):
         assert (blobs["conv1_bn"][2].item(), second.item()) == pytest.approx(factors)
 
 
-def test_channels_last_trains_the_same_weights(tiny_market_db, tmp_path):
-    """The engine's channels-last layout (an option) changes the memory order only: one
+@pytest.mark.parametrize("variant", ["channels_last", "kernels"])
+def test_channels_last_and_cpu_kernels_train_the_same_weights(tiny_market_db, tmp_path, variant):
+    """The engine's channels-last layout (an option) changes the memory order only, and our CPU
+    kernels for BatchNorm + Scale + ReLU and pooling (the default) compute the same functions: one
     iteration of stage 2 (the NCC loss included, iter_size 2) gives the same loss terms and the same
-    update of every blob as the contiguous layout, to float32 rounding (measured: at most 0.4% of a
-    layer's largest update, the same as between 1 and 2 threads), and the snapshot is in Caffe's
-    order."""
+    update of every blob as PyTorch's operations in the contiguous layout, to float32 rounding
+    (measured with 1 and 2 threads: at most 0.4% of a layer's largest update for channels-last, as
+    between 1 and 2 threads, and 1.4% for our kernels, whose BatchNorm sums round differently; the
+    float64 comparison of tools/precision_train.py puts both at float32's floor), and the snapshot
+    is in Caffe's order."""
     runs = {}
-    for tag, cl, lr in (("start", False, 0.0), ("contiguous", False, 0.01), ("channels_last", True, 0.01)):
+    for tag, cl, lr in (("start", False, 0.0), ("contiguous", False, 0.01), (variant, variant == "channels_last", 0.01)):
         lines = []
         result = solve(solver(STAGE2), tiny_market_db, batch_pairs=2, workers=1, channels_last=cl,
+                       cpu_kernels=tag == "kernels",
                        overrides={"max_iter": 1, "display": 1, "test_interval": 0, "snapshot": 0,
                                   "snapshot_prefix": str(tmp_path / tag), "base_lr": lr},
                        log=lambda where, message: lines.append(message))
         runs[tag] = ("\n".join(lines), cio.read_caffemodel(result.weights))
-    assert "channels-last" in runs["channels_last"][0] and "channels-last" not in runs["contiguous"][0]
+    if variant == "channels_last":
+        assert "channels-last" in runs[variant][0] and "channels-last" not in runs["contiguous"][0]
+    else:
+        assert "own CPU kernels" in runs[variant][0] and "own CPU kernels" not in runs["contiguous"][0]
     terms = {tag: [float(v) for v in re.findall(r"(?:loss|loss_\w+) = ([\d.e+-]+)", log)]
              for tag, (log, _) in runs.items()}
-    assert len(terms["contiguous"]) >= 4 and terms["channels_last"] == pytest.approx(terms["contiguous"], rel=1e-5)
+    assert len(terms["contiguous"]) >= 4 and terms[variant] == pytest.approx(terms["contiguous"], rel=1e-5)
     blobs = {tag: {lp.name: [torch.tensor(b.data) for b in lp.blobs] for lp in w.layer} for tag, (_, w) in runs.items()}
-    assert blobs["channels_last"].keys() == blobs["contiguous"].keys()
+    assert blobs[variant].keys() == blobs["contiguous"].keys()
     moved = 0
     for name, ref in blobs["contiguous"].items():
-        for k, (a, b, w0) in enumerate(zip(blobs["channels_last"][name], ref, blobs["start"][name])):
+        for k, (a, b, w0) in enumerate(zip(blobs[variant][name], ref, blobs["start"][name])):
             assert a.shape == b.shape
             update = float((b - w0).abs().max())
             moved += update > 0
             if update > 0:  # learned: the same update
                 assert float((a - b).abs().max()) <= 0.02 * update + 1e-7, (name, k)
-            else:  # BatchNorm's accumulated statistics: the same values
-                assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, k)
+            else:  # BatchNorm's accumulated statistics: the same values, to 1e-5 of the blob's largest
+                # (measured: 3.5e-6 with our kernels, whose sums are in double; a channel's mean can be
+                # near 0, so not relative to each value)
+                assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()) + 1e-6, (name, k)
     assert moved > 50  # the comparison is about real updates
-    conv2 = [lp for lp in runs["channels_last"][1].layer if lp.name == "conv2"][0]
+    conv2 = [lp for lp in runs[variant][1].layer if lp.name == "conv2"][0]
     assert list(conv2.blobs[0].shape.dim) == [32, 32, 3, 3]  # NCHW in the file, whatever the layout

@@ -107,13 +107,17 @@ class BatchNorm(nn.Module):
         centred = x - self._view(mu, x)
         var = (centred * centred).mean(dim=dims)
         y = centred / self._view(torch.sqrt(var + self.eps), x)
-        m = x.numel() // self.channels
+        self.accumulate(mu, var, x.numel() // self.channels)
+        return y
+
+    def accumulate(self, mean, var, m):
+        """Caffe's update of the accumulators with a batch's ``mean`` and biased ``var`` over ``m``
+        values per channel (the unbiased variance m / (m - 1) var is what accumulates)."""
         with torch.no_grad():
             maf = self.moving_average_fraction
             self.factor.mul_(maf).add_(1.0)
-            self.mean_acc.mul_(maf).add_(mu.detach())
+            self.mean_acc.mul_(maf).add_(mean.detach())
             self.var_acc.mul_(maf).add_(var.detach() * (m / max(m - 1, 1)))
-        return y
 
     def extra_repr(self):
         return (f"{self.channels}, eps={self.eps}, moving_average_fraction="
@@ -149,7 +153,11 @@ def pool_output_size(size, kernel, stride, pad):
 class Pooling(nn.Module):
     """Caffe's Pooling (MAX or AVE), Caffe's output size. MAX takes the first
     maximum of each window (strict '>'); AVE divides by the window clipped to
-    the padded map (padding counts, overhang past it does not)."""
+    the padded map (padding counts, overhang past it does not).
+
+    ``cpu_kernel`` (attribute, default True): on the CPU, contiguous float32/64
+    maps go through our C++ operators (:mod:`mspcnn.caffe.kernels`); False,
+    and everywhere else, PyTorch's pooling (the same values)."""
 
     def __init__(self, method="MAX", kernel=(2, 2), stride=(2, 2), pad=(0, 0), global_pooling=False):
         super().__init__()
@@ -157,6 +165,7 @@ class Pooling(nn.Module):
             raise ValueError(f"Pooling: method must be MAX or AVE, got {method!r}")
         self.method, self.kernel, self.stride, self.pad = method, tuple(kernel), tuple(stride), tuple(pad)
         self.global_pooling = global_pooling
+        self.cpu_kernel = True
 
     def output_size(self, h, w):
         if self.global_pooling:
@@ -169,10 +178,13 @@ class Pooling(nn.Module):
         kernel, stride, pad = self.kernel, self.stride, self.pad
         if self.global_pooling:
             kernel, stride, pad = (h, w), (1, 1), (0, 0)
+        from . import kernels  # here: kernels loads the compiled extension, layers must not need it
+
         if self.method == "MAX":
-            y = F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
+            y = kernels.max_pool(x, kernel, stride, pad, self.cpu_kernel)
         else:
-            y = F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=True)
+            # global pooling (one output per plane) is faster in NCHW, as PyTorch does it
+            y = kernels.ave_pool(x, kernel, stride, pad, self.cpu_kernel and not self.global_pooling)
         expected = self.output_size(h, w)
         if tuple(y.shape[-2:]) != expected:  # PyTorch and Caffe round differently here
             raise ValueError(f"Pooling: PyTorch gives {tuple(y.shape[-2:])} but Caffe {expected} "

@@ -1,0 +1,172 @@
+"""Our own CPU paths for the Caffe layers that cost most outside the convolutions.
+
+A CPU training iteration of MSP-CNN spent about a third of its time outside the convolutions, in
+Caffe's BatchNorm + Scale + ReLU written as a dozen separate PyTorch operations and in PyTorch's
+NCHW pooling (docs/perf_notes.md). Here they compute the same functions faster:
+
+* ``torch.ops.mspcnn.bn_scale_train`` (and its backward): BatchNorm with batch statistics, Scale
+  and optionally ReLU in one operator::
+
+      mean = sum(x) / m,  var = sum((x - mean)^2) / m      (per channel, m = N x H x W)
+      y    = [relu](gamma * (x - mean) / sqrt(var + eps) + beta)
+      dbeta = sum(dz),  dgamma = sum(dz * xh),
+      dx   = gamma / sqrt(var + eps) * (dz - dbeta / m - xh * dgamma / m)
+
+  (dz: the incoming gradient where y > 0, xh: the normalised input). The sums are accumulated in
+  double, one channel per thread, in an order that does not depend on the thread count, and the
+  rounding of the mean to float32 is folded into the per-channel constants: in float32 each
+  output is float64's rounded (tests/test_layer_kernels.py), and the results do not change with
+  the number of threads.
+* pooling: PyTorch's NCHW pooling kernels run one plane at a time along short rows (9 x 4 to
+  36 x 14 in the inception blocks); its channels-last kernels vectorise across channels and select
+  the same elements. :func:`max_pool` and :func:`ave_pool` transpose to channels-last and back, and
+  MAX pooling's backward is ours (``torch.ops.mspcnn.caffe_max_pool_backward``, a scatter of the
+  gradient to the selected elements: PyTorch's would convert the gradient to channels-last and back).
+
+:func:`bn_scale` and :func:`max_pool` / :func:`ave_pool` take these paths where they compute the
+same function (CPU, float32 or float64, contiguous NCHW tensors, the batch-statistics phase for
+BatchNorm) and PyTorch's plain operations everywhere else (GPU, channels-last, global statistics).
+``MSPCNNBackbone.cpu_kernels = False`` (``solve(cpu_kernels=False)``) turns them off.
+"""
+import torch
+import torch.nn.functional as F
+
+try:
+    from mspcnn import _C  # noqa: F401  loading the library registers the kernels
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "mspcnn._C, the compiled extension, could not be loaded. Build it with "
+        "`pip install -e . --no-build-isolation` in the repository root "
+        f"(after `pip install torch`). Cause: {exc}"
+    ) from exc
+
+__all__ = ["bn_scale", "bn_kernel_applies", "max_pool", "ave_pool", "pool_kernel_applies"]
+
+
+# --------------------------------------------------------------------------- BatchNorm + Scale
+@torch.library.register_fake("mspcnn::bn_scale_train")
+def _bn_fake(x, gamma, beta, eps, relu):
+    c = x.shape[1]
+    return (x.new_empty(x.shape), x.new_empty((c,), dtype=torch.float64),
+            x.new_empty((c,), dtype=torch.float64))
+
+
+@torch.library.register_fake("mspcnn::bn_scale_train_backward")
+def _bn_backward_fake(grad_y, x, y, gamma, mean, var, eps, relu):
+    return x.new_empty(x.shape), gamma.new_empty(gamma.shape), gamma.new_empty(gamma.shape)
+
+
+def _bn_setup_context(ctx, inputs, output):
+    x, gamma, _beta, eps, relu = inputs
+    y, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, y, gamma, mean, var)
+    ctx.params = (eps, relu)
+
+
+def _bn_backward(ctx, grad_y, _grad_mean, _grad_var):
+    x, y, gamma, mean, var = ctx.saved_tensors
+    gx, ggamma, gbeta = torch.ops.mspcnn.bn_scale_train_backward.default(
+        grad_y, x, y, gamma, mean, var, *ctx.params)
+    return gx, ggamma, gbeta, None, None
+
+
+torch.library.register_autograd("mspcnn::bn_scale_train", _bn_backward, setup_context=_bn_setup_context)
+
+
+def bn_kernel_applies(norm, scale, x):
+    """Whether :func:`bn_scale` runs the C++ operator for this layer pair and input."""
+    use_global = norm.use_global_stats if norm.use_global_stats is not None else not norm.training
+    return (not use_global and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and x.dim() >= 2 and x.numel() > 0 and x.is_contiguous() and scale.bias is not None
+            and scale.weight.dtype == x.dtype and not torch.jit.is_tracing())
+
+
+def bn_scale(norm, scale, x, relu=False, kernel=True):
+    """``[relu](scale(norm(x)))`` for a :class:`~mspcnn.caffe.layers.BatchNorm` ``norm`` and a
+    :class:`~mspcnn.caffe.layers.Scale` ``scale`` with bias, updating ``norm``'s accumulators in the
+    training phase. ``kernel``: use the C++ operator where :func:`bn_kernel_applies` (the default);
+    False always runs the separate layers."""
+    if kernel and bn_kernel_applies(norm, scale, x):
+        if x.shape[1] != norm.channels:
+            raise ValueError(f"BatchNorm: expected N x {norm.channels} x ..., got {list(x.shape)}")
+        y, mean, var = torch.ops.mspcnn.bn_scale_train(x, scale.weight, scale.bias, float(norm.eps),
+                                                        bool(relu))
+        norm.accumulate(mean.to(norm.mean_acc.dtype), var.to(norm.var_acc.dtype), x.numel() // norm.channels)
+        return y
+    y = scale(norm(x))
+    return torch.relu(y) if relu else y
+
+
+# --------------------------------------------------------------------------- pooling
+@torch.library.register_fake("mspcnn::caffe_max_pool_backward")
+def _max_backward_fake(grad_y, index, height, width):
+    return grad_y.new_empty((grad_y.shape[0], grad_y.shape[1], height, width))
+
+
+class _MaxPool(torch.autograd.Function):
+    """MAX pooling of a contiguous NCHW map: forward by PyTorch's channels-last kernel (the same
+    selection, vectorised across channels), backward by our scatter of the gradient into the
+    selected elements (``caffe_max_pool_backward``)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, pad):
+        y, index = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel, stride, pad,
+                                ceil_mode=True, return_indices=True)
+        index = index.contiguous()
+        ctx.mark_non_differentiable(index)
+        ctx.save_for_backward(index)
+        ctx.size = (x.shape[2], x.shape[3])
+        return y.contiguous(), index
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_index):
+        (index,) = ctx.saved_tensors
+        return torch.ops.mspcnn.caffe_max_pool_backward(grad_y.contiguous(), index, *ctx.size), None, None, None
+
+
+class _AvePool(torch.autograd.Function):
+    """AVE pooling of a contiguous NCHW map computed by PyTorch's channels-last kernels, forward and
+    backward, with NCHW output and input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, pad):
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        ctx.save_for_backward(x_cl)
+        ctx.params = (kernel, stride, pad)
+        return F.avg_pool2d(x_cl, kernel, stride, pad, ceil_mode=True, count_include_pad=True).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x_cl,) = ctx.saved_tensors
+        kernel, stride, pad = ctx.params
+        gx = torch.ops.aten.avg_pool2d_backward(grad_y.contiguous(memory_format=torch.channels_last), x_cl,
+                                                list(kernel), list(stride), list(pad), True, True, None)
+        return gx.contiguous(), None, None, None
+
+
+def pool_kernel_applies(x):
+    """Whether :func:`max_pool` / :func:`ave_pool` take the channels-last path for this input (not
+    while tracing: an exported graph keeps the plain pooling operator)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and x.numel() > 0 and x.is_contiguous() and not torch.jit.is_tracing())
+
+
+def max_pool(x, kernel, stride, pad, use_kernel=True):
+    """``F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)`` (Caffe's MAX pooling where the
+    output sizes agree, which :class:`mspcnn.caffe.layers.Pooling` checks): for a contiguous CPU
+    map and ``use_kernel``, through PyTorch's channels-last kernel and our backward (the same
+    values and gradients, 4x faster forward and backward at the network's sizes); else directly."""
+    if use_kernel and pool_kernel_applies(x):
+        return _MaxPool.apply(x, kernel, stride, pad)[0]
+    return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
+
+
+def ave_pool(x, kernel, stride, pad, use_kernel=True):
+    """``F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=True)`` (Caffe's
+    AVE pooling where the output sizes agree): for a contiguous CPU map and ``use_kernel``, computed
+    in the channels-last layout and converted back (the same values to rounding, 1.2-1.3x faster
+    forward and backward at the network's sizes); else directly."""
+    if use_kernel and pool_kernel_applies(x):
+        return _AvePool.apply(x, kernel, stride, pad)
+    return F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, count_include_pad=True)
