@@ -17,8 +17,11 @@ PyTorch eager version of the same network, on a quiet machine and beside busy pr
   slows down on a shared machine. Ratios in the same run are what carry over between machines; the
   load average is written beside each figure. With the default --threads auto the thread count is
   chosen again beside each level's busy processes (what a tool started on that machine does).
-* layouts: `mspcnn` rows use the contiguous (NCHW) layout, the training engine's; --channels-last adds
-  `mspcnn-cl`, the engine's `channels_last=True` option.
+* variants: `mspcnn` rows are the training engine's CPU default: the contiguous (NCHW) layout and our
+  C++ operators for BatchNorm + Scale + ReLU and pooling (mspcnn.caffe.kernels); --torch-ops adds
+  `mspcnn-torch`, the same network with PyTorch's operations for those layers
+  (`model.backbone.cpu_kernels = False`, what runs on a GPU); --channels-last adds `mspcnn-cl`, the
+  engine's `channels_last=True` option (PyTorch's operations: our kernels need the contiguous layout).
 Medians of --repeat iterations after one warm-up iteration. Prints a table and writes JSON.
 """
 import argparse
@@ -111,8 +114,9 @@ def measure(kind, stage, pairs, iter_size, repeat, classes=100):
     data = [(torch.randn(pairs, 3, 144, 56, generator=g), torch.randn(pairs, 3, 144, 56, generator=g),
              torch.randint(0, classes, (pairs,), generator=g).float(), (torch.rand(pairs, generator=g) < 1 / 3).float())
             for _ in range(iter_size)]
-    if kind in ("mspcnn", "mspcnn-cl"):
+    if kind in ("mspcnn", "mspcnn-cl", "mspcnn-torch"):
         model = MSPCNN(classes, use_low=stage == 2).train()
+        model.backbone.cpu_kernels = kind == "mspcnn"
         if kind == "mspcnn-cl":  # channels-last weights and images (oneDNN's preferred layout)
             model = model.to(memory_format=torch.channels_last)
             data = [(a.contiguous(memory_format=torch.channels_last), b.contiguous(memory_format=torch.channels_last),
@@ -156,6 +160,9 @@ def main(argv=None):
     p.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch version")
     p.add_argument("--channels-last", action="store_true",
                    help="also time mspcnn with channels-last weights and images (row 'mspcnn-cl')")
+    p.add_argument("--torch-ops", action="store_true",
+                   help="also time mspcnn with PyTorch's operations for BatchNorm, Scale, ReLU and pooling "
+                   "instead of our CPU kernels (row 'mspcnn-torch')")
     p.add_argument("--repeat", type=int, default=5, help="timed iterations per figure (default 5)")
     p.add_argument("--json", default="bench_train.json", help="write the figures here")
     args = p.parse_args(argv)
@@ -179,7 +186,8 @@ def main(argv=None):
             for batch in args.batches:
                 pairs, iter_size = BATCHES[batch]
                 for stage in args.stages:
-                    kinds = ("mspcnn",) + (("mspcnn-cl",) if args.channels_last else ()) + \
+                    kinds = ("mspcnn",) + (("mspcnn-torch",) if args.torch_ops else ()) + \
+                        (("mspcnn-cl",) if args.channels_last else ()) + \
                         (() if args.no_plain else ("plain",))
                     for kind in kinds:
                         load = os.getloadavg()[0]
@@ -193,9 +201,11 @@ def main(argv=None):
                 proc.terminate()
     print(f"\nthreads: {'chosen at each busy level (auto)' if auto else threads}; seconds per iteration (median of "
           f"{args.repeat}); ratio = plain / mspcnn, slowdown = busy / quiet"
+          + ("; kernels gain = mspcnn-torch / mspcnn" if args.torch_ops else "")
           + ("; cl gain = mspcnn / mspcnn-cl" if args.channels_last else ""))
     print(f"{'busy':>5} {'batch':>6} {'stage':>6} {'threads':>7} {'mspcnn s':>9} {'plain s':>9} {'ratio':>7} "
-          f"{'slowdown':>9} {'load':>6}" + (f" {'cl s':>7} {'cl gain':>7}" if args.channels_last else ""))
+          f"{'slowdown':>9} {'load':>6}" + (f" {'torch s':>7} {'kernels gain':>12}" if args.torch_ops else "")
+          + (f" {'cl s':>7} {'cl gain':>7}" if args.channels_last else ""))
     index = {(r["busy"], r["batch"], r["stage"], r["kind"]): r for r in rows}
     for r in rows:
         if r["kind"] != "mspcnn":
@@ -206,8 +216,10 @@ def main(argv=None):
         slow = f"{r['seconds'] / quiet['seconds']:.2f}x" if quiet else "-"
         cl = index.get((r["busy"], r["batch"], r["stage"], "mspcnn-cl"))
         cl_cols = f" {cl['seconds']:>7.3f} {r['seconds'] / cl['seconds']:>6.2f}x" if cl else ""
+        sep = index.get((r["busy"], r["batch"], r["stage"], "mspcnn-torch"))
+        sep_cols = f" {sep['seconds']:>7.3f} {sep['seconds'] / r['seconds']:>11.2f}x" if sep else ""
         print(f"{r['busy']:>5} {r['batch']:>6} {r['stage']:>6} {r['threads']:>7} {r['seconds']:>9.3f} "
-              f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}{cl_cols}")
+              f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}{sep_cols}{cl_cols}")
     with open(args.json, "w") as f:
         json.dump({"threads": "auto, chosen at each busy level" if auto else threads, "rows": rows, "torch": torch.__version__, "cpus": os.cpu_count()}, f, indent=1)
     print(f"wrote {args.json}")
