@@ -325,3 +325,14 @@ def test_pooling_paths_against_caffe():
     y = max_pool(x, (3, 3), (2, 2), (0, 1))
     close_to_caffe(y, fwd["poolD"], "poolD")
     close_to_caffe(torch.autograd.grad(y, x, bwd["poolD"])[0], bwd["poolB"], "poolB diff")
+
+
+def test_opcheck():
+    """Schemas, fake implementations and the autograd registration (C++ for bn_scale_train) as
+    torch.library checks them (what torch.compile relies on)."""
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    gamma, beta = (torch.rand(3) + 0.5).requires_grad_(), torch.randn(3, requires_grad=True)
+    torch.library.opcheck(torch.ops.mspcnn.bn_scale_train.default, (x, gamma, beta, 1e-5, True))
+    torch.library.opcheck(torch.ops.mspcnn.bn_scale_train.default, (x.detach()[:, :, :, 0], gamma, beta, 1e-5, False))
+    index = torch.randint(0, 20, (2, 3, 3, 5))
+    torch.library.opcheck(torch.ops.mspcnn.caffe_max_pool_backward.default, (torch.randn(2, 3, 3, 5), index, 4, 5))
