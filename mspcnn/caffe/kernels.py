@@ -31,14 +31,7 @@ BatchNorm) and PyTorch's plain operations everywhere else (GPU, channels-last, g
 import torch
 import torch.nn.functional as F
 
-try:
-    from mspcnn import _C  # noqa: F401  loading the library registers the kernels
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "mspcnn._C, the compiled extension, could not be loaded. Build it with "
-        "`pip install -e . --no-build-isolation` in the repository root "
-        f"(after `pip install torch`). Cause: {exc}"
-    ) from exc
+from mspcnn import _extension  # noqa: F401  loads mspcnn._C, which registers the kernels
 
 __all__ = ["bn_scale", "bn_kernel_applies", "max_pool", "ave_pool", "pool_kernel_applies"]
 

@@ -13,18 +13,10 @@ not themselves differentiable (no double backward).
 """
 import torch
 
+from mspcnn import _extension  # noqa: F401  loads mspcnn._C, which registers the kernels
 from mspcnn.defaults import NCC_EPS, NCC_PATCH, NCC_SEARCH_ROWS
 
 from ._checks import check_inputs
-
-try:
-    from mspcnn import _C  # noqa: F401  loading the library registers the kernels
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "mspcnn._C, the compiled NCC extension, could not be loaded. Build it with "
-        "`pip install -e . --no-build-isolation` in the repository root "
-        f"(after `pip install torch`). Cause: {exc}"
-    ) from exc
 
 __all__ = ["ncc_volume", "ncc_max"]
 
