@@ -152,9 +152,9 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
             was 2-6% faster per iteration than those operations in the contiguous layout, and our
             CPU kernels below are faster still (docs/perf_notes.md).
         cpu_kernels: on the CPU, run each BatchNorm + Scale (+ ReLU) of the training phase as one
-            C++ operator and the pooling layers with our C++ operators (mspcnn.caffe.kernels: the
-            same functions, BatchNorm's sums in double). False: PyTorch's operations (what a GPU
-            runs).
+            C++ operator and pooling through PyTorch's channels-last kernels with our MAX backward
+            (mspcnn.caffe.kernels: the same functions, BatchNorm's sums in double). False: PyTorch's
+            separate operations (what a GPU runs).
         sigint_effect, sighup_effect, sigterm_effect: "stop", "snapshot" or "none".
         log: ``log(where, message)`` for the Caffe-format lines (default: glog lines on stdout).
         progress: draw a progress bar on stderr (default: when stderr is a terminal).

@@ -118,9 +118,10 @@ class MSPCNNBackbone(nn.Module):
 
     ``layer_params`` (attribute): the definitions of this branch's layers, in Caffe order;
     ``caffe_layers``: their (name, type). ``cpu_kernels`` (property, default True): on the CPU, run
-    each BatchNorm + Scale (+ ReLU) of the training phase as one C++ operator and the pooling layers
-    with our C++ operators (:mod:`mspcnn.caffe.kernels`: the same functions, BatchNorm's sums in
-    double); False runs PyTorch's operations (what a GPU runs).
+    each BatchNorm + Scale (+ ReLU) of the training phase as one C++ operator and pooling through
+    PyTorch's channels-last kernels with our MAX backward (:mod:`mspcnn.caffe.kernels`: the same
+    functions, BatchNorm's sums in double); False runs PyTorch's separate operations (what a GPU
+    runs).
     """
 
     def __init__(self, num_classes=None, generator=None, layer_params=None):
@@ -277,7 +278,7 @@ class MSPCNNBackbone(nn.Module):
 
     @property
     def cpu_kernels(self):
-        """Whether the CPU runs our C++ operators for BatchNorm + Scale + ReLU and pooling."""
+        """Whether the CPU runs our paths for BatchNorm + Scale + ReLU and pooling (mspcnn.caffe.kernels)."""
         return self._cpu_kernels
 
     @cpu_kernels.setter

@@ -12,8 +12,8 @@ absolute difference from the float64 gradient, relative to the float64 gradient'
 the table gives the median, 90th percentile and largest over the parameters, and the loss's relative
 error. Modes:
 
-* `kernels`: the engine's CPU default, our C++ operators for BatchNorm + Scale + ReLU (one operator,
-  sums in double) and pooling (mspcnn.caffe.kernels);
+* `kernels`: the engine's CPU default, our paths for BatchNorm + Scale + ReLU (one C++ operator, sums
+  in double) and pooling (channels-last kernels, our MAX backward; mspcnn.caffe.kernels);
 * `torch-ops`: PyTorch's operations for those layers (``model.backbone.cpu_kernels = False``; what
   runs on a GPU);
 * `channels-last`: PyTorch's operations on channels-last tensors (``solve(channels_last=True)``);

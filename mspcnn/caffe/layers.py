@@ -156,8 +156,9 @@ class Pooling(nn.Module):
     the padded map (padding counts, overhang past it does not).
 
     ``cpu_kernel`` (attribute, default True): on the CPU, contiguous float32/64
-    maps go through our C++ operators (:mod:`mspcnn.caffe.kernels`); False,
-    and everywhere else, PyTorch's pooling (the same values)."""
+    maps go through PyTorch's channels-last kernels and, for MAX, our backward
+    (:mod:`mspcnn.caffe.kernels`); False, and everywhere else, PyTorch's NCHW
+    pooling (the same values)."""
 
     def __init__(self, method="MAX", kernel=(2, 2), stride=(2, 2), pad=(0, 0), global_pooling=False):
         super().__init__()
