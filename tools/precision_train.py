@@ -30,11 +30,13 @@ seeds say nothing about their arithmetic. No timings.
 import argparse
 import copy
 import json
+import os
 import sys
 
 import numpy as np
 import torch
 
+from mspcnn.caffe.io import atomic_write, writable_folder
 from mspcnn.cli import run
 from mspcnn.model import MSPCNN
 from mspcnn.runtime import configure_threads
@@ -110,6 +112,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.pairs) < 2:
         p.error("--pairs must be >= 2 (a pair batch needs a similar and a dissimilar pair)")
+    if args.json:  # before the work, not after it
+        writable_folder(os.path.dirname(args.json) or ".", "--json")
     print(f"cpu: {configure_threads(args.threads)}", flush=True)
     rows = []
     for pairs in args.pairs:
@@ -134,9 +138,8 @@ def main(argv=None):
             gm = float(np.exp(np.mean(np.log([r["median"] for r in sel]))))
             print(f"  {pairs} pairs, {mode:>17}: median {gm:.1e}, worst {max(r['max'] for r in sel):.1e}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"stage": args.stage, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "rows": rows}, f, indent=1)
+        atomic_write(args.json, json.dumps({"stage": args.stage, "torch": torch.__version__,
+                                            "threads": torch.get_num_threads(), "rows": rows}, indent=1), mode="w")
         print(f"wrote {args.json}")
     return 0
 
