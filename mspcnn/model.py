@@ -284,9 +284,7 @@ class MSPCNNBackbone(nn.Module):
     @cpu_kernels.setter
     def cpu_kernels(self, value):
         self._cpu_kernels = bool(value)
-        for mod in self.modules():
-            if isinstance(mod, L.Pooling):
-                mod.cpu_kernel = self._cpu_kernels
+        L.set_pool_kernels(self, self._cpu_kernels)
 
     # --------------------------------------------------------------- forward
     def m(self, name):

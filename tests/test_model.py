@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mspcnn.caffe import io as cio
-from mspcnn.caffe.layers import BatchNorm, Pooling, pool_output_size
+from mspcnn.caffe.layers import BatchNorm, Pooling, pool_output_size, set_pool_kernels
 from mspcnn.caffe.net import CaffeNet
 from mspcnn.caffe.weights import layer_blobs_to_net
 from mspcnn.model import MSPCNN, MSPCNNBackbone
@@ -115,9 +115,7 @@ def test_siamese_model_equals_the_train_val_prototxt(tmp_path):
     cio.write_caffemodel(layer_blobs_to_net(model.layer_blobs(), model.describe()), path)
     net = CaffeNet(TRAIN_VAL_PROTOTXT, "TRAIN", stages=("stage2",))
     net.load_caffemodel(path, strict=False)  # the "_p" layers' learned blobs are shared by name
-    for mod in net.modules():  # PyTorch's pooling on both sides too
-        if isinstance(mod, Pooling):
-            mod.cpu_kernel = False
+    set_pool_kernels(net, False)  # PyTorch's pooling on both sides too
     assert net.layer_blobs()["conv1_p"][0] is net.layer_blobs()["conv1"][0]
     assert net.layer_blobs()["conv1_bn_p"][2] is not net.layer_blobs()["conv1_bn"][2]
 

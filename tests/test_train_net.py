@@ -9,7 +9,7 @@ import torch
 
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
-from mspcnn.caffe.layers import Pooling
+from mspcnn.caffe.layers import set_pool_kernels
 from mspcnn.caffe.net import CaffeNet
 from mspcnn.caffe.weights import layer_blobs_to_net
 from mspcnn.engine import solve
@@ -66,9 +66,7 @@ def test_an_edited_net_trains_as_caffe_would(tmp_path):
     # the interpreter runs PyTorch's operations layer by layer; so do the models here (same arithmetic,
     # a tight tolerance; our CPU kernels against those operations: tests/test_layer_kernels.py)
     model.backbone.cpu_kernels = unedited.backbone.cpu_kernels = False
-    for mod in net.modules():
-        if isinstance(mod, Pooling):
-            mod.cpu_kernel = False
+    set_pool_kernels(net, False)
 
     torch.manual_seed(1)
     a, b = torch.randn(3, 3, 144, 56), torch.randn(3, 3, 144, 56)

@@ -18,7 +18,7 @@ PyTorch eager version of the same network, on a quiet machine and beside busy pr
   load average is written beside each figure. With the default --threads auto the thread count is
   chosen again beside each level's busy processes (what a tool started on that machine does).
 * variants: `mspcnn` rows are the training engine's CPU default: the contiguous (NCHW) layout and our
-  C++ operators for BatchNorm + Scale + ReLU and pooling (mspcnn.caffe.kernels); --torch-ops adds
+  CPU paths for BatchNorm + Scale + ReLU and pooling (mspcnn.caffe.kernels); --torch-ops adds
   `mspcnn-torch`, the same network with PyTorch's operations for those layers
   (`model.backbone.cpu_kernels = False`, what runs on a GPU); --channels-last adds `mspcnn-cl`, the
   engine's `channels_last=True` option (PyTorch's operations: our kernels need the contiguous layout).
@@ -162,7 +162,7 @@ def main(argv=None):
                    help="also time mspcnn with channels-last weights and images (row 'mspcnn-cl')")
     p.add_argument("--torch-ops", action="store_true",
                    help="also time mspcnn with PyTorch's operations for BatchNorm, Scale, ReLU and pooling "
-                   "instead of our CPU kernels (row 'mspcnn-torch')")
+                   "instead of our CPU paths (row 'mspcnn-torch')")
     p.add_argument("--repeat", type=int, default=5, help="timed iterations per figure (default 5)")
     p.add_argument("--json", default="bench_train.json", help="write the figures here")
     args = p.parse_args(argv)
@@ -216,10 +216,10 @@ def main(argv=None):
         slow = f"{r['seconds'] / quiet['seconds']:.2f}x" if quiet else "-"
         cl = index.get((r["busy"], r["batch"], r["stage"], "mspcnn-cl"))
         cl_cols = f" {cl['seconds']:>7.3f} {r['seconds'] / cl['seconds']:>6.2f}x" if cl else ""
-        sep = index.get((r["busy"], r["batch"], r["stage"], "mspcnn-torch"))
-        sep_cols = f" {sep['seconds']:>7.3f} {sep['seconds'] / r['seconds']:>11.2f}x" if sep else ""
+        tops = index.get((r["busy"], r["batch"], r["stage"], "mspcnn-torch"))
+        tops_cols = f" {tops['seconds']:>7.3f} {tops['seconds'] / r['seconds']:>11.2f}x" if tops else ""
         print(f"{r['busy']:>5} {r['batch']:>6} {r['stage']:>6} {r['threads']:>7} {r['seconds']:>9.3f} "
-              f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}{sep_cols}{cl_cols}")
+              f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}{tops_cols}{cl_cols}")
     with open(args.json, "w") as f:
         json.dump({"threads": "auto, chosen at each busy level" if auto else threads, "rows": rows, "torch": torch.__version__, "cpus": os.cpu_count()}, f, indent=1)
     print(f"wrote {args.json}")

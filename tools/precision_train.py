@@ -81,21 +81,17 @@ def one_seed(seed, pairs, stage, modes):
             with torch.no_grad():
                 for q in m.parameters():
                     q.mul_(1 + U32 * torch.randn(q.shape, generator=pert, dtype=q.dtype))
-            loss, grads = gradients(m, batch)
-            errs = [((g - g64).abs().max() / g64.abs().max().clamp_min(1e-30)).item()
-                    for g, g64 in zip(grads, grads64)]
-            out[mode] = {"loss_rel_error": abs(loss - loss64) / abs(loss64), "grad_errors": errs}
-            continue
-        m = copy.deepcopy(model).float()
-        batch = tuple(t.float() for t in batch64)
-        m.backbone.cpu_kernels = mode == "kernels"
-        if mode == "channels-last":
-            m = m.to(memory_format=torch.channels_last)
-            batch = (batch[0].contiguous(memory_format=torch.channels_last),
-                     batch[1].contiguous(memory_format=torch.channels_last)) + batch[2:]
+        else:
+            m = copy.deepcopy(model).float()
+            batch = tuple(t.float() for t in batch64)
+            m.backbone.cpu_kernels = mode == "kernels"
+            if mode == "channels-last":
+                m = m.to(memory_format=torch.channels_last)
+                batch = (batch[0].contiguous(memory_format=torch.channels_last),
+                         batch[1].contiguous(memory_format=torch.channels_last)) + batch[2:]
         loss, grads = gradients(m, batch)
-        errs = [((g32 - g64).abs().max() / g64.abs().max().clamp_min(1e-30)).item()
-                for g32, g64 in zip(grads, grads64)]
+        errs = [((g - g64).abs().max() / g64.abs().max().clamp_min(1e-30)).item()
+                for g, g64 in zip(grads, grads64)]
         out[mode] = {"loss_rel_error": abs(loss - loss64) / abs(loss64), "grad_errors": errs}
     return out
 

@@ -24,6 +24,8 @@
 #include <cmath>
 #include <tuple>
 
+#include "grain.h"
+
 namespace mspcnn {
 namespace {
 
@@ -54,12 +56,6 @@ Layout layout_of(const at::Tensor& x) {
   L.C = x.size(1);
   L.S = x.numel() / (L.N * L.C);
   return L;
-}
-
-// Channels handed to a thread at a time: about 16 k values of work each.
-int64_t grain(const Layout& L) {
-  const int64_t g = 16384 / L.m();
-  return g < 1 ? 1 : g;
 }
 
 // The elementwise loops subtract `mu`, the mean rounded to the input's type;
@@ -194,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_train_cpu(
     scalar_t* py = y.data_ptr<scalar_t>();
     double* pm = mean.data_ptr<double>();
     double* pv = var.data_ptr<double>();
-    at::parallel_for(0, L.C, grain(L), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, L.C, grain_for(L.m()), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c)
         forward_channel<scalar_t>(L, c, px, py, pg[c], pb[c], eps, relu, pm, pv);
     });
@@ -236,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_train_backward_cpu(
     scalar_t* pgx = gx.data_ptr<scalar_t>();
     scalar_t* pgg = ggamma.data_ptr<scalar_t>();
     scalar_t* pgb = gbeta.data_ptr<scalar_t>();
-    at::parallel_for(0, L.C, grain(L), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, L.C, grain_for(L.m()), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c)
         backward_channel<scalar_t>(L, c, pgy, px, py, pg[c], pm[c], pv[c], eps, relu,
                                    pgx, pgg, pgb);

@@ -14,15 +14,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include "grain.h"
 
 namespace mspcnn {
 namespace {
-
-int64_t plane_grain(int64_t per_plane) {
-  const int64_t g = 16384 / std::max<int64_t>(per_plane, 1);
-  return g < 1 ? 1 : g;
-}
 
 at::Tensor caffe_max_pool_backward_cpu(const at::Tensor& grad_in, const at::Tensor& idx_in,
                                        int64_t height, int64_t width) {
@@ -47,7 +42,7 @@ at::Tensor caffe_max_pool_backward_cpu(const at::Tensor& grad_in, const at::Tens
     const scalar_t* pg = grad.data_ptr<scalar_t>();
     const int64_t* pi = idx.data_ptr<int64_t>();
     scalar_t* px = gx.data_ptr<scalar_t>();
-    at::parallel_for(0, planes, plane_grain(plane), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, planes, grain_for(plane), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const scalar_t* g = pg + p * per;
         const int64_t* i = pi + p * per;

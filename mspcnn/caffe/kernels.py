@@ -68,8 +68,7 @@ def bn_scale(norm, scale, x, relu=False, kernel=True):
     training phase. ``kernel``: use the C++ operator where :func:`bn_kernel_applies` (the default);
     False always runs the separate layers."""
     if kernel and bn_kernel_applies(norm, scale, x):
-        if x.shape[1] != norm.channels:
-            raise ValueError(f"BatchNorm: expected N x {norm.channels} x ..., got {list(x.shape)}")
+        norm.check_input(x)
         y, mean, var = torch.ops.mspcnn.bn_scale_train(x, scale.weight, scale.bias, float(norm.eps),
                                                         bool(relu))
         norm.accumulate(mean.to(norm.mean_acc.dtype), var.to(norm.var_acc.dtype), x.numel() // norm.channels)

@@ -21,7 +21,7 @@ from torch import nn
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
-__all__ = ["BatchNorm", "Scale", "Pooling", "pool_output_size", "fill_", "softmax_with_loss",
+__all__ = ["BatchNorm", "Scale", "Pooling", "set_pool_kernels", "pool_output_size", "fill_", "softmax_with_loss",
            "contrastive_loss", "dropout", "l2_normalize"]
 
 
@@ -95,9 +95,13 @@ class BatchNorm(nn.Module):
     def _view(self, t, x):
         return t.view(1, -1, *([1] * (x.dim() - 2)))
 
-    def forward(self, x):
+    def check_input(self, x):
+        """ValueError unless ``x`` is N x channels x ... (for every path that normalises ``x``)."""
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"BatchNorm: expected N x {self.channels} x ..., got {list(x.shape)}")
+
+    def forward(self, x):
+        self.check_input(x)
         use_global = self.use_global_stats if self.use_global_stats is not None else not self.training
         if use_global:
             mean, var = self.global_stats()
@@ -141,6 +145,13 @@ class Scale(nn.Module):
 # ---------------------------------------------------------------------------
 # Pooling
 # ---------------------------------------------------------------------------
+def set_pool_kernels(module, enabled):
+    """Set ``cpu_kernel`` on every :class:`Pooling` inside ``module`` (a model, a CaffeNet)."""
+    for mod in module.modules():
+        if isinstance(mod, Pooling):
+            mod.cpu_kernel = bool(enabled)
+
+
 def pool_output_size(size, kernel, stride, pad):
     """Caffe's pooled size: ceil((size + 2 pad - kernel) / stride) + 1, minus 1
     when pad > 0 and the last window would start in the padding."""
