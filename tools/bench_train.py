@@ -34,6 +34,8 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from mspcnn.caffe import proto
 from mspcnn.cli import run
@@ -108,7 +110,9 @@ def _busy():
         x += 1
 
 
-def measure(kind, stage, pairs, iter_size, repeat, classes=100):
+def build(kind, stage, pairs, iter_size, classes=100):
+    """One training iteration of `kind` (mspcnn, mspcnn-cl, mspcnn-torch or plain) on a fixed random batch,
+    as a function of no arguments."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(pairs, 3, 144, 56, generator=g), torch.randn(pairs, 3, 144, 56, generator=g),
@@ -140,6 +144,11 @@ def measure(kind, stage, pairs, iter_size, repeat, classes=100):
             for k in range(iter_size):
                 (plain_losses(model, *data[k], stage == 2) / iter_size).backward()
             opt.step()
+    return iteration
+
+
+def measure(kind, stage, pairs, iter_size, repeat, classes=100):
+    iteration = build(kind, stage, pairs, iter_size, classes)
     iteration()  # warm-up
     times = []
     for _ in range(repeat):
@@ -147,6 +156,108 @@ def measure(kind, stage, pairs, iter_size, repeat, classes=100):
         iteration()
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+# ---------------------------------------------------------------------------- roofline of the convolutions
+class _ConvCalls(TorchDispatchMode):
+    """Records the distinct convolutions a computation runs (input shape without the batch, weight shape,
+    stride, padding, dilation, groups) and how often."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            x, w, bias, stride, padding, dilation, transposed, _, groups = args
+            if not transposed:
+                key = (tuple(x.shape), tuple(w.shape), bias is not None, tuple(stride), tuple(padding),
+                       tuple(dilation), groups)
+                self.calls[key] = self.calls.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _conv_rate(key, batch, channels_last, repeat):
+    """Forward + backward (input and weight gradients) of one convolution at `batch` images: (GFLOP/s, GFLOP)."""
+    shape, wshape, has_bias, stride, padding, dilation, groups = key
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn((batch,) + shape[1:]).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(wshape).contiguous(memory_format=fmt).requires_grad_()
+    bias = torch.randn(wshape[0], requires_grad=True) if has_bias else None
+
+    def once():
+        y = torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation, groups)
+        y.backward(torch.ones_like(y))
+
+    with FlopCounterMode(display=False) as fc:
+        once()
+    once()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t)
+    return fc.get_total_flops() / float(np.median(times)) / 1e9, fc.get_total_flops() / 1e9
+
+
+def roofline(stage, pairs, iter_size, repeat, ceiling_batch=32):
+    """Where mspcnn's training iteration stands against this machine's convolution rate.
+
+    * the iteration's floating-point work, counted by torch.utils.flop_counter (convolutions forward and
+      backward, matrix products), and its time unprofiled (median of `repeat`);
+    * the time spent in convolution operators (torch.profiler, aten operators whose name holds "conv",
+      self time, over `repeat` iterations), hence the rate the network's convolutions reach;
+    * the ceiling: the fastest forward + backward rate measured here for any of the network's own
+      convolution shapes, at its batch and at `ceiling_batch` images, contiguous and channels-last.
+    The bound: the iteration's time if its convolutions ran at the ceiling and everything else took
+    the time it takes now."""
+    iteration = build("mspcnn", stage, pairs, iter_size)
+    iteration()  # warm-up
+    with FlopCounterMode(display=False) as fc, _ConvCalls() as calls:
+        iteration()
+    counts = {str(op).split(".")[1]: n / 1e9 for op, n in fc.get_flop_counts()["Global"].items()}
+    conv_gflop = sum(v for k, v in counts.items() if k.startswith("convolution"))
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        iteration()
+        times.append(time.perf_counter() - t)
+    sec = float(np.median(times))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(repeat):
+            iteration()
+    conv_us = sum(e.self_cpu_time_total for e in prof.key_averages()
+                  if e.key.startswith("aten::") and "conv" in e.key)
+    conv_sec = conv_us / 1e6 / repeat
+    shapes = []
+    for key, n in calls.calls.items():
+        best = max((_conv_rate(key, b, cl, 3)[0], b, cl) for b in sorted({key[0][0], ceiling_batch})
+                   for cl in (False, True))
+        shapes.append({"input": list(key[0]), "weight": list(key[1]), "stride": list(key[3]),
+                       "calls_per_iteration": n, "best_gflops": best[0], "best_batch": best[1],
+                       "best_channels_last": best[2]})
+    top = max(shapes, key=lambda s: s["best_gflops"])
+    ceiling = top["best_gflops"]
+    bound = conv_gflop / ceiling + max(sec - conv_sec, 0.0)
+    return {"stage": stage, "pairs": pairs, "iter_size": iter_size, "seconds": sec, "gflop": counts,
+            "conv_gflop": conv_gflop, "conv_seconds_profiled": conv_sec, "conv_gflops": conv_gflop / conv_sec,
+            "conv_share": conv_sec / sec, "ceiling_gflops": ceiling, "ceiling_shape": top,
+            "fraction_of_ceiling": conv_gflop / conv_sec / ceiling, "bound_seconds": bound,
+            "max_speedup": sec / bound, "shapes": shapes, "load": os.getloadavg()[0]}
+
+
+def print_roofline(r):
+    print(f"  stage {r['stage']}, {r['pairs']} pairs x iter_size {r['iter_size']}: {r['seconds']:.3f} s/iteration "
+          f"(load {r['load']:.2f}); work {r['conv_gflop']:.1f} GFLOP in convolutions "
+          f"(forward {r['gflop'].get('convolution', 0):.1f}, backward {r['gflop'].get('convolution_backward', 0):.1f}), "
+          f"{sum(r['gflop'].values()) - r['conv_gflop']:.3f} GFLOP elsewhere")
+    t = r["ceiling_shape"]
+    print(f"    convolutions: {r['conv_seconds_profiled']:.3f} s ({100 * r['conv_share']:.0f}% of the iteration), "
+          f"{r['conv_gflops']:.0f} GFLOP/s = {100 * r['fraction_of_ceiling']:.0f}% of the ceiling "
+          f"{r['ceiling_gflops']:.0f} GFLOP/s (input {t['input'][1:]}, weight {t['weight']}, batch {t['best_batch']}, "
+          f"{'channels-last' if t['best_channels_last'] else 'contiguous'})")
+    print(f"    at the ceiling the iteration would take {r['bound_seconds']:.3f} s: at most "
+          f"{r['max_speedup']:.2f}x faster without fewer operations or lower precision")
 
 
 def main(argv=None):
@@ -164,12 +275,31 @@ def main(argv=None):
                    help="also time mspcnn with PyTorch's operations for BatchNorm, Scale, ReLU and pooling "
                    "instead of our CPU paths (row 'mspcnn-torch')")
     p.add_argument("--repeat", type=int, default=5, help="timed iterations per figure (default 5)")
+    p.add_argument("--roofline", action="store_true",
+                   help="instead of the comparison: count the iteration's floating-point work, time its "
+                   "convolutions, and compare their rate with the fastest this machine reaches on the "
+                   "network's own convolution shapes (at most how much faster the iteration can get)")
     p.add_argument("--json", default="bench_train.json", help="write the figures here")
     args = p.parse_args(argv)
     if args.repeat < 1 or min(args.busy) < 0:
         p.error("--repeat must be >= 1 and --busy >= 0")
     auto = args.threads in (None, "auto")
     threads = None if auto else configure_threads(args.threads)  # auto: chosen at each busy level below
+    if args.roofline:
+        if auto:
+            threads = configure_threads(None)
+        print(f"roofline, cpu: {threads}", flush=True)
+        out = []
+        for batch in args.batches:
+            for stage in args.stages:
+                out.append(roofline(stage, *BATCHES[batch], args.repeat))
+                out[-1]["batch"] = batch
+                print_roofline(out[-1])
+        with open(args.json, "w") as f:
+            json.dump({"roofline": out, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "cpus": os.cpu_count()}, f, indent=1)
+        print(f"wrote {args.json}")
+        return 0
     rows = []
     for busy in args.busy:
         ctx = mp.get_context("spawn")
