@@ -99,6 +99,8 @@ def cases():
         # benchmarks and the demo
         ("demo_ncc.py", ["--pairs", "0"], "--pairs"),
         ("bench_ncc.py", ["--pairs", "0", "--json", "{base}/b.json"], "--pairs"),
+        ("bench_ncc.py", ["--ncu", "--json", "{base}/b.json"], "--ncu profiles CUDA kernels"),
+        ("bench_train.py", ["--repeat", "0", "--json", "{base}/b.json"], "--repeat"),
         ("bench_eval.py", ["--queries", "0"], "--queries"),
     ]
 

@@ -58,8 +58,18 @@ def parse_args(argv=None):
     p.add_argument("--accuracy-pairs", type=int, default=2,
                    help="pairs of the float32-against-float64 accuracy check (0: skip it; default 2)")
     p.add_argument("--json", default=None, help="output file (default bench_ncc_<device>.json)")
+    p.add_argument("--ncu", action="store_true",
+                   help="CUDA only: also profile one call of each operator and mode under Nsight Compute (ncu): "
+                   "each kernel's time, FP32/FP64 FLOP/s and DRAM bytes/s against the ceilings measured in the run")
+    p.add_argument("--ncu-pairs", type=int, help="pairs of the ncu profiles (default: the largest of --pairs)")
+    p.add_argument("--ncu-path", help="the ncu executable (default: ncu on the PATH, else the newest under "
+                   "/opt/nvidia/nsight-compute or /usr/local/cuda*)")
+    p.add_argument("--ncu-raw", help="folder for ncu's raw CSV output, one file per profile (default: none)")
+    p.add_argument("--ncu-child", nargs=4, metavar=("OP", "MODE", "PAIRS", "DTYPE"), help=argparse.SUPPRESS)
     add_threads_argument(p)
     args = p.parse_args(argv)
+    if args.ncu_child:
+        return args
     if args.pairs is None:
         args.pairs = [1, 8, 32] if args.device == "cpu" else [1, 32, 128]
     if min(args.pairs) < 1 or args.repeat < 1 or args.ref_repeat < 1:
@@ -71,6 +81,16 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("mspcnn::ncc_max", "CUDA"):
         p.error("--device cuda: mspcnn was built without the CUDA kernels "
                 "(reinstall with `pip install -e . --no-build-isolation` where nvcc is present)")
+    if args.ncu:
+        if args.device != "cuda":
+            p.error("--ncu profiles CUDA kernels: use it with --device cuda")
+        args.ncu_path = find_ncu(args.ncu_path)
+        if args.ncu_path is None:
+            p.error("--ncu: no ncu executable found (not on the PATH, not under /opt/nvidia/nsight-compute or "
+                    "/usr/local/cuda*); give it with --ncu-path")
+        args.ncu_pairs = args.ncu_pairs or max(args.pairs)
+        if args.ncu_pairs < 1:
+            p.error("--ncu-pairs must be positive")
     args.json = args.json or f"bench_ncc_{args.device}.json"
     return args
 
@@ -180,6 +200,187 @@ def kernel_time_ms(run, repeat=10):
     return total_us / 1e3 / repeat, breakdown
 
 
+# ---------------------------------------------------------------------------- Nsight Compute
+# Hardware counters of the operator's kernels: time, floating-point instructions by kind (thread-level,
+# predicated on) and DRAM bytes. FLOPs count an FMA as 2. ncu replays each kernel once per pass of
+# counters, so the figures are those of one call, not of a warm loop.
+NCU_METRICS = {
+    "time_s": "gpu__time_duration.sum",
+    "ffma": "smsp__sass_thread_inst_executed_op_ffma_pred_on.sum",
+    "fadd": "smsp__sass_thread_inst_executed_op_fadd_pred_on.sum",
+    "fmul": "smsp__sass_thread_inst_executed_op_fmul_pred_on.sum",
+    "dfma": "smsp__sass_thread_inst_executed_op_dfma_pred_on.sum",
+    "dadd": "smsp__sass_thread_inst_executed_op_dadd_pred_on.sum",
+    "dmul": "smsp__sass_thread_inst_executed_op_dmul_pred_on.sum",
+    "dram_read_B": "dram__bytes_read.sum",
+    "dram_write_B": "dram__bytes_write.sum",
+    "sm_throughput_pct": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "occupancy_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "registers": "launch__registers_per_thread",
+}
+_UNIT_SCALE = {
+    # time to seconds, sizes to bytes; anything else (inst, %, register/thread, ...) as printed
+    "nsecond": 1e-9, "ns": 1e-9, "usecond": 1e-6, "us": 1e-6, "msecond": 1e-3, "ms": 1e-3, "second": 1.0, "s": 1.0,
+    "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
+    "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 1024.0, "MiB": 1024.0 ** 2, "GiB": 1024.0 ** 3,
+}
+
+
+def find_ncu(path=None):
+    """The ncu executable: `path`, else ncu on the PATH, else the newest under /opt/nvidia/nsight-compute
+    or /usr/local/cuda*/ (None when there is none)."""
+    import glob
+    import shutil
+    if path:
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+    found = shutil.which("ncu")
+    if found:
+        return found
+    cands = sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu") + glob.glob("/usr/local/cuda*/bin/ncu")
+                   + glob.glob("/usr/local/cuda*/nsight-compute*/ncu"))
+    return cands[-1] if cands else None
+
+
+def ncu_command(ncu, op, mode, pairs, dtype):
+    """The command that profiles one call of `op` (`mode` fwd or fwd+bwd) at `pairs` pairs: ncu around a
+    child run of this script that brackets the call with cudaProfilerStart/Stop."""
+    return [ncu, "--csv", "--profile-from-start", "off", "--clock-control", "none",
+            "--metrics", ",".join(NCU_METRICS.values()),
+            sys.executable, os.path.abspath(__file__), "--ncu-child", op, mode, str(pairs), dtype]
+
+
+def parse_ncu_csv(text):
+    """Per-kernel metrics from `ncu --csv` output (the `details` page: one row per kernel and metric).
+
+    Lines before the CSV header (the profiled program's own output, ncu's ==PROF== lines) are skipped;
+    columns are found by name ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value"); values
+    may carry thousands separators; times are converted to seconds and sizes to bytes. Returns a list of
+    {"id", "kernel", <key of NCU_METRICS>: value} in launch order."""
+    import csv
+    import io
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        raise ValueError("no CSV table in ncu's output (no line starting with \"ID\")")
+    rows = [r for r in csv.reader(io.StringIO("\n".join(l for l in lines[start:] if l.startswith('"'))))]
+    header = rows[0]
+    need = ["ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value"]
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise ValueError(f"ncu's CSV lacks the column(s) {missing}; header: {header}")
+    col = {c: header.index(c) for c in need}
+    names = {v: k for k, v in NCU_METRICS.items()}
+    kernels = {}
+    for r in rows[1:]:
+        if len(r) < len(header):
+            continue
+        kid = r[col["ID"]]
+        k = kernels.setdefault(kid, {"id": int(kid), "kernel": r[col["Kernel Name"]]})
+        name = r[col["Metric Name"]]
+        if name not in names:
+            continue
+        raw = r[col["Metric Value"]].replace(",", "").strip()
+        try:
+            value = float(raw)
+        except ValueError:
+            continue  # "n/a" and the like: left out
+        k[names[name]] = value * _UNIT_SCALE.get(r[col["Metric Unit"]].strip(), 1.0)
+    return sorted(kernels.values(), key=lambda k: k["id"])
+
+
+def ncu_summary(kernels, ceilings):
+    """Totals of one profiled call: time, FP32 and FP64 FLOPs (FMA = 2), DRAM bytes, the achieved rates
+    and their fractions of the measured ceilings (2 x the float32 matmul multiply-add rate; the copy
+    bandwidth). Per kernel as well."""
+    def flops(k, p):
+        return 2 * k.get(p + "fma", 0.0) + k.get(p + "add", 0.0) + k.get(p + "mul", 0.0)
+
+    peak_flops = 2 * ceilings["fp32_matmul_TFMAps"] * 1e12
+    peak_bw = ceilings["copy_bandwidth_GBps"] * 1e9
+    out = []
+    for k in kernels:
+        t = k.get("time_s", 0.0)
+        nb = k.get("dram_read_B", 0.0) + k.get("dram_write_B", 0.0)
+        e = {"kernel": _short_kernel_name(k["kernel"]), "time_ms": t * 1e3, "fp32_flop": flops(k, "f"),
+             "fp64_flop": flops(k, "d"), "dram_bytes": nb}
+        for key in ("sm_throughput_pct", "occupancy_pct", "registers"):
+            if key in k:
+                e[key] = k[key]
+        if t > 0:
+            e.update(fp32_flops=e["fp32_flop"] / t, fp64_flops=e["fp64_flop"] / t, dram_Bps=nb / t,
+                     fraction_of_fp32_peak=e["fp32_flop"] / t / peak_flops, fraction_of_bandwidth=nb / t / peak_bw)
+        out.append(e)
+    total_t = sum(e["time_ms"] for e in out) / 1e3
+    total = {k: sum(e[k] for e in out) for k in ("fp32_flop", "fp64_flop", "dram_bytes")}
+    total["time_ms"] = total_t * 1e3
+    if total_t > 0:
+        total.update(fp32_flops=total["fp32_flop"] / total_t, dram_Bps=total["dram_bytes"] / total_t,
+                     fraction_of_fp32_peak=total["fp32_flop"] / total_t / peak_flops,
+                     fraction_of_bandwidth=total["dram_bytes"] / total_t / peak_bw)
+    return {"total": total, "kernels": out}
+
+
+def _short_kernel_name(name):
+    name = name.replace("void ", "").replace("mspcnn::cuda::", "").replace("(anonymous namespace)::", "")
+    return name.split("(")[0]
+
+
+def ncu_child(op, mode, pairs, dtype):
+    """Run inside ncu: one warm call, then one call between cudaProfilerStart and cudaProfilerStop."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(pairs, C, H, W, dtype=getattr(torch, dtype), device="cuda", generator=gen)
+    b = torch.randn(pairs, C, H, W, dtype=getattr(torch, dtype), device="cuda", generator=gen)
+    call = make_case(op, mode, "ours", a, b)
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    return 0
+
+
+def ncu_profile(ncu, op, mode, pairs, dtype, ceilings, raw_dir=None, timeout=300):
+    """Profile one call under ncu; the summary, or {"error": why} (ncu missing counters, a timeout...).
+    ncu's raw output is written to raw_dir when given."""
+    import subprocess
+    cmd = ncu_command(ncu, op, mode, pairs, dtype)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"ncu did not finish in {timeout} s", "command": cmd}
+    if raw_dir:
+        os.makedirs(raw_dir, exist_ok=True)
+        with open(os.path.join(raw_dir, f"ncu_{op}_{mode.replace('+', '_')}_{pairs}.csv"), "w") as f:
+            f.write(proc.stdout)
+            f.write(proc.stderr)
+    try:
+        kernels = parse_ncu_csv(proc.stdout)
+    except ValueError as e:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"{e}; ncu exit status {proc.returncode}; last lines: {' | '.join(tail)}", "command": cmd}
+    if not kernels:
+        return {"error": "ncu profiled no kernel", "command": cmd}
+    return ncu_summary(kernels, ceilings)
+
+
+def print_ncu(op, mode, pairs, res):
+    if "error" in res:
+        print(f"  {op} {mode} {pairs}: ncu failed: {res['error']}")
+        return
+    t = res["total"]
+    print(f"  {op} {mode} {pairs} pairs: {t['time_ms']:.3f} ms under ncu, FP32 {t.get('fp32_flops', 0) / 1e12:.2f} "
+          f"TFLOP/s ({100 * t.get('fraction_of_fp32_peak', 0):.1f}% of 2 x the matmul FMA rate), DRAM "
+          f"{t.get('dram_Bps', 0) / 1e9:.0f} GB/s ({100 * t.get('fraction_of_bandwidth', 0):.1f}% of the copy bandwidth)")
+    for e in res["kernels"]:
+        extra = "".join(f", {lab} {e[key]:.0f}{unit}" for key, lab, unit in
+                        (("sm_throughput_pct", "SM", "%"), ("occupancy_pct", "occupancy", "%"),
+                         ("registers", "registers", "")) if key in e)
+        print(f"    {e['kernel']:<40} {e['time_ms']:8.3f} ms  FP32 {e.get('fp32_flops', 0) / 1e12:6.2f} TFLOP/s "
+              f"({100 * e.get('fraction_of_fp32_peak', 0):5.1f}%)  FP64 {e['fp64_flop'] / 1e9:7.3f} GFLOP  "
+              f"DRAM {e.get('dram_Bps', 0) / 1e9:6.0f} GB/s ({100 * e.get('fraction_of_bandwidth', 0):4.1f}%){extra}")
+
+
 def _rel_max(x, ref):
     return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
@@ -240,6 +441,9 @@ def print_accuracy(rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.ncu_child:
+        op, mode, pairs, dtype = args.ncu_child
+        return ncu_child(op, mode, int(pairs), dtype)
     dtype = getattr(torch, args.dtype)
     device = args.device
     threads_line = configure_threads(args.threads)
@@ -298,13 +502,25 @@ def main(argv=None):
         for row in rows:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row.get("kernels_ms", {}).items(), key=lambda t: -t[1]))
             print(f"  {row['op']} {row['mode']} {row['pairs']}: {parts}")
+    profiles = []
+    if args.ncu:
+        print(f"\nNsight Compute ({args.ncu_path}), one call each, {args.ncu_pairs} pairs:", flush=True)
+        for op in args.ops:
+            for mode in ("fwd", "fwd+bwd"):
+                res = ncu_profile(args.ncu_path, op, mode, args.ncu_pairs, args.dtype, ceilings, args.ncu_raw)
+                profiles.append({"op": op, "mode": mode, "pairs": args.ncu_pairs, **res})
+                print_ncu(op, mode, args.ncu_pairs, res)
     acc = []
     if args.accuracy_pairs and args.dtype == "float32":
         acc = accuracy(device, args.accuracy_pairs)
         print_accuracy(acc)
     with open(args.json, "w") as f:
-        json.dump({"info": info, "results": rows, "accuracy": acc}, f, indent=2)
+        json.dump({"info": info, "results": rows, "accuracy": acc, "ncu": profiles}, f, indent=2)
     print(f"wrote {args.json}")
+    failed = [p for p in profiles if "error" in p]
+    if failed:
+        print(f"error: {len(failed)} of {len(profiles)} ncu profiles failed (see above and the JSON)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, in one call: build the CUDA extension, run the `cuda` tests
 # (the NCC kernels, the training command and the feature extraction on the
-# GPU against the CPU), run the CUDA benchmark. Logs and JSON go
-# to ${OUT:-gpu_out}. Usage: bash tools/gpu_check.sh [benchmark arguments]
+# GPU against the CPU), run the CUDA benchmark, with Nsight Compute's counters
+# of each operator's kernels (NCU=0 leaves them out; ncu's raw CSV tables are
+# packed into ncu_raw.tar.gz, since a device call brings back at most 8 files).
+# Logs and JSON go to ${OUT:-gpu_out}. Usage: bash tools/gpu_check.sh [benchmark arguments]
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -23,4 +25,11 @@ python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C
 start=$(date +%s)
 python3 -m pytest -q -x -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_ops.py tests/test_gpu_tools.py -k "cuda" 2>&1 | tee "$out/pytest_cuda.log" | tail -15
 echo "cuda tests: $(( $(date +%s) - start )) s"
-python3 tools/bench_ncc.py --device cuda --json "$out/bench_ncc_cuda.json" "$@" 2>&1 | tee "$out/bench_cuda.log"
+ncu_args=()
+[ "${NCU:-1}" != 0 ] && ncu_args=(--ncu --ncu-raw "$out/ncu_raw")
+python3 tools/bench_ncc.py --device cuda --json "$out/bench_ncc_cuda.json" "${ncu_args[@]}" "$@" 2>&1 | tee "$out/bench_cuda.log"
+status=${PIPESTATUS[0]}
+if [ -d "$out/ncu_raw" ]; then
+  tar -czf "$out/ncu_raw.tar.gz" -C "$out" ncu_raw && rm -rf "$out/ncu_raw"
+fi
+exit "$status"

@@ -1,0 +1,131 @@
+"""The benchmarks' own arithmetic, without timings: Nsight Compute's CSV read by tools/bench_ncc.py
+(with a stand-in for ncu, since this machine has no GPU), and the work counted by
+tools/bench_train.py --roofline."""
+import importlib.util
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench_ncc = load_tool("bench_ncc")
+bench_train = load_tool("bench_train")
+
+KERNEL = ("void mspcnn::cuda::(anonymous namespace)::max_fast_kernel<float, 5, 5, 1>"
+          "(mspcnn::NccGeometry, int, int, int, const T1 *, const T1 *, T1 *, long *)")
+HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+          '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"')
+
+
+def csv_rows(kid, kernel, metrics):
+    return [f'"{kid}","4242","python3","127.0.0.1","{kernel}","1","7","(32, 28, 1)","(1024, 1, 1)","0","9.0",'
+            f'"Command line profiler metrics","{name}","{unit}","{value}"' for name, unit, value in metrics]
+
+
+def sample_output():
+    m = bench_ncc.NCU_METRICS
+    k0 = [(m["time_s"], "usecond", "2,560.00"), (m["ffma"], "inst", "1,000,000,000"), (m["fadd"], "inst", "200,000,000"),
+          (m["fmul"], "inst", "100,000,000"), (m["dfma"], "inst", "0"), (m["dadd"], "inst", "0"), (m["dmul"], "inst", "0"),
+          (m["dram_read_B"], "Mbyte", "66.06"), (m["dram_write_B"], "Mbyte", "99.09"),
+          (m["sm_throughput_pct"], "%", "53.10"), (m["registers"], "register/thread", "64")]
+    k1 = [(m["time_s"], "nsecond", "1,210,000"), (m["ffma"], "inst", "50,000,000"), (m["dfma"], "inst", "4,000,000"),
+          (m["dadd"], "inst", "n/a"), (m["dram_read_B"], "Gbyte", "0.1"), (m["dram_write_B"], "byte", "0")]
+    lines = ["==PROF== Connected to process 4242 (/usr/bin/python3.11)", "some output of the program",
+             "==PROF== Profiling \"max_fast_kernel\": 0%....50%....100% - 12 passes", HEADER]
+    lines += csv_rows(0, KERNEL, k0) + csv_rows(1, "void mspcnn::cuda::max_backward_fused<float>(int)", k1)
+    lines += ["==PROF== Disconnected from process 4242"]
+    return "\n".join(lines) + "\n"
+
+
+CEILINGS = {"fp32_matmul_TFMAps": 25.0, "copy_bandwidth_GBps": 4000.0}
+
+
+def test_ncu_csv_is_read_by_column_name_with_units():
+    kernels = bench_ncc.parse_ncu_csv(sample_output())
+    assert [k["id"] for k in kernels] == [0, 1]
+    k0, k1 = kernels
+    assert k0["time_s"] == pytest.approx(2.56e-3) and k1["time_s"] == pytest.approx(1.21e-3)
+    assert k0["ffma"] == 1e9 and k0["dram_read_B"] == pytest.approx(66.06e6) and k1["dram_read_B"] == pytest.approx(1e8)
+    assert k0["registers"] == 64 and "dadd" not in k1  # "n/a" is left out, not read as 0
+
+
+def test_ncu_summary_counts_fma_twice_and_compares_with_the_ceilings():
+    s = bench_ncc.ncu_summary(bench_ncc.parse_ncu_csv(sample_output()), CEILINGS)
+    k0, k1 = s["kernels"]
+    assert k0["kernel"] == "max_fast_kernel<float, 5, 5, 1>"
+    assert k0["fp32_flop"] == 2 * 1e9 + 2e8 + 1e8
+    assert k0["fraction_of_fp32_peak"] == pytest.approx(2.3e9 / 2.56e-3 / 50e12)
+    assert k0["fraction_of_bandwidth"] == pytest.approx((66.06e6 + 99.09e6) / 2.56e-3 / 4e12)
+    assert k1["fp64_flop"] == 8e6 and k1["fp32_flop"] == 1e8
+    t = s["total"]
+    assert t["time_ms"] == pytest.approx(3.77) and t["fp32_flop"] == 2.4e9
+    assert t["fraction_of_fp32_peak"] == pytest.approx(2.4e9 / 3.77e-3 / 50e12)
+
+
+def test_ncu_csv_errors_say_what_is_missing():
+    with pytest.raises(ValueError, match="no CSV table"):
+        bench_ncc.parse_ncu_csv("==PROF== ERR_NVGPUCTRPERM - no permission\n")
+    with pytest.raises(ValueError, match="Metric Value"):
+        bench_ncc.parse_ncu_csv('"ID","Kernel Name","Metric Name","Metric Unit"\n"0","k","m","u"\n')
+
+
+def test_ncu_profile_runs_ncu_around_a_child_and_keeps_the_raw_output(tmp_path):
+    """A stand-in for ncu that checks its command line and prints a recorded table."""
+    sample = tmp_path / "sample.csv"
+    sample.write_text(sample_output())
+    args_file = tmp_path / "args.txt"
+    fake = tmp_path / "ncu"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nopen({str(args_file)!r}, 'w').write('\\n'.join(sys.argv[1:]))\n"
+                    f"sys.stdout.write(open({str(sample)!r}).read())\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    res = bench_ncc.ncu_profile(str(fake), "ncc_max", "fwd+bwd", 128, "float32", CEILINGS, raw_dir=str(tmp_path / "raw"))
+    assert "error" not in res, res
+    assert res["total"]["fp32_flop"] == 2.4e9
+    argv = args_file.read_text().split("\n")
+    assert argv[:6] == ["--csv", "--profile-from-start", "off", "--clock-control", "none", "--metrics"]
+    assert set(argv[6].split(",")) == set(bench_ncc.NCU_METRICS.values())
+    assert argv[-5:] == ["--ncu-child", "ncc_max", "fwd+bwd", "128", "float32"]
+    assert (tmp_path / "raw" / "ncu_ncc_max_fwd_bwd_128.csv").read_text().startswith("==PROF==")
+    # ncu that cannot read the counters: an error entry, not an exception
+    fake.write_text("#!/bin/sh\necho '==ERROR== Failed to initialize the profiler: LibraryNotLoaded' >&2\nexit 1\n")
+    res = bench_ncc.ncu_profile(str(fake), "ncc_max", "fwd", 128, "float32", CEILINGS)
+    assert "LibraryNotLoaded" in res["error"] and "exit status 1" in res["error"]
+
+
+def test_find_ncu_takes_an_explicit_path_only_when_executable(tmp_path):
+    f = tmp_path / "ncu"
+    f.write_text("")
+    assert bench_ncc.find_ncu(str(f)) is None
+    f.chmod(0o755)
+    assert bench_ncc.find_ncu(str(f)) == str(f)
+
+
+def test_roofline_records_each_convolution_and_counts_its_work():
+    """_ConvCalls sees the network's convolutions (shape, weight, stride); _conv_rate's work is the
+    textbook count: forward 2 N K Ho Wo C k k, backward twice that (input and weight gradients)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 1, stride=2))
+    x = torch.randn(2, 3, 12, 10)
+    with bench_train._ConvCalls() as calls:
+        net(x).sum().backward()
+    keys = sorted(calls.calls, key=lambda k: k[1][0])
+    assert [(k[0], k[1], k[3]) for k in keys] == [((2, 3, 12, 10), (8, 3, 3, 3), (1, 1)),
+                                                  ((2, 8, 12, 10), (16, 8, 1, 1), (2, 2))]
+    assert all(n == 1 for n in calls.calls.values())
+    rate, gflop = bench_train._conv_rate(keys[1], 4, False, 1)
+    fwd = 2 * 4 * 16 * 6 * 5 * 8
+    assert gflop * 1e9 == pytest.approx(3 * fwd) and rate > 0
+    _, gflop_cl = bench_train._conv_rate(keys[0], 4, True, 1)
+    assert gflop_cl * 1e9 == pytest.approx(3 * 2 * 4 * 8 * 12 * 10 * 3 * 9)
