@@ -11,7 +11,12 @@ Both run in the same process on the same synthetic dataset (generated in a
 temporary folder unless --raw/--db are given), with the same number of
 workers. Prints a table and writes JSON.
 
-    python tools/bench_data.py [--pairs-per-batch 50] [--batches 40] [--workers 2]
+With several worker counts (--workers 1 2 4 8 16) it measures how our loader
+scales with cores: images per second at each count, per worker, and the
+efficiency against the first count (the baseline is then timed at the largest
+count only).
+
+    python tools/bench_data.py [--pairs-per-batch 50] [--batches 40] [--workers 2 [4 ...]]
 """
 import argparse
 import json
@@ -76,15 +81,16 @@ def main(argv=None):
     p.add_argument("--db", help="its converted databases (default: convert --raw)")
     p.add_argument("--pairs-per-batch", type=int, default=50, help="pairs per batch (default 50, [1]'s batch)")
     p.add_argument("--batches", type=int, default=40, help="batches timed (default 40)")
-    p.add_argument("--workers", type=int, default=2,
-               help="decoding threads of our loader and worker processes of the baseline (default 2)")
+    p.add_argument("--workers", type=int, nargs="+", default=[2],
+                   help="decoding threads of our loader and worker processes of the baseline (default 2); several "
+                   "counts measure our loader's scaling (the baseline runs at the largest)")
     p.add_argument("--json", default="bench_data.json", help="write the figures here (default bench_data.json)")
     p.add_argument("--no-baseline", action="store_true",
                    help="time our loader only (e.g. on a --db of real images without their raw folder)")
     add_threads_argument(p)
     args = p.parse_args(argv)
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
-    if args.batches < 1 or args.pairs_per_batch < 1 or args.workers < 1:
+    if args.batches < 1 or args.pairs_per_batch < 1 or min(args.workers) < 1:
         p.error("--batches, --pairs-per-batch and --workers must be positive")
     tmp = tempfile.TemporaryDirectory()
     raw = args.raw or os.path.join(tmp.name, "raw")
@@ -103,19 +109,25 @@ def main(argv=None):
         p.error(f"{args.batches + 1} batches of {args.pairs_per_batch} pairs need {needed} training "
                 f"images, the dataset has {len(labels)}")
     print(f"{len(labels)} training images; {args.batches} batches of {args.pairs_per_batch} pairs, "
-          f"{args.workers} workers", flush=True)
+          f"workers {' '.join(map(str, args.workers))}", flush=True)
 
     transformer = DataTransformer((144, 56), [102, 102, 101], mirror=True, phase="TRAIN")
-    loader = PairLoader(DatumDB(os.path.join(db_dir, "train.lmdb")), labels, sampler,
-                        args.pairs_per_batch, transformer, workers=args.workers)
-    ours = timed_batches((b for _, b in loader.epoch(0)), args.batches)
+    db = DatumDB(os.path.join(db_dir, "train.lmdb"))
+    scaling = []
+    for workers in args.workers:
+        loader = PairLoader(db, labels, sampler, args.pairs_per_batch, transformer, workers=workers)
+        load = os.getloadavg()[0]
+        rate = timed_batches((b for _, b in loader.epoch(0)), args.batches)
+        scaling.append({"workers": workers, "images_per_s": rate, "per_worker": rate / workers, "load_average": load})
+    workers_max = max(args.workers)
+    ours = next(r["images_per_s"] for r in scaling if r["workers"] == workers_max)
 
     baseline = None
     if not args.no_baseline:
         anchors, partners, _ = sampler.epoch(0)
         paths = [os.path.join(raw, r["path"]) for r in rows]
         baseline_ds = JpegPairs(paths, anchors, partners, seed=0)
-        baseline_loader = DataLoader(baseline_ds, batch_size=args.pairs_per_batch, num_workers=args.workers,
+        baseline_loader = DataLoader(baseline_ds, batch_size=args.pairs_per_batch, num_workers=workers_max,
                                      shuffle=False, persistent_workers=False)
         baseline = timed_batches(baseline_loader, args.batches)
 
@@ -123,14 +135,23 @@ def main(argv=None):
     print("-" * 49)
     if baseline:
         print(f"{'baseline: JPEG files + DataLoader':<38} {baseline:>10.0f}")
-    print(f"{'ours: LMDB + PairLoader':<38} {ours:>10.0f}   ({ours / args.workers:.0f} per worker, "
+    print(f"{'ours: LMDB + PairLoader':<38} {ours:>10.0f}   ({ours / workers_max:.0f} per worker, "
           f"load {os.getloadavg()[0]:.2f})")
     if baseline:
-        print(f"speed-up {ours / baseline:.1f}x")
+        print(f"speed-up {ours / baseline:.1f}x (at {workers_max} workers)")
+    if len(scaling) > 1:
+        first = scaling[0]
+        print(f"\nscaling of our loader ({os.cpu_count()} CPUs; efficiency = per-worker rate / the per-worker rate "
+              f"at {first['workers']})")
+        print(f"{'workers':>7} {'images/s':>10} {'per worker':>11} {'efficiency':>10} {'load':>6}")
+        for r in scaling:
+            r["efficiency"] = r["per_worker"] / first["per_worker"]
+            print(f"{r['workers']:>7} {r['images_per_s']:>10.0f} {r['per_worker']:>11.0f} {r['efficiency']:>10.2f} "
+                  f"{r['load_average']:>6.2f}")
     result = {"images_per_s": {"ours": ours, "baseline": baseline}, "speedup": ours / baseline if baseline else None,
-              "load_average": os.getloadavg(),
+              "load_average": os.getloadavg(), "scaling": scaling,
               "pairs_per_batch": args.pairs_per_batch, "batches": args.batches,
-              "workers": args.workers, "train_images": len(labels), "torch": torch.__version__,
+              "workers": workers_max, "train_images": len(labels), "torch": torch.__version__,
               "cpus": os.cpu_count()}
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)

@@ -3,7 +3,7 @@
 # stages (prototxt_equiv/solver_cuhk01_stage{1,2}.prototxt: 5500 + 1500 iterations of 50 pairs x
 # iter_size 2), the single-shot CMC over 100 gallery draws beside the paper's 79.3% rank-1, the
 # validation curve, and the share of time the GPU waited for the data layer (engine log lines
-# "data wait N%"; the loader is also benchmarked alone with the same worker count).
+# "data wait N%"; the loader is also benchmarked alone, at 1, 2, 4, 8 and the same worker count).
 #
 #   bash tools/gpu_cuhk01.sh RAW_DIR [OUT]        RAW_DIR: CUHK01 as released (campus/ or its files)
 #
@@ -32,6 +32,8 @@ python3 tools/reproduce.py cuhk01-100 "$raw" --recipe paper --splits 1 --device 
   grep -E "^== |data wait|Test net output #0|ours:|chance|paper:|error" || true
 status=${PIPESTATUS[0]}
 echo "recipe: $(( $(date +%s) - start )) s, exit status $status"
+# The loader alone at 1, 2, 4, 8 and the recipe's worker count: its rate per core on this machine.
 python3 tools/bench_data.py --db "$out/split00/db" --no-baseline --pairs-per-batch "${BENCH_PAIRS:-50}" \
-  --batches "${BENCH_BATCHES:-30}" --workers "$workers" --json "$out/bench_data.json" 2>&1 | tail -4 || true
+  --batches "${BENCH_BATCHES:-30}" --workers $(printf '%s\n' 1 2 4 8 "$workers" | sort -nu) \
+  --json "$out/bench_data.json" 2>&1 | tail -10 || true
 exit "$status"
