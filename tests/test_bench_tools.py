@@ -129,3 +129,15 @@ def test_roofline_records_each_convolution_and_counts_its_work():
     assert gflop * 1e9 == pytest.approx(3 * fwd) and rate > 0
     _, gflop_cl = bench_train._conv_rate(keys[0], 4, True, 1)
     assert gflop_cl * 1e9 == pytest.approx(3 * 2 * 4 * 8 * 12 * 10 * 3 * 9)
+
+
+def test_emulated_cuda_forward_predicts_the_shift_helps():
+    """tools/emulate_cuda_ncc.py repeats the CUDA fast kernel's float32 arithmetic in NumPy. At a
+    feature mean of 10 the kernel as it was loses digits in X - n mu_a mu_b; with the plane-mean
+    shift it is within the tolerance the CPU kernel meets (test_ncc_ops.py)."""
+    emulate = load_tool("emulate_cuda_ncc")
+    rows = {r["variant"].split(",")[-1].split("(")[0].strip(): r for r in emulate.compare(1, 1, 10.0, 0)}
+    before, shifted, cpu = rows["as before"], rows["shifted"], rows["CPU kernel"]
+    assert shifted["value_max_abs_error"] <= 5e-6 and cpu["value_max_abs_error"] <= 5e-6
+    assert before["value_max_abs_error"] > 1e-5 > shifted["value_max_abs_error"]
+    assert shifted["argmax_changes"] <= before["argmax_changes"]

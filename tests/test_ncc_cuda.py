@@ -132,3 +132,47 @@ def test_volume_backward_tiled_equals_gathers(monkeypatch, patch, rows, W):
     for t, g, c in zip(tiled, gathered, cpu):
         torch.testing.assert_close(t, g, atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(t.cpu(), c, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (7, 5, 28)])
+def test_shift_keeps_float32_accuracy_with_a_large_mean(monkeypatch, patch, rows, W):
+    """MSPCNN_NCC_CUDA_SHIFT=1: the forward kernels shift each plane by its mean, as the CPU kernel
+    does (test_ncc_ops.py, test_float32_keeps_its_accuracy_when_the_features_have_a_large_mean),
+    in the fast kernel (5, 5) and the generic one (7, 5). Predicted on the CPU by
+    tools/emulate_cuda_ncc.py for the fast kernel: 1.5e-6 at a mean of 10 and only near-tie argmax
+    changes, against 4.4e-4 and 12 changes (gaps up to 6.7e-5) without the shift."""
+    from test_ncc_ops import F32_ATOL, argmax_stable
+
+    monkeypatch.setenv("MSPCNN_NCC_CUDA_SHIFT", "1")
+    torch.manual_seed(3)
+    a = torch.randn(2, 32, 72, W).relu() + 10.0
+    b = torch.randn(2, 32, 72, W).relu() + 10.0
+    values, index = ncc_max(a.cuda(), b.cuda(), patch, rows)
+    v64, i64 = ncc_max(a.double(), b.double(), patch, rows)
+    assert (values.cpu().double() - v64).abs().max() <= F32_ATOL / 4
+    vol = ncc_volume(a.cuda(), b.cuda(), patch, rows).cpu()
+    vol64 = ncc_volume(a.double(), b.double(), patch, rows)
+    assert (vol.double() - vol64).abs().max() <= F32_ATOL
+    stable = argmax_stable(vol64, 2, 32, rows * W, 72, W, 10 * F32_ATOL)
+    assert torch.equal(index.cpu()[stable], i64[stable])
+
+
+def test_shift_off_and_on_agree_on_ordinary_maps(monkeypatch):
+    """The shift changes rounding only: on maps with mean 0 the two settings agree to float32
+    accuracy, forward values, volume and the gradients that flow through them."""
+    a, b = pair((2, 8, 30, 28), positive=True)
+    outs = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("MSPCNN_NCC_CUDA_SHIFT", setting)
+        x = a.cuda().requires_grad_(True)
+        y = b.cuda().requires_grad_(True)
+        v, i = ncc_max(x, y)
+        vol = ncc_volume(x, y)
+        ga, gb = torch.autograd.grad(v.sum() + vol.square().sum(), (x, y))
+        outs.append([t.detach().cpu() for t in (v, i, vol, ga, gb)])
+    (v0, i0, vol0, ga0, gb0), (v1, i1, vol1, ga1, gb1) = outs
+    torch.testing.assert_close(v1, v0, atol=2e-5, rtol=0)
+    torch.testing.assert_close(vol1, vol0, atol=2e-5, rtol=0)
+    assert (i1 == i0).float().mean() > 0.999
+    for x, y in ((ga1, ga0), (gb1, gb0)):
+        assert (x - y).norm() / y.norm() < 1e-4

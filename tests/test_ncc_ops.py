@@ -169,7 +169,7 @@ def test_float32_keeps_its_accuracy_when_the_features_have_a_large_mean():
     box-sum form (sum of products minus n times the product of the means) loses float32 digits to
     that subtraction. The CPU kernel shifts each plane by its mean first; before that, at a mean of
     10, values were off by 2.8e-4 and 17 of 129,024 argmax choices moved (tools/bench_ncc.py).
-    CPU only: the CUDA kernels do not shift yet."""
+    CPU only: the CUDA kernels shift only with MSPCNN_NCC_CUDA_SHIFT=1 (test_ncc_cuda.py)."""
     torch.manual_seed(3)
     a = torch.randn(2, 32, 72, 28).relu() + 10.0
     b = torch.randn(2, 32, 72, 28).relu() + 10.0

@@ -4,6 +4,12 @@
 // explicit stream; the launcher ncc_cuda.cpp checks the tensors and calls the
 // host functions at the end of this file.
 //
+// The plane-mean shift (docs/ncc_layer.md, section 2), as the CPU kernels do:
+// with MSPCNN_NCC_CUDA_SHIFT=1 the forward kernels subtract each (n, c)
+// plane's mean from both maps (the zero padding becoming -mean) and give a
+// flat patch the factors 0, so that X no longer carries n mu_a mu_b and a
+// flat patch's NCC is exactly 0. Off by default until it has run on a GPU.
+//
 // Kernels:
 //   stats_kernel           patch mean / std of every centre (two passes, double)
 //   max_fast_kernel<P, R>  ncc_max forward, register-blocked decomposition
@@ -108,7 +114,49 @@ __device__ __forceinline__ void warp_best(T& best, int& best_k) {
   }
 }
 
-template <typename T, int P, int R, int WPT>
+// Means of the planes A and B (HW values each), for the shift: summed in
+// double by the block's threads in a fixed order (the same value in every
+// block of a plane), rounded to T; 0 when not finite (a NaN or an infinity
+// then stays in the patches that touch it, as on the CPU). Every thread of the
+// block calls it; the block is whole warps.
+template <typename T>
+__device__ void plane_means(const T* A, const T* B, int HW, T& ca, T& cb) {
+  __shared__ double part[2][32];
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int nthreads = blockDim.x * blockDim.y;
+  double sa = 0.0, sb = 0.0;
+  for (int i = tid; i < HW; i += nthreads) {
+    sa += double(load(A + i));
+    sb += double(load(B + i));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    sa += __shfl_xor_sync(0xffffffffu, sa, off);
+    sb += __shfl_xor_sync(0xffffffffu, sb, off);
+  }
+  if (tid % 32 == 0) {
+    part[0][tid / 32] = sa;
+    part[1][tid / 32] = sb;
+  }
+  __syncthreads();
+  double ta = 0.0, tb = 0.0;
+  for (int w = 0; w < (nthreads + 31) / 32; ++w) {
+    ta += part[0][w];
+    tb += part[1][w];
+  }
+  const double ma = ta / double(HW), mb = tb / double(HW);
+  ca = isfinite(ma) ? T(ma) : T(0);
+  cb = isfinite(mb) ? T(mb) : T(0);
+}
+
+inline bool shift_enabled() {
+  const char* env = getenv("MSPCNN_NCC_CUDA_SHIFT");
+  return env && env[0] == '1';
+}
+
+// SHIFT: the plane-mean shift (a template parameter, so that the kernels
+// without it are the same machine code as before it existed).
+template <typename T, int P, int R, int WPT, bool SHIFT>
 __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
     max_fast_kernel(NccGeometry g, int tile_rows, int tiles, int wsplit,
                     const T* __restrict__ a, const T* __restrict__ b,
@@ -135,18 +183,27 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
 
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const int nthreads = blockDim.x * blockDim.y;
+  T ca = T(0), cb = T(0);  // the shift
+  if constexpr (SHIFT) plane_means(A, B, H * W, ca, cb);
   for (int i = tid; i < (TR + P - 1) * SW; i += nthreads) {
     const int row = i / SW, c = i % SW;
-    As[i] = pixel(A, H, W, r0 - h + row, c - h);
+    if constexpr (SHIFT)
+      As[i] = pixel(A, H, W, r0 - h + row, c - h) - ca;
+    else
+      As[i] = pixel(A, H, W, r0 - h + row, c - h);
   }
   for (int i = tid; i < (TR + P + R - 2) * SW; i += nthreads) {
     const int row = i / SW, c = i % SW;
-    Bs[i] = pixel(B, H, W, r0 - R2 - h + row, c - h);
+    if constexpr (SHIFT)
+      Bs[i] = pixel(B, H, W, r0 - R2 - h + row, c - h) - cb;
+    else
+      Bs[i] = pixel(B, H, W, r0 - R2 - h + row, c - h);
   }
   __syncthreads();
   // Patch statistics from the staged rows (two passes over the zero-padded
   // patch): per output the factors ka = 1 / ((n-1) sig_a) and n mu_a ka, per
-  // candidate centre kb = 1 / sig_b and mu_b kb. Lanes past W get 0.
+  // candidate centre kb = 1 / sig_b and mu_b kb. Lanes past W get 0, and so
+  // does a flat patch (all its values equal) when the maps are shifted.
   for (int i = tid; i < TR * kLanes + (TR + R - 1) * kLanes; i += nthreads) {
     const bool is_a = i < TR * kLanes;
     const int e = is_a ? i : i - TR * kLanes;
@@ -155,10 +212,14 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
     if (c < W) {
       const T* x = (is_a ? As : Bs) + row * SW + c;  // top-left of the patch
       T sum = 0;
+      bool flat = SHIFT;
 #pragma unroll
       for (int u = 0; u < P; ++u)
 #pragma unroll
-        for (int v = 0; v < P; ++v) sum += x[u * SW + v];
+        for (int v = 0; v < P; ++v) {
+          sum += x[u * SW + v];
+          if constexpr (SHIFT) flat = flat && x[u * SW + v] == x[0];
+        }
       const T mu = sum / T(P * P);
       T ss = 0;
 #pragma unroll
@@ -176,6 +237,7 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
         k = T(1) / sig;
         m = mu * k;
       }
+      if (flat) k = m = T(0);
     }
     if (is_a) {
       kaS[e] = k;
@@ -277,7 +339,7 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
 // ---------------------------------------------------------------------------
 // Shared memory: the P rows of a and the R + P - 1 rows of b the row needs,
 // zero padded to width W + 2h, and the normalisation factors.
-template <typename T>
+template <typename T, bool SHIFT>
 __device__ void stage_row(const NccGeometry& g, int64_t plane, int64_t r,
                           const T* a, const T* b, const double* ma,
                           const double* sa, const double* mb, const double* sb,
@@ -293,21 +355,43 @@ __device__ void stage_row(const NccGeometry& g, int64_t plane, int64_t r,
   T* mbkb = kb + R * W;
   const T* A = a + plane * H * W;
   const T* B = b + plane * H * W;
-  for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x)
-    As[i] = pixel(A, H, W, r - h + i / SW, i % SW - h);
-  for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x)
-    Bs[i] = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h);
-  for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
-    const int64_t e = (plane * H + r) * W + w;
-    const double k = 1.0 / (nm1 * (sa[e] + g.eps));
-    ka[w] = T(k);
-    nmaka[w] = T(double(g.n()) * ma[e] * k);
-  }
-  for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
-    const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
-    const double k = 1.0 / (sb[e] + g.eps);
-    kb[i] = T(k);
-    mbkb[i] = T(mb[e] * k);
+  // With the shift, a flat patch (s = 0) gets the factors 0.
+  if constexpr (SHIFT) {
+    T ca, cb;
+    plane_means(A, B, int(H * W), ca, cb);
+    for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x)
+      As[i] = pixel(A, H, W, r - h + i / SW, i % SW - h) - ca;
+    for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x)
+      Bs[i] = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h) - cb;
+    for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
+      const int64_t e = (plane * H + r) * W + w;
+      const double k = sa[e] == 0.0 ? 0.0 : 1.0 / (nm1 * (sa[e] + g.eps));
+      ka[w] = T(k);
+      nmaka[w] = T(double(g.n()) * (ma[e] - double(ca)) * k);
+    }
+    for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
+      const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
+      const double k = sb[e] == 0.0 ? 0.0 : 1.0 / (sb[e] + g.eps);
+      kb[i] = T(k);
+      mbkb[i] = T((mb[e] - double(cb)) * k);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x)
+      As[i] = pixel(A, H, W, r - h + i / SW, i % SW - h);
+    for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x)
+      Bs[i] = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h);
+    for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
+      const int64_t e = (plane * H + r) * W + w;
+      const double k = 1.0 / (nm1 * (sa[e] + g.eps));
+      ka[w] = T(k);
+      nmaka[w] = T(double(g.n()) * ma[e] * k);
+    }
+    for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
+      const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
+      const double k = 1.0 / (sb[e] + g.eps);
+      kb[i] = T(k);
+      mbkb[i] = T(mb[e] * k);
+    }
   }
 }
 
@@ -335,7 +419,7 @@ __device__ __forceinline__ T candidate(const NccGeometry& g, const T* smem,
   return x * (ka[w] * kb[k * W + col]) - nmaka[w] * mbkb[k * W + col];
 }
 
-template <typename T>
+template <typename T, bool SHIFT>
 __global__ void max_generic_kernel(NccGeometry g, const T* __restrict__ a,
                                    const T* __restrict__ b, const double* ma,
                                    const double* sa, const double* mb,
@@ -343,7 +427,7 @@ __global__ void max_generic_kernel(NccGeometry g, const T* __restrict__ a,
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
-  stage_row(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  stage_row<T, SHIFT>(g, plane, r, a, b, ma, sa, mb, sb, smem);
   __syncthreads();
   const int64_t W = g.W;
   for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
@@ -363,7 +447,7 @@ __global__ void max_generic_kernel(NccGeometry g, const T* __restrict__ a,
   }
 }
 
-template <typename T>
+template <typename T, bool SHIFT>
 __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
                               const T* __restrict__ b, const double* ma,
                               const double* sa, const double* mb,
@@ -371,7 +455,7 @@ __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
-  stage_row(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  stage_row<T, SHIFT>(g, plane, r, a, b, ma, sa, mb, sb, smem);
   __syncthreads();
   const int64_t W = g.W, HW = g.H * W, per = g.R * W * W;
   // e -> (k, col, w) with w fastest: consecutive threads store consecutive w.
@@ -381,17 +465,19 @@ __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
   }
 }
 
-template <typename T, int P, int R, int WPT>
+template <typename T, int P, int R, int WPT, bool SHIFT>
 cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
                         const double* ma, const double* sa, const double* mb,
                         const double* sb, T* values, int64_t* index, int num_sms,
                         cudaStream_t stream) {
-  // Enough blocks to fill the GPU twice over, and shared memory <= 48 KB.
+  // Enough blocks to fill the GPU twice over, and shared memory <= 48 KB
+  // (the dynamic part and, with the shift, plane_means' 512 bytes).
+  const int64_t budget = 48 * 1024 - (SHIFT ? int64_t(sizeof(double)) * 64 : 0);
   int tiles = int((2 * int64_t(num_sms) + g.planes() - 1) / g.planes());
   if (tiles < 1) tiles = 1;
   if (tiles > g.H) tiles = int(g.H);
   int tile_rows = int((g.H + tiles - 1) / tiles);
-  while (tile_rows > 1 && fast_smem_elems<T, P, R>(tile_rows) * int64_t(sizeof(T)) > 48 * 1024)
+  while (tile_rows > 1 && fast_smem_elems<T, P, R>(tile_rows) * int64_t(sizeof(T)) > budget)
     tile_rows = (tile_rows + 1) / 2;
   tiles = int((g.H + tile_rows - 1) / tile_rows);
   const size_t smem = size_t(fast_smem_elems<T, P, R>(tile_rows)) * sizeof(T);
@@ -400,12 +486,12 @@ cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
   const char* env = getenv("MSPCNN_NCC_WSPLIT");
   const int wsplit = (env && env[0] == '2') ? 2 : 1;
   if (wsplit > 1)
-    cudaFuncSetAttribute(max_fast_kernel<T, P, R, WPT>,
+    cudaFuncSetAttribute(max_fast_kernel<T, P, R, WPT, SHIFT>,
                          cudaFuncAttributePreferredSharedMemoryCarveout,
                          cudaSharedmemCarveoutMaxShared);
   const dim3 block(kLanes, unsigned((g.W + WPT * wsplit - 1) / (WPT * wsplit)));
   const int64_t grid = g.planes() * tiles * wsplit;
-  max_fast_kernel<T, P, R, WPT><<<unsigned(grid), block, smem, stream>>>(
+  max_fast_kernel<T, P, R, WPT, SHIFT><<<unsigned(grid), block, smem, stream>>>(
       g, tile_rows, tiles, wsplit, a, b, values, index);
   return cudaGetLastError();
 }
@@ -437,17 +523,24 @@ cudaError_t ncc_max_forward(const NccGeometry& g, const T* a, const T* b,
     // MSPCNN_NCC_COLS_PER_THREAD=1 or 2; docs/perf_notes.md has the numbers).
     const char* env = getenv("MSPCNN_NCC_COLS_PER_THREAD");
     const bool two = env ? env[0] == '2' : kDefaultTwoColumns;
-#define MSPCNN_FAST(P_, R_)                                                                   \
-  if (g.P == P_ && g.R == R_)                                                                 \
-    return two ? launch_fast<T, P_, R_, 2>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream) \
-               : launch_fast<T, P_, R_, 1>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream);
+    const bool shift = shift_enabled();
+#define MSPCNN_FAST_W(P_, R_, WPT_)                                                            \
+  (shift ? launch_fast<T, P_, R_, WPT_, true>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream) \
+         : launch_fast<T, P_, R_, WPT_, false>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream))
+#define MSPCNN_FAST(P_, R_) \
+  if (g.P == P_ && g.R == R_) return two ? MSPCNN_FAST_W(P_, R_, 2) : MSPCNN_FAST_W(P_, R_, 1);
     MSPCNN_FAST(3, 1) MSPCNN_FAST(3, 3) MSPCNN_FAST(3, 5)
     MSPCNN_FAST(5, 1) MSPCNN_FAST(5, 3) MSPCNN_FAST(5, 5)
 #undef MSPCNN_FAST
+#undef MSPCNN_FAST_W
   }
   const size_t smem = size_t(generic_smem_elems(g)) * sizeof(T);
-  max_generic_kernel<T><<<unsigned(g.planes() * g.H), 64, smem, stream>>>(
-      g, a, b, ma, sa, mb, sb, values, index);
+  if (shift_enabled())
+    max_generic_kernel<T, true><<<unsigned(g.planes() * g.H), 64, smem, stream>>>(
+        g, a, b, ma, sa, mb, sb, values, index);
+  else
+    max_generic_kernel<T, false><<<unsigned(g.planes() * g.H), 64, smem, stream>>>(
+        g, a, b, ma, sa, mb, sb, values, index);
   return cudaGetLastError();
 }
 
@@ -457,8 +550,12 @@ cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,
                                const double* mb, const double* sb, T* volume,
                                cudaStream_t stream) {
   const size_t smem = size_t(generic_smem_elems(g)) * sizeof(T);
-  volume_kernel<T><<<unsigned(g.planes() * g.H), kThreads, smem, stream>>>(
-      g, a, b, ma, sa, mb, sb, volume);
+  if (shift_enabled())
+    volume_kernel<T, true><<<unsigned(g.planes() * g.H), kThreads, smem, stream>>>(
+        g, a, b, ma, sa, mb, sb, volume);
+  else
+    volume_kernel<T, false><<<unsigned(g.planes() * g.H), kThreads, smem, stream>>>(
+        g, a, b, ma, sa, mb, sb, volume);
   return cudaGetLastError();
 }
 

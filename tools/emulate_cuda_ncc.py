@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""The float32 arithmetic of the CUDA ncc_max forward, emulated in NumPy on the CPU.
+
+The register-blocked CUDA kernel (`max_fast_kernel` in csrc/cuda/ncc_forward.cu) computes its own
+patch statistics in float32 from the rows it stages in shared memory, and sums the patch products
+as horizontal sums of P fused multiply-adds kept in a window of P rows. This tool repeats that
+arithmetic operation by operation in NumPy (a fused multiply-add is one rounding: the product and
+the sum in double, then rounded to float32), with and without the plane-mean shift
+(`MSPCNN_NCC_CUDA_SHIFT=1`), and compares each with the float64 operator, beside the CPU kernel's
+own float32 result. It predicts the CUDA kernel's accuracy on a machine without a GPU; the GPU tests
+(tests/test_ncc_cuda.py) measure the kernel itself.
+
+Inputs as in tools/bench_ncc.py's accuracy check: pool1-like maps, ReLU of a normal draw plus an
+offset (0 and 10: the offset is where float32 loses digits in X - n mu_a mu_b).
+
+    python tools/emulate_cuda_ncc.py [--pairs 1] [--channels 8] [--offsets 0 10] [--seed 0] [--json FILE]
+
+About 1.5 s per channel and offset on one core.
+"""
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+
+import mspcnn.ops  # noqa: F401  (registers torch.ops.mspcnn)
+from mspcnn.cli import run
+
+F32, F64 = np.float32, np.float64
+H, W, PATCH, ROWS, EPS = 72, 28, 5, 5, 0.01
+
+
+def fma(a, b, c):
+    """float32 fused multiply-add: a * b + c with one rounding (exact product and sum in double,
+    then rounded; double rounding differs from a true FMA only in rare ties)."""
+    return (np.asarray(a, F64) * np.asarray(b, F64) + np.asarray(c, F64)).astype(F32)
+
+
+def _stats(S, rows, is_a, P, eps, shift):
+    """The kernel's statistics loop: per centre, the factors (ka, n mu ka) for `a` or (kb, mu kb) for
+    `b` from the staged rows S, in float32; a flat patch gets 0 when the maps are shifted."""
+    n = P * P
+    k = np.zeros((rows, W), F32)
+    m = np.zeros((rows, W), F32)
+    for r in range(rows):
+        for w in range(W):
+            x = S[r:r + P, w:w + P].ravel()
+            s = F32(0)
+            for v in x:
+                s = F32(s + v)
+            mu = F32(s / F32(n))
+            ss = F32(0)
+            for v in x:
+                d = F32(v - mu)
+                ss = fma(d, d, ss)[()]
+            sig = F32(F32(np.sqrt(F32(ss / F32(n - 1)))) + F32(eps))
+            if shift and (x == x[0]).all():
+                continue  # flat: both factors 0
+            if is_a:
+                kk = F32(F32(1) / F32(F32(n - 1) * sig))
+                k[r, w], m[r, w] = kk, F32(F32(F32(n) * mu) * kk)
+            else:
+                kk = F32(F32(1) / sig)
+                k[r, w], m[r, w] = kk, F32(mu * kk)
+    return k, m
+
+
+def emulate_plane(A, B, P=PATCH, R=ROWS, eps=EPS, shift=False):
+    """ncc_max of one (n, c) plane as max_fast_kernel computes it: (values, index)."""
+    h, R2 = P // 2, R // 2
+    ca = F32(A.astype(F64).mean()) if shift else F32(0)
+    cb = F32(B.astype(F64).mean()) if shift else F32(0)
+    As = np.full((H + 2 * h, W + 2 * h), -ca, F32)
+    As[h:h + H, h:h + W] = A - ca
+    Bs = np.full((H + 2 * R2 + 2 * h, W + 2 * h), -cb, F32)
+    Bs[R2 + h:R2 + h + H, h:h + W] = B - cb
+    ka, nmaka = _stats(As, H, True, P, eps, shift)
+    kb, mbkb = _stats(Bs, H + R - 1, False, P, eps, shift)
+    # Hs[u, k, w, col] = sum_j a(u, w + j) b(u + k, col + j), P fused multiply-adds in order j
+    U = H + P - 1
+    Hs = np.zeros((U, R, W, W), F32)
+    for j in range(P):
+        av = np.broadcast_to(As[:U, j:j + W][:, None, :, None], Hs.shape)
+        bv = np.broadcast_to(np.stack([Bs[k:k + U, j:j + W] for k in range(R)], 1)[:, :, None, :], Hs.shape)
+        Hs = fma(av, bv, Hs)
+    values = np.zeros((H, W), F32)
+    index = np.zeros((H, W), np.int64)
+    for ri in range(H):
+        # the window's P rows are added in the order of their register slots (row % P)
+        order = sorted(range(ri, ri + P), key=lambda q: q % P)
+        x = Hs[order[0]].copy()
+        for q in order[1:]:
+            x = (x + Hs[q]).astype(F32)
+        t = (ka[ri][None, :, None] * kb[ri:ri + R][:, None, :]).astype(F32)       # k, w, col
+        c = (nmaka[ri][None, :, None] * mbkb[ri:ri + R][:, None, :]).astype(F32)
+        v = fma(x, t, -c).transpose(1, 0, 2).reshape(W, R * W)                   # w, k * W + col
+        index[ri] = v.argmax(1)  # the first maximum, as the kernel's strict comparison
+        values[ri] = v.max(1)
+    return values, index
+
+
+def compare(pairs, channels, offset, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
+    b = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
+    op = torch.ops.mspcnn
+    v64, i64 = op.ncc_max(a.double(), b.double(), PATCH, ROWS, EPS)
+    vol = op.ncc_volume(a.double(), b.double(), PATCH, ROWS, EPS).view(pairs, channels, ROWS * W, H, W)
+    rows = []
+
+    def row(name, v, i):
+        v, i = torch.as_tensor(v), torch.as_tensor(i)
+        changed = i != i64
+        gaps = (vol.gather(2, i64.unsqueeze(2)) - vol.gather(2, i.unsqueeze(2))).squeeze(2)[changed]
+        rows.append({"variant": name, "offset": offset, "outputs": int(v.numel()),
+                     "value_max_abs_error": float((v.double() - v64).abs().max()),
+                     "argmax_changes": int(changed.sum()),
+                     "argmax_change_max_gap": float(gaps.abs().max()) if gaps.numel() else 0.0})
+
+    for shift in (False, True):
+        v = np.zeros((pairs, channels, H, W), F32)
+        i = np.zeros((pairs, channels, H, W), np.int64)
+        for p in range(pairs):
+            for c in range(channels):
+                v[p, c], i[p, c] = emulate_plane(a[p, c].numpy(), b[p, c].numpy(), shift=shift)
+        row("CUDA fast kernel, shifted (emulated)" if shift else "CUDA fast kernel, as before (emulated)", v, i)
+    vc, ic = op.ncc_max(a, b, PATCH, ROWS, EPS)
+    row("CPU kernel (measured)", vc, ic)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=1, help="pairs of maps (default 1)")
+    p.add_argument("--channels", type=int, default=8, help="channels per map, of pool1's 32 (default 8)")
+    p.add_argument("--offsets", type=float, nargs="+", default=[0.0, 10.0], help="added to the ReLU maps (default 0 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the maps (default 0)")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    if args.pairs < 1 or args.channels < 1:
+        p.error("--pairs and --channels must be positive")
+    rows = []
+    for offset in args.offsets:
+        rows += compare(args.pairs, args.channels, offset, args.seed)
+    print(f"ncc_max float32 against float64, pool1 shape {H} x {W}, {args.pairs} pair(s) x {args.channels} channels, "
+          f"patch {PATCH}, {ROWS} search rows, seed {args.seed}")
+    print(f"{'variant':<40} {'offset':>6} {'max |error|':>12} {'argmax changes':>15} {'largest gap':>12}")
+    for r in rows:
+        print(f"{r['variant']:<40} {r['offset']:>6g} {r['value_max_abs_error']:>12.2e} "
+              f"{r['argmax_changes']:>8} / {r['outputs']:<6}{r['argmax_change_max_gap']:>11.1e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "pairs": args.pairs, "channels": args.channels, "seed": args.seed}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
