@@ -109,12 +109,23 @@ def test_gradcheck(device, patch, search_rows, H, W):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("patch", [7, 9])
+@pytest.mark.parametrize("patch", [7, 9, 15, 17])
 def test_gradcheck_wide_patches(device, patch):
-    """The CPU max backward loads each patch row as one 8-lane vector up to P = 8 (7: one lane
-    masked) and falls back to a scalar loop beyond (9): both against the numerical Jacobian."""
+    """The CPU max backward loads each patch row as 8-lane vectors, the last one masked: one vector
+    up to P = 8 (7: one lane masked), then full vectors and a masked one (9: one lane of the second;
+    15: seven; 17: two full vectors and one lane). All against the numerical Jacobian."""
+    if patch > 15 and device == "cuda":
+        pytest.skip("the CUDA kernels take P <= 15")
     a, b = maps((1, 2, 6, 11), device, requires_grad=True)
     assert gradcheck(lambda x, y: max_values(x, y, patch=patch, search_rows=3, eps=0.01), (a, b))
+    # float32 against float64 at the same choices of candidate
+    x, y = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    values, index = ncc_max(x, y, patch, 3)
+    g = torch.randn_like(values)
+    ga, gb = torch.autograd.grad(values, (x, y), g)
+    ra, rb = torch.ops.mspcnn.ncc_max_backward(g.double(), a.detach(), b.detach(), index, patch, 3, 0.01)
+    for got, ref in ((ga, ra), (gb, rb)):
+        assert (got.double() - ref).norm() / ref.norm() < F32_GRAD_RTOL
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -27,7 +27,6 @@
 #include <vector>
 
 #include "../ncc_checks.h"
-#include "../ncc_grad_coef.h"
 
 namespace mspcnn {
 namespace {
@@ -369,68 +368,15 @@ void forward_plane_dispatch(const NccGeometry& g, const scalar_t* a,
 // sig = s + eps (docs/ncc_layer.md, "Backward"):
 //   dNCC/dx = (yc / sig_b - NCC xc / s_a) / ((n - 1) sig_a)
 //   dNCC/dy = (xc / sig_a - NCC yc / s_b) / ((n - 1) sig_b)
-// A constant patch has s = 0 and xc = 0, and its 1/s term is taken as 0.
-// The NCC of the selected pair is recomputed in double from padded copies;
+// A constant patch has s = 0 and xc = 0, and its 1/s term is taken as 0;
 // gradients reaching the padding are dropped.
-template <typename scalar_t>
-void max_backward_plane(const NccGeometry& g, const scalar_t* grad,
-                        const scalar_t* a, const scalar_t* b,
-                        const int64_t* index, scalar_t* grad_a,
-                        scalar_t* grad_b) {
-  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R2 = g.R2();
-  const int64_t Wp = W + 2 * h, BR = g.b_rows();
-  const double nm1 = double(g.n() - 1);
-  PlaneStats st;
-  st.compute(g, a, b);
-  // Padded copies; the b copy has R2 + h extra rows so that every candidate
-  // patch (centre rows -R2 .. H - 1 + R2) lies inside it.
-  std::vector<double> ap((H + 2 * h) * Wp, 0.0), bp((BR + 2 * h) * Wp, 0.0);
-  std::vector<double> ga(ap.size(), 0.0), gb(bp.size(), 0.0);
-  for (int64_t u = 0; u < H; ++u)
-    for (int64_t v = 0; v < W; ++v) {
-      ap[(u + h) * Wp + v + h] = double(a[u * W + v]);
-      bp[(u + R2 + h) * Wp + v + h] = double(b[u * W + v]);
-    }
-  for (int64_t r = 0; r < H; ++r) {
-    for (int64_t w = 0; w < W; ++w) {
-      const double gv = double(grad[r * W + w]);
-      if (gv == 0.0) continue;
-      const int64_t idx = index[r * W + w];
-      const int64_t qr = r + idx / W - R2, qc = idx % W;  // centre in b
-      const double mua = st.ma[r * W + w], sa = st.sa[r * W + w];
-      const double mub = st.mb[(qr + R2) * W + qc], sb = st.sb[(qr + R2) * W + qc];
-      // Top-left corners of the two patches in the padded copies.
-      const int64_t oa = r * Wp + w, ob = (qr + R2) * Wp + qc;
-      double cov = 0.0;
-      for (int64_t i = 0; i < P; ++i)
-        for (int64_t j = 0; j < P; ++j)
-          cov += (ap[oa + i * Wp + j] - mua) * (bp[ob + i * Wp + j] - mub);
-      // grad_x = al_a y + be_a x + c_a, and the same for y (ncc_grad_coef.h).
-      const NccGradCoef<double> k = ncc_grad_coef(gv, cov, mua, sa, mub, sb, nm1, g.eps);
-      for (int64_t i = 0; i < P; ++i) {
-        const double* x = ap.data() + oa + i * Wp;
-        const double* y = bp.data() + ob + i * Wp;
-        double* gx = ga.data() + oa + i * Wp;
-        double* gy = gb.data() + ob + i * Wp;
-        for (int64_t j = 0; j < P; ++j) {
-          gx[j] += k.al_a * y[j] + k.be_a * x[j] + k.c_a;
-          gy[j] += k.al_b * x[j] + k.be_b * y[j] + k.c_b;
-        }
-      }
-    }
-  }
-  for (int64_t u = 0; u < H; ++u)
-    for (int64_t v = 0; v < W; ++v) {
-      grad_a[u * W + v] = scalar_t(ga[(u + h) * Wp + v + h]);
-      grad_b[u * W + v] = scalar_t(gb[(u + R2 + h) * Wp + v + h]);
-    }
-}
-
-// The same backward with SIMD rows, for patches of at most 8 columns (the
-// common case): every patch row is one vector of 8 lanes of scalar_t, loaded
-// from padded copies at any column; lanes j >= P belong to the neighbours and
-// are masked out by selects (never by multiplying with 0, so that a NaN next
-// to a patch stays where it is). Each output row is done in two passes:
+//
+// SIMD rows: a patch row is loaded as vectors of 8 lanes of scalar_t from
+// padded copies at any column, ceil(P / 8) of them (one up to P = 8, the
+// common case); the lanes of the last vector past the patch belong to the
+// neighbours and are masked out by selects (never by multiplying with 0, so
+// that a NaN next to a patch stays where it is). Each output row is done in
+// two passes:
 //  1. per output, the covariance of its two centred patches (accumulated in
 //     scalar_t, summed over the lanes in double) and its coefficients, in
 //     double, from per-centre reciprocals taken once per plane, so that no
@@ -446,14 +392,18 @@ void max_backward_plane(const NccGeometry& g, const scalar_t* grad,
 //     which equals ncc_grad_coef.h's al y + be x + c without the cancellation
 //     of c against the uncentred terms (float32 sums stay accurate when the
 //     features have a large mean). Columns are visited with a stride of 8 so
-//     that consecutive outputs never write overlapping vectors of grad_a.
+//     that consecutive outputs never write overlapping vectors of grad_a (for
+//     P > 8 the vectors of one output's row overlap the next chunk's; the
+//     writes are in order within the thread, so this costs speed, not
+//     correctness).
 // Gradients are accumulated in scalar_t; the error against a float64 backward
 // is measured in docs/perf_notes.md.
-template <typename scalar_t>
-void max_backward_plane_simd(const NccGeometry& g, const scalar_t* grad,
-                             const scalar_t* a, const scalar_t* b,
-                             const int64_t* index, scalar_t* grad_a,
-                             scalar_t* grad_b) {
+// kOne: P <= 8, one vector per patch row (the full-vector loops compile away).
+template <typename scalar_t, bool kOne>
+void max_backward_plane(const NccGeometry& g, const scalar_t* grad,
+                        const scalar_t* a, const scalar_t* b,
+                        const int64_t* index, scalar_t* grad_a,
+                        scalar_t* grad_b) {
   constexpr int64_t L = 8;
   typedef scalar_t V __attribute__((vector_size(L * sizeof(scalar_t))));
   typedef typename Simd<scalar_t>::IE IE;
@@ -473,7 +423,8 @@ void max_backward_plane_simd(const NccGeometry& g, const scalar_t* grad,
     kb[i] = 1.0 / (st.sb[i] + g.eps);
     isb[i] = st.sb[i] > 0.0 ? 1.0 / st.sb[i] : 0.0;
   }
-  // Padded copies (L spare elements at the end for the last row's loads).
+  // Padded copies (L spare elements at the end for the last row's loads: a
+  // vector starting at patch column j0 < P of the last row ends before it).
   std::vector<scalar_t> ap((H + 2 * h) * Wp + L, scalar_t(0)),
       bp((BR + 2 * h) * Wp + L, scalar_t(0));
   std::vector<scalar_t> ga(ap.size(), scalar_t(0)), gb(bp.size(), scalar_t(0));
@@ -481,9 +432,12 @@ void max_backward_plane_simd(const NccGeometry& g, const scalar_t* grad,
     std::copy(a + u * W, a + (u + 1) * W, ap.data() + (u + h) * Wp + h);
     std::copy(b + u * W, b + (u + 1) * W, bp.data() + (u + R2 + h) * Wp + h);
   }
+  // Patch columns j0 .. j0 + 7 per vector; full vectors first, then the
+  // last one (lanes j0 + lane < P), masked.
+  const int64_t last = kOne ? 0 : (P - 1) / L * L;
   M lane;
   for (int64_t j = 0; j < L; ++j) lane[j] = IE(j);
-  const M in = lane < IE(P);
+  const M in = lane < IE(P - last);
   const V zero = V{};
   // One output row's coefficients (pass 1 -> pass 2); yoff < 0: no gradient.
   std::vector<int64_t> yoff(W);
@@ -503,12 +457,17 @@ void max_backward_plane_simd(const NccGeometry& g, const scalar_t* grad,
       const scalar_t mua = scalar_t(st.ma[p]), mub = scalar_t(st.mb[q]);
       const scalar_t* x = ap.data() + r * Wp + w;
       const scalar_t* y = bp.data() + yoff[w];
-      V acc = zero;
-      for (int64_t i = 0; i < P; ++i)
-        acc += (loadu<V>(x + i * Wp) - mua) * (loadu<V>(y + i * Wp) - mub);
+      V full = zero, acc = zero;
+      for (int64_t i = 0; i < P; ++i) {
+        for (int64_t j0 = 0; j0 < last; j0 += L)
+          full += (loadu<V>(x + i * Wp + j0) - mua) * (loadu<V>(y + i * Wp + j0) - mub);
+        acc += (loadu<V>(x + i * Wp + last) - mua) * (loadu<V>(y + i * Wp + last) - mub);
+      }
       acc = in ? acc : zero;
       double cov = 0.0;
-      for (int64_t j = 0; j < P; ++j) cov += double(acc[j]);
+      if (last > 0)
+        for (int64_t j = 0; j < L; ++j) cov += double(full[j]);
+      for (int64_t j = 0; j < P - last; ++j) cov += double(acc[j]);
       const double kab = ka[p] * kb[q];
       const double ncc = cov * kab;
       c_al[w] = scalar_t(gv * kab);
@@ -527,10 +486,17 @@ void max_backward_plane_simd(const NccGeometry& g, const scalar_t* grad,
         const scalar_t al = c_al[w], ba = c_ba[w], bb = c_bb[w];
         const scalar_t mua = c_ma[w], mub = c_mb[w];
         for (int64_t i = 0; i < P; ++i) {
-          const V xc = loadu<V>(x + i * Wp) - mua, yc = loadu<V>(y + i * Wp) - mub;
+          for (int64_t j0 = 0; j0 < last; j0 += L) {
+            const int64_t o = i * Wp + j0;
+            const V xc = loadu<V>(x + o) - mua, yc = loadu<V>(y + o) - mub;
+            storeu(gx + o, loadu<V>(gx + o) + (al * yc + ba * xc));
+            storeu(gy + o, loadu<V>(gy + o) + (al * xc + bb * yc));
+          }
+          const int64_t o = i * Wp + last;
+          const V xc = loadu<V>(x + o) - mua, yc = loadu<V>(y + o) - mub;
           const V dx = al * yc + ba * xc, dy = al * xc + bb * yc;
-          storeu(gx + i * Wp, loadu<V>(gx + i * Wp) + (in ? dx : zero));
-          storeu(gy + i * Wp, loadu<V>(gy + i * Wp) + (in ? dy : zero));
+          storeu(gx + o, loadu<V>(gx + o) + (in ? dx : zero));
+          storeu(gy + o, loadu<V>(gy + o) + (in ? dy : zero));
         }
       }
     }
@@ -753,9 +719,9 @@ std::tuple<at::Tensor, at::Tensor> ncc_max_backward_cpu(
     for_each_plane(g, [&](int64_t p) {
       const int64_t o = p * g.plane();
       if (g.P <= 8)
-        max_backward_plane_simd<scalar_t>(g, pg + o, pa + o, pb + o, pi + o, ga + o, gb + o);
+        max_backward_plane<scalar_t, true>(g, pg + o, pa + o, pb + o, pi + o, ga + o, gb + o);
       else
-        max_backward_plane<scalar_t>(g, pg + o, pa + o, pb + o, pi + o, ga + o, gb + o);
+        max_backward_plane<scalar_t, false>(g, pg + o, pa + o, pb + o, pi + o, ga + o, gb + o);
     });
   });
   return {grad_a, grad_b};
