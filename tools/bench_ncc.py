@@ -7,11 +7,13 @@ C++/CUDA operator and the reference (mspcnn.ops.ncc_*_reference; for ncc_max the
 reference's volume-then-max path) are timed in the same run, on the same device.
 Prints a table of medians and speed-ups and writes everything to JSON.
 
-On CUDA it also measures the device's ceilings in the same run (device-to-device
-copy bandwidth; float32 matrix-product rate with TF32 off, the practical
-multiply-add peak), times the operator's kernels alone with torch.profiler, and
-reports the fraction of each ceiling they reach (docs/ncc_layer.md explains the
-operation and byte counts).
+It also measures the device's ceilings in the same run and reports the fraction of
+each that the operator reaches (docs/ncc_layer.md explains the operation and byte
+counts). On CUDA: device-to-device copy bandwidth and the float32 matrix-product
+rate with TF32 off (the practical multiply-add peak); the operator's kernels are
+timed alone with torch.profiler. On the CPU: copy bandwidth, and the larger of the
+float32 matrix-product rate and a 3 x 3 convolution's (oneDNN), with the threads
+configured; the operator's wall time.
 
 Then the accuracy of float32 ``ncc_max`` against the same operator in float64, on
 pool1-like inputs (ReLU of a normal draw, plus an offset of 0 and of 10: the
@@ -173,6 +175,27 @@ def cuda_ceilings():
     torch.backends.cuda.matmul.allow_tf32 = allow
     fma_rate = 8192**3 / (ms / 1e3)
     return bandwidth, fma_rate
+
+
+def cpu_ceilings():
+    """This CPU's measured ceilings, with the threads configured: copy bandwidth (bytes/s, read +
+    write, a 256 MB tensor); float32 multiply-add rate (multiply-adds/s) of a 2048^3 matrix product
+    and of a 3 x 3 convolution (256 -> 256 channels, 18 x 7, 32 images, channels-last: oneDNN's
+    convolutions can beat the BLAS matrix product, as on the AMD development machine). The larger
+    of the two is the practical multiply-add peak."""
+    x = torch.empty(64 * 1024**2)
+    y = torch.empty_like(x)
+    ms, _ = timed(lambda: y.copy_(x), "cpu", 5)
+    bandwidth = 2 * x.numel() * 4 / (ms / 1e3)
+    del x, y
+    m = torch.randn(2048, 2048)
+    ms, _ = timed(lambda: m @ m, "cpu", 5)
+    matmul = 2048**3 / (ms / 1e3)
+    xc = torch.randn(32, 256, 18, 7).contiguous(memory_format=torch.channels_last)
+    wc = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+    ms, _ = timed(lambda: torch.nn.functional.conv2d(xc, wc, padding=1), "cpu", 5)
+    conv = 32 * 256 * 18 * 7 * 256 * 9 / (ms / 1e3)
+    return bandwidth, matmul, conv
 
 
 def kernel_time_ms(run, repeat=10):
@@ -461,12 +484,19 @@ def main(argv=None):
     ceilings = None
     if device == "cuda":
         bw, rate = cuda_ceilings()
-        ceilings = {"copy_bandwidth_GBps": bw / 1e9, "fp32_matmul_TFMAps": rate / 1e12}
+        ceilings = {"copy_bandwidth_GBps": bw / 1e9, "fp32_matmul_TFMAps": rate / 1e12,
+                    "fma_peak_TFMAps": rate / 1e12}
         info["ceilings"] = ceilings
         print(f"device: {info['device']}; measured copy bandwidth {bw / 1e9:.0f} GB/s, "
               f"fp32 matmul {rate / 1e12:.1f} T multiply-adds/s", flush=True)
     else:
         print(f"device: CPU ({info['cpu_capability']}), {threads_line}", flush=True)
+        bw, matmul, conv = cpu_ceilings()
+        ceilings = {"copy_bandwidth_GBps": bw / 1e9, "fp32_matmul_TFMAps": matmul / 1e12,
+                    "fp32_conv_TFMAps": conv / 1e12, "fma_peak_TFMAps": max(matmul, conv) / 1e12}
+        info["ceilings"] = ceilings
+        print(f"measured copy bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {matmul / 1e9:.0f} G multiply-adds/s, "
+              f"fp32 3x3 convolution {conv / 1e9:.0f} G multiply-adds/s (load {os.getloadavg()[0]:.2f})", flush=True)
 
     rows = []
     for pairs in args.pairs:
@@ -484,13 +514,16 @@ def main(argv=None):
                     except torch.OutOfMemoryError:
                         row.update(reference_ms=None, speedup=None, note="reference out of memory")
                         torch.cuda.empty_cache()
+                ops, nbytes = work_counts(op, mode, pairs)
+                row.update(ops=ops, bytes=nbytes)
+                # CUDA: the kernels' own time (torch.profiler); CPU: the operator's wall time
+                kt = ours
                 if device == "cuda":
                     kt, kernels = kernel_time_ms(make_case(op, mode, "ours", a, b))
-                    ops, nbytes = work_counts(op, mode, pairs)
-                    row.update(kernel_ms=kt, kernels_ms=kernels, ops=ops, bytes=nbytes)
-                    if kt > 0:
-                        row["fraction_of_fma_peak"] = ops / (kt / 1e3) / (ceilings["fp32_matmul_TFMAps"] * 1e12)
-                        row["fraction_of_bandwidth"] = nbytes / (kt / 1e3) / (ceilings["copy_bandwidth_GBps"] * 1e9)
+                    row.update(kernel_ms=kt, kernels_ms=kernels)
+                if kt > 0:
+                    row["fraction_of_fma_peak"] = ops / (kt / 1e3) / (ceilings["fma_peak_TFMAps"] * 1e12)
+                    row["fraction_of_bandwidth"] = nbytes / (kt / 1e3) / (ceilings["copy_bandwidth_GBps"] * 1e9)
                 rows.append(row)
                 print_row(row, device, header=len(rows) == 1)
         del a, b
@@ -527,7 +560,8 @@ def main(argv=None):
 def print_row(row, device, header=False):
     cols = f"{'op':<11} {'mode':<8} {'pairs':>5} {'ours ms':>10} {'reference ms':>13} {'speed-up':>9} {'load':>5}"
     if device == "cuda":
-        cols += f" {'kernel ms':>10} {'%FMA peak':>9} {'%bandwidth':>10}"
+        cols += f" {'kernel ms':>10}"
+    cols += f" {'%FMA peak':>9} {'%bandwidth':>10}"
     if header:
         print(cols)
         print("-" * len(cols))
@@ -537,8 +571,9 @@ def print_row(row, device, header=False):
     line = (f"{row['op']:<11} {row['mode']:<8} {row['pairs']:>5} {row['ours_ms']:>10.3f} "
             f"{ref_text:>13} {speedup:>9} {row['load_average']:>5.2f}")
     if device == "cuda":
-        line += (f" {row.get('kernel_ms', 0):>10.3f} {100 * row.get('fraction_of_fma_peak', 0):>8.1f}%"
-                 f" {100 * row.get('fraction_of_bandwidth', 0):>9.1f}%")
+        line += f" {row.get('kernel_ms', 0):>10.3f}"
+    line += (f" {100 * row.get('fraction_of_fma_peak', 0):>8.1f}%"
+             f" {100 * row.get('fraction_of_bandwidth', 0):>9.1f}%")
     print(line, flush=True)
 
 
