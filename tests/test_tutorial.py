@@ -10,7 +10,7 @@ TUTORIAL = Path(__file__).resolve().parents[1] / "docs" / "tutorial"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["step1_reference", "step2_cpp_forward", "step3_backward_gradcheck",
-                                  "step4_custom_op"])
+                                  "step4_custom_op", "step5_how_fast"])
 def test_tutorial_step(step):
     proc = subprocess.run([sys.executable, str(TUTORIAL / f"{step}.py")], capture_output=True, text=True,
                           timeout=600)
