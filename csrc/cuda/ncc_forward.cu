@@ -13,6 +13,7 @@
 // Kernels:
 //   stats_kernel           patch mean / std of every centre (two passes, double)
 //   max_fast_kernel<P, R>  ncc_max forward, register-blocked decomposition
+//                          (SHIFT: the plane-mean shift, see above)
 //   max_generic_kernel     ncc_max forward for any P, R (direct sums)
 //   volume_kernel          ncc_volume forward (direct sums, coalesced stores)
 // The backward kernels: ncc_max_backward.cu and ncc_volume_backward.cu.
