@@ -188,17 +188,13 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
   if constexpr (SHIFT) plane_means(A, B, H * W, ca, cb);
   for (int i = tid; i < (TR + P - 1) * SW; i += nthreads) {
     const int row = i / SW, c = i % SW;
-    if constexpr (SHIFT)
-      As[i] = pixel(A, H, W, r0 - h + row, c - h) - ca;
-    else
-      As[i] = pixel(A, H, W, r0 - h + row, c - h);
+    const T v = pixel(A, H, W, r0 - h + row, c - h);
+    As[i] = SHIFT ? v - ca : v;
   }
   for (int i = tid; i < (TR + P + R - 2) * SW; i += nthreads) {
     const int row = i / SW, c = i % SW;
-    if constexpr (SHIFT)
-      Bs[i] = pixel(B, H, W, r0 - R2 - h + row, c - h) - cb;
-    else
-      Bs[i] = pixel(B, H, W, r0 - R2 - h + row, c - h);
+    const T v = pixel(B, H, W, r0 - R2 - h + row, c - h);
+    Bs[i] = SHIFT ? v - cb : v;
   }
   __syncthreads();
   // Patch statistics from the staged rows (two passes over the zero-padded
@@ -357,42 +353,27 @@ __device__ void stage_row(const NccGeometry& g, int64_t plane, int64_t r,
   const T* A = a + plane * H * W;
   const T* B = b + plane * H * W;
   // With the shift, a flat patch (s = 0) gets the factors 0.
-  if constexpr (SHIFT) {
-    T ca, cb;
-    plane_means(A, B, int(H * W), ca, cb);
-    for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x)
-      As[i] = pixel(A, H, W, r - h + i / SW, i % SW - h) - ca;
-    for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x)
-      Bs[i] = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h) - cb;
-    for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
-      const int64_t e = (plane * H + r) * W + w;
-      const double k = sa[e] == 0.0 ? 0.0 : 1.0 / (nm1 * (sa[e] + g.eps));
-      ka[w] = T(k);
-      nmaka[w] = T(double(g.n()) * (ma[e] - double(ca)) * k);
-    }
-    for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
-      const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
-      const double k = sb[e] == 0.0 ? 0.0 : 1.0 / (sb[e] + g.eps);
-      kb[i] = T(k);
-      mbkb[i] = T((mb[e] - double(cb)) * k);
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x)
-      As[i] = pixel(A, H, W, r - h + i / SW, i % SW - h);
-    for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x)
-      Bs[i] = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h);
-    for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
-      const int64_t e = (plane * H + r) * W + w;
-      const double k = 1.0 / (nm1 * (sa[e] + g.eps));
-      ka[w] = T(k);
-      nmaka[w] = T(double(g.n()) * ma[e] * k);
-    }
-    for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
-      const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
-      const double k = 1.0 / (sb[e] + g.eps);
-      kb[i] = T(k);
-      mbkb[i] = T(mb[e] * k);
-    }
+  T ca = T(0), cb = T(0);
+  if constexpr (SHIFT) plane_means(A, B, int(H * W), ca, cb);
+  for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x) {
+    const T v = pixel(A, H, W, r - h + i / SW, i % SW - h);
+    As[i] = SHIFT ? v - ca : v;
+  }
+  for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x) {
+    const T v = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h);
+    Bs[i] = SHIFT ? v - cb : v;
+  }
+  for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
+    const int64_t e = (plane * H + r) * W + w;
+    const double k = SHIFT && sa[e] == 0.0 ? 0.0 : 1.0 / (nm1 * (sa[e] + g.eps));
+    ka[w] = T(k);
+    nmaka[w] = T(double(g.n()) * (SHIFT ? ma[e] - double(ca) : ma[e]) * k);
+  }
+  for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
+    const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
+    const double k = SHIFT && sb[e] == 0.0 ? 0.0 : 1.0 / (sb[e] + g.eps);
+    kb[i] = T(k);
+    mbkb[i] = T((SHIFT ? mb[e] - double(cb) : mb[e]) * k);
   }
 }
 
