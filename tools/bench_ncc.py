@@ -160,42 +160,34 @@ def work_counts(op, mode, pairs):
     return ops, bytes_
 
 
-def cuda_ceilings():
-    """Measured device-to-device copy bandwidth (bytes/s, read + write) and
-    float32 matrix-product rate (multiply-adds/s, TF32 off)."""
-    x = torch.empty(2 * 1024**3 // 4, device="cuda")
+def measure_ceilings(device):
+    """The device's ceilings, measured in the same run as the operator, with the threads configured:
+    ``copy_bandwidth_GBps`` (read + write; 2 GB on CUDA, 256 MB on the CPU) and
+    ``fp32_matmul_TFMAps`` (a float32 matrix product, 8192^3 on CUDA with TF32 off, 2048^3 on the
+    CPU); on the CPU also ``fp32_conv_TFMAps``, a 3 x 3 convolution (256 -> 256 channels, 18 x 7, 32
+    images, channels-last: oneDNN's convolutions can beat the BLAS matrix product, as on the AMD
+    development machine). ``fma_peak_TFMAps`` is the larger rate: the practical multiply-add peak."""
+    cuda = device == "cuda"
+    repeat = 10 if cuda else 5
+    x = torch.empty((2 * 1024**3 if cuda else 256 * 1024**2) // 4, device=device)
     y = torch.empty_like(x)
-    ms, _ = timed(lambda: y.copy_(x), "cuda", 10)
-    bandwidth = 2 * x.numel() * 4 / (ms / 1e3)
+    ms, _ = timed(lambda: y.copy_(x), device, repeat)
+    out = {"copy_bandwidth_GBps": 2 * x.numel() * 4 / (ms / 1e3) / 1e9}
     del x, y
+    n = 8192 if cuda else 2048
     allow = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    m = torch.randn(8192, 8192, device="cuda")
-    ms, _ = timed(lambda: m @ m, "cuda", 10)
+    m = torch.randn(n, n, device=device)
+    ms, _ = timed(lambda: m @ m, device, repeat)
     torch.backends.cuda.matmul.allow_tf32 = allow
-    fma_rate = 8192**3 / (ms / 1e3)
-    return bandwidth, fma_rate
-
-
-def cpu_ceilings():
-    """This CPU's measured ceilings, with the threads configured: copy bandwidth (bytes/s, read +
-    write, a 256 MB tensor); float32 multiply-add rate (multiply-adds/s) of a 2048^3 matrix product
-    and of a 3 x 3 convolution (256 -> 256 channels, 18 x 7, 32 images, channels-last: oneDNN's
-    convolutions can beat the BLAS matrix product, as on the AMD development machine). The larger
-    of the two is the practical multiply-add peak."""
-    x = torch.empty(64 * 1024**2)
-    y = torch.empty_like(x)
-    ms, _ = timed(lambda: y.copy_(x), "cpu", 5)
-    bandwidth = 2 * x.numel() * 4 / (ms / 1e3)
-    del x, y
-    m = torch.randn(2048, 2048)
-    ms, _ = timed(lambda: m @ m, "cpu", 5)
-    matmul = 2048**3 / (ms / 1e3)
-    xc = torch.randn(32, 256, 18, 7).contiguous(memory_format=torch.channels_last)
-    wc = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
-    ms, _ = timed(lambda: torch.nn.functional.conv2d(xc, wc, padding=1), "cpu", 5)
-    conv = 32 * 256 * 18 * 7 * 256 * 9 / (ms / 1e3)
-    return bandwidth, matmul, conv
+    out["fp32_matmul_TFMAps"] = out["fma_peak_TFMAps"] = n**3 / (ms / 1e3) / 1e12
+    if not cuda:
+        xc = torch.randn(32, 256, 18, 7).contiguous(memory_format=torch.channels_last)
+        wc = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+        ms, _ = timed(lambda: torch.nn.functional.conv2d(xc, wc, padding=1), device, repeat)
+        out["fp32_conv_TFMAps"] = 32 * 256 * 18 * 7 * 256 * 9 / (ms / 1e3) / 1e12
+        out["fma_peak_TFMAps"] = max(out["fp32_matmul_TFMAps"], out["fp32_conv_TFMAps"])
+    return out
 
 
 def kernel_time_ms(run, repeat=10):
@@ -217,8 +209,7 @@ def kernel_time_ms(run, repeat=10):
         if evt.device_type == torch.autograd.DeviceType.CUDA and "mspcnn" in evt.key:
             us = getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
             total_us += us
-            name = evt.key.replace("void ", "").replace("mspcnn::cuda::", "")
-            name = name.replace("(anonymous namespace)::", "").split("(")[0]
+            name = _short_kernel_name(evt.key)
             breakdown[name] = breakdown.get(name, 0.0) + us / 1e3 / repeat
     return total_us / 1e3 / repeat, breakdown
 
@@ -481,22 +472,16 @@ def main(argv=None):
         "search_rows": ROWS,
         "dtype": args.dtype,
     }
-    ceilings = None
-    if device == "cuda":
-        bw, rate = cuda_ceilings()
-        ceilings = {"copy_bandwidth_GBps": bw / 1e9, "fp32_matmul_TFMAps": rate / 1e12,
-                    "fma_peak_TFMAps": rate / 1e12}
-        info["ceilings"] = ceilings
-        print(f"device: {info['device']}; measured copy bandwidth {bw / 1e9:.0f} GB/s, "
-              f"fp32 matmul {rate / 1e12:.1f} T multiply-adds/s", flush=True)
-    else:
+    if device == "cpu":
         print(f"device: CPU ({info['cpu_capability']}), {threads_line}", flush=True)
-        bw, matmul, conv = cpu_ceilings()
-        ceilings = {"copy_bandwidth_GBps": bw / 1e9, "fp32_matmul_TFMAps": matmul / 1e12,
-                    "fp32_conv_TFMAps": conv / 1e12, "fma_peak_TFMAps": max(matmul, conv) / 1e12}
-        info["ceilings"] = ceilings
-        print(f"measured copy bandwidth {bw / 1e9:.1f} GB/s, fp32 matmul {matmul / 1e9:.0f} G multiply-adds/s, "
-              f"fp32 3x3 convolution {conv / 1e9:.0f} G multiply-adds/s (load {os.getloadavg()[0]:.2f})", flush=True)
+    ceilings = info["ceilings"] = measure_ceilings(device)
+    if device == "cuda":
+        print(f"device: {info['device']}; measured copy bandwidth {ceilings['copy_bandwidth_GBps']:.0f} GB/s, "
+              f"fp32 matmul {ceilings['fp32_matmul_TFMAps']:.1f} T multiply-adds/s", flush=True)
+    else:
+        print(f"measured copy bandwidth {ceilings['copy_bandwidth_GBps']:.1f} GB/s, fp32 matmul "
+              f"{ceilings['fp32_matmul_TFMAps'] * 1e3:.0f} G multiply-adds/s, fp32 3x3 convolution "
+              f"{ceilings['fp32_conv_TFMAps'] * 1e3:.0f} G multiply-adds/s (load {os.getloadavg()[0]:.2f})", flush=True)
 
     rows = []
     for pairs in args.pairs:

@@ -147,21 +147,26 @@ def build(kind, stage, pairs, iter_size, classes=100):
     return iteration
 
 
-def measure(kind, stage, pairs, iter_size, repeat, classes=100):
-    iteration = build(kind, stage, pairs, iter_size, classes)
-    iteration()  # warm-up
+def median_seconds(fn, repeat):
+    """Median wall time of `repeat` calls of fn() (the caller warms it up first)."""
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        iteration()
+        fn()
         times.append(time.perf_counter() - t)
     return float(np.median(times))
 
 
+def measure(kind, stage, pairs, iter_size, repeat, classes=100):
+    iteration = build(kind, stage, pairs, iter_size, classes)
+    iteration()  # warm-up
+    return median_seconds(iteration, repeat)
+
+
 # ---------------------------------------------------------------------------- roofline of the convolutions
 class _ConvCalls(TorchDispatchMode):
-    """Records the distinct convolutions a computation runs (input shape without the batch, weight shape,
-    stride, padding, dilation, groups) and how often."""
+    """Records the distinct convolutions a computation runs (input shape, batch included; weight shape;
+    bias or not; stride, padding, dilation, groups) and how often."""
 
     def __init__(self):
         super().__init__()
@@ -192,12 +197,7 @@ def _conv_rate(key, batch, channels_last, repeat):
     with FlopCounterMode(display=False) as fc:
         once()
     once()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t)
-    return fc.get_total_flops() / float(np.median(times)) / 1e9, fc.get_total_flops() / 1e9
+    return fc.get_total_flops() / median_seconds(once, repeat) / 1e9, fc.get_total_flops() / 1e9
 
 
 def roofline(stage, pairs, iter_size, repeat, ceiling_batch=32):
@@ -217,12 +217,7 @@ def roofline(stage, pairs, iter_size, repeat, ceiling_batch=32):
         iteration()
     counts = {str(op).split(".")[1]: n / 1e9 for op, n in fc.get_flop_counts()["Global"].items()}
     conv_gflop = sum(v for k, v in counts.items() if k.startswith("convolution"))
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        iteration()
-        times.append(time.perf_counter() - t)
-    sec = float(np.median(times))
+    sec = median_seconds(iteration, repeat)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(repeat):
             iteration()
