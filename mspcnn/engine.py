@@ -130,7 +130,8 @@ def _install_signals(effects, requests):
 
 
 def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=None, batch_pairs=None,
-          loss_weights=None, net=None, workers=2, deterministic=False, channels_last=False, cpu_kernels=True, sigint_effect="stop",
+          loss_weights=None, net=None, workers=2, deterministic=False, tf32=False, channels_last=False, cpu_kernels=True,
+          sigint_effect="stop",
           sighup_effect="snapshot", sigterm_effect="stop", log=glog, progress=None):
     """Train as ``caffe train --solver SOLVER [--weights W | --snapshot S]`` would.
 
@@ -146,7 +147,12 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         loss_weights: {"loss_cls" | "loss_high" | "loss_low": weight} replacing the net's.
         net: a NetParameter (or path) to train instead of the one the solver names.
         workers: threads decoding batches ahead.
-        deterministic: deterministic GPU kernels (bit-exact GPU runs and resumes; slower).
+        deterministic: deterministic GPU kernels (bit-exact GPU runs and resumes; slower). Without
+            it, cuDNN times its algorithms on the first batch of each shape and keeps the fastest
+            (``torch.backends.cudnn.benchmark``): float32 all the same, rounded in another order.
+        tf32: on a GPU, let convolutions and matrix products use TF32 tensor cores (inputs rounded
+            to a 10-bit mantissa, float32 sums), several times faster on Ampere and later. Never the
+            default: Caffe's arithmetic is float32, which is what the GPU runs without it.
         channels_last: run the network in the channels-last layout (oneDNN's own), with PyTorch's
             operations for BatchNorm, Scale, ReLU and pooling. Off by default: on a 2-core CPU it
             was 2-6% faster per iteration than those operations in the contiguous layout, and our
@@ -228,7 +234,7 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
     try:
         return _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
                       device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-                      start_time, group, channels_last, cpu_kernels)
+                      start_time, group, channels_last, cpu_kernels, tf32)
     finally:
         if lock is not None:
             lock.close()  # releases the lock
@@ -365,7 +371,7 @@ def _lock_prefix(prefix):
 
 def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
            device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-           start_time, group, channels_last, cpu_kernels):
+           start_time, group, channels_last, cpu_kernels, tf32):
     """The training itself (see :func:`solve`), with the inputs checked and the prefix locked."""
 
     seed = sp.random_seed if sp.random_seed >= 0 else 0
@@ -373,6 +379,8 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
     np.random.seed(seed)
     if device.type == "cuda":
         caffe_float32()
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.benchmark = not deterministic
     if deterministic:
         # cuBLAS is reproducible only with a fixed workspace, set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -478,6 +486,7 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
         f"identities, batch {batch_pairs} pairs x iter_size {max(1, sp.iter_size)}"
         + (f" x {group.world} workers" if group.world > 1 else "") + f", device {device}"
         + (", deterministic algorithms" if deterministic else "") + (", channels-last" if channels_last else "")
+        + (", TF32 tensor cores" if tf32 and device.type == "cuda" else "")
         + (", own CPU kernels for BatchNorm and pooling" if cpu_kernels and device.type == "cpu" and not channels_last
            else ""))
     model.train()

@@ -140,6 +140,7 @@ def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
     assert "exit status 0" in proc.stdout and "ours: all" in proc.stdout and "paper: all" in proc.stdout
     result = json.loads((tmp_path / "out" / "gpu_split0.json").read_text())
     assert result["recipe"] == "paper" and result["splits"] == 1
+    assert result["args"]["tf32"] is True  # the script's default on a GPU (ignored on the CPU)
     bench = json.loads((tmp_path / "out" / "bench_data.json").read_text())
     assert bench["images_per_s"]["ours"] > 0
     assert [r["workers"] for r in bench["scaling"]] == [1, 2, 4, 8]  # the loader's scaling, WORKERS=2 included

@@ -4,7 +4,7 @@
 # GPU against the CPU), run the CUDA benchmark, with Nsight Compute's counters
 # of each operator's kernels (NCU=0 leaves them out; ncu's raw CSV tables are
 # packed into ncu_raw.tar.gz, since a device call brings back at most 8 files).
-# Logs and JSON go to ${OUT:-gpu_out}. Usage: bash tools/gpu_check.sh [benchmark arguments]
+# Logs and JSON go to ${OUT:-gpu_out}. Usage: [SKIP_BUILD=1] [NCU=0] bash tools/gpu_check.sh [benchmark arguments]
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -18,9 +18,12 @@ python3 -c "import lmdb, cv2" 2>/dev/null || {
 start=$(date +%s)
 # An in-place build (the device machine has no network for pip's build
 # dependencies); the package is then imported from the repository root.
-python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+# SKIP_BUILD=1 uses the extension already built in place (e.g. by tools/gpu_cuhk01.sh).
+if [ -z "${SKIP_BUILD:-}" ]; then
+  python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - start )) s"
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('mspcnn::ncc_max', 'CUDA'))"
 start=$(date +%s)
 python3 -m pytest -q -x -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_ops.py tests/test_gpu_tools.py -k "cuda" 2>&1 | tee "$out/pytest_cuda.log" | tail -15

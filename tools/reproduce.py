@@ -179,7 +179,7 @@ def train_stage1(args, db, folder, loss_weights, seed, solver, where):
     manifest = {"solver": sha256(solver), "net": sha256(net or resolve_net_path(sp.net, str(solver))),
                 "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights[:2]),
                 "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
-                "batch_pairs": args.batch_pairs, "device": args.device}
+                "batch_pairs": args.batch_pairs, "device": args.device, "tf32": args.tf32}
     path = os.path.join(folder, "stage1.manifest.json")
     if os.path.isfile(path):
         try:
@@ -195,7 +195,7 @@ def train_stage1(args, db, folder, loss_weights, seed, solver, where):
     print(f"== {where}: stage1", flush=True)
     w_cls, w_high, _ = loss_weights
     result = solve(solver, db, device=args.device, overrides=overrides, batch_pairs=args.batch_pairs, net=net,
-                   workers=args.workers, loss_weights={"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0})
+                   workers=args.workers, tf32=args.tf32, loss_weights={"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0})
     stop_if_stopped(result, where, "stage 1")  # an unfinished stage 1 gets no manifest: never reused
     record = {"inputs": manifest, "weights": result.weights, "weights_sha256": sha256(result.weights),
               "iterations": result.iterations, "history": result.history, "seconds": result.seconds}
@@ -226,7 +226,7 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
     w_cls, w_high, w_low = loss_weights
     weights_low = {"loss_low": w_low} if args.w_low is None or w_low == 0 else {}
     result = solve(stage2, db, weights=weights, device=args.device, overrides=overrides, net=net,
-                   batch_pairs=args.batch_pairs, workers=args.workers,
+                   batch_pairs=args.batch_pairs, workers=args.workers, tf32=args.tf32,
                    loss_weights={"loss_cls": w_cls, "loss_high": w_high, **weights_low})
     stop_if_stopped(result, where, "stage 2")
     history += [dict(h, stage=2, iteration=h["iteration"] + offset) for h in result.history]
@@ -307,6 +307,9 @@ def main(argv=None):
                    "(default: the net's 0.999; the cpu recipe's 0.986)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    p.add_argument("--tf32", action="store_true",
+                   help="on a GPU, train with TF32 tensor cores (10-bit mantissa inputs, float32 sums; several "
+                        "times faster; never the default: Caffe computes in float32). Features are float32")
     p.add_argument("--iters1", type=int, help="stage 1 iterations (default: the solver's max_iter)")
     p.add_argument("--iters2", type=int, help="stage 2 iterations (default: the solver's; 0: none)")
     p.add_argument("--batch-pairs", type=int, help="pairs per forward pass (default: the recipe's)")

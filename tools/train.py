@@ -5,7 +5,7 @@
                           [--weights W.caffemodel | --snapshot S.solverstate] [--device cpu|cuda]
                           [--max-iter N] [--base-lr R] [--batch-pairs N] [--loss-weights CLS HIGH LOW]
                           [--snapshot-prefix P] [--snapshot-every N] [--test-interval N] [--display N]
-                          [--seed N] [--workers N] [--deterministic]
+                          [--seed N] [--workers N] [--deterministic] [--tf32]
                           [--sigint-effect stop|snapshot|none] [--sighup-effect stop|snapshot|none]
 
 * DB_DIR is the output of tools/convert_dataset.py (train.lmdb/json, val.lmdb/json).
@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels (torch.use_deterministic_algorithms), so that runs and "
                    "resumes on a GPU are bit for bit reproducible; slower. CPU runs always are")
+    p.add_argument("--tf32", action="store_true",
+                   help="on a GPU, let convolutions and matrix products use TF32 tensor cores (10-bit mantissa "
+                        "inputs, float32 sums; several times faster). Never the default: Caffe computes in float32")
     p.add_argument("--sigint-effect", choices=SIGNAL_EFFECTS, default="stop",
                    help="what SIGINT (Ctrl-C) does, as caffe's -sigint_effect (default stop)")
     p.add_argument("--sighup-effect", choices=SIGNAL_EFFECTS, default="snapshot",
@@ -93,7 +96,7 @@ def main(argv=None):
     try:
         result = solve(args.solver, args.data, weights=args.weights, snapshot=args.snapshot, device=args.device,
                        overrides=overrides, batch_pairs=args.batch_pairs, loss_weights=loss_weights,
-                       workers=args.workers, deterministic=args.deterministic,
+                       workers=args.workers, deterministic=args.deterministic, tf32=args.tf32,
                        sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect)
     except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
