@@ -184,15 +184,26 @@ class SGDSolver:
                 grads = [g * scale for g in grads]
         iter_size = max(1, int(sp.iter_size))
         momentum, decay = f32(sp.momentum), f32(sp.weight_decay)
+        # Caffe's update, parameter by parameter: diff = g / iter_size + local_decay * p (or
+        # sign(p) for L1), history = momentum * history + local_rate * diff, p -= history. The
+        # parameters that share (local_decay, local_rate) go through the same operations together
+        # (torch._foreach_*: one call for the group, the same arithmetic on each tensor), so that
+        # a GPU iteration launches a few dozen kernels for the update instead of about 730.
+        groups = {}
         for e, g in zip(self.entries, grads):
-            p = e["param"]
-            diff = g / iter_size if iter_size > 1 else g.clone()
-            local_decay = float(decay * f32(e["decay_mult"]))
+            key = (float(decay * f32(e["decay_mult"])), float(f32(rate) * f32(e["lr_mult"])))
+            groups.setdefault(key, []).append((e, g))
+        for (local_decay, local_rate), members in groups.items():
+            params = [e["param"] for e, _ in members]
+            history = [e["history"] for e, _ in members]
+            diffs = (torch._foreach_div([g for _, g in members], iter_size) if iter_size > 1
+                     else [g.clone() for _, g in members])
             if local_decay:
-                diff += local_decay * (p if sp.regularization_type == "L2" else torch.sign(p))
-            local_rate = float(f32(rate) * f32(e["lr_mult"]))
-            e["history"].mul_(float(momentum)).add_(diff, alpha=local_rate)
-            p.sub_(e["history"])
+                reg = params if sp.regularization_type == "L2" else torch._foreach_sign(params)
+                torch._foreach_add_(diffs, torch._foreach_mul(reg, local_decay))
+            torch._foreach_mul_(history, float(momentum))
+            torch._foreach_add_(history, diffs, alpha=local_rate)
+            torch._foreach_sub_(params, history)
 
     # -------------------------------------------------------------- snapshots
     def snapshot(self, prefix=None, data_position=None):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from mspcnn.caffe.kernels import bn_kernel_applies, bn_scale
+from mspcnn.caffe.kernels import bn_kernel_applies, bn_scale, bn_scale_native, native_bn_applies
 from mspcnn.caffe.layers import BatchNorm, Scale
 from mspcnn.model import MSPCNN
 
@@ -115,6 +115,53 @@ def test_module_path_updates_the_accumulators_as_caffe():
         assert bn_kernel_applies(norm, scale, x) is True
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("shape,bias", [((3, 5, 4, 4), True), ((6, 5), True), ((3, 5, 4, 4), False)])
+def test_native_path_equals_the_separate_layers_in_float64(shape, relu, bias):
+    """PyTorch's fused batch normalisation (the GPU path, run here on the CPU): the same outputs,
+    gradients and Caffe accumulators as the separate BatchNorm and Scale layers, two batches."""
+    x, gamma, beta = case(shape, seed=6)
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    outs = []
+    for native in (True, False):
+        norm, scale = BatchNorm(5).double().train(), Scale(5, bias_term=bias).double()
+        with torch.no_grad():
+            scale.weight.copy_(gamma)
+            if bias:
+                scale.bias.copy_(beta)
+        xs = [x.clone().requires_grad_(), (x * 2 - 1).clone().requires_grad_()]
+        grads = []
+        for xi in xs:
+            if native:
+                y = bn_scale_native(norm, scale, xi, relu=relu)
+            else:
+                y = scale(norm(xi))
+                y = torch.relu(y) if relu else y
+            params = [xi, scale.weight] + ([scale.bias] if bias else [])
+            grads += list(torch.autograd.grad(y, params, gy)) + [y.detach()]
+        outs.append(grads + [norm.mean_acc.clone(), norm.var_acc.clone(), norm.factor.clone()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_native_path_gradcheck_float64():
+    x, gamma, beta = case((3, 4, 5, 2), seed=8)
+    norm, scale = BatchNorm(4).double().train(), Scale(4).double()
+    fn = lambda a: bn_scale_native(norm, scale, a, relu=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(),), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_native_path_is_taken_only_on_a_gpu_in_the_batch_statistics_phase():
+    norm = BatchNorm(5).train()
+    assert not native_bn_applies(norm, torch.randn(2, 5, 4, 4))  # CPU: the C++ operator or the layers
+    assert not native_bn_applies(norm, torch.randn(2, 5, 4, 4, device="meta"))
+    if torch.cuda.is_available():
+        x = torch.randn(2, 5, 4, 4, device="cuda")
+        assert native_bn_applies(norm, x)
+        assert not native_bn_applies(norm.eval(), x)  # global statistics: the separate layers
+        assert not native_bn_applies(BatchNorm(5).train(), torch.randn(1, 5, device="cuda"))  # one value
 
 
 def test_falls_back_where_it_does_not_apply():

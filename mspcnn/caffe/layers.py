@@ -118,10 +118,13 @@ class BatchNorm(nn.Module):
         """Caffe's update of the accumulators with a batch's ``mean`` and biased ``var`` over ``m``
         values per channel (the unbiased variance m / (m - 1) var is what accumulates)."""
         with torch.no_grad():
-            maf = self.moving_average_fraction
-            self.factor.mul_(maf).add_(1.0)
-            self.mean_acc.mul_(maf).add_(mean.detach())
-            self.var_acc.mul_(maf).add_(var.detach() * (m / max(m - 1, 1)))
+            # The same operations as factor * maf + 1, mean_acc * maf + mean and
+            # var_acc * maf + (m / (m - 1)) var, in four calls instead of seven (each a kernel
+            # launch on a GPU, 160 BatchNorm layers an iteration).
+            accs = [self.factor, self.mean_acc, self.var_acc]
+            torch._foreach_mul_(accs, self.moving_average_fraction)
+            self.factor.add_(1.0)
+            torch._foreach_add_(accs[1:], [mean.detach(), var.detach() * (m / max(m - 1, 1))])
 
     def extra_repr(self):
         return (f"{self.channels}, eps={self.eps}, moving_average_fraction="
