@@ -141,3 +141,17 @@ def test_emulated_cuda_forward_predicts_the_shift_helps():
     assert shifted["value_max_abs_error"] <= 5e-6 and cpu["value_max_abs_error"] <= 5e-6
     assert before["value_max_abs_error"] > 1e-5 > shifted["value_max_abs_error"]
     assert shifted["argmax_changes"] <= before["argmax_changes"]
+
+
+def test_emulated_cuda_volume_centred_form_is_accurate_at_any_mean():
+    """The CUDA ncc_volume forward's three forms, emulated on one ReLU'd pool1 plane: the box-sum
+    form loses digits when the means are large (offset 10), the plane-mean shift then loses them
+    on the near-flat patches that ReLU leaves (offset 0: their means sit far from the plane's), and
+    the centred direct form the kernel now uses stays near float32 rounding at both."""
+    emulate = load_tool("emulate_cuda_ncc")
+    for offset in (0.0, 10.0):
+        rows = {r["variant"]: r["volume_max_abs_error"] for r in emulate.compare_volume(1, 1, offset, 0)}
+        centred = rows["CUDA volume, centred (emulated)"]
+        assert centred <= 2e-6
+        worse = rows["CUDA volume, box-sum form (emulated)" if offset else "CUDA volume, box-sum shifted (emulated)"]
+        assert worse > 3 * centred

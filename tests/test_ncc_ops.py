@@ -175,12 +175,27 @@ def test_constant_patch_gives_zero_ncc_and_finite_gradient(device):
                                atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("offset", [0.0, 10.0])
+@pytest.mark.parametrize("patch,rows,W", [(3, 3, 28), (3, 1, 64), (5, 5, 28)])
+def test_float32_volume_near_flat_patches(offset, patch, rows, W):
+    """The CPU volume in float32 on ReLU'd maps: near-flat patches (a few small values among zeros)
+    sit far from the plane mean that the box-sum form shifts by, and lost digits there (up to 5.8e-5
+    at 3 x 3 patches); the kernel computes such entries again in the centred form
+    (docs/perf_notes.md, "The volume's cancellation")."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 8, 30, W).relu() + offset
+    b = torch.randn(3, 8, 30, W).relu() + offset
+    vol = ncc_volume(a, b, patch, rows)
+    vol64 = ncc_volume(a.double(), b.double(), patch, rows)
+    assert (vol.double() - vol64).abs().max() <= 2e-6
+
+
 def test_float32_keeps_its_accuracy_when_the_features_have_a_large_mean():
     """ReLU features are non-negative: their patch means are large beside their spread, and the
     box-sum form (sum of products minus n times the product of the means) loses float32 digits to
     that subtraction. The CPU kernel shifts each plane by its mean first; before that, at a mean of
     10, values were off by 2.8e-4 and 17 of 129,024 argmax choices moved (tools/bench_ncc.py).
-    CPU only: the CUDA kernels shift only with MSPCNN_NCC_CUDA_SHIFT=1 (test_ncc_cuda.py)."""
+    CPU here; the CUDA kernels' shift has its own test (test_ncc_cuda.py)."""
     torch.manual_seed(3)
     a = torch.randn(2, 32, 72, 28).relu() + 10.0
     b = torch.randn(2, 32, 72, 28).relu() + 10.0

@@ -14,8 +14,12 @@ Inputs as in tools/bench_ncc.py's accuracy check: pool1-like maps, ReLU of a nor
 offset (0 and 10: the offset is where float32 loses digits in X - n mu_a mu_b).
 
     python tools/emulate_cuda_ncc.py [--pairs 1] [--channels 8] [--offsets 0 10] [--seed 0] [--json FILE]
+                                     [--volume]
 
-About 1.5 s per channel and offset on one core.
+About 1.5 s per channel and offset on one core. ``--volume`` also emulates the CUDA ncc_volume
+forward (`volume_kernel`): the box-sum form X k_a k_b - (n mu_a k_a)(mu_b k_b) it had until
+2026-11-30 (without and with the plane-mean shift) and the centred direct form it has now, each
+against float64 beside the CPU kernel, on the same maps (about 0.3 s per channel and offset).
 """
 import argparse
 import json
@@ -130,6 +134,88 @@ def compare(pairs, channels, offset, seed):
     return rows
 
 
+def _patch_stats(X, rows0, rows, P, eps):
+    """stats_kernel's mean and standard deviation (double, two passes, zero padding) of the P x P
+    patches centred on rows rows0 .. rows0 + rows - 1 (may lie outside the map) and every column."""
+    h = P // 2
+    Hm, Wm = X.shape
+    pad = np.zeros((Hm + 2 * (h + abs(rows0) + rows), Wm + 2 * h), F64)
+    off = h + abs(rows0) + rows
+    pad[off:off + Hm, h:h + Wm] = X
+    win = np.lib.stride_tricks.sliding_window_view(pad, (P, P))          # centre (u - off + h, v)
+    sel = win[off + rows0 - h:off + rows0 - h + rows, :Wm]
+    mu = sel.mean(axis=(2, 3))
+    sd = np.sqrt(((sel - mu[..., None, None]) ** 2).sum(axis=(2, 3)) / (P * P - 1))
+    return mu, sd
+
+
+def emulate_volume_plane(A, B, form, P=PATCH, R=ROWS, eps=EPS):
+    """ncc_volume of one (n, c) plane as the CUDA volume kernel computes it, (R W, H, W):
+    form "box" (before 2026-11-30), "box-shifted" (the same with the plane-mean shift) or
+    "centred" (now). The statistics are stats_kernel's (double)."""
+    h, R2, n = P // 2, R // 2, P * P
+    ma, sa = _patch_stats(A.astype(F64), 0, H, P, eps)
+    mb, sb = _patch_stats(B.astype(F64), -R2, H + R - 1, P, eps)
+    shift = form == "box-shifted"
+    ca = F32(A.astype(F64).mean()) if shift else F32(0)
+    cb = F32(B.astype(F64).mean()) if shift else F32(0)
+    As = np.full((H + 2 * h, W + 2 * h), -ca, F32)
+    As[h:h + H, h:h + W] = A - ca
+    Bs = np.full((H + 2 * R2 + 2 * h, W + 2 * h), -cb, F32)
+    Bs[R2 + h:R2 + h + H, h:h + W] = B - cb
+    ka64 = 1.0 / ((n - 1) * (sa + eps))
+    kb64 = 1.0 / (sb + eps)
+    if shift:
+        ka64 = np.where(sa == 0, 0.0, ka64)
+        kb64 = np.where(sb == 0, 0.0, kb64)
+    ka, kb = ka64.astype(F32), kb64.astype(F32)
+    out = np.zeros((R, W, H, W), F32)                                        # k, col, r, w
+    for k in range(R):
+        x = np.zeros((H, W, W), F32)                                         # r, w, col
+        for i in range(P):
+            for j in range(P):
+                av = As[i:i + H, j:j + W][:, :, None]
+                bv = Bs[k + i:k + i + H, j:j + W][:, None, :]
+                if form == "centred":
+                    x = fma((av - ma.astype(F32)[:, :, None]).astype(F32),
+                            (bv - mb.astype(F32)[k:k + H][:, None, :]).astype(F32), x)
+                else:
+                    x = fma(av, bv, x)
+        t = (ka[:, :, None] * kb[k:k + H][:, None, :]).astype(F32)
+        if form == "centred":
+            v = (x * t).astype(F32)
+        else:
+            nmaka = (n * (ma - F64(ca)) * ka64).astype(F32)
+            mbkb = ((mb - F64(cb)) * kb64).astype(F32)
+            c = (nmaka[:, :, None] * mbkb[k:k + H][:, None, :]).astype(F32)
+            v = fma(x, t, -c)
+        out[k] = v.transpose(2, 0, 1)                                        # col, r, w
+    return out.reshape(R * W, H, W)
+
+
+def compare_volume(pairs, channels, offset, seed):
+    """Rows of the volume's largest error against float64 for each emulated form and the CPU kernel,
+    on the maps compare() uses."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
+    b = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
+    vol64 = torch.ops.mspcnn.ncc_volume(a.double(), b.double(), PATCH, ROWS, EPS).view(pairs, channels, ROWS * W, H, W)
+    rows = []
+    for form, name in (("box", "CUDA volume, box-sum form (emulated)"),
+                       ("box-shifted", "CUDA volume, box-sum shifted (emulated)"),
+                       ("centred", "CUDA volume, centred (emulated)")):
+        err = 0.0
+        for p in range(pairs):
+            for c in range(channels):
+                v = emulate_volume_plane(a[p, c].numpy(), b[p, c].numpy(), form)
+                err = max(err, float(np.abs(v.astype(F64) - vol64[p, c].numpy()).max()))
+        rows.append({"variant": name, "offset": offset, "outputs": int(vol64.numel()), "volume_max_abs_error": err})
+    vc = torch.ops.mspcnn.ncc_volume(a, b, PATCH, ROWS, EPS).view_as(vol64)
+    rows.append({"variant": "CPU kernel (measured)", "offset": offset, "outputs": int(vol64.numel()),
+                 "volume_max_abs_error": float((vc.double() - vol64).abs().max())})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=1, help="pairs of maps (default 1)")
@@ -137,6 +223,7 @@ def main(argv=None):
     p.add_argument("--offsets", type=float, nargs="+", default=[0.0, 10.0], help="added to the ReLU maps (default 0 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the maps (default 0)")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--volume", action="store_true", help="also emulate the CUDA ncc_volume forward's forms")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.channels < 1:
         p.error("--pairs and --channels must be positive")
@@ -149,9 +236,18 @@ def main(argv=None):
     for r in rows:
         print(f"{r['variant']:<40} {r['offset']:>6g} {r['value_max_abs_error']:>12.2e} "
               f"{r['argmax_changes']:>8} / {r['outputs']:<6}{r['argmax_change_max_gap']:>11.1e}")
+    volume_rows = []
+    if args.volume:
+        for offset in args.offsets:
+            volume_rows += compare_volume(args.pairs, args.channels, offset, args.seed)
+        print(f"\nncc_volume float32 against float64, same maps")
+        print(f"{'variant':<40} {'offset':>6} {'max |error|':>12} {'outputs':>10}")
+        for r in volume_rows:
+            print(f"{r['variant']:<40} {r['offset']:>6g} {r['volume_max_abs_error']:>12.2e} {r['outputs']:>10}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "pairs": args.pairs, "channels": args.channels, "seed": args.seed}, f, indent=1)
+            json.dump({"rows": rows, "volume_rows": volume_rows, "pairs": args.pairs, "channels": args.channels,
+                       "seed": args.seed}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 

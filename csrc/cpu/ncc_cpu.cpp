@@ -14,7 +14,9 @@
 // ring buffer of P rows per offset d, so each is computed once. Both maps are
 // first shifted by their plane means (the NCC does not change), so that X does
 // not carry the large product of the means of non-negative features.
-// Patch statistics are computed exactly (two passes, in double).
+// Patch statistics are computed exactly (two passes, in double). In float32,
+// the volume's entries whose patches make that form lose digits (near-flat
+// patches far from the plane mean) are computed again directly (kRefineRho).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -170,6 +172,38 @@ bool has_nan(const scalar_t* x, int64_t count) {
   return nan;
 }
 
+// The volume's float32 refinement (docs/perf_notes.md, "The volume's
+// cancellation"). The box-sum form X ka kb - (n ma ka)(mb kb) with the shifted
+// maps rounds X with an error of about eps32 * sum |a - ca||b - cb|, which in
+// NCC units is eps32 n / (n - 1) * rho_a * rho_b with
+//   rho = sqrt(s^2 + (mu - c)^2) / (s + eps)
+// per patch: 1 or 2 for most patches, up to about 40 for the near-flat ones
+// that ReLU leaves (small s, mean far from the plane's). A volume entry whose
+// rho_a rho_b exceeds kRefineRho is computed again in the direct centred form,
+// sum (a - mu_a)(b - mu_b) / ((n - 1)(s_a + eps)(s_b + eps)), in double: a few
+// percent of the entries of ReLU'd maps. Float32 only (double has digits to
+// spare); the maximum (ncc_max) keeps the box-sum values.
+constexpr double kRefineRho = 4.0;
+
+template <typename scalar_t>
+double direct_ncc(const NccGeometry& g, const scalar_t* a, const scalar_t* b,
+                  const PlaneStats& st, int64_t r, int64_t w, int64_t d, int64_t col) {
+  const int64_t H = g.H, W = g.W, h = g.P / 2;
+  const int64_t ea = r * W + w, eb = (r + d + g.R2()) * W + col;
+  const double sa = st.sa[ea], sb = st.sb[eb];
+  if (sa == 0.0 || sb == 0.0) return 0.0;  // a flat patch: covariance 0
+  const double mua = st.ma[ea], mub = st.mb[eb];
+  double x = 0.0;
+  for (int64_t i = -h; i <= h; ++i)
+    for (int64_t j = -h; j <= h; ++j) {
+      const int64_t ua = r + i, va = w + j, ub = r + d + i, vb = col + j;
+      const double av = (ua >= 0 && ua < H && va >= 0 && va < W) ? double(a[ua * W + va]) : 0.0;
+      const double bv = (ub >= 0 && ub < H && vb >= 0 && vb < W) ? double(b[ub * W + vb]) : 0.0;
+      x += (av - mua) * (bv - mub);
+    }
+  return x / (double(g.n() - 1) * (sa + g.eps) * (sb + g.eps));
+}
+
 // Forward pass of one plane. Writes the whole volume (volume != nullptr) or
 // the maximum over candidates and its index (values/index != nullptr).
 //
@@ -231,6 +265,23 @@ void forward_plane(const NccGeometry& g, const scalar_t* a, const scalar_t* b,
     const double k = flat ? 0.0 : 1.0 / (st.sb[i] + g.eps);
     kb[i] = scalar_t(k);
     mbkb[i] = scalar_t((st.mb[i] - cb) * k);
+  }
+  // The refinement's factors (see kRefineRho): rho_a per output (0 past W and
+  // for flat patches), rho_b per centre, and each output row's largest rho_a.
+  const bool refine = volume && std::is_same<scalar_t, float>::value;
+  std::vector<scalar_t> rho_a(refine ? H * Wv : 0, scalar_t(0)), rho_b(refine ? BR * W : 0);
+  std::vector<double> rho_a_row(refine ? H : 0, 0.0);
+  auto rho = [&](double mu, double s, double c) {
+    return s == 0.0 ? 0.0 : std::sqrt(s * s + (mu - c) * (mu - c)) / (s + g.eps);
+  };
+  if (refine) {
+    for (int64_t r = 0; r < H; ++r)
+      for (int64_t w = 0; w < W; ++w) {
+        const double v = rho(st.ma[r * W + w], st.sa[r * W + w], ca);
+        rho_a[r * Wv + w] = scalar_t(v);
+        rho_a_row[r] = std::max(rho_a_row[r], v);
+      }
+    for (int64_t i = 0; i < BR * W; ++i) rho_b[i] = scalar_t(rho(st.mb[i], st.sb[i], cb));
   }
 
   std::vector<scalar_t> apad((H + 2 * h) * Wa, scalar_t(-ca));
@@ -302,9 +353,24 @@ void forward_plane(const NccGeometry& g, const scalar_t* a, const scalar_t* b,
         return x * (loadu<V>(karow + cv * L) * kbrow[col]) - loadu<V>(nmrow + cv * L) * mbrow[col];
       };
       if (volume) {
+        const scalar_t* rbrow = refine ? rho_b.data() + (r + d + R2) * W : nullptr;
         for (int64_t col = 0; col < W; ++col)
           for (int64_t cv = 0; cv < NV; ++cv) {
-            const V v = ncc(col, cv);
+            V v = ncc(col, cv);
+            // Entries whose box-sum value may have lost digits: the direct form.
+            // (A non-finite rho, from a NaN or an infinity, never compares true.)
+            if (refine && rho_a_row[r] * double(rbrow[col]) > kRefineRho) {
+              const V need = loadu<V>(rho_a.data() + r * Wv + cv * L) * rbrow[col];
+              bool any = false;  // lanes past W have rho_a = 0
+              for (int64_t l = 0; l < L; ++l) any |= need[l] > scalar_t(kRefineRho);
+              if (any) {
+                storeu(lanes, v);
+                for (int64_t l = 0; l < L && cv * L + l < W; ++l)
+                  if (need[l] > scalar_t(kRefineRho))
+                    lanes[l] = scalar_t(direct_ncc(g, a, b, st, r, cv * L + l, d, col));
+                v = loadu<V>(lanes);
+              }
+            }
             scalar_t* vo = volume + (k * W + col) * HW + r * W + cv * L;
             const int64_t cols = std::min<int64_t>(L, W - cv * L);
             if (cols == L) {

@@ -5,17 +5,20 @@
 // host functions at the end of this file.
 //
 // The plane-mean shift (docs/ncc_layer.md, section 2), as the CPU kernels do:
-// with MSPCNN_NCC_CUDA_SHIFT=1 the forward kernels subtract each (n, c)
-// plane's mean from both maps (the zero padding becoming -mean) and give a
-// flat patch the factors 0, so that X no longer carries n mu_a mu_b and a
-// flat patch's NCC is exactly 0. Off by default until it has run on a GPU.
+// the max kernels subtract each (n, c) plane's mean from both maps (the
+// zero padding becoming -mean) and give a flat patch the factors 0, so that X
+// no longer carries n mu_a mu_b and a flat patch's NCC is exactly 0. On by
+// default since it ran on an H200 (2026-11-30: at a feature mean of 10 the
+// largest error fell from 5.6e-4 to 1.3e-6, forward 2.7% slower);
+// MSPCNN_NCC_CUDA_SHIFT=0 gives the kernels without it.
 //
 // Kernels:
 //   stats_kernel           patch mean / std of every centre (two passes, double)
 //   max_fast_kernel<P, R>  ncc_max forward, register-blocked decomposition
 //                          (SHIFT: the plane-mean shift, see above)
 //   max_generic_kernel     ncc_max forward for any P, R (direct sums)
-//   volume_kernel          ncc_volume forward (direct sums, coalesced stores)
+//   volume_kernel          ncc_volume forward (centred direct sums, coalesced
+//                          stores; no shift needed)
 // The backward kernels: ncc_max_backward.cu and ncc_volume_backward.cu.
 #include <cuda_runtime.h>
 
@@ -152,7 +155,7 @@ __device__ void plane_means(const T* A, const T* B, int HW, T& ca, T& cb) {
 
 inline bool shift_enabled() {
   const char* env = getenv("MSPCNN_NCC_CUDA_SHIFT");
-  return env && env[0] == '1';
+  return !(env && env[0] == '0');
 }
 
 // SHIFT: the plane-mean shift (a template parameter, so that the kernels
@@ -429,7 +432,75 @@ __global__ void max_generic_kernel(NccGeometry g, const T* __restrict__ a,
   }
 }
 
-template <typename T, bool SHIFT>
+// ncc_volume forward in the centred direct form: every candidate's NCC is
+//   sum_ij (a_ij - mu_a)(b_ij - mu_b) / ((n - 1)(s_a + eps)(s_b + eps)),
+// the reference's formula, with both patches centred on their own means as
+// the products are formed (two subtractions per multiply-add). The box-sum
+// form X k_a k_b - (n mu_a k_a)(mu_b k_b) of the max kernels cancels two large
+// terms wherever both patches' means are large beside their spread (ReLU
+// features), and the plane-mean shift removes only the plane's share of the
+// means: on an H200 a few volume outputs of ReLU'd maps were off by 3e-5 to
+// 9e-5. Centred, a rounding of mu_a or mu_b to T adds sum (b - mu_b) or
+// sum (a - mu_a) times it, which is 0: what is left is the rounding of the
+// centred products (docs/perf_notes.md, "The volume's cancellation"). A flat
+// patch's centred values are 0, so its NCC is exactly 0.
+//
+// Shared memory (generic_smem_elems): the P rows of a and the R + P - 1 rows
+// of b, zero padded to width W + 2h, unshifted; per output column ka and mu_a
+// (as T), per candidate centre kb and mu_b.
+template <typename T>
+__device__ void stage_row_centred(const NccGeometry& g, int64_t plane, int64_t r,
+                                  const T* a, const T* b, const double* ma,
+                                  const double* sa, const double* mb,
+                                  const double* sb, T* smem) {
+  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R = g.R, R2 = g.R2();
+  const int64_t SW = W + 2 * h, BR = g.b_rows();
+  const double nm1 = double(g.n() - 1);
+  T* As = smem;
+  T* Bs = As + P * SW;
+  T* ka = Bs + (R + P - 1) * SW;
+  T* mua = ka + W;
+  T* kb = mua + W;
+  T* mub = kb + R * W;
+  const T* A = a + plane * H * W;
+  const T* B = b + plane * H * W;
+  for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x)
+    As[i] = pixel(A, H, W, r - h + i / SW, i % SW - h);
+  for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x)
+    Bs[i] = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h);
+  for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
+    const int64_t e = (plane * H + r) * W + w;
+    ka[w] = T(1.0 / (nm1 * (sa[e] + g.eps)));
+    mua[w] = T(ma[e]);
+  }
+  for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
+    const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
+    kb[i] = T(1.0 / (sb[e] + g.eps));
+    mub[i] = T(mb[e]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T candidate_centred(const NccGeometry& g, const T* smem,
+                                               int64_t w, int64_t k, int64_t col) {
+  const int64_t W = g.W, P = g.P, h = g.h(), R = g.R, SW = W + 2 * h;
+  const T* As = smem;
+  const T* Bs = As + P * SW;
+  const T* ka = Bs + (R + P - 1) * SW;
+  const T* mua = ka + W;
+  const T* kb = mua + W;
+  const T* mub = kb + R * W;
+  const T ma = mua[w], mb = mub[k * W + col];
+  T x = T(0);
+  for (int64_t i = 0; i < P; ++i) {
+    const T* ar = As + i * SW + w;
+    const T* br = Bs + (k + i) * SW + col;
+    for (int64_t j = 0; j < P; ++j) x += (ar[j] - ma) * (br[j] - mb);
+  }
+  return x * (ka[w] * kb[k * W + col]);
+}
+
+template <typename T>
 __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
                               const T* __restrict__ b, const double* ma,
                               const double* sa, const double* mb,
@@ -437,13 +508,13 @@ __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
-  stage_row<T, SHIFT>(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  stage_row_centred<T>(g, plane, r, a, b, ma, sa, mb, sb, smem);
   __syncthreads();
   const int64_t W = g.W, HW = g.H * W, per = g.R * W * W;
   // e -> (k, col, w) with w fastest: consecutive threads store consecutive w.
   for (int64_t e = threadIdx.x; e < per; e += blockDim.x) {
     const int64_t w = e % W, kc = e / W;  // kc = k * W + col
-    volume[(plane * g.R * W + kc) * HW + r * W + w] = candidate(g, smem, w, kc / W, kc % W);
+    volume[(plane * g.R * W + kc) * HW + r * W + w] = candidate_centred(g, smem, w, kc / W, kc % W);
   }
 }
 
@@ -532,12 +603,8 @@ cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,
                                const double* mb, const double* sb, T* volume,
                                cudaStream_t stream) {
   const size_t smem = size_t(generic_smem_elems(g)) * sizeof(T);
-  if (shift_enabled())
-    volume_kernel<T, true><<<unsigned(g.planes() * g.H), kThreads, smem, stream>>>(
-        g, a, b, ma, sa, mb, sb, volume);
-  else
-    volume_kernel<T, false><<<unsigned(g.planes() * g.H), kThreads, smem, stream>>>(
-        g, a, b, ma, sa, mb, sb, volume);
+  volume_kernel<T><<<unsigned(g.planes() * g.H), kThreads, smem, stream>>>(
+      g, a, b, ma, sa, mb, sb, volume);
   return cudaGetLastError();
 }
 
