@@ -155,3 +155,23 @@ def test_emulated_cuda_volume_centred_form_is_accurate_at_any_mean():
         assert centred <= 2e-6
         worse = rows["CUDA volume, box-sum form (emulated)" if offset else "CUDA volume, box-sum shifted (emulated)"]
         assert worse > 3 * centred
+
+
+def test_bench_train_counts_the_operations_of_an_iteration():
+    """bench_train --count-ops: the engine's default (our BatchNorm + Scale operator on the CPU) and
+    the separate Caffe layers (what a GPU ran before its fused batch normalisation) differ threefold
+    in PyTorch operations an iteration; the GPU's path now counts like the CPU default."""
+    sec, ops = bench_train.measure("mspcnn", 1, 2, 2, 1, count_ops=True)
+    _, ops_layers = bench_train.measure("mspcnn-torch", 1, 2, 2, 1, count_ops=True)
+    assert sec > 0 and 3000 < ops < 4500 and ops_layers > 2.5 * ops
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_train_on_a_gpu():
+    """bench_train --device cuda: the fused batch normalisation path issues about a third of the
+    operations of the separate layers, and both iterations run."""
+    bench_train.caffe_float32()
+    sec, ops = bench_train.measure("mspcnn", 2, 4, 2, 2, device="cuda", count_ops=True)
+    sec_layers, ops_layers = bench_train.measure("mspcnn-torch", 2, 4, 2, 2, device="cuda", count_ops=True)
+    assert sec > 0 and sec_layers > 0 and ops_layers > 2.5 * ops

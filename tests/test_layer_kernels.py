@@ -117,16 +117,21 @@ def test_module_path_updates_the_accumulators_as_caffe():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+GPU = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("shape,bias", [((3, 5, 4, 4), True), ((6, 5), True), ((3, 5, 4, 4), False)])
-def test_native_path_equals_the_separate_layers_in_float64(shape, relu, bias):
-    """PyTorch's fused batch normalisation (the GPU path, run here on the CPU): the same outputs,
+def test_native_path_equals_the_separate_layers_in_float64(shape, relu, bias, device):
+    """PyTorch's fused batch normalisation (the GPU path; on the CPU too): the same outputs,
     gradients and Caffe accumulators as the separate BatchNorm and Scale layers, two batches."""
-    x, gamma, beta = case(shape, seed=6)
-    gy = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    x, gamma, beta = (t.to(device) for t in case(shape, seed=6))
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
     outs = []
     for native in (True, False):
-        norm, scale = BatchNorm(5).double().train(), Scale(5, bias_term=bias).double()
+        norm, scale = BatchNorm(5).double().train().to(device), Scale(5, bias_term=bias).double().to(device)
         with torch.no_grad():
             scale.weight.copy_(gamma)
             if bias:

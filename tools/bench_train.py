@@ -3,7 +3,7 @@
 PyTorch eager version of the same network, on a quiet machine and beside busy processes.
 
     python tools/bench_train.py [--batches paper main] [--busy 0 2] [--threads N] [--repeat 5]
-                                [--json bench_train.json]
+                                [--device cpu|cuda] [--tf32] [--count-ops] [--json bench_train.json]
 
 * mspcnn: mspcnn.model.MSPCNN as the training engine runs it (Caffe's BatchNorm, Scale, pooling and
   losses; the NCC loss with the C++ operator in stage 2), one iteration = iter_size forward/backward
@@ -22,6 +22,13 @@ PyTorch eager version of the same network, on a quiet machine and beside busy pr
   `mspcnn-torch`, the same network with PyTorch's operations for those layers
   (`model.backbone.cpu_kernels = False`, what runs on a GPU); --channels-last adds `mspcnn-cl`, the
   engine's `channels_last=True` option (PyTorch's operations: our kernels need the contiguous layout).
+* --device cuda times the iterations on a GPU (synchronised at the end of each; float32 as Caffe,
+  TF32 tensor cores with --tf32; cuDNN autotuning on). There `mspcnn` runs BatchNorm + Scale (+ ReLU)
+  through PyTorch's fused batch normalisation and `mspcnn-torch` (--torch-ops) through the separate
+  layers, which is how the engine ran on GPUs before 2026-11-30.
+* --count-ops adds each row's number of PyTorch operations in one iteration (a dispatch-mode count,
+  the same on any device): on a GPU each is at least one kernel launch, and host time per operation
+  can bound the iteration.
 Medians of --repeat iterations after one warm-up iteration. Prints a table and writes JSON.
 """
 import argparse
@@ -39,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mspcnn.caffe import proto
 from mspcnn.cli import run
-from mspcnn.model import MSPCNN
+from mspcnn.model import MSPCNN, caffe_float32
 from mspcnn.ops import ncc_max_reference
 from mspcnn.runtime import configure_threads
 from mspcnn.solver import SGDSolver
@@ -110,16 +117,28 @@ def _busy():
         x += 1
 
 
-def build(kind, stage, pairs, iter_size, classes=100):
+def build(kind, stage, pairs, iter_size, classes=100, device="cpu"):
     """One training iteration of `kind` (mspcnn, mspcnn-cl, mspcnn-torch or plain) on a fixed random batch,
-    as a function of no arguments."""
+    as a function of no arguments (on a GPU it returns after the device has finished)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(pairs, 3, 144, 56, generator=g), torch.randn(pairs, 3, 144, 56, generator=g),
-             torch.randint(0, classes, (pairs,), generator=g).float(), (torch.rand(pairs, generator=g) < 1 / 3).float())
-            for _ in range(iter_size)]
+    data = [tuple(t.to(device) for t in (
+        torch.randn(pairs, 3, 144, 56, generator=g), torch.randn(pairs, 3, 144, 56, generator=g),
+        torch.randint(0, classes, (pairs,), generator=g).float(), (torch.rand(pairs, generator=g) < 1 / 3).float()))
+        for _ in range(iter_size)]
+    iteration = _build(kind, stage, iter_size, classes, data, device)
+    if torch.device(device).type != "cuda":
+        return iteration
+
+    def synchronised():
+        iteration()
+        torch.cuda.synchronize(device)
+    return synchronised
+
+
+def _build(kind, stage, iter_size, classes, data, device):
     if kind in ("mspcnn", "mspcnn-cl", "mspcnn-torch"):
-        model = MSPCNN(classes, use_low=stage == 2).train()
+        model = MSPCNN(classes, use_low=stage == 2).train().to(device)
         model.backbone.cpu_kernels = kind == "mspcnn"
         if kind == "mspcnn-cl":  # channels-last weights and images (oneDNN's preferred layout)
             model = model.to(memory_format=torch.channels_last)
@@ -136,7 +155,7 @@ def build(kind, stage, pairs, iter_size, classes=100):
                 return loss.item()
             solver.step(fb)
     else:
-        model = PlainBackbone(classes).train()
+        model = PlainBackbone(classes).train().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=0.0005)
 
         def iteration():
@@ -157,10 +176,29 @@ def median_seconds(fn, repeat):
     return float(np.median(times))
 
 
-def measure(kind, stage, pairs, iter_size, repeat, classes=100):
-    iteration = build(kind, stage, pairs, iter_size, classes)
+class _OpCount(TorchDispatchMode):
+    """Counts the PyTorch operations dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure(kind, stage, pairs, iter_size, repeat, classes=100, device="cpu", count_ops=False):
+    """(median seconds of an iteration, operations in one iteration or None)."""
+    iteration = build(kind, stage, pairs, iter_size, classes, device)
     iteration()  # warm-up
-    return median_seconds(iteration, repeat)
+    ops = None
+    if count_ops:
+        counter = _OpCount()
+        with counter:
+            iteration()
+        ops = counter.count
+    return median_seconds(iteration, repeat), ops
 
 
 # ---------------------------------------------------------------------------- roofline of the convolutions
@@ -274,10 +312,25 @@ def main(argv=None):
                    help="instead of the comparison: count the iteration's floating-point work, time its "
                    "convolutions, and compare their rate with the fastest this machine reaches on the "
                    "network's own convolution shapes (at most how much faster the iteration can get)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
+    p.add_argument("--tf32", action="store_true", help="on a GPU, TF32 tensor cores for convolutions and "
+                   "matrix products (default: float32, as Caffe)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count the PyTorch operations of one iteration of each row")
     p.add_argument("--json", default="bench_train.json", help="write the figures here")
     args = p.parse_args(argv)
     if args.repeat < 1 or min(args.busy) < 0:
         p.error("--repeat must be >= 1 and --busy >= 0")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible to PyTorch")
+        if args.roofline:
+            p.error("--roofline measures this machine's CPU; it takes no --device cuda")
+        caffe_float32()
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.benchmark = True
+    elif args.tf32:
+        p.error("--tf32 is for --device cuda")
     auto = args.threads in (None, "auto")
     threads = None if auto else configure_threads(args.threads)  # auto: chosen at each busy level below
     if args.roofline:
@@ -316,21 +369,25 @@ def main(argv=None):
                         (() if args.no_plain else ("plain",))
                     for kind in kinds:
                         load = os.getloadavg()[0]
-                        sec = measure(kind, stage, pairs, iter_size, args.repeat)
+                        sec, ops = measure(kind, stage, pairs, iter_size, args.repeat, device=args.device,
+                                           count_ops=args.count_ops)
                         rows.append({"busy": busy, "batch": batch, "stage": stage, "kind": kind, "seconds": sec,
-                                     "load": load, "threads": torch.get_num_threads()})
+                                     "load": load, "threads": torch.get_num_threads(), "device": args.device,
+                                     "tf32": args.tf32, "operations": ops})
                         print(f"  busy {busy}, {batch}, stage {stage}, {kind}: {sec:.3f} s/iteration "
-                              f"(load {load:.2f})", flush=True)
+                              + (f"{ops} operations " if ops is not None else "") + f"(load {load:.2f})", flush=True)
         finally:
             for proc in procs:
                 proc.terminate()
-    print(f"\nthreads: {'chosen at each busy level (auto)' if auto else threads}; seconds per iteration (median of "
+    print(f"\ndevice {args.device}" + (" (TF32)" if args.tf32 else "") + f"; threads: "
+          f"{'chosen at each busy level (auto)' if auto else threads}; seconds per iteration (median of "
           f"{args.repeat}); ratio = plain / mspcnn, slowdown = busy / quiet"
           + ("; kernels gain = mspcnn-torch / mspcnn" if args.torch_ops else "")
           + ("; cl gain = mspcnn / mspcnn-cl" if args.channels_last else ""))
     print(f"{'busy':>5} {'batch':>6} {'stage':>6} {'threads':>7} {'mspcnn s':>9} {'plain s':>9} {'ratio':>7} "
           f"{'slowdown':>9} {'load':>6}" + (f" {'torch s':>7} {'kernels gain':>12}" if args.torch_ops else "")
-          + (f" {'cl s':>7} {'cl gain':>7}" if args.channels_last else ""))
+          + (f" {'cl s':>7} {'cl gain':>7}" if args.channels_last else "")
+          + (f" {'ops':>6} {'plain ops':>9}" if args.count_ops else ""))
     index = {(r["busy"], r["batch"], r["stage"], r["kind"]): r for r in rows}
     for r in rows:
         if r["kind"] != "mspcnn":
@@ -343,10 +400,14 @@ def main(argv=None):
         cl_cols = f" {cl['seconds']:>7.3f} {r['seconds'] / cl['seconds']:>6.2f}x" if cl else ""
         tops = index.get((r["busy"], r["batch"], r["stage"], "mspcnn-torch"))
         tops_cols = f" {tops['seconds']:>7.3f} {tops['seconds'] / r['seconds']:>11.2f}x" if tops else ""
+        ops_cols = (f" {r['operations']:>6} {plain['operations'] if plain else '-':>9}" if args.count_ops else "")
         print(f"{r['busy']:>5} {r['batch']:>6} {r['stage']:>6} {r['threads']:>7} {r['seconds']:>9.3f} "
-              f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}{tops_cols}{cl_cols}")
+              f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}{tops_cols}"
+              f"{cl_cols}{ops_cols}")
     with open(args.json, "w") as f:
-        json.dump({"threads": "auto, chosen at each busy level" if auto else threads, "rows": rows, "torch": torch.__version__, "cpus": os.cpu_count()}, f, indent=1)
+        json.dump({"threads": "auto, chosen at each busy level" if auto else threads, "rows": rows,
+                   "torch": torch.__version__, "cpus": os.cpu_count(), "device": args.device,
+                   "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}, f, indent=1)
     print(f"wrote {args.json}")
     return 0
 
