@@ -132,7 +132,7 @@ def _install_signals(effects, requests):
 def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=None, batch_pairs=None,
           loss_weights=None, net=None, workers=2, deterministic=False, tf32=False, channels_last=False, cpu_kernels=True,
           sigint_effect="stop",
-          sighup_effect="snapshot", sigterm_effect="stop", log=glog, progress=None):
+          sighup_effect="snapshot", sigterm_effect="stop", log=glog, progress=None, stop_at=None):
     """Train as ``caffe train --solver SOLVER [--weights W | --snapshot S]`` would.
 
     Args:
@@ -164,6 +164,9 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         sigint_effect, sighup_effect, sigterm_effect: "stop", "snapshot" or "none".
         log: ``log(where, message)`` for the Caffe-format lines (default: glog lines on stdout).
         progress: draw a progress bar on stderr (default: when stderr is a terminal).
+        stop_at: a time (``time.time()``) after which training stops at the end of the iteration,
+            as a stop signal would (snapshot written, ``stopped_by`` "time limit"): a run that must
+            fit a fixed window, resumed later from that snapshot.
 
     Returns a :class:`SolveResult`."""
     start_time = time.time()
@@ -234,7 +237,7 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
     try:
         return _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
                       device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-                      start_time, group, channels_last, cpu_kernels, tf32)
+                      start_time, group, channels_last, cpu_kernels, tf32, stop_at)
     finally:
         if lock is not None:
             lock.close()  # releases the lock
@@ -371,7 +374,7 @@ def _lock_prefix(prefix):
 
 def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
            device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-           start_time, group, channels_last, cpu_kernels, tf32):
+           start_time, group, channels_last, cpu_kernels, tf32, stop_at):
     """The training itself (see :func:`solve`), with the inputs checked and the prefix locked."""
 
     seed = sp.random_seed if sp.random_seed >= 0 else 0
@@ -546,6 +549,8 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
                 bar = int(30 * solver_.iter / max(max_iter, 1))
                 sys.stderr.write(f"\r[{'#' * bar}{'.' * (30 - bar)}] {solver_.iter}/{max_iter} loss {loss:.4f}")
                 sys.stderr.flush()
+            if stop_at is not None and time.time() >= stop_at and not any(e == "stop" for e, _ in requests):
+                requests.append(("stop", "time limit"))
             actions = [effect for effect, _ in requests]
             if group.world > 1:
                 want_snapshot, want_stop = group.any(["snapshot" in actions, "stop" in actions])
@@ -563,7 +568,8 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
         if draw:
             sys.stderr.write("\n")
     if result.stopped_by:
-        log("solver.cpp:455", f"{result.stopped_by} received: stopping after iteration {solver_.iter}")
+        log("solver.cpp:455", f"{result.stopped_by} {'reached' if result.stopped_by == 'time limit' else 'received'}: "
+            f"stopping after iteration {solver_.iter}")
     if sp.snapshot_after_train and not (sp.snapshot and solver_.iter % sp.snapshot == 0) \
             and not (result.snapshots and result.snapshots[-1][0].endswith(f"_iter_{solver_.iter}.caffemodel")):
         take_snapshot()

@@ -147,10 +147,11 @@ def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stopped_run_is_not_a_result(tmp_path, run_tool):
+def test_a_stopped_run_is_not_a_result_and_resumes(tmp_path, run_tool):
     """SIGTERM during stage 1: reproduce.py stops with status 130 and a message, the unfinished
-    stage 1 gets no manifest (a later invocation trains it again instead of reusing it), and no
-    result row is written for it."""
+    stage 1 gets no manifest (it is never reused as finished) and no result row. The same command
+    then resumes stage 1 from the snapshot the stop wrote and finishes, with the weights of an
+    uninterrupted run, bit for bit (on the CPU). --time-limit stops and resumes the same way."""
     import os
     import signal
     import subprocess
@@ -160,11 +161,14 @@ def test_a_stopped_run_is_not_a_result(tmp_path, run_tool):
     from conftest import ROOT
 
     fabricate_cuhk01(tmp_path / "raw")
+
+    def command(out):
+        return [sys.executable, str(ROOT / "tools" / "reproduce.py"), "cuhk01-100", str(tmp_path / "raw"),
+                "--out", str(out), "--splits", "1", "--loss-sets", "cls+high", "--iters1", "50", "--iters2", "2",
+                "--batch-pairs", "2", "--device", "cpu", "--val-ids", "2", "--repeats", "2", "--threads", "1"]
+
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "tools" / "reproduce.py"), "cuhk01-100", str(tmp_path / "raw"), "--out",
-           str(out), "--splits", "1", "--loss-sets", "cls+high", "--iters1", "100000", "--iters2", "1",
-           "--batch-pairs", "2", "--device", "cpu", "--val-ids", "2", "--repeats", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = out / "split00" / "stage1_cls+high"
     deadline = time.time() + 120
     while not list(folder.glob("*.lock")) + list(folder.glob(".*.lock")) and time.time() < deadline:
@@ -174,4 +178,23 @@ def test_a_stopped_run_is_not_a_result(tmp_path, run_tool):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "stage 1 stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert "the same command resumes it" in stderr
     assert not (folder / "stage1.manifest.json").exists() and not (out / "results.json").exists()
+    assert (folder / "stage1.partial.json").exists()
+
+    # --time-limit stops it the same way (here at once: after the first iteration it runs).
+    limited = subprocess.run(command(out) + ["--time-limit", "0.5"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert limited.returncode == 130, limited.stderr[-3000:]
+    assert "stage1 resumed from" in limited.stdout and "stage 1 stopped by time limit" in limited.stderr
+
+    resumed = subprocess.run(command(out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage1 resumed from" in resumed.stdout
+    assert (folder / "stage1.manifest.json").exists() and not (folder / "stage1.partial.json").exists()
+    straight = subprocess.run(command(tmp_path / "straight"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for stage in ("stage1_cls+high/stage1_iter_50.caffemodel", "cls+high/stage2_iter_2.caffemodel"):
+        a = (out / "split00" / stage).read_bytes()
+        b = (tmp_path / "straight" / "split00" / stage).read_bytes()
+        assert a == b, stage

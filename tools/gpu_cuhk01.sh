@@ -14,6 +14,8 @@
 # evaluation, more than one 10-minute call. FP32=1 trains in float32 as Caffe does.
 # Environment: DEVICE (cuda), WORKERS (12 decoding threads), EXTRA (more reproduce.py options,
 # e.g. "--iters1 2 --iters2 2" for a smoke test), SKIP_BUILD=1 to use an existing build,
+# TIME_LIMIT (seconds of training before reproduce.py stops with a snapshot; the same command with
+# the same OUT then resumes the stopped stage, so the recipe can span several calls),
 # BENCH_PAIRS / BENCH_BATCHES (50 / 30) for the loader benchmark.
 # Writes OUT (default ${OUT:-gpu_out}/cuhk01): gpu_split0.json, gpu_split0_curves.png, logs.
 set -uo pipefail
@@ -23,19 +25,21 @@ device=${DEVICE:-cuda}
 workers=${WORKERS:-12}
 precision=--tf32
 [ "${FP32:-}" = 1 ] && precision=
+limit=()
+[ -n "${TIME_LIMIT:-}" ] && limit=(--time-limit "$TIME_LIMIT")
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 if [ -z "${SKIP_BUILD:-}" ]; then
   start=$(date +%s)
   python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
   echo "build: $(( $(date +%s) - start )) s"
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package from the repository (built in place)
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 start=$(date +%s)
 # shellcheck disable=SC2086
 python3 tools/reproduce.py cuhk01-100 "$raw" --recipe paper --splits 1 --device "$device" \
-  --workers "$workers" --test-interval 500 --out "$out" --name gpu_split0 $precision ${EXTRA:-} 2>&1 | tee "$out/reproduce.log" | \
+  --workers "$workers" --test-interval 500 --out "$out" --name gpu_split0 $precision "${limit[@]}" ${EXTRA:-} 2>&1 | tee "$out/reproduce.log" | \
   grep -E "^== |data wait|Test net output #0|ours:|chance|paper:|error" || true
 status=${PIPESTATUS[0]}
 echo "recipe: $(( $(date +%s) - start )) s, exit status $status"

@@ -162,10 +162,36 @@ class Stopped(Exception):
     """Training was stopped by a signal (SIGINT, SIGTERM): the run is not finished."""
 
 
-def stop_if_stopped(result, where, stage):
+def stop_if_stopped(result, where, stage, partial=None, inputs=None, history=()):
+    """Raise Stopped when a signal stopped the training. With ``partial``, first record there the
+    stage's inputs, its last snapshot and its validation history so far: the next invocation with
+    the same inputs resumes from that snapshot (:func:`resume_point`)."""
     if result.stopped_by:
+        resumable = ""
+        if partial and result.snapshots:
+            record = {"inputs": inputs, "solverstate": result.snapshots[-1][1],
+                      "history": list(history) + list(result.history)}
+            atomic_write(partial, json.dumps(record, indent=1), mode="w")
+            resumable = "; the same command resumes it from that snapshot"
         raise Stopped(f"{where}: {stage} stopped by {result.stopped_by} after iteration {result.iterations} "
-                      f"(snapshot {result.weights}); this run is left out of the results")
+                      f"(snapshot {result.weights}){resumable}; this run is left out of the results")
+
+
+def resume_point(partial, inputs, where, stage):
+    """(solverstate, history so far) of a stopped run of this stage with the same inputs, whose
+    snapshot is still there, else (None, []) (and an unmatched record is removed)."""
+    try:
+        with open(partial) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None, []
+    state = old.get("solverstate")
+    if old.get("inputs") == inputs and state and os.path.isfile(state) \
+            and os.path.isfile(state[:-len(".solverstate")] + ".caffemodel"):
+        print(f"== {where}: {stage} resumed from {state} (stopped earlier with the same inputs)", flush=True)
+        return state, old.get("history", [])
+    os.remove(partial)
+    return None, []
 
 
 def train_stage1(args, db, folder, loss_weights, seed, solver, where):
@@ -192,15 +218,24 @@ def train_stage1(args, db, folder, loss_weights, seed, solver, where):
                 and sha256(weights) == old.get("weights_sha256")):
             print(f"== {where}: stage1 reused from {weights} (manifest matches)", flush=True)
             return weights, old.get("history", []), old.get("iterations", 0)
-    print(f"== {where}: stage1", flush=True)
+    partial = os.path.join(folder, "stage1.partial.json")
+    state, before = resume_point(partial, manifest, where, "stage1")
+    if state is None:
+        print(f"== {where}: stage1", flush=True)
     w_cls, w_high, _ = loss_weights
-    result = solve(solver, db, device=args.device, overrides=overrides, batch_pairs=args.batch_pairs, net=net,
-                   workers=args.workers, tf32=args.tf32, loss_weights={"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0})
-    stop_if_stopped(result, where, "stage 1")  # an unfinished stage 1 gets no manifest: never reused
+    result = solve(solver, db, snapshot=state, device=args.device, overrides=overrides,
+                   batch_pairs=args.batch_pairs, net=net, workers=args.workers, tf32=args.tf32,
+                   stop_at=args.stop_at, loss_weights={"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0})
+    # An unfinished stage 1 gets no manifest (never reused), only the record to resume from.
+    stop_if_stopped(result, where, "stage 1", partial, manifest, before)
+    history = list(before) + list(result.history)
     record = {"inputs": manifest, "weights": result.weights, "weights_sha256": sha256(result.weights),
-              "iterations": result.iterations, "history": result.history, "seconds": result.seconds}
+              "iterations": result.iterations, "history": history, "seconds": result.seconds,
+              "resumed_from": state}
     atomic_write(path, json.dumps(record, indent=1), mode="w")
-    return result.weights, result.history, result.iterations
+    if os.path.exists(partial):
+        os.remove(partial)
+    return result.weights, history, result.iterations
 
 
 def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, stage2, where, tag):
@@ -225,11 +260,20 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
                  "max_iter": args.iters2, "snapshot": args.iters2}
     w_cls, w_high, w_low = loss_weights
     weights_low = {"loss_low": w_low} if args.w_low is None or w_low == 0 else {}
-    result = solve(stage2, db, weights=weights, device=args.device, overrides=overrides, net=net,
-                   batch_pairs=args.batch_pairs, workers=args.workers, tf32=args.tf32,
-                   loss_weights={"loss_cls": w_cls, "loss_high": w_high, **weights_low})
-    stop_if_stopped(result, where, "stage 2")
-    history += [dict(h, stage=2, iteration=h["iteration"] + offset) for h in result.history]
+    net_path = net or resolve_net_path(cio.read_prototxt(stage2, proto.SolverParameter).net, str(stage2))
+    inputs = {"stage1_weights_sha256": sha256(weights), "solver": sha256(stage2), "net": sha256(net_path),
+              "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights),
+              "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
+              "batch_pairs": args.batch_pairs, "device": args.device, "tf32": args.tf32}
+    partial = os.path.join(run, "stage2.partial.json")
+    state, before = resume_point(partial, inputs, where, "stage2")
+    result = solve(stage2, db, weights=None if state else weights, snapshot=state, device=args.device,
+                   overrides=overrides, net=net, batch_pairs=args.batch_pairs, workers=args.workers, tf32=args.tf32,
+                   stop_at=args.stop_at, loss_weights={"loss_cls": w_cls, "loss_high": w_high, **weights_low})
+    stop_if_stopped(result, where, "stage 2", partial, inputs, before)
+    if os.path.exists(partial):
+        os.remove(partial)
+    history += [dict(h, stage=2, iteration=h["iteration"] + offset) for h in list(before) + list(result.history)]
     return result.weights, history
 
 
@@ -310,6 +354,9 @@ def main(argv=None):
     p.add_argument("--tf32", action="store_true",
                    help="on a GPU, train with TF32 tensor cores (10-bit mantissa inputs, float32 sums; several "
                         "times faster; never the default: Caffe computes in float32). Features are float32")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop training when this many seconds have passed since the start (at the end of an "
+                        "iteration, with a snapshot), as SIGTERM would; the same command resumes it")
     p.add_argument("--iters1", type=int, help="stage 1 iterations (default: the solver's max_iter)")
     p.add_argument("--iters2", type=int, help="stage 2 iterations (default: the solver's; 0: none)")
     p.add_argument("--batch-pairs", type=int, help="pairs per forward pass (default: the recipe's)")
@@ -326,6 +373,9 @@ def main(argv=None):
     p.add_argument("--val-ids", type=int, help="identities held out for validation (converter default)")
     add_threads_argument(p)
     args = p.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error(f"--time-limit must be positive, got {args.time_limit}")
+    args.stop_at = None if args.time_limit is None else time.time() + args.time_limit
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     recipe = RECIPES[args.recipe]
     if "datasets" in recipe and args.dataset.split("-")[0] not in recipe["datasets"]:
