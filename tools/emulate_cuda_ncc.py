@@ -70,8 +70,10 @@ def _stats(S, rows, is_a, P, eps, shift):
     return k, m
 
 
-def emulate_plane(A, B, P=PATCH, R=ROWS, eps=EPS, shift=False):
-    """ncc_max of one (n, c) plane as max_fast_kernel computes it: (values, index)."""
+def _staged(A, B, P, R, shift):
+    """The kernels' staged maps in float32: zero padded, or shifted by their plane means (rounded
+    to float32) with the padding at -mean. Returns (ca, cb, As, Bs); Bs has R // 2 more rows of
+    padding above and below, for the search rows."""
     h, R2 = P // 2, R // 2
     ca = F32(A.astype(F64).mean()) if shift else F32(0)
     cb = F32(B.astype(F64).mean()) if shift else F32(0)
@@ -79,6 +81,13 @@ def emulate_plane(A, B, P=PATCH, R=ROWS, eps=EPS, shift=False):
     As[h:h + H, h:h + W] = A - ca
     Bs = np.full((H + 2 * R2 + 2 * h, W + 2 * h), -cb, F32)
     Bs[R2 + h:R2 + h + H, h:h + W] = B - cb
+    return ca, cb, As, Bs
+
+
+def emulate_plane(A, B, P=PATCH, R=ROWS, eps=EPS, shift=False):
+    """ncc_max of one (n, c) plane as max_fast_kernel computes it: (values, index)."""
+    h, R2 = P // 2, R // 2
+    ca, cb, As, Bs = _staged(A, B, P, R, shift)
     ka, nmaka = _stats(As, H, True, P, eps, shift)
     kb, mbkb = _stats(Bs, H + R - 1, False, P, eps, shift)
     # Hs[u, k, w, col] = sum_j a(u, w + j) b(u + k, col + j), P fused multiply-adds in order j
@@ -157,12 +166,7 @@ def emulate_volume_plane(A, B, form, P=PATCH, R=ROWS, eps=EPS):
     ma, sa = _patch_stats(A.astype(F64), 0, H, P, eps)
     mb, sb = _patch_stats(B.astype(F64), -R2, H + R - 1, P, eps)
     shift = form == "box-shifted"
-    ca = F32(A.astype(F64).mean()) if shift else F32(0)
-    cb = F32(B.astype(F64).mean()) if shift else F32(0)
-    As = np.full((H + 2 * h, W + 2 * h), -ca, F32)
-    As[h:h + H, h:h + W] = A - ca
-    Bs = np.full((H + 2 * R2 + 2 * h, W + 2 * h), -cb, F32)
-    Bs[R2 + h:R2 + h + H, h:h + W] = B - cb
+    ca, cb, As, Bs = _staged(A, B, P, R, shift)
     ka64 = 1.0 / ((n - 1) * (sa + eps))
     kb64 = 1.0 / (sb + eps)
     if shift:

@@ -339,20 +339,53 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
 // ---------------------------------------------------------------------------
 // Shared memory: the P rows of a and the R + P - 1 rows of b the row needs,
 // zero padded to width W + 2h, and the normalisation factors.
-template <typename T, bool SHIFT>
+//
+// The generic kernels' two forms of an NCC value:
+// * box-sum (max_generic_kernel): X ka kb - (n mu_a ka)(mu_b kb), X the sum of
+//   the products of the staged values, unshifted or (kBoxSumShifted) shifted
+//   by the plane means;
+// * centred (volume_kernel): sum (a - mu_a)(b - mu_b) ka kb, both patches
+//   centred on their own means as the products are formed. The box-sum form
+//   cancels two large terms wherever both patches' means are large beside
+//   their spread (ReLU features), and the shift removes only the plane's share
+//   of the means: on an H200 a few volume outputs of ReLU'd maps were off by
+//   3e-5 to 9e-5. Centred, a rounding of mu_a or mu_b to T multiplies
+//   sum (b - mu_b) or sum (a - mu_a), which is 0, and a flat patch's centred
+//   values are 0 (docs/perf_notes.md, "The volume's cancellation"); it costs
+//   two subtractions per multiply-add.
+enum RowForm { kBoxSum = 0, kBoxSumShifted = 1, kCentred = 2 };
+
+// The layout of generic_smem_elems: the staged rows, then per output column ka
+// and fa, per candidate centre kb and fb. fa, fb: n mu_a ka and mu_b kb in the
+// box-sum forms, mu_a and mu_b in the centred one.
+template <typename Ptr>
+struct RowLayout {
+  Ptr As, Bs, ka, fa, kb, fb;
+};
+
+template <typename Ptr>
+__device__ __forceinline__ RowLayout<Ptr> row_layout(const NccGeometry& g, Ptr smem) {
+  const int64_t SW = g.W + 2 * g.h();
+  RowLayout<Ptr> L;
+  L.As = smem;
+  L.Bs = L.As + g.P * SW;
+  L.ka = L.Bs + (g.R + g.P - 1) * SW;
+  L.fa = L.ka + g.W;
+  L.kb = L.fa + g.W;
+  L.fb = L.kb + g.R * g.W;
+  return L;
+}
+
+template <typename T, int FORM>
 __device__ void stage_row(const NccGeometry& g, int64_t plane, int64_t r,
                           const T* a, const T* b, const double* ma,
                           const double* sa, const double* mb, const double* sb,
                           T* smem) {
+  constexpr bool SHIFT = FORM == kBoxSumShifted;
   const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R = g.R, R2 = g.R2();
   const int64_t SW = W + 2 * h, BR = g.b_rows();
   const double nm1 = double(g.n() - 1);
-  T* As = smem;
-  T* Bs = As + P * SW;
-  T* ka = Bs + (R + P - 1) * SW;
-  T* nmaka = ka + W;
-  T* kb = nmaka + W;
-  T* mbkb = kb + R * W;
+  const RowLayout<T*> L = row_layout(g, smem);
   const T* A = a + plane * H * W;
   const T* B = b + plane * H * W;
   // With the shift, a flat patch (s = 0) gets the factors 0.
@@ -360,23 +393,23 @@ __device__ void stage_row(const NccGeometry& g, int64_t plane, int64_t r,
   if constexpr (SHIFT) plane_means(A, B, int(H * W), ca, cb);
   for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x) {
     const T v = pixel(A, H, W, r - h + i / SW, i % SW - h);
-    As[i] = SHIFT ? v - ca : v;
+    L.As[i] = SHIFT ? v - ca : v;
   }
   for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x) {
     const T v = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h);
-    Bs[i] = SHIFT ? v - cb : v;
+    L.Bs[i] = SHIFT ? v - cb : v;
   }
   for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
     const int64_t e = (plane * H + r) * W + w;
     const double k = SHIFT && sa[e] == 0.0 ? 0.0 : 1.0 / (nm1 * (sa[e] + g.eps));
-    ka[w] = T(k);
-    nmaka[w] = T(double(g.n()) * (SHIFT ? ma[e] - double(ca) : ma[e]) * k);
+    L.ka[w] = T(k);
+    L.fa[w] = FORM == kCentred ? T(ma[e]) : T(double(g.n()) * (SHIFT ? ma[e] - double(ca) : ma[e]) * k);
   }
   for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
     const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
     const double k = SHIFT && sb[e] == 0.0 ? 0.0 : 1.0 / (sb[e] + g.eps);
-    kb[i] = T(k);
-    mbkb[i] = T((SHIFT ? mb[e] - double(cb) : mb[e]) * k);
+    L.kb[i] = T(k);
+    L.fb[i] = FORM == kCentred ? T(mb[e]) : T((SHIFT ? mb[e] - double(cb) : mb[e]) * k);
   }
 }
 
@@ -385,23 +418,29 @@ inline int64_t generic_smem_elems(const NccGeometry& g) {
   return g.P * SW + (g.R + g.P - 1) * SW + 2 * g.W + 2 * g.R * g.W;
 }
 
-template <typename T>
+// The NCC of output column w (of the staged row) against candidate (k, col).
+template <typename T, bool CENTRED>
 __device__ __forceinline__ T candidate(const NccGeometry& g, const T* smem,
                                        int64_t w, int64_t k, int64_t col) {
-  const int64_t W = g.W, P = g.P, h = g.h(), R = g.R, SW = W + 2 * h;
-  const T* As = smem;
-  const T* Bs = As + P * SW;
-  const T* ka = Bs + (R + P - 1) * SW;
-  const T* nmaka = ka + W;
-  const T* kb = nmaka + W;
-  const T* mbkb = kb + R * W;
+  const int64_t P = g.P, SW = g.W + 2 * g.h(), c = k * g.W + col;
+  const RowLayout<const T*> L = row_layout(g, smem);
   T x = T(0);
-  for (int64_t i = 0; i < P; ++i) {
-    const T* ar = As + i * SW + w;
-    const T* br = Bs + (k + i) * SW + col;
-    for (int64_t j = 0; j < P; ++j) x += ar[j] * br[j];
+  if constexpr (CENTRED) {
+    const T mua = L.fa[w], mub = L.fb[c];
+    for (int64_t i = 0; i < P; ++i) {
+      const T* ar = L.As + i * SW + w;
+      const T* br = L.Bs + (k + i) * SW + col;
+      for (int64_t j = 0; j < P; ++j) x += (ar[j] - mua) * (br[j] - mub);
+    }
+    return x * (L.ka[w] * L.kb[c]);
+  } else {
+    for (int64_t i = 0; i < P; ++i) {
+      const T* ar = L.As + i * SW + w;
+      const T* br = L.Bs + (k + i) * SW + col;
+      for (int64_t j = 0; j < P; ++j) x += ar[j] * br[j];
+    }
+    return x * (L.ka[w] * L.kb[c]) - L.fa[w] * L.fb[c];
   }
-  return x * (ka[w] * kb[k * W + col]) - nmaka[w] * mbkb[k * W + col];
 }
 
 template <typename T, bool SHIFT>
@@ -412,7 +451,7 @@ __global__ void max_generic_kernel(NccGeometry g, const T* __restrict__ a,
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
-  stage_row<T, SHIFT>(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  stage_row<T, SHIFT ? kBoxSumShifted : kBoxSum>(g, plane, r, a, b, ma, sa, mb, sb, smem);
   __syncthreads();
   const int64_t W = g.W;
   for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
@@ -420,7 +459,7 @@ __global__ void max_generic_kernel(NccGeometry g, const T* __restrict__ a,
     int best_k = INT_MAX;
     for (int64_t k = 0; k < g.R; ++k)
       for (int64_t col = 0; col < W; ++col) {
-        const T v = candidate(g, smem, w, k, col);
+        const T v = candidate<T, false>(g, smem, w, k, col);
         const int idx = int(k * W + col);
         if (best_k == INT_MAX || better(v, idx, best, best_k)) {
           best = v;
@@ -432,74 +471,7 @@ __global__ void max_generic_kernel(NccGeometry g, const T* __restrict__ a,
   }
 }
 
-// ncc_volume forward in the centred direct form: every candidate's NCC is
-//   sum_ij (a_ij - mu_a)(b_ij - mu_b) / ((n - 1)(s_a + eps)(s_b + eps)),
-// the reference's formula, with both patches centred on their own means as
-// the products are formed (two subtractions per multiply-add). The box-sum
-// form X k_a k_b - (n mu_a k_a)(mu_b k_b) of the max kernels cancels two large
-// terms wherever both patches' means are large beside their spread (ReLU
-// features), and the plane-mean shift removes only the plane's share of the
-// means: on an H200 a few volume outputs of ReLU'd maps were off by 3e-5 to
-// 9e-5. Centred, a rounding of mu_a or mu_b to T adds sum (b - mu_b) or
-// sum (a - mu_a) times it, which is 0: what is left is the rounding of the
-// centred products (docs/perf_notes.md, "The volume's cancellation"). A flat
-// patch's centred values are 0, so its NCC is exactly 0.
-//
-// Shared memory (generic_smem_elems): the P rows of a and the R + P - 1 rows
-// of b, zero padded to width W + 2h, unshifted; per output column ka and mu_a
-// (as T), per candidate centre kb and mu_b.
-template <typename T>
-__device__ void stage_row_centred(const NccGeometry& g, int64_t plane, int64_t r,
-                                  const T* a, const T* b, const double* ma,
-                                  const double* sa, const double* mb,
-                                  const double* sb, T* smem) {
-  const int64_t H = g.H, W = g.W, P = g.P, h = g.h(), R = g.R, R2 = g.R2();
-  const int64_t SW = W + 2 * h, BR = g.b_rows();
-  const double nm1 = double(g.n() - 1);
-  T* As = smem;
-  T* Bs = As + P * SW;
-  T* ka = Bs + (R + P - 1) * SW;
-  T* mua = ka + W;
-  T* kb = mua + W;
-  T* mub = kb + R * W;
-  const T* A = a + plane * H * W;
-  const T* B = b + plane * H * W;
-  for (int64_t i = threadIdx.x; i < P * SW; i += blockDim.x)
-    As[i] = pixel(A, H, W, r - h + i / SW, i % SW - h);
-  for (int64_t i = threadIdx.x; i < (R + P - 1) * SW; i += blockDim.x)
-    Bs[i] = pixel(B, H, W, r - R2 - h + i / SW, i % SW - h);
-  for (int64_t w = threadIdx.x; w < W; w += blockDim.x) {
-    const int64_t e = (plane * H + r) * W + w;
-    ka[w] = T(1.0 / (nm1 * (sa[e] + g.eps)));
-    mua[w] = T(ma[e]);
-  }
-  for (int64_t i = threadIdx.x; i < R * W; i += blockDim.x) {
-    const int64_t e = (plane * BR + r + i / W) * W + i % W;  // centre row r - R2 + i / W
-    kb[i] = T(1.0 / (sb[e] + g.eps));
-    mub[i] = T(mb[e]);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T candidate_centred(const NccGeometry& g, const T* smem,
-                                               int64_t w, int64_t k, int64_t col) {
-  const int64_t W = g.W, P = g.P, h = g.h(), R = g.R, SW = W + 2 * h;
-  const T* As = smem;
-  const T* Bs = As + P * SW;
-  const T* ka = Bs + (R + P - 1) * SW;
-  const T* mua = ka + W;
-  const T* kb = mua + W;
-  const T* mub = kb + R * W;
-  const T ma = mua[w], mb = mub[k * W + col];
-  T x = T(0);
-  for (int64_t i = 0; i < P; ++i) {
-    const T* ar = As + i * SW + w;
-    const T* br = Bs + (k + i) * SW + col;
-    for (int64_t j = 0; j < P; ++j) x += (ar[j] - ma) * (br[j] - mb);
-  }
-  return x * (ka[w] * kb[k * W + col]);
-}
-
+// ncc_volume forward: the centred form (see RowForm above).
 template <typename T>
 __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
                               const T* __restrict__ b, const double* ma,
@@ -508,13 +480,13 @@ __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
-  stage_row_centred<T>(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  stage_row<T, kCentred>(g, plane, r, a, b, ma, sa, mb, sb, smem);
   __syncthreads();
   const int64_t W = g.W, HW = g.H * W, per = g.R * W * W;
   // e -> (k, col, w) with w fastest: consecutive threads store consecutive w.
   for (int64_t e = threadIdx.x; e < per; e += blockDim.x) {
     const int64_t w = e % W, kc = e / W;  // kc = k * W + col
-    volume[(plane * g.R * W + kc) * HW + r * W + w] = candidate_centred(g, smem, w, kc / W, kc % W);
+    volume[(plane * g.R * W + kc) * HW + r * W + w] = candidate<T, true>(g, smem, w, kc / W, kc % W);
   }
 }
 
