@@ -86,8 +86,7 @@ def _staged(A, B, P, R, shift):
 
 def emulate_plane(A, B, P=PATCH, R=ROWS, eps=EPS, shift=False):
     """ncc_max of one (n, c) plane as max_fast_kernel computes it: (values, index)."""
-    h, R2 = P // 2, R // 2
-    ca, cb, As, Bs = _staged(A, B, P, R, shift)
+    _, _, As, Bs = _staged(A, B, P, R, shift)
     ka, nmaka = _stats(As, H, True, P, eps, shift)
     kb, mbkb = _stats(Bs, H + R - 1, False, P, eps, shift)
     # Hs[u, k, w, col] = sum_j a(u, w + j) b(u + k, col + j), P fused multiply-adds in order j
@@ -162,7 +161,7 @@ def emulate_volume_plane(A, B, form, P=PATCH, R=ROWS, eps=EPS):
     """ncc_volume of one (n, c) plane as the CUDA volume kernel computes it, (R W, H, W):
     form "box" (before 2026-11-30), "box-shifted" (the same with the plane-mean shift) or
     "centred" (now). The statistics are stats_kernel's (double)."""
-    h, R2, n = P // 2, R // 2, P * P
+    R2, n = R // 2, P * P
     ma, sa = _patch_stats(A.astype(F64), 0, H, P, eps)
     mb, sb = _patch_stats(B.astype(F64), -R2, H + R - 1, P, eps)
     shift = form == "box-shifted"
@@ -244,7 +243,7 @@ def main(argv=None):
     if args.volume:
         for offset in args.offsets:
             volume_rows += compare_volume(args.pairs, args.channels, offset, args.seed)
-        print(f"\nncc_volume float32 against float64, same maps")
+        print("\nncc_volume float32 against float64, same maps")
         print(f"{'variant':<40} {'offset':>6} {'max |error|':>12} {'outputs':>10}")
         for r in volume_rows:
             print(f"{r['variant']:<40} {r['offset']:>6g} {r['volume_max_abs_error']:>12.2e} {r['outputs']:>10}")
