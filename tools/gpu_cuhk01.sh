@@ -3,7 +3,7 @@
 # stages (prototxt_equiv/solver_cuhk01_stage{1,2}.prototxt: 5500 + 1500 iterations of 50 pairs x
 # iter_size 2), the single-shot CMC over 100 gallery draws beside the paper's 79.3% rank-1, the
 # validation curve, and the share of time the GPU waited for the data layer (engine log lines
-# "data wait N%"; the loader is also benchmarked alone, at 1, 2, 4, 8 and the same worker count).
+# "data wait N%"; the loader is first benchmarked alone, at 1, 2, 4, 8 and the same worker count).
 #
 #   bash tools/gpu_cuhk01.sh RAW_DIR [OUT]        RAW_DIR: CUHK01 as released (campus/ or its files)
 #
@@ -36,15 +36,19 @@ if [ -z "${SKIP_BUILD:-}" ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package from the repository (built in place)
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+args=(cuhk01-100 "$raw" --recipe paper --splits 1 --device "$device" --workers "$workers" --test-interval 500
+      --out "$out" --name gpu_split0 $precision)
+# The loader alone first (a few seconds), at 1, 2, 4, 8 and the recipe's worker count: its rate per
+# core on this machine, on split 0 converted as the recipe converts it.
+# shellcheck disable=SC2086
+python3 tools/reproduce.py "${args[@]}" --convert-only ${EXTRA:-} > "$out/convert.log" 2>&1 \
+  && python3 tools/bench_data.py --db "$out/split00/db" --no-baseline --pairs-per-batch "${BENCH_PAIRS:-50}" \
+    --batches "${BENCH_BATCHES:-30}" --workers $(printf '%s\n' 1 2 4 8 "$workers" | sort -nu) \
+    --json "$out/bench_data.json" 2>&1 | tail -10 || tail -5 "$out/convert.log"
 start=$(date +%s)
 # shellcheck disable=SC2086
-python3 tools/reproduce.py cuhk01-100 "$raw" --recipe paper --splits 1 --device "$device" \
-  --workers "$workers" --test-interval 500 --out "$out" --name gpu_split0 $precision "${limit[@]}" ${EXTRA:-} 2>&1 | tee "$out/reproduce.log" | \
-  grep -E "^== |data wait|Test net output #0|ours:|chance|paper:|error" || true
+python3 tools/reproduce.py "${args[@]}" "${limit[@]}" ${EXTRA:-} 2>&1 | tee "$out/reproduce.log" | \
+  grep -E "^== |data wait|Test net output #0|ours:|chance|paper:|error|stopped" || true
 status=${PIPESTATUS[0]}
 echo "recipe: $(( $(date +%s) - start )) s, exit status $status"
-# The loader alone at 1, 2, 4, 8 and the recipe's worker count: its rate per core on this machine.
-python3 tools/bench_data.py --db "$out/split00/db" --no-baseline --pairs-per-batch "${BENCH_PAIRS:-50}" \
-  --batches "${BENCH_BATCHES:-30}" --workers $(printf '%s\n' 1 2 4 8 "$workers" | sort -nu) \
-  --json "$out/bench_data.json" 2>&1 | tail -10 || true
 exit "$status"

@@ -8,6 +8,7 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
                               [--w-low W] [--pos-floor F] [--neg-ceiling C] [--lr2 R]
                               [--device cuda] [--iters1 N] [--iters2 N] [--batch-pairs N] [--base-lr R]
                               [--test-interval N] [--repeats 100] [--val-ids N] [--workers N]
+                              [--tf32] [--time-limit SECONDS] [--convert-only]
 
 * Splits: CUHK03 the 20 official test sets, CUHK01 10 seeded random splits, Market-1501 its one
   split (--splits N takes the first N). Identities held out from the training identities
@@ -32,7 +33,10 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   scales [1]'s averaging window with its shorter schedule).
 * Stage 1 is trained once per split, seed and cls/high weights: a later invocation with the same
   --out reuses it when its manifest (solver, net, options, data and weights, by SHA-256) matches,
-  and says so.
+  and says so. A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a snapshot and
+  stage{1,2}.partial.json: the same command resumes it from there when its inputs match.
+* --tf32: TF32 tensor cores for training on a GPU (never the default; features stay float32).
+  --convert-only: convert the splits and stop.
 * Evaluation: CUHK03 and CUHK01 with the classic single-shot CMC (--repeats gallery draws,
   mspcnn.metrics.single_shot_cmc), Market-1501 with its official protocol. Features: L2-normalised
   fc7_bn, Euclidean distance. Chance: a random ranking (single-shot: rank-k = k / gallery
@@ -354,6 +358,9 @@ def main(argv=None):
     p.add_argument("--tf32", action="store_true",
                    help="on a GPU, train with TF32 tensor cores (10-bit mantissa inputs, float32 sums; several "
                         "times faster; never the default: Caffe computes in float32). Features are float32")
+    p.add_argument("--convert-only", action="store_true",
+                   help="convert the splits (as the full command would) and stop: e.g. to benchmark the data "
+                        "loader on them first")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="stop training when this many seconds have passed since the start (at the end of an "
                         "iteration, with a snapshot), as SIGTERM would; the same command resumes it")
@@ -416,6 +423,8 @@ def main(argv=None):
         except (FileNotFoundError, ValueError, ImportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if args.convert_only:
+            continue
         for seed in seeds:
             split_dir = os.path.join(args.out, f"split{split:02d}", *([] if seed is None else [f"seed{seed}"]))
             for name, weights3 in configs:
@@ -444,6 +453,9 @@ def main(argv=None):
                 print(f"   {where}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in row.items()), flush=True)
 
+    if args.convert_only:
+        print(f"converted {n_splits} split(s) into {args.out}", flush=True)
+        return 0
     summary = write_results(args, n_splits, seeds, results, chance, histories)
     paper, keys = PAPER[args.dataset], list(next(iter(summary.values()))["mean"])
     runs = n_splits * len(seeds)
