@@ -112,6 +112,30 @@ def test_update_rule_lr_after_momentum_and_clipping():
     torch.testing.assert_close(p.data, w1 - v2)
 
 
+def test_update_groups_parameters_by_their_multipliers():
+    """Parameters with different lr_mult / decay_mult, L1 and L2, iter_size 2: each gets Caffe's
+    update with its own multipliers (the update runs parameters that share them together)."""
+    for reg in ("L2", "L1"):
+        ps = [torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([0.5])),
+              torch.nn.Parameter(torch.tensor([-3.0, 4.0, 0.0]))]
+        for p, (lr, decay) in zip(ps, [(1.0, 1.0), (2.0, 0.0), (1.0, 1.0)]):
+            p.lr_mult, p.decay_mult = lr, decay
+        sp = solver_param(lr_policy="fixed", weight_decay=0.1, iter_size=2, regularization_type=reg)
+        solver = SGDSolver(sp, ps)
+        start = [p.detach().clone() for p in ps]
+        grads = [torch.tensor([3.0, 4.0]), torch.tensor([1.0]), torch.tensor([-1.0, 2.0, 5.0])]
+
+        def fb(k):
+            sum((p * g).sum() for p, g in zip(ps, grads)).backward()
+            return 0.0
+
+        solver.step(fb)
+        for p, w, g in zip(ps, start, grads):
+            reg_term = w if reg == "L2" else torch.sign(w)
+            diff = 2 * g / 2 + 0.1 * p.decay_mult * reg_term
+            torch.testing.assert_close(p.data, w - sp.base_lr * p.lr_mult * diff)
+
+
 def make_run(tmp_path):
     sp, net, solver = golden_setup("step")
     sp.snapshot_prefix = str(tmp_path / "snap")
