@@ -5,8 +5,9 @@ The register-blocked CUDA kernel (`max_fast_kernel` in csrc/cuda/ncc_forward.cu)
 patch statistics in float32 from the rows it stages in shared memory, and sums the patch products
 as horizontal sums of P fused multiply-adds kept in a window of P rows. This tool repeats that
 arithmetic operation by operation in NumPy (a fused multiply-add is one rounding: the product and
-the sum in double, then rounded to float32), with and without the plane-mean shift
-(`MSPCNN_NCC_CUDA_SHIFT=1`), and compares each with the float64 operator, beside the CPU kernel's
+the sum in double, then rounded to float32), with and without the plane-mean shift (the kernel's
+default since 2026-11-30; `MSPCNN_NCC_CUDA_SHIFT=0` turns it off), and compares each with the
+float64 operator, beside the CPU kernel's
 own float32 result. It predicts the CUDA kernel's accuracy on a machine without a GPU; the GPU tests
 (tests/test_ncc_cuda.py) measure the kernel itself.
 
