@@ -9,6 +9,14 @@ from mspcnn.ops import ncc_max, ncc_max_reference, ncc_volume
 pytestmark = pytest.mark.cuda
 
 
+def centred_bound(patch):
+    """The CUDA volume's float32 bound against float64 (its centred form): the rounding of the sum
+    grows with the patch. Emulated largest errors on ReLU'd 72 x 28 maps (tools/emulate_cuda_ncc.py,
+    12 planes each, means 0 and 10): 3.3e-7 at 3 x 3, 8.4e-7 at 5 x 5, 1.0e-6 at 7 x 7, 1.5e-6 at
+    9 x 9."""
+    return 2e-6 * max(1.0, patch / 5)
+
+
 def pair(shape, dtype=torch.float32, positive=False):
     a, b = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     if positive:
@@ -38,7 +46,7 @@ def test_cuda_matches_cpu(N, patch, rows, W):
     # The volume: each device against float64 (the CPU's float32 volume alone can be 2e-5 off on
     # ReLU'd maps; the CUDA kernel's centred form is predicted within 1e-6, emulate_cuda_ncc.py).
     vol64 = ncc_volume(a.double(), b.double(), patch, rows)
-    assert (g[2].double() - vol64).abs().max() <= 2e-6
+    assert (g[2].double() - vol64).abs().max() <= centred_bound(patch)
     assert (c[2].double() - vol64).abs().max() <= 2e-5
     for x, y in ((g[3], c[3]), (g[4], c[4])):
         assert (x - y).norm() / y.norm() < 1e-4
@@ -188,12 +196,13 @@ def test_shift_off_and_on_agree_on_ordinary_maps(monkeypatch):
 @pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (3, 3, 64), (9, 3, 40)])
 def test_volume_centred_form_is_accurate_at_any_mean(offset, patch, rows, W):
     """The CUDA volume forward centres both patches as it forms the products: on ReLU'd maps with
-    mean 0 or 10 its largest error against float64 is near float32 rounding (predicted 4e-7 to 7e-7
-    by tools/emulate_cuda_ncc.py --volume for pool1 maps; the box-sum form it replaced: 3.6e-7 to
-    4.0e-4 by the offset, and 1.0e-5 to 2.3e-5 with the plane-mean shift at offset 0)."""
+    mean 0 or 10 its largest error against float64 is near float32 rounding (centred_bound; for
+    pool1 maps at 5 x 5, 4.7e-7 to 8.5e-7 predicted by tools/emulate_cuda_ncc.py --volume, where
+    the box-sum form it replaced had 4.0e-7 to 5.9e-4 by the mean, and 1.5e-5 with the plane-mean
+    shift at mean 0)."""
     torch.manual_seed(5)
     a = torch.randn(2, 16, 72, W).relu() + offset
     b = torch.randn(2, 16, 72, W).relu() + offset
     vol = ncc_volume(a.cuda(), b.cuda(), patch, rows).cpu()
     vol64 = ncc_volume(a.double(), b.double(), patch, rows)
-    assert (vol.double() - vol64).abs().max() <= 2e-6
+    assert (vol.double() - vol64).abs().max() <= centred_bound(patch)
