@@ -56,8 +56,7 @@ def _bn_backward_fake(grad_y, x, y, gamma, mean, var, eps, relu):
 
 def bn_kernel_applies(norm, scale, x):
     """Whether :func:`bn_scale` runs the C++ operator for this layer pair and input."""
-    use_global = norm.use_global_stats if norm.use_global_stats is not None else not norm.training
-    return (not use_global and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return (not norm.uses_global_stats() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and x.dim() >= 2 and x.numel() > 0 and x.is_contiguous() and scale.bias is not None
             and scale.weight.dtype == x.dtype and not torch.jit.is_tracing())
 
@@ -65,8 +64,7 @@ def bn_kernel_applies(norm, scale, x):
 def native_bn_applies(norm, x):
     """Whether :func:`bn_scale` runs PyTorch's fused batch normalisation for this layer and input:
     a GPU tensor in the batch-statistics phase with more than one value per channel."""
-    use_global = norm.use_global_stats if norm.use_global_stats is not None else not norm.training
-    return (not use_global and x.device.type == "cuda" and x.dim() >= 2 and x.numel() > x.shape[1]
+    return (not norm.uses_global_stats() and x.device.type == "cuda" and x.dim() >= 2 and x.numel() > x.shape[1]
             and not torch.jit.is_tracing())
 
 

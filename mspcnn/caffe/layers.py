@@ -86,6 +86,11 @@ class BatchNorm(nn.Module):
         self.register_buffer("var_acc", torch.zeros(channels))
         self.register_buffer("factor", torch.zeros(1))
 
+    def uses_global_stats(self):
+        """Whether this layer normalises with its accumulated statistics (``use_global_stats``, or,
+        when that is None, eval mode) rather than the batch's."""
+        return self.use_global_stats if self.use_global_stats is not None else not self.training
+
     def global_stats(self):
         """(mean, var) from the accumulators, as Caffe computes them."""
         f = self.factor.item()
@@ -102,8 +107,7 @@ class BatchNorm(nn.Module):
 
     def forward(self, x):
         self.check_input(x)
-        use_global = self.use_global_stats if self.use_global_stats is not None else not self.training
-        if use_global:
+        if self.uses_global_stats():
             mean, var = self.global_stats()
             return (x - self._view(mean, x)) / self._view(torch.sqrt(var + self.eps), x)
         dims = [0] + list(range(2, x.dim()))
