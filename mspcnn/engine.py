@@ -48,7 +48,7 @@ from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import feature_transformer, train_transformer
 from mspcnn.evaluation import extract_features
 from mspcnn.metrics import cross_camera_retrieval
-from mspcnn.model import caffe_float32
+from mspcnn.model import training_arithmetic
 from mspcnn.solver import SGDSolver, check_solver
 from mspcnn.train_net import read_train_net
 
@@ -381,9 +381,7 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
     torch.manual_seed(seed)
     np.random.seed(seed)
     if device.type == "cuda":
-        caffe_float32()
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
-        torch.backends.cudnn.benchmark = not deterministic
+        training_arithmetic(tf32, autotune=not deterministic)
     if deterministic:
         # cuBLAS is reproducible only with a fixed workspace, set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

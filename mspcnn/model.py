@@ -32,7 +32,7 @@ from mspcnn.caffe.weights import layer_blobs_to_net, load_layer_blobs
 from mspcnn.data.transformer import INPUT_SHAPE
 from mspcnn.losses import ncc_loss
 
-__all__ = ["MSPCNNBackbone", "MSPCNN", "caffe_float32", "feature_model", "OPTIONAL_LAYERS", "TRAIN_BATCH_PAIRS"]
+__all__ = ["MSPCNNBackbone", "MSPCNN", "caffe_float32", "training_arithmetic", "feature_model", "OPTIONAL_LAYERS", "TRAIN_BATCH_PAIRS"]
 
 # [1] trains with batches of 50 (x iter_size 2): the batch of the Input layer of describe().
 TRAIN_BATCH_PAIRS = 50
@@ -46,6 +46,16 @@ def caffe_float32():
     1e-3 level; the training and feature tools call this before using a GPU."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def training_arithmetic(tf32=False, autotune=True):
+    """How a GPU computes a training run: convolutions and matrix products in float32, as Caffe's
+    (:func:`caffe_float32`), or with ``tf32`` in TF32 tensor cores (inputs rounded to a 10-bit
+    mantissa, float32 sums; several times faster on Ampere and later); ``autotune``: cuDNN times its
+    algorithms on the first batch of each shape and keeps the fastest (``cudnn.benchmark``; off for
+    deterministic runs)."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.benchmark = bool(autotune)
 
 
 def feature_model(weights, device="cpu", allow_partial=False):

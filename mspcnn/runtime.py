@@ -101,6 +101,14 @@ def wait_policy():
     return f"{policy.lower()} (OMP_WAIT_POLICY)" if policy else "OpenMP's default (spin, then sleep)"
 
 
+def add_tf32_argument(parser):
+    """The ``--tf32`` option of the tools that train (mspcnn.model.training_arithmetic)."""
+    parser.add_argument("--tf32", action="store_true",
+                        help="on a GPU, train with TF32 tensor cores (convolutions and matrix products: inputs "
+                             "rounded to a 10-bit mantissa, float32 sums; several times faster). Never the "
+                             "default: Caffe computes in float32. Features for evaluation stay float32")
+
+
 def add_threads_argument(parser):
     """The ``--threads`` option every computing tool has."""
     parser.add_argument("--threads", default="auto",

@@ -46,9 +46,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mspcnn.caffe import proto
 from mspcnn.cli import run
-from mspcnn.model import MSPCNN, caffe_float32
+from mspcnn.model import MSPCNN, training_arithmetic
 from mspcnn.ops import ncc_max_reference
-from mspcnn.runtime import configure_threads
+from mspcnn.runtime import add_tf32_argument, configure_threads
 from mspcnn.solver import SGDSolver
 
 BATCHES = {"paper": (50, 2), "main": (4, 2)}
@@ -313,8 +313,7 @@ def main(argv=None):
                    "convolutions, and compare their rate with the fastest this machine reaches on the "
                    "network's own convolution shapes (at most how much faster the iteration can get)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
-    p.add_argument("--tf32", action="store_true", help="on a GPU, TF32 tensor cores for convolutions and "
-                   "matrix products (default: float32, as Caffe)")
+    add_tf32_argument(p)
     p.add_argument("--count-ops", action="store_true",
                    help="also count the PyTorch operations of one iteration of each row")
     p.add_argument("--json", default="bench_train.json", help="write the figures here")
@@ -326,9 +325,7 @@ def main(argv=None):
             p.error("--device cuda: no CUDA device is visible to PyTorch")
         if args.roofline:
             p.error("--roofline measures this machine's CPU; it takes no --device cuda")
-        caffe_float32()
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.benchmark = True
+        training_arithmetic(args.tf32)
     elif args.tf32:
         p.error("--tf32 is for --device cuda")
     auto = args.threads in (None, "auto")

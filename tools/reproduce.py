@@ -65,7 +65,7 @@ from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
 from mspcnn.cli import run
-from mspcnn.runtime import add_threads_argument, configure_threads
+from mspcnn.runtime import add_tf32_argument, add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.engine import TrainingError, solve
 from mspcnn.evaluation import NCC_PAIRS, evaluate_features, folder_features, paired_summary
@@ -198,18 +198,43 @@ def resume_point(partial, inputs, where, stage):
     return None, []
 
 
+def stage_inputs(args, solver, net, db, overrides, loss_weights, **extra):
+    """What a stage's result depends on, by SHA-256 where a file: the solver, the net that trains
+    (``net``, or the one the solver names), the training records, the loss weights, the solver
+    overrides (the snapshot prefix aside), the batch, the device and the arithmetic; plus ``extra``.
+    Stage 1's manifest and the records to resume either stage from."""
+    sp = cio.read_prototxt(solver, proto.SolverParameter)
+    return {**extra, "solver": sha256(solver), "net": sha256(net or resolve_net_path(sp.net, str(solver))),
+            "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights),
+            "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
+            "batch_pairs": args.batch_pairs, "device": args.device, "tf32": args.tf32}
+
+
+def run_stage(args, solver, db, partial, inputs, where, stage, loss_weights, weights=None, announce=None, **kw):
+    """Train one stage with mspcnn.engine.solve, resuming it from the stopped run recorded in
+    ``partial`` when its inputs match (:func:`resume_point`; else ``announce`` is printed, if
+    given); a stop records it there again and raises Stopped. Returns (SolveResult, the validation
+    history of the whole stage, the solverstate it resumed from or None)."""
+    state, before = resume_point(partial, inputs, where, stage.replace(" ", ""))
+    if state is None and announce:
+        print(announce, flush=True)
+    result = solve(solver, db, weights=None if state else weights, snapshot=state, device=args.device,
+                   batch_pairs=args.batch_pairs, workers=args.workers, tf32=args.tf32, stop_at=args.stop_at,
+                   loss_weights=loss_weights, **kw)
+    stop_if_stopped(result, where, stage, partial, inputs, before)
+    if os.path.exists(partial):
+        os.remove(partial)
+    return result, list(before) + list(result.history), state
+
+
 def train_stage1(args, db, folder, loss_weights, seed, solver, where):
     """Stage 1 from scratch into FOLDER, or the stage 1 already there when its manifest matches.
     Returns (weights, history, iterations)."""
     overrides = {"snapshot_prefix": os.path.join(folder, "stage1"), "base_lr": args.base_lr,
                  "random_seed": seed, "max_iter": args.iters1, "snapshot": args.iters1,
                  "test_interval": args.test_interval}
-    sp = cio.read_prototxt(solver, proto.SolverParameter)
     net = prepare_net(solver, folder, "stage1_net.prototxt", bn_maf=args.bn_maf)
-    manifest = {"solver": sha256(solver), "net": sha256(net or resolve_net_path(sp.net, str(solver))),
-                "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights[:2]),
-                "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
-                "batch_pairs": args.batch_pairs, "device": args.device, "tf32": args.tf32}
+    manifest = stage_inputs(args, solver, net, db, overrides, loss_weights[:2])
     path = os.path.join(folder, "stage1.manifest.json")
     if os.path.isfile(path):
         try:
@@ -222,23 +247,15 @@ def train_stage1(args, db, folder, loss_weights, seed, solver, where):
                 and sha256(weights) == old.get("weights_sha256")):
             print(f"== {where}: stage1 reused from {weights} (manifest matches)", flush=True)
             return weights, old.get("history", []), old.get("iterations", 0)
-    partial = os.path.join(folder, "stage1.partial.json")
-    state, before = resume_point(partial, manifest, where, "stage1")
-    if state is None:
-        print(f"== {where}: stage1", flush=True)
     w_cls, w_high, _ = loss_weights
-    result = solve(solver, db, snapshot=state, device=args.device, overrides=overrides,
-                   batch_pairs=args.batch_pairs, net=net, workers=args.workers, tf32=args.tf32,
-                   stop_at=args.stop_at, loss_weights={"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0})
     # An unfinished stage 1 gets no manifest (never reused), only the record to resume from.
-    stop_if_stopped(result, where, "stage 1", partial, manifest, before)
-    history = list(before) + list(result.history)
+    result, history, state = run_stage(args, solver, db, os.path.join(folder, "stage1.partial.json"), manifest,
+                                       where, "stage 1", {"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0},
+                                       announce=f"== {where}: stage1", overrides=overrides, net=net)
     record = {"inputs": manifest, "weights": result.weights, "weights_sha256": sha256(result.weights),
               "iterations": result.iterations, "history": history, "seconds": result.seconds,
               "resumed_from": state}
     atomic_write(path, json.dumps(record, indent=1), mode="w")
-    if os.path.exists(partial):
-        os.remove(partial)
     return result.weights, history, result.iterations
 
 
@@ -264,20 +281,11 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
                  "max_iter": args.iters2, "snapshot": args.iters2}
     w_cls, w_high, w_low = loss_weights
     weights_low = {"loss_low": w_low} if args.w_low is None or w_low == 0 else {}
-    net_path = net or resolve_net_path(cio.read_prototxt(stage2, proto.SolverParameter).net, str(stage2))
-    inputs = {"stage1_weights_sha256": sha256(weights), "solver": sha256(stage2), "net": sha256(net_path),
-              "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights),
-              "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
-              "batch_pairs": args.batch_pairs, "device": args.device, "tf32": args.tf32}
-    partial = os.path.join(run, "stage2.partial.json")
-    state, before = resume_point(partial, inputs, where, "stage2")
-    result = solve(stage2, db, weights=None if state else weights, snapshot=state, device=args.device,
-                   overrides=overrides, net=net, batch_pairs=args.batch_pairs, workers=args.workers, tf32=args.tf32,
-                   stop_at=args.stop_at, loss_weights={"loss_cls": w_cls, "loss_high": w_high, **weights_low})
-    stop_if_stopped(result, where, "stage 2", partial, inputs, before)
-    if os.path.exists(partial):
-        os.remove(partial)
-    history += [dict(h, stage=2, iteration=h["iteration"] + offset) for h in list(before) + list(result.history)]
+    inputs = stage_inputs(args, stage2, net, db, overrides, loss_weights, stage1_weights_sha256=sha256(weights))
+    result, history2, _ = run_stage(args, stage2, db, os.path.join(run, "stage2.partial.json"), inputs, where,
+                                    "stage 2", {"loss_cls": w_cls, "loss_high": w_high, **weights_low},
+                                    weights=weights, overrides=overrides, net=net)
+    history += [dict(h, stage=2, iteration=h["iteration"] + offset) for h in history2]
     return result.weights, history
 
 
@@ -355,9 +363,7 @@ def main(argv=None):
                    "(default: the net's 0.999; the cpu recipe's 0.986)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
-    p.add_argument("--tf32", action="store_true",
-                   help="on a GPU, train with TF32 tensor cores (10-bit mantissa inputs, float32 sums; several "
-                        "times faster; never the default: Caffe computes in float32). Features are float32")
+    add_tf32_argument(p)
     p.add_argument("--convert-only", action="store_true",
                    help="convert the splits (as the full command would) and stop: e.g. to benchmark the data "
                         "loader on them first")

@@ -35,7 +35,7 @@ import torch
 
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import run
-from mspcnn.runtime import add_threads_argument, configure_threads
+from mspcnn.runtime import add_tf32_argument, add_threads_argument, configure_threads
 from mspcnn.engine import SIGNAL_EFFECTS, TrainingError, solve
 from mspcnn.train_net import NetDefinitionError
 
@@ -68,9 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels (torch.use_deterministic_algorithms), so that runs and "
                    "resumes on a GPU are bit for bit reproducible; slower. CPU runs always are")
-    p.add_argument("--tf32", action="store_true",
-                   help="on a GPU, let convolutions and matrix products use TF32 tensor cores (10-bit mantissa "
-                        "inputs, float32 sums; several times faster). Never the default: Caffe computes in float32")
+    add_tf32_argument(p)
     p.add_argument("--sigint-effect", choices=SIGNAL_EFFECTS, default="stop",
                    help="what SIGINT (Ctrl-C) does, as caffe's -sigint_effect (default stop)")
     p.add_argument("--sighup-effect", choices=SIGNAL_EFFECTS, default="snapshot",
