@@ -29,6 +29,7 @@
 
 #include "ncc_device.cuh"
 #include "ncc_kernels.h"
+#include "ncc_tile.cuh"
 
 namespace mspcnn {
 namespace cuda {
@@ -86,23 +87,10 @@ __global__ void stats_kernel(NccGeometry g, const T* __restrict__ a,
 // columns, its 32 lanes the candidate columns: the maximum over col is a warp
 // shuffle reduction, the maximum over d is in registers.
 //
-// Shared memory: the rows of a and b the tile needs (zero padded), and the
-// normalisation factors ka, n ma ka (per output) and kb, mb kb (per centre),
-// computed from those rows (no separate statistics pass).
-constexpr int kLanes = 32;
+// Shared memory (ncc_tile.cuh): the rows of a and b the tile needs (zero
+// padded), and the normalisation factors ka, n ma ka (per output) and kb,
+// mb kb (per centre), computed from those rows (no separate statistics pass).
 constexpr bool kDefaultTwoColumns = false;  // measured: docs/perf_notes.md
-
-template <typename T, int P>
-__host__ __device__ constexpr int fast_width() {
-  return kLanes + P - 1;
-}
-
-template <typename T, int P, int R>
-__host__ __device__ inline int64_t fast_smem_elems(int tile_rows) {
-  return int64_t(tile_rows + P - 1) * fast_width<T, P>() +
-         int64_t(tile_rows + P + R - 2) * fast_width<T, P>() +
-         2 * int64_t(tile_rows) * kLanes + 2 * int64_t(tile_rows + R - 1) * kLanes;
-}
 
 // Warp-wide maximum of (value, index) in the order of better().
 template <typename T>
@@ -116,41 +104,6 @@ __device__ __forceinline__ void warp_best(T& best, int& best_k) {
       best_k = ok;
     }
   }
-}
-
-// Means of the planes A and B (HW values each), for the shift: summed in
-// double by the block's threads in a fixed order (the same value in every
-// block of a plane), rounded to T; 0 when not finite (a NaN or an infinity
-// then stays in the patches that touch it, as on the CPU). Every thread of the
-// block calls it; the block is whole warps.
-template <typename T>
-__device__ void plane_means(const T* A, const T* B, int HW, T& ca, T& cb) {
-  __shared__ double part[2][32];
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int nthreads = blockDim.x * blockDim.y;
-  double sa = 0.0, sb = 0.0;
-  for (int i = tid; i < HW; i += nthreads) {
-    sa += double(load(A + i));
-    sb += double(load(B + i));
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    sa += __shfl_xor_sync(0xffffffffu, sa, off);
-    sb += __shfl_xor_sync(0xffffffffu, sb, off);
-  }
-  if (tid % 32 == 0) {
-    part[0][tid / 32] = sa;
-    part[1][tid / 32] = sb;
-  }
-  __syncthreads();
-  double ta = 0.0, tb = 0.0;
-  for (int w = 0; w < (nthreads + 31) / 32; ++w) {
-    ta += part[0][w];
-    tb += part[1][w];
-  }
-  const double ma = ta / double(HW), mb = tb / double(HW);
-  ca = isfinite(ma) ? T(ma) : T(0);
-  cb = isfinite(mb) ? T(mb) : T(0);
 }
 
 inline bool shift_enabled() {
@@ -167,7 +120,7 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
                     T* __restrict__ values, int64_t* __restrict__ index) {
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  constexpr int h = P / 2, R2 = R / 2, SW = fast_width<T, P>();
+  constexpr int SW = fast_width<T, P>();
   const int H = int(g.H), W = int(g.W);
   // Block = (plane, row tile, part of the output columns).
   const int part = blockIdx.x % wsplit;
@@ -176,78 +129,16 @@ __global__ void __launch_bounds__(WPT == 1 ? 1024 : 512)
   const int TR = min(tile_rows, H - r0);
   const T* A = a + int64_t(plane) * H * W;
   const T* B = b + int64_t(plane) * H * W;
-  const double nm1 = double(P * P - 1), eps = g.eps;
 
-  T* As = smem;                                  // (TR + P - 1) x SW
-  T* Bs = As + (tile_rows + P - 1) * SW;         // (TR + P + R - 2) x SW
-  T* kaS = Bs + (tile_rows + P + R - 2) * SW;    // TR x 32
-  T* nmakaS = kaS + tile_rows * kLanes;          // TR x 32
-  T* kbS = nmakaS + tile_rows * kLanes;          // (TR + R - 1) x 32
-  T* mbkbS = kbS + (tile_rows + R - 1) * kLanes;  // (TR + R - 1) x 32
-
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  const int nthreads = blockDim.x * blockDim.y;
-  T ca = T(0), cb = T(0);  // the shift
-  if constexpr (SHIFT) plane_means(A, B, H * W, ca, cb);
-  for (int i = tid; i < (TR + P - 1) * SW; i += nthreads) {
-    const int row = i / SW, c = i % SW;
-    const T v = pixel(A, H, W, r0 - h + row, c - h);
-    As[i] = SHIFT ? v - ca : v;
-  }
-  for (int i = tid; i < (TR + P + R - 2) * SW; i += nthreads) {
-    const int row = i / SW, c = i % SW;
-    const T v = pixel(B, H, W, r0 - R2 - h + row, c - h);
-    Bs[i] = SHIFT ? v - cb : v;
-  }
-  __syncthreads();
-  // Patch statistics from the staged rows (two passes over the zero-padded
-  // patch): per output the factors ka = 1 / ((n-1) sig_a) and n mu_a ka, per
-  // candidate centre kb = 1 / sig_b and mu_b kb. Lanes past W get 0, and so
-  // does a flat patch (all its values equal) when the maps are shifted.
-  for (int i = tid; i < TR * kLanes + (TR + R - 1) * kLanes; i += nthreads) {
-    const bool is_a = i < TR * kLanes;
-    const int e = is_a ? i : i - TR * kLanes;
-    const int row = e / kLanes, c = e % kLanes;
-    T k = 0, m = 0;
-    if (c < W) {
-      const T* x = (is_a ? As : Bs) + row * SW + c;  // top-left of the patch
-      T sum = 0;
-      bool flat = SHIFT;
-#pragma unroll
-      for (int u = 0; u < P; ++u)
-#pragma unroll
-        for (int v = 0; v < P; ++v) {
-          sum += x[u * SW + v];
-          if constexpr (SHIFT) flat = flat && x[u * SW + v] == x[0];
-        }
-      const T mu = sum / T(P * P);
-      T ss = 0;
-#pragma unroll
-      for (int u = 0; u < P; ++u)
-#pragma unroll
-        for (int v = 0; v < P; ++v) {
-          const T d = x[u * SW + v] - mu;
-          ss += d * d;
-        }
-      const T sig = sqrt(ss / T(nm1)) + T(eps);
-      if (is_a) {
-        k = T(1) / (T(nm1) * sig);
-        m = T(P * P) * mu * k;
-      } else {
-        k = T(1) / sig;
-        m = mu * k;
-      }
-      if (flat) k = m = T(0);
-    }
-    if (is_a) {
-      kaS[e] = k;
-      nmakaS[e] = m;
-    } else {
-      kbS[e] = k;
-      mbkbS[e] = m;
-    }
-  }
-  __syncthreads();
+  // The staged rows and factors (ncc_tile.cuh).
+  const Tile<T> t = tile_layout<T, P, R>(smem, tile_rows);
+  const T* As = t.As;
+  const T* Bs = t.Bs;
+  const T* kaS = t.ka;
+  const T* nmakaS = t.nmaka;
+  const T* kbS = t.kb;
+  const T* mbkbS = t.mbkb;
+  stage_tile<T, P, R, SHIFT>(g, t, r0, TR, A, B);
 
   const int col = threadIdx.x;
   int wc[WPT];  // the output columns of this thread, all <= 31
