@@ -22,6 +22,9 @@ TORCH_LIBRARY(mspcnn, m) {
   m.def("ncc_volume_backward(Tensor grad, Tensor a, Tensor b, Tensor volume, int patch, "
         "int search_rows, float eps) -> (Tensor, Tensor)");
   m.def("ncc_max(Tensor a, Tensor b, int patch, int search_rows, float eps) -> (Tensor, Tensor)");
+  // CUDA only: the tensor-core forward of ncc_max (passes 1: TF32, 3: 3xTF32).
+  m.def("ncc_max_tc(Tensor a, Tensor b, int patch, int search_rows, float eps, int passes) "
+        "-> (Tensor, Tensor)");
   m.def("ncc_max_backward(Tensor grad, Tensor a, Tensor b, Tensor index, int patch, "
         "int search_rows, float eps) -> (Tensor, Tensor)");
 }

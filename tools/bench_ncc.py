@@ -21,11 +21,13 @@ subtraction of large patch means is where float32 loses digits): the largest
 error of the values, the argmax changes with the float64 gap between the two
 candidates (a true near-tie has a gap near float32 rounding), and the largest
 gradient error relative to the largest gradient, beside the plain-PyTorch
-reference's own float32 errors. Every timing row carries the 1-minute load
-average at its start (the machine may be shared).
+reference's own float32 errors; on CUDA also the tensor-core paths of ncc_max
+(``tensor_cores='tf32'`` and ``'3xtf32'``, timed as ncc_max_tf32 and
+ncc_max_3xtf32). Every timing row carries the 1-minute load average at its
+start (the machine may be shared).
 
     python tools/bench_ncc.py                      # CPU, 1/8/32 pairs
-    python tools/bench_ncc.py --device cuda        # GPU, 1/32/128 pairs
+    python tools/bench_ncc.py --device cuda        # GPU, 1/32/128 pairs, with the tensor-core paths
     python tools/bench_ncc.py --pairs 4 --repeat 3 --json out.json
 """
 import argparse
@@ -45,6 +47,8 @@ from mspcnn.runtime import add_threads_argument, configure_threads
 
 C, H, W = 32, 72, 28
 PATCH, ROWS = 5, 5
+# ncc_max's variants: the default kernels, then the tensor-core paths (op name -> tensor_cores).
+TC_OPS = {"ncc_max": None, "ncc_max_tf32": "tf32", "ncc_max_3xtf32": "3xtf32"}
 
 
 def parse_args(argv=None):
@@ -54,8 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions of the operator (median reported)")
     p.add_argument("--ref-repeat", type=int, default=2, help="timed repetitions of the reference")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float32 (default) or float64")
-    p.add_argument("--ops", nargs="+", default=["ncc_max", "ncc_volume"], choices=["ncc_max", "ncc_volume"],
-               help="the operators to time (default both)")
+    p.add_argument("--ops", nargs="+", choices=["ncc_max", "ncc_max_tf32", "ncc_max_3xtf32", "ncc_volume"],
+                   help="the operators to time (default cpu: ncc_max ncc_volume; cuda: also ncc_max_tf32 and "
+                   "ncc_max_3xtf32, ncc_max with tensor_cores='tf32' / '3xtf32', CUDA only)")
     p.add_argument("--no-reference", action="store_true", help="time the operator only")
     p.add_argument("--accuracy-pairs", type=int, default=2,
                    help="pairs of the float32-against-float64 accuracy check (0: skip it; default 2)")
@@ -74,6 +79,12 @@ def parse_args(argv=None):
         return args
     if args.pairs is None:
         args.pairs = [1, 8, 32] if args.device == "cpu" else [1, 32, 128]
+    if args.ops is None:
+        args.ops = ["ncc_max", "ncc_volume"] if args.device == "cpu" else list(TC_OPS) + ["ncc_volume"]
+    if args.device == "cpu" and any(TC_OPS.get(op) for op in args.ops):
+        p.error("--ops ncc_max_tf32 / ncc_max_3xtf32 (tensor cores) run on CUDA only: use --device cuda")
+    if args.dtype != "float32" and any(TC_OPS.get(op) for op in args.ops):
+        p.error("--ops ncc_max_tf32 / ncc_max_3xtf32 (tensor cores) take float32 maps: drop --dtype float64")
     if min(args.pairs) < 1 or args.repeat < 1 or args.ref_repeat < 1:
         p.error("--pairs, --repeat and --ref-repeat must be positive")
     if args.accuracy_pairs < 0:
@@ -117,12 +128,12 @@ def timed(fn, device, repeat, warmup=1):
 
 
 def make_case(op, mode, impl, a, b):
-    fn = {
-        ("ncc_volume", "ours"): lambda x, y: ncc_volume(x, y, PATCH, ROWS),
-        ("ncc_volume", "reference"): lambda x, y: ncc_volume_reference(x, y, PATCH, ROWS),
-        ("ncc_max", "ours"): lambda x, y: ncc_max(x, y, PATCH, ROWS)[0],
-        ("ncc_max", "reference"): lambda x, y: ncc_max_reference(x, y, PATCH, ROWS)[0],
-    }[(op, impl)]
+    if op == "ncc_volume":
+        fn = {"ours": lambda x, y: ncc_volume(x, y, PATCH, ROWS),
+              "reference": lambda x, y: ncc_volume_reference(x, y, PATCH, ROWS)}[impl]
+    else:  # ncc_max and its tensor-core variants, all against the same reference
+        fn = {"ours": lambda x, y: ncc_max(x, y, PATCH, ROWS, tensor_cores=TC_OPS[op])[0],
+              "reference": lambda x, y: ncc_max_reference(x, y, PATCH, ROWS)[0]}[impl]
     if mode == "fwd":
         def run():
             with torch.no_grad():
@@ -143,11 +154,13 @@ def work_counts(op, mode, pairs):
 
     ops: multiply-adds (and adds) the decomposed algorithm executes per
     candidate: P for the horizontal sums, P - 1 for the vertical sums, 3 for
-    the normalisation and, for ncc_max, 2 for the running maximum.
+    the normalisation and, for ncc_max, 2 for the running maximum. The
+    tensor-core variants are given ncc_max's count (the same result, however
+    computed): their fraction of the float32 peak is a like-for-like speed.
     bytes: each input read once, each output written once."""
     elem = 4
     candidates = pairs * C * H * W * ROWS * W
-    per_candidate = PATCH + (PATCH - 1) + 3 + (2 if op == "ncc_max" else 0)
+    per_candidate = PATCH + (PATCH - 1) + 3 + (2 if op != "ncc_volume" else 0)
     ops = candidates * per_candidate
     in_bytes = 2 * pairs * C * H * W * elem
     out_bytes = candidates * elem if op == "ncc_volume" else pairs * C * H * W * (elem + 8)
@@ -434,6 +447,20 @@ def accuracy(device, pairs, offsets=(0.0, 10.0), seed=0):
                    reference_argmax_changes=int((ri != i64).sum()),
                    reference_grad_a_rel_error=_rel_max(x.grad, ra64),
                    reference_grad_b_rel_error=_rel_max(y.grad, rb64))
+        # the tensor-core paths (CUDA): the value returned against float64's maximum and against
+        # float64 at the returned index, the argmax changes and the largest gap
+        if device == "cuda":
+            vol = op.ncc_volume(a64, b64, PATCH, ROWS, NCC_EPS).view(pairs, C, ROWS * W, H, W)
+            for name in ("tf32", "3xtf32"):
+                tv, ti = ncc_max(a32, b32, PATCH, ROWS, tensor_cores=name)
+                at_index = vol.gather(2, ti.unsqueeze(2)).squeeze(2)
+                changed = ti != i64
+                tgaps = (v64 - at_index)[changed]
+                row[name] = {"value_max_abs_error": (tv.double() - v64).abs().max().item(),
+                             "value_at_index_max_abs_error": (tv.double() - at_index).abs().max().item(),
+                             "argmax_changes": int(changed.sum()),
+                             "argmax_change_max_gap": tgaps.abs().max().item() if tgaps.numel() else 0.0}
+            del vol
         out.append(row)
     return out
 
@@ -451,6 +478,12 @@ def print_accuracy(rows):
         print(f"{'':>6} {'reference':<10} {r['reference_value_max_abs_error']:>10.2e} "
               f"{r['reference_argmax_changes']:>7} / {r['outputs']:<6} {'':>9} "
               f"{r['reference_grad_a_rel_error']:>11.2e} {r['reference_grad_b_rel_error']:>11.2e}")
+        for name in ("tf32", "3xtf32"):
+            if name in r:
+                t = r[name]
+                print(f"{'':>6} {name:<10} {t['value_max_abs_error']:>10.2e} {t['argmax_changes']:>7} / "
+                      f"{r['outputs']:<6} {t['argmax_change_max_gap']:>9.1e}   (value at its own index: "
+                      f"{t['value_at_index_max_abs_error']:.2e}; the gradient is ours at that index)")
 
 
 def main(argv=None):

@@ -15,12 +15,16 @@ Inputs as in tools/bench_ncc.py's accuracy check: pool1-like maps, ReLU of a nor
 offset (0 and 10: the offset is where float32 loses digits in X - n mu_a mu_b).
 
     python tools/emulate_cuda_ncc.py [--pairs 1] [--channels 8] [--offsets 0 10] [--seed 0] [--json FILE]
-                                     [--volume]
+                                     [--volume] [--tc]
 
 About 1.5 s per channel and offset on one core. ``--volume`` also emulates the CUDA ncc_volume
 forward (`volume_kernel`): the box-sum form X k_a k_b - (n mu_a k_a)(mu_b k_b) it had until
 2026-11-30 (without and with the plane-mean shift) and the centred direct form it has now, each
 against float64 beside the CPU kernel, on the same maps (about 0.3 s per channel and offset).
+``--tc`` also emulates the opt-in tensor-core ncc_max forward (`max_tc_kernel`, TF32 and 3xTF32):
+the argmax it chooses and the float32 value it returns for it (about 0.2 s per channel and offset);
+`tc_warp_products` repeats its fragment index arithmetic, which tests/test_ncc_tc_emulation.py
+checks against a plain matrix product.
 """
 import argparse
 import json
@@ -111,6 +115,170 @@ def emulate_plane(A, B, P=PATCH, R=ROWS, eps=EPS, shift=False):
         index[ri] = v.argmax(1)  # the first maximum, as the kernel's strict comparison
         values[ri] = v.max(1)
     return values, index
+
+
+# ---------------------------------------------------------------------------
+# The tensor-core forward (max_tc_kernel, csrc/cuda/ncc_max_tc.cu)
+# ---------------------------------------------------------------------------
+def tf32(x):
+    """float32 -> TF32 as cvt.rna.tf32.f32: 10 explicit mantissa bits, round to nearest, ties away
+    from zero (add half a unit of the 13 dropped bits to the magnitude, then drop them). NaN and
+    infinities pass unchanged. Returns float32."""
+    x = np.asarray(x, F32)
+    bits = x.view(np.uint32)
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(F32)
+    return np.where(np.isfinite(x), rounded, x).astype(F32)
+
+
+def tc_split(x, passes):
+    """The kernel's split of an operand: hi = tf32(x), and with 3 passes lo = tf32(x - hi)."""
+    hi = tf32(x)
+    return hi, (tf32((np.asarray(x, F32) - hi).astype(F32)) if passes == 3 else None)
+
+
+def _tc_offsets(P, tq):
+    """The kernel's koff / kin of lane group position tq: per k-step s and e in (0, 1), the staged-row
+    offset of patch entry kk = 8 s + tq + 4 e, and whether kk < P * P (else K's zero padding)."""
+    SW, PP = W_TILE + P - 1, P * P
+    steps = (PP + 7) // 8
+    kin = [[8 * s + tq + 4 * e < PP for e in range(2)] for s in range(steps)]
+    koff = [[((8 * s + tq + 4 * e) // P) * SW + (8 * s + tq + 4 * e) % P if kin[s][e] else 0
+             for e in range(2)] for s in range(steps)]
+    return koff, kin
+
+
+W_TILE = 32  # the staged width of ncc_tile.cuh is 32 + P - 1
+
+
+def tc_warp_products(As, Bs, ri, k, P):
+    """One warp's patch products X[w][col] (32 x 32) for output row ri and offset k, formed exactly as
+    max_tc_kernel forms them: each lane reads its fragment elements at the kernel's offsets from the
+    flattened staged rows (As, Bs: rows x (32 + P - 1)), the m16n8k8 tiles are multiplied with the
+    PTX fragment layouts, and each accumulator register is mapped back to the (w, col) of the
+    kernel's epilogue. Exact arithmetic (float64), to check the index arithmetic, not the rounding."""
+    SW = W_TILE + P - 1
+    a = np.asarray(As, F64).ravel()
+    b = np.asarray(Bs, F64).ravel()
+    steps = (P * P + 7) // 8
+    acc = np.zeros((2, 4, 32, 4))                       # mt, nt, lane, register
+    for s in range(steps):
+        for mt in range(2):
+            A_tile = np.zeros((16, 8))
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                koff, kin = _tc_offsets(P, t)
+                base = ri * SW + 16 * mt + g
+                frag = [a[base + koff[s][0]] if kin[s][0] else 0.0, a[base + koff[s][0] + 8] if kin[s][0] else 0.0,
+                        a[base + koff[s][1]] if kin[s][1] else 0.0, a[base + koff[s][1] + 8] if kin[s][1] else 0.0]
+                for r in range(4):                       # A (16 x 8): a_r at (g + 8 (r % 2), t + 4 (r // 2))
+                    A_tile[g + 8 * (r % 2), t + 4 * (r // 2)] = frag[r]
+            for nt in range(4):
+                B_tile = np.zeros((8, 8))
+                for lane in range(32):
+                    g, t = lane >> 2, lane & 3
+                    koff, kin = _tc_offsets(P, t)
+                    base = (ri + k) * SW + 8 * nt + g
+                    for r in range(2):                   # B (8 x 8): b_r at (k = t + 4 r, n = g)
+                        B_tile[t + 4 * r, g] = b[base + koff[s][r]] if kin[s][r] else 0.0
+                D = A_tile @ B_tile
+                for lane in range(32):                   # C (16 x 8): c_r at (g + 8 (r // 2), 2 t + r % 2)
+                    g, t = lane >> 2, lane & 3
+                    for r in range(4):
+                        acc[mt, nt, lane, r] += D[g + 8 * (r // 2), 2 * t + r % 2]
+    X = np.full((32, 32), np.nan)
+    for lane in range(32):                               # the epilogue's slots: w = 16 mt + 8 half + g
+        g, t = lane >> 2, lane & 3
+        for mt in range(2):
+            for nt in range(4):
+                for half in range(2):
+                    for e in range(2):
+                        X[16 * mt + 8 * half + g, 8 * nt + 2 * t + e] = acc[mt, nt, lane, 2 * half + e]
+    return X
+
+
+def emulate_tc_plane(A, B, passes, P=PATCH, R=ROWS, eps=EPS):
+    """ncc_max of one plane as max_tc_kernel computes it: (values, index, tc_values).
+
+    The staged, shifted rows and their factors are the float32 kernel's (ncc_tile.cuh). Tensor-core
+    arithmetic, as modelled here: operands rounded by tf32(), products exact, each m16n8k8 step's
+    eight products summed in double and added to the float32 accumulator with one rounding (the
+    hardware's internal order and width are not specified; this is the model the GPU run checks).
+    The maximum is taken on those values (`tc_values`: the maximum as the tensor cores saw it);
+    the returned value is the selected candidate's float32 NCC, recomputed as the kernel does: P
+    rows of P fused multiply-adds, the row sums added in order."""
+    h, n = P // 2, P * P
+    _, _, As, Bs = _staged(A, B, P, R, True)
+    ka, nmaka = _stats(As, H, True, P, eps, True)
+    kb, mbkb = _stats(Bs, H + R - 1, False, P, eps, True)
+    KP = (n + 7) // 8 * 8
+
+    def im2col(S, rows):                                 # rows x W x KP: entry i P + j = S[r + i, w + j]
+        out = np.zeros((rows, W, KP), F32)
+        for i in range(P):
+            for j in range(P):
+                out[:, :, i * P + j] = S[i:i + rows, j:j + W]
+        return out
+
+    Am, Bm = im2col(As, H), im2col(Bs, H + R - 1)
+    a_parts, b_parts = tc_split(Am, passes), tc_split(Bm, passes)
+    order = ([(1, 0), (0, 1)] if passes == 3 else []) + [(0, 0)]   # (lo, hi), (hi, lo), (hi, hi)
+    cand = np.zeros((H, W, R, W), F32)                   # ri, w, k, col
+    for k in range(R):
+        acc = np.zeros((H, W, W), F32)
+        for s in range(KP // 8):
+            ks = slice(8 * s, 8 * s + 8)
+            for ia, ib in order:
+                prod = np.einsum("rwk,rck->rwc", a_parts[ia][:, :, ks].astype(F64),
+                                 b_parts[ib][k:k + H, :, ks].astype(F64))
+                acc = (acc.astype(F64) + prod.astype(F32).astype(F64)).astype(F32)
+        t = (ka[:, :, None] * kb[k:k + H][:, None, :]).astype(F32)
+        c = (nmaka[:, :, None] * mbkb[k:k + H][:, None, :]).astype(F32)
+        cand[:, :, k, :] = fma(acc, t, -c)
+    flat = cand.reshape(H, W, R * W)
+    index = flat.argmax(2)
+    tc_values = flat.max(2)
+    kr, col = index // W, index % W
+    rr = np.arange(H)[:, None]
+    ww = np.arange(W)[None, :]
+    x = np.zeros((H, W), F32)
+    for i in range(P):                                   # row sums of P fused multiply-adds, then the rows
+        hs = np.zeros((H, W), F32)
+        for j in range(P):
+            hs = fma(As[rr + i, ww + j], Bs[rr + kr + i, col + j], hs)
+        x = (x + hs).astype(F32)
+    t = (ka * kb[rr + kr, col]).astype(F32)
+    c = (nmaka * mbkb[rr + kr, col]).astype(F32)
+    values = fma(x, t, -c)
+    return values, index.astype(np.int64), tc_values
+
+
+def compare_tc(pairs, channels, offset, seed):
+    """Rows for the tensor-core forward (TF32 and 3xTF32, emulated) on compare()'s maps: the returned
+    values against float64's at the same index and against float64's maximum, and the argmax changes
+    with their largest gap."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
+    b = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
+    op = torch.ops.mspcnn
+    v64, i64 = op.ncc_max(a.double(), b.double(), PATCH, ROWS, EPS)
+    vol = op.ncc_volume(a.double(), b.double(), PATCH, ROWS, EPS).view(pairs, channels, ROWS * W, H, W)
+    rows = []
+    for passes, name in ((1, "tensor cores, TF32 (emulated)"), (3, "tensor cores, 3xTF32 (emulated)")):
+        v = np.zeros((pairs, channels, H, W), F32)
+        i = np.zeros((pairs, channels, H, W), np.int64)
+        for p in range(pairs):
+            for c in range(channels):
+                v[p, c], i[p, c], _ = emulate_tc_plane(a[p, c].numpy(), b[p, c].numpy(), passes)
+        v, i = torch.as_tensor(v), torch.as_tensor(i)
+        at_index = vol.gather(2, i.unsqueeze(2)).squeeze(2)
+        changed = i != i64
+        gaps = (v64 - at_index)[changed]
+        rows.append({"variant": name, "offset": offset, "outputs": int(v.numel()),
+                     "value_max_abs_error": float((v.double() - v64).abs().max()),
+                     "value_at_index_max_abs_error": float((v.double() - at_index).abs().max()),
+                     "argmax_changes": int(changed.sum()),
+                     "argmax_change_max_gap": float(gaps.abs().max()) if gaps.numel() else 0.0})
+    return rows
 
 
 def compare(pairs, channels, offset, seed):
@@ -228,6 +396,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the maps (default 0)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--volume", action="store_true", help="also emulate the CUDA ncc_volume forward's forms")
+    p.add_argument("--tc", action="store_true",
+                   help="also emulate the tensor-core ncc_max forward (TF32 and 3xTF32, ncc_max_tc.cu)")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.channels < 1:
         p.error("--pairs and --channels must be positive")
@@ -240,6 +410,18 @@ def main(argv=None):
     for r in rows:
         print(f"{r['variant']:<40} {r['offset']:>6g} {r['value_max_abs_error']:>12.2e} "
               f"{r['argmax_changes']:>8} / {r['outputs']:<6}{r['argmax_change_max_gap']:>11.1e}")
+    tc_rows = []
+    if args.tc:
+        for offset in args.offsets:
+            tc_rows += compare_tc(args.pairs, args.channels, offset, args.seed)
+        print("\nncc_max on tensor cores (emulated) against float64, same maps; the value returned is the float32 NCC "
+              "of the index chosen")
+        print(f"{'variant':<40} {'offset':>6} {'max |error|':>12} {'at its index':>12} {'argmax changes':>15} "
+              f"{'largest gap':>12}")
+        for r in tc_rows:
+            print(f"{r['variant']:<40} {r['offset']:>6g} {r['value_max_abs_error']:>12.2e} "
+                  f"{r['value_at_index_max_abs_error']:>12.2e} {r['argmax_changes']:>8} / {r['outputs']:<6}"
+                  f"{r['argmax_change_max_gap']:>11.1e}")
     volume_rows = []
     if args.volume:
         for offset in args.offsets:
@@ -250,7 +432,7 @@ def main(argv=None):
             print(f"{r['variant']:<40} {r['offset']:>6g} {r['volume_max_abs_error']:>12.2e} {r['outputs']:>10}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "volume_rows": volume_rows, "pairs": args.pairs, "channels": args.channels,
+            json.dump({"rows": rows, "volume_rows": volume_rows, "tc_rows": tc_rows, "pairs": args.pairs, "channels": args.channels,
                        "seed": args.seed}, f, indent=1)
         print(f"wrote {args.json}")
     return 0

@@ -106,6 +106,36 @@ std::tuple<at::Tensor, at::Tensor> ncc_max_cuda(const at::Tensor& a_, const at::
   return {values, index};
 }
 
+// The tensor-core forward (ncc_max_tc.cu): an opt-in approximation of the
+// maximum's choice; its backward is ncc_max_backward's, through the index.
+std::tuple<at::Tensor, at::Tensor> ncc_max_tc_cuda(const at::Tensor& a_, const at::Tensor& b_,
+                                                   int64_t patch, int64_t search_rows,
+                                                   double eps, int64_t passes) {
+  const char* op = "ncc_max_tc";
+  const auto g = check_cuda_inputs(a_, b_, patch, search_rows, eps, op);
+  TORCH_CHECK(a_.scalar_type() == at::kFloat, op,
+              ": the tensor-core path takes float32 maps, got ", a_.scalar_type());
+  TORCH_CHECK(passes == 1 || passes == 3, op, ": `passes` must be 1 (TF32) or 3 (3xTF32), got ",
+              passes);
+  TORCH_CHECK(cuda::has_fast_max_kernel(g), op,
+              ": the tensor-core path supports patch 3 or 5, search_rows 1, 3 or 5 and maps at "
+              "most 32 wide; got patch ", patch, ", search_rows ", search_rows, ", width ", g.W);
+  const c10::cuda::CUDAGuard guard(a_.device());
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major >= 8, op, ": TF32 tensor cores need compute capability 8.0 or newer; ",
+              prop->name, " has ", prop->major, ".", prop->minor);
+  const auto a = a_.contiguous(), b = b_.contiguous();
+  auto values = at::empty({g.N, g.C, g.H, g.W}, a.options());
+  auto index = at::empty({g.N, g.C, g.H, g.W}, a.options().dtype(at::kLong));
+  if (values.numel() == 0) return {values, index};
+  auto stream = at::cuda::getCurrentCUDAStream().stream();
+  check_launch(cuda::ncc_max_forward_tc(g, a.data_ptr<float>(), b.data_ptr<float>(),
+                                        values.data_ptr<float>(), index.data_ptr<int64_t>(),
+                                        int(passes), stream),
+               op);
+  return {values, index};
+}
+
 std::tuple<at::Tensor, at::Tensor> ncc_max_backward_cuda(
     const at::Tensor& grad_, const at::Tensor& a_, const at::Tensor& b_,
     const at::Tensor& index_, int64_t patch, int64_t search_rows, double eps) {
@@ -178,6 +208,7 @@ TORCH_LIBRARY_IMPL(mspcnn, CUDA, m) {
   m.impl("ncc_volume", &ncc_volume_cuda);
   m.impl("ncc_volume_backward", &ncc_volume_backward_cuda);
   m.impl("ncc_max", &ncc_max_cuda);
+  m.impl("ncc_max_tc", &ncc_max_tc_cuda);
   m.impl("ncc_max_backward", &ncc_max_backward_cuda);
 }
 

@@ -1,5 +1,6 @@
 // Host-side entry points of the CUDA kernels: ncc_forward.cu (statistics and
-// forward passes), ncc_max_backward.cu and ncc_volume_backward.cu.
+// forward passes), ncc_max_tc.cu (the tensor-core max forward),
+// ncc_max_backward.cu and ncc_volume_backward.cu.
 //
 // Plain C++ with raw pointers and an explicit stream, so that the kernels file
 // includes only CUDA headers and compiles with nvcc alone; the launcher
@@ -33,6 +34,15 @@ cudaError_t ncc_max_forward(const NccGeometry& g, const T* a, const T* b,
                             const double* ma, const double* sa, const double* mb,
                             const double* sb, T* values, int64_t* index,
                             int num_sms, cudaStream_t stream);
+
+// ncc_max forward on tensor cores (ncc_max_tc.cu), an opt-in approximation of
+// the maximum's choice: float32 maps, the geometries of has_fast_max_kernel,
+// passes 1 (TF32) or 3 (3xTF32); compute capability 8.0 or newer (the
+// launcher checks). The returned value is the float32 NCC of the returned
+// index. cudaErrorInvalidValue for anything else.
+cudaError_t ncc_max_forward_tc(const NccGeometry& g, const float* a, const float* b,
+                               float* values, int64_t* index, int passes,
+                               cudaStream_t stream);
 
 template <typename T>
 cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,

@@ -36,6 +36,12 @@ def _ncc_max_fake(a, b, patch, search_rows, eps):
     return a.new_empty(a.shape), a.new_empty(a.shape, dtype=torch.long)
 
 
+@torch.library.register_fake("mspcnn::ncc_max_tc")
+def _ncc_max_tc_fake(a, b, patch, search_rows, eps, passes):
+    check_inputs("ncc_max", a, b, patch, search_rows, eps)
+    return a.new_empty(a.shape), a.new_empty(a.shape, dtype=torch.long)
+
+
 @torch.library.register_fake("mspcnn::ncc_volume_backward")
 def _ncc_volume_backward_fake(grad, a, b, volume, patch, search_rows, eps):
     return torch.empty_like(a, memory_format=torch.contiguous_format), torch.empty_like(
@@ -68,11 +74,13 @@ def _volume_backward(ctx, grad):
 
 
 def _max_setup_context(ctx, inputs, output):
-    a, b, patch, search_rows, eps = inputs
+    # ncc_max (5 inputs) and ncc_max_tc (6: `passes` last) share the backward.
+    a, b, patch, search_rows, eps = inputs[:5]
     _, index = output
     ctx.mark_non_differentiable(index)
     ctx.save_for_backward(a, b, index)
     ctx.params = (patch, search_rows, eps)
+    ctx.non_tensor_inputs = len(inputs) - 2
 
 
 def _max_backward(ctx, grad_values, _grad_index):
@@ -80,7 +88,7 @@ def _max_backward(ctx, grad_values, _grad_index):
     grad_a, grad_b = torch.ops.mspcnn.ncc_max_backward.default(
         grad_values, a, b, index, *ctx.params
     )
-    return grad_a, grad_b, None, None, None
+    return (grad_a, grad_b) + (None,) * ctx.non_tensor_inputs
 
 
 torch.library.register_autograd(
@@ -89,6 +97,12 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "mspcnn::ncc_max", _max_backward, setup_context=_max_setup_context
 )
+torch.library.register_autograd(
+    "mspcnn::ncc_max_tc", _max_backward, setup_context=_max_setup_context
+)
+
+# The tensor-core paths of ncc_max (CUDA): name -> passes of the kernel.
+TENSOR_CORE_PASSES = {"tf32": 1, "3xtf32": 3}
 
 
 # --------------------------------------------------------------------------
@@ -121,7 +135,7 @@ def ncc_volume(a, b, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS):
     return torch.ops.mspcnn.ncc_volume.default(a, b, int(patch), int(search_rows), float(eps))
 
 
-def ncc_max(a, b, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS):
+def ncc_max(a, b, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS, tensor_cores=None):
     """Best wide-search NCC match of every patch (the form used by MSP-CNN).
 
     Same arguments as :func:`ncc_volume`. Returns ``(values, index)``, both
@@ -130,6 +144,30 @@ def ncc_max(a, b, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS):
     torch.argmax). The gradient of ``values`` flows to the two patches of the
     selected candidate only. The volume is never stored. NaN counts as larger
     than every number: an output with a NaN candidate is NaN.
+
+    ``tensor_cores`` (CUDA, float32, compute capability 8.0 or newer; patch 3
+    or 5, search_rows 1, 3 or 5, maps at most 32 wide) computes the candidates'
+    patch products on tensor cores instead, an explicit trade never made by
+    default: ``"tf32"`` rounds both maps to TF32 (10 mantissa bits), so that
+    the maximum can go to a candidate within about 1e-3 of the true one;
+    ``"3xtf32"`` splits each value into two TF32 parts (float32-like accuracy,
+    three times the tensor work). Either way the returned value is the
+    float32 NCC of the returned index, and the gradient is the default one
+    for that index (docs/ncc_layer.md, "Tensor cores"). ``None`` (the
+    default): the kernels of the inputs' dtype.
     """
     check_inputs("ncc_max", a, b, patch, search_rows, eps)
-    return torch.ops.mspcnn.ncc_max.default(a, b, int(patch), int(search_rows), float(eps))
+    if tensor_cores is None:
+        return torch.ops.mspcnn.ncc_max.default(a, b, int(patch), int(search_rows), float(eps))
+    if tensor_cores not in TENSOR_CORE_PASSES:
+        raise ValueError(f"ncc_max: `tensor_cores` must be None, 'tf32' or '3xtf32', got {tensor_cores!r}")
+    if a.device.type != "cuda":
+        raise ValueError(f"ncc_max: `tensor_cores={tensor_cores!r}` runs on CUDA devices only, the maps are "
+                         f"on {a.device} (leave tensor_cores=None there)")
+    if a.dtype != torch.float32:
+        raise TypeError(f"ncc_max: `tensor_cores={tensor_cores!r}` takes float32 maps, got {a.dtype}")
+    if patch not in (3, 5) or search_rows not in (1, 3, 5) or a.shape[3] > 32:
+        raise ValueError(f"ncc_max: the tensor-core path supports patch 3 or 5, search_rows 1, 3 or 5 and maps "
+                         f"at most 32 wide; got patch {patch}, search_rows {search_rows}, width {a.shape[3]}")
+    return torch.ops.mspcnn.ncc_max_tc.default(a, b, int(patch), int(search_rows), float(eps),
+                                              TENSOR_CORE_PASSES[tensor_cores])

@@ -1,0 +1,159 @@
+"""The tensor-core path of ncc_max (``tensor_cores='tf32'`` / ``'3xtf32'``, csrc/cuda/ncc_max_tc.cu).
+
+On the CPU: its arguments, and tools/emulate_cuda_ncc.py's model of the kernel (the fragment index
+arithmetic against a plain matrix product, the TF32 rounding, the predicted accuracy). On a GPU
+(marked cuda): the kernel itself against float64."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mspcnn.ops import ncc_max, ncc_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+emulate = load_tool("emulate_cuda_ncc")
+
+
+def maps(shape, offset=0.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen).relu() + offset,
+            torch.randn(shape, generator=gen).relu() + offset)
+
+
+# ----------------------------------------------------------------------------- arguments (any machine)
+def test_tensor_cores_argument_is_checked():
+    a, b = maps((1, 2, 10, 12))
+    with pytest.raises(ValueError, match=r"`tensor_cores` must be None, 'tf32' or '3xtf32', got 'bf16'"):
+        ncc_max(a, b, tensor_cores="bf16")
+    with pytest.raises(ValueError, match=r"runs on CUDA devices only, the maps are on cpu"):
+        ncc_max(a, b, tensor_cores="tf32")
+    # the default path is untouched by the new argument
+    v, i = ncc_max(a, b, tensor_cores=None)
+    v0, i0 = ncc_max(a, b)
+    assert torch.equal(v, v0) and torch.equal(i, i0)
+
+
+# ----------------------------------------------------------------------------- the kernel's model (CPU)
+@pytest.mark.parametrize("patch,ri,k", [(5, 0, 0), (5, 3, 4), (3, 2, 1), (3, 0, 2)])
+def test_fragment_index_arithmetic_is_the_patch_product(patch, ri, k):
+    """tc_warp_products repeats max_tc_kernel's offsets (koff / kin), the m16n8k8 fragment layouts of
+    the PTX ISA and the epilogue's slots; in exact arithmetic it must give every X[w][col] =
+    sum_ij a(ri + i, w + j) b(ri + k + i, col + j) of the staged rows, for all 32 x 32 lanes."""
+    rng = np.random.default_rng(patch * 100 + ri * 10 + k)
+    SW = 32 + patch - 1
+    As = rng.standard_normal((ri + patch, SW))
+    Bs = rng.standard_normal((ri + k + patch, SW))
+    X = emulate.tc_warp_products(As, Bs, ri, k, patch)
+    direct = np.zeros((32, 32))
+    for i in range(patch):
+        for j in range(patch):
+            direct += np.outer(As[ri + i, j:j + 32], Bs[ri + k + i, j:j + 32])
+    np.testing.assert_allclose(X, direct, rtol=0, atol=1e-12)
+
+
+def test_tf32_rounding():
+    """cvt.rna.tf32.f32: 10 explicit mantissa bits, to nearest, ties away from zero."""
+    ulp = 2.0 ** -10
+    x = np.array([1.0, 1 + ulp / 2, -(1 + ulp / 2), 1 + ulp / 4, 1 + 3 * ulp / 4, 3.0, np.inf, -np.inf], np.float32)
+    want = np.array([1.0, 1 + ulp, -(1 + ulp), 1.0, 1 + ulp, 3.0, np.inf, -np.inf], np.float32)
+    np.testing.assert_array_equal(emulate.tf32(x), want)
+    assert np.isnan(emulate.tf32(np.array([np.nan], np.float32))).all()
+    r = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 100
+    t = emulate.tf32(r)
+    assert (t.view(np.uint32) & 0x1FFF == 0).all()
+    assert (np.abs(t - r) <= np.abs(r) * 2.0 ** -11 * (1 + 1e-6)).all()
+    hi, lo = emulate.tc_split(r, 3)
+    assert (np.abs(hi.astype(np.float64) + lo - r) <= np.abs(r) * 2.0 ** -21).all()
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0])
+def test_emulated_tensor_cores_accuracy(offset):
+    """The predicted accuracy on one ReLU'd pool1 plane (2,016 outputs): the returned value is the
+    float32 NCC of the returned index, as accurate as the shifted float32 kernel's own (the same
+    staged rows and factors: 3.0e-6 at mean 0, 6.4e-7 at mean 10, emulated); 3xTF32 picks the
+    float64 maximum everywhere, TF32 may pick a candidate within its rounding (a gap below 1e-3)."""
+    rows = {r["variant"]: r for r in emulate.compare_tc(1, 1, offset, 0)}
+    fast = {r["variant"]: r for r in emulate.compare(1, 1, offset, 0)}["CUDA fast kernel, shifted (emulated)"]
+    tf32, x3 = rows["tensor cores, TF32 (emulated)"], rows["tensor cores, 3xTF32 (emulated)"]
+    for r in (tf32, x3):
+        assert r["value_at_index_max_abs_error"] <= max(1.5 * fast["value_max_abs_error"], 1e-6)
+        assert r["value_at_index_max_abs_error"] <= 5e-6
+    assert x3["argmax_changes"] == 0 and x3["value_max_abs_error"] <= 5e-6
+    assert tf32["argmax_changes"] <= 20 and tf32["argmax_change_max_gap"] <= 1e-3
+
+
+# ----------------------------------------------------------------------------- the kernel (GPU)
+needs_tc = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+    reason="needs a CUDA device of compute capability 8.0 or newer")
+
+
+@pytest.mark.cuda
+@needs_tc
+@pytest.mark.parametrize("mode", ["tf32", "3xtf32"])
+@pytest.mark.parametrize("offset", [0.0, 10.0])
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (3, 3, 32), (5, 1, 9), (3, 5, 20)])
+def test_tensor_cores_against_float64(mode, offset, patch, rows, W):
+    """The value is the float32 NCC of the returned index; the index is the float64 maximum up to
+    the tensor-core rounding: 3xTF32 within 1e-5 of it and at 99.9% of the outputs the same index,
+    TF32 within 1e-3 and at 99.5% (emulated on pool1 maps: no change with 3xTF32, 0.07% with TF32)."""
+    from test_ncc_ops import F32_ATOL
+    N, C, H = 2, 8, 72
+    a, b = maps((N, C, H, W), offset, seed=patch * 10 + rows)
+    v, i = ncc_max(a.cuda(), b.cuda(), patch, rows, tensor_cores=mode)
+    v, i = v.cpu().double(), i.cpu()
+    assert i.dtype == torch.int64 and int(i.min()) >= 0 and int(i.max()) < rows * W
+    vol = ncc_volume(a.double(), b.double(), patch, rows).view(N, C, rows * W, H, W)
+    best, best_i = vol.max(2)
+    at_index = vol.gather(2, i.unsqueeze(2)).squeeze(2)
+    assert (v - at_index).abs().max() <= F32_ATOL / 4  # the shifted float32 kernel's bound
+    assert (best - at_index).max() <= (1e-3 if mode == "tf32" else 1e-5)
+    assert (i == best_i).double().mean() >= (0.995 if mode == "tf32" else 0.999)
+
+
+@pytest.mark.cuda
+@needs_tc
+def test_tensor_cores_gradient_is_the_default_backward_at_its_index():
+    a, b = maps((2, 4, 30, 28))
+    x, y = a.cuda().requires_grad_(True), b.cuda().requires_grad_(True)
+    v, i = ncc_max(x, y, tensor_cores="3xtf32")
+    g = torch.randn_like(v)
+    ga, gb = torch.autograd.grad((v * g).sum(), (x, y))
+    ra, rb = torch.ops.mspcnn.ncc_max_backward(g, x.detach(), y.detach(), i, 5, 5, 0.01)
+    torch.testing.assert_close(ga, ra, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, rb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@needs_tc
+def test_tensor_cores_refuse_what_they_do_not_support():
+    a, b = maps((1, 2, 12, 28))
+    with pytest.raises(TypeError, match=r"takes float32 maps, got torch.float64"):
+        ncc_max(a.double().cuda(), b.double().cuda(), tensor_cores="tf32")
+    with pytest.raises(ValueError, match=r"supports patch 3 or 5, search_rows 1, 3 or 5 and maps at most 32 wide"):
+        ncc_max(a.cuda(), b.cuda(), patch=7, tensor_cores="tf32")
+    a, b = maps((1, 2, 12, 33))
+    with pytest.raises(ValueError, match=r"width 33"):
+        ncc_max(a.cuda(), b.cuda(), tensor_cores="3xtf32")
+    with pytest.raises(RuntimeError, match=r"`passes` must be 1 \(TF32\) or 3"):
+        torch.ops.mspcnn.ncc_max_tc(a[..., :28].contiguous().cuda(), b[..., :28].contiguous().cuda(), 5, 5, 0.01, 2)
+
+
+@pytest.mark.cuda
+@needs_tc
+def test_tensor_cores_opcheck():
+    """The registration (fake implementation, autograd, schema) passes torch.library.opcheck."""
+    a, b = maps((1, 2, 10, 12))
+    x, y = a.cuda().requires_grad_(True), b.cuda().requires_grad_(True)
+    torch.library.opcheck(torch.ops.mspcnn.ncc_max_tc.default, (x, y, 5, 3, 0.01, 3))
