@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, in one call: build the CUDA extension, run the `cuda` tests
-# (the NCC kernels, the training command and the feature extraction on the
-# GPU against the CPU, the fused batch normalisation, bench_train on the GPU),
+# (the NCC kernels and their tensor-core path, the training command and the
+# feature extraction on the GPU against the CPU, the fused batch normalisation,
+# bench_train on the GPU),
 # time a training iteration (bench_train.py --device cuda, float32 and TF32),
-# run the CUDA benchmark, with Nsight Compute's counters
-# of each operator's kernels (NCU=0 leaves them out; ncu's raw CSV tables are
+# run the CUDA benchmark (ncc_max with and without tensor cores, ncc_volume),
+# with Nsight Compute's counters of each operator's kernels (NCU=0 leaves them out; ncu's raw CSV tables are
 # packed into ncu_raw.tar.gz, since a device call brings back at most 8 files).
 # Logs and JSON go to ${OUT:-gpu_out}. Usage: [SKIP_BUILD=1] [NCU=0] bash tools/gpu_check.sh [benchmark arguments]
 set -uo pipefail
@@ -28,30 +29,31 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('mspcnn::ncc_max', 'CUDA'))"
 start=$(date +%s)
-python3 -m pytest -q -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_ops.py tests/test_gpu_tools.py \
-  tests/test_bench_tools.py tests/test_layer_kernels.py -k "cuda or gpu" 2>&1 | tee "$out/pytest_cuda.log" | tail -15
+python3 -m pytest -q -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_tc.py tests/test_ncc_ops.py \
+  tests/test_gpu_tools.py tests/test_bench_tools.py tests/test_layer_kernels.py -k "cuda or gpu" 2>&1 | tee "$out/pytest_cuda.log" | tail -15
 echo "cuda tests: $(( $(date +%s) - start )) s"
-# The NCC tests again without the forward kernels' plane-mean shift (MSPCNN_NCC_CUDA_SHIFT=0; the
-# shift is the default), appended to the same log.
-start=$(date +%s)
-echo "== with MSPCNN_NCC_CUDA_SHIFT=0" >> "$out/pytest_cuda.log"
-MSPCNN_NCC_CUDA_SHIFT=0 python3 -m pytest -q -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_ops.py -k "cuda" 2>&1 | \
-  tee -a "$out/pytest_cuda.log" | tail -5
-echo "cuda tests without the shift: $(( $(date +%s) - start )) s"
 ncu_args=()
 [ "${NCU:-1}" != 0 ] && ncu_args=(--ncu --ncu-raw "$out/ncu_raw")
 python3 tools/bench_ncc.py --device cuda --json "$out/bench_ncc_cuda.json" "${ncu_args[@]}" "$@" 2>&1 | tee "$out/bench_cuda.log"
 status=${PIPESTATUS[0]}
-# The accuracy table and the operator's time without the shift (no reference, no ncu), same log.
-echo "== with MSPCNN_NCC_CUDA_SHIFT=0" >> "$out/bench_cuda.log"
-MSPCNN_NCC_CUDA_SHIFT=0 python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 --no-reference \
-  --json "$out/bench_ncc_cuda_noshift.json" 2>&1 | tee -a "$out/bench_cuda.log" | tail -12
 # A training iteration on the GPU at the paper's batch: the engine's path against the separate
 # Caffe layers (--torch-ops) and plain PyTorch, float32 and TF32, with the operations it issues.
 for precision in "" --tf32; do
   python3 tools/bench_train.py --device cuda --batches paper --stages 1 2 --torch-ops --count-ops --repeat 10 \
     $precision --json "$out/bench_train_cuda${precision:+_tf32}.json" 2>&1 | tee -a "$out/bench_train_cuda.log" | tail -6
 done
+# Last, the non-default setting: without the forward kernels' plane-mean shift.
+# The NCC tests without the forward kernels' plane-mean shift (MSPCNN_NCC_CUDA_SHIFT=0; the
+# shift is the default), appended to the same log.
+start=$(date +%s)
+echo "== with MSPCNN_NCC_CUDA_SHIFT=0" >> "$out/pytest_cuda.log"
+MSPCNN_NCC_CUDA_SHIFT=0 python3 -m pytest -q -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_ops.py -k "cuda" 2>&1 | \
+  tee -a "$out/pytest_cuda.log" | tail -5
+echo "cuda tests without the shift: $(( $(date +%s) - start )) s"
+# The accuracy table and the operator's time without the shift (no reference, no ncu), same log.
+echo "== with MSPCNN_NCC_CUDA_SHIFT=0" >> "$out/bench_cuda.log"
+MSPCNN_NCC_CUDA_SHIFT=0 python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 --no-reference \
+  --json "$out/bench_ncc_cuda_noshift.json" 2>&1 | tee -a "$out/bench_cuda.log" | tail -12
 if [ -d "$out/ncu_raw" ]; then
   tar -czf "$out/ncu_raw.tar.gz" -C "$out" ncu_raw && rm -rf "$out/ncu_raw"
 fi
