@@ -1,24 +1,14 @@
 """The benchmarks' own arithmetic, without timings: Nsight Compute's CSV read by tools/bench_ncc.py
 (with a stand-in for ncu, since this machine has no GPU), and the work counted by
 tools/bench_train.py --roofline."""
-import importlib.util
 import os
 import stat
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
+from conftest import load_tool
 
 bench_ncc = load_tool("bench_ncc")
 bench_train = load_tool("bench_train")

@@ -3,24 +3,12 @@
 On the CPU: its arguments, and tools/emulate_cuda_ncc.py's model of the kernel (the fragment index
 arithmetic against a plain matrix product, the TF32 rounding, the predicted accuracy). On a GPU
 (marked cuda): the kernel itself against float64."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_tool
 from mspcnn.ops import ncc_max, ncc_volume
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 emulate = load_tool("emulate_cuda_ncc")
 

@@ -252,62 +252,59 @@ def emulate_tc_plane(A, B, passes, P=PATCH, R=ROWS, eps=EPS):
     return values, index.astype(np.int64), tc_values
 
 
-def compare_tc(pairs, channels, offset, seed):
-    """Rows for the tensor-core forward (TF32 and 3xTF32, emulated) on compare()'s maps: the returned
-    values against float64's at the same index and against float64's maximum, and the argmax changes
-    with their largest gap."""
+def _pool1_pair(pairs, channels, offset, seed):
+    """The maps of every comparison here: ReLU of a normal draw plus `offset`, pool1's 72 x 28; with
+    float64's ncc_max (values, index) and volume (pairs, channels, R W, H, W) on them."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
     b = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
     op = torch.ops.mspcnn
     v64, i64 = op.ncc_max(a.double(), b.double(), PATCH, ROWS, EPS)
     vol = op.ncc_volume(a.double(), b.double(), PATCH, ROWS, EPS).view(pairs, channels, ROWS * W, H, W)
-    rows = []
-    for passes, name in ((1, "tensor cores, TF32 (emulated)"), (3, "tensor cores, 3xTF32 (emulated)")):
-        v = np.zeros((pairs, channels, H, W), F32)
-        i = np.zeros((pairs, channels, H, W), np.int64)
-        for p in range(pairs):
-            for c in range(channels):
-                v[p, c], i[p, c], _ = emulate_tc_plane(a[p, c].numpy(), b[p, c].numpy(), passes)
-        v, i = torch.as_tensor(v), torch.as_tensor(i)
-        at_index = vol.gather(2, i.unsqueeze(2)).squeeze(2)
-        changed = i != i64
-        gaps = (v64 - at_index)[changed]
-        rows.append({"variant": name, "offset": offset, "outputs": int(v.numel()),
-                     "value_max_abs_error": float((v.double() - v64).abs().max()),
-                     "value_at_index_max_abs_error": float((v.double() - at_index).abs().max()),
-                     "argmax_changes": int(changed.sum()),
-                     "argmax_change_max_gap": float(gaps.abs().max()) if gaps.numel() else 0.0})
-    return rows
+    return a, b, v64, i64, vol
+
+
+def _max_row(name, offset, v, i, v64, i64, vol):
+    """One row: the largest error of the values against float64's maximum and against float64 at the
+    variant's own index, its argmax changes and their largest float64 gap."""
+    v, i = torch.as_tensor(v).double(), torch.as_tensor(i)
+    at_index = vol.gather(2, i.unsqueeze(2)).squeeze(2)
+    changed = i != i64
+    gaps = (vol.gather(2, i64.unsqueeze(2)).squeeze(2) - at_index)[changed]
+    return {"variant": name, "offset": offset, "outputs": int(v.numel()),
+            "value_max_abs_error": float((v - v64).abs().max()),
+            "value_at_index_max_abs_error": float((v - at_index).abs().max()),
+            "argmax_changes": int(changed.sum()),
+            "argmax_change_max_gap": float(gaps.abs().max()) if gaps.numel() else 0.0}
+
+
+def _per_plane(fn, a, b):
+    """(values, index) of fn(A, B) -> (values, index, ...) over every (pair, channel) plane."""
+    v = np.zeros(a.shape, F32)
+    i = np.zeros(a.shape, np.int64)
+    for p in range(a.shape[0]):
+        for c in range(a.shape[1]):
+            v[p, c], i[p, c] = fn(a[p, c].numpy(), b[p, c].numpy())[:2]
+    return v, i
+
+
+def compare_tc(pairs, channels, offset, seed):
+    """Rows for the tensor-core forward (TF32 and 3xTF32, emulated) on compare()'s maps."""
+    a, b, v64, i64, vol = _pool1_pair(pairs, channels, offset, seed)
+    return [_max_row(name, offset, *_per_plane(lambda A, B: emulate_tc_plane(A, B, passes), a, b), v64, i64, vol)
+            for passes, name in ((1, "tensor cores, TF32 (emulated)"), (3, "tensor cores, 3xTF32 (emulated)"))]
 
 
 def compare(pairs, channels, offset, seed):
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
-    b = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
-    op = torch.ops.mspcnn
-    v64, i64 = op.ncc_max(a.double(), b.double(), PATCH, ROWS, EPS)
-    vol = op.ncc_volume(a.double(), b.double(), PATCH, ROWS, EPS).view(pairs, channels, ROWS * W, H, W)
+    """Rows for the float32 fast kernel (emulated, as it was and with the shift) and the CPU kernel."""
+    a, b, v64, i64, vol = _pool1_pair(pairs, channels, offset, seed)
     rows = []
-
-    def row(name, v, i):
-        v, i = torch.as_tensor(v), torch.as_tensor(i)
-        changed = i != i64
-        gaps = (vol.gather(2, i64.unsqueeze(2)) - vol.gather(2, i.unsqueeze(2))).squeeze(2)[changed]
-        rows.append({"variant": name, "offset": offset, "outputs": int(v.numel()),
-                     "value_max_abs_error": float((v.double() - v64).abs().max()),
-                     "argmax_changes": int(changed.sum()),
-                     "argmax_change_max_gap": float(gaps.abs().max()) if gaps.numel() else 0.0})
-
     for shift in (False, True):
-        v = np.zeros((pairs, channels, H, W), F32)
-        i = np.zeros((pairs, channels, H, W), np.int64)
-        for p in range(pairs):
-            for c in range(channels):
-                v[p, c], i[p, c] = emulate_plane(a[p, c].numpy(), b[p, c].numpy(), shift=shift)
-        row("CUDA fast kernel, shifted (emulated)" if shift else "CUDA fast kernel, as before (emulated)", v, i)
-    vc, ic = op.ncc_max(a, b, PATCH, ROWS, EPS)
-    row("CPU kernel (measured)", vc, ic)
+        v, i = _per_plane(lambda A, B: emulate_plane(A, B, shift=shift), a, b)
+        rows.append(_max_row("CUDA fast kernel, shifted (emulated)" if shift else "CUDA fast kernel, as before (emulated)",
+                             offset, v, i, v64, i64, vol))
+    vc, ic = torch.ops.mspcnn.ncc_max(a, b, PATCH, ROWS, EPS)
+    rows.append(_max_row("CPU kernel (measured)", offset, vc, ic, v64, i64, vol))
     return rows
 
 
@@ -368,10 +365,7 @@ def emulate_volume_plane(A, B, form, P=PATCH, R=ROWS, eps=EPS):
 def compare_volume(pairs, channels, offset, seed):
     """Rows of the volume's largest error against float64 for each emulated form and the CPU kernel,
     on the maps compare() uses."""
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
-    b = torch.randn(pairs, channels, H, W, generator=gen).relu() + offset
-    vol64 = torch.ops.mspcnn.ncc_volume(a.double(), b.double(), PATCH, ROWS, EPS).view(pairs, channels, ROWS * W, H, W)
+    a, b, _, _, vol64 = _pool1_pair(pairs, channels, offset, seed)
     rows = []
     for form, name in (("box", "CUDA volume, box-sum form (emulated)"),
                        ("box-shifted", "CUDA volume, box-sum shifted (emulated)"),
