@@ -46,3 +46,26 @@ def test_unwritable_output_folders_are_clear_errors(tmp_path, run_tool):
         proc = run_tool(tool, *args)
         assert proc.returncode == 2, proc.stderr
         assert str(blocker) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_stop_in_stage_1_ends_the_job(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (SIGINT) or SIGTERM during stage 1: the engine snapshots and returns `stopped_by`; the
+    job ends there with exit status 130 and says so, instead of going on to stage 2."""
+    from types import SimpleNamespace
+
+    from conftest import load_tool
+
+    pipeline = load_tool("run_pipeline")
+    calls = []
+
+    def stopped_solve(solver, db, **kwargs):
+        calls.append(str(solver))
+        return SimpleNamespace(weights=str(tmp_path / "stage1.caffemodel"), test=None, stopped_by="SIGINT")
+
+    monkeypatch.setattr(pipeline, "solve", stopped_solve)
+    monkeypatch.setattr(pipeline, "configure_threads", lambda threads: "threads unchanged (test)")
+    code = pipeline.main(["--out", str(tmp_path / "run"), "--train-ids", "4", "--test-ids", "2", "--iters1", "2",
+                          "--iters2", "1", "--batch-pairs", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 130 and len(calls) == 1 and calls[0].endswith("solver_stage1.prototxt")
+    assert "stopped by SIGINT" in err and "stage1.caffemodel" in err

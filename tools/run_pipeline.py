@@ -185,7 +185,7 @@ def main(argv=None):
         if result.test:
             print(f"      stage-1 validation (held-out training identities, cross-camera rank-1): "
                   f"{100 * result.test['rank1']:.1f}%", flush=True)
-        if args.iters2:
+        if args.iters2 and not result.stopped_by:  # a stop (Ctrl-C, SIGTERM) ends the job here
             print(f"[4/5] stage 2: {args.iters2} iterations (+ the NCC loss), from {weights}", flush=True)
             stage2_lr = args.stage2_lr if args.stage2_lr is not None else args.base_lr / 10
             result = solve(PROTOTXT_DIR / "solver_stage2.prototxt", db, **common, weights=weights, net=nets["stage2"],
@@ -201,7 +201,8 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if result.stopped_by:
-        print(f"stopped by {result.stopped_by}; the last weights are {weights}", file=sys.stderr)
+        print(f"stopped by {result.stopped_by}; the last weights are {weights} (the job ends without its "
+              "evaluation; run the same command again to start over)", file=sys.stderr)
         return 130
 
     print("[5/5] evaluation (Market-1501 protocol) on the test identities", flush=True)
