@@ -94,6 +94,30 @@ def test_ncu_profile_runs_ncu_around_a_child_and_keeps_the_raw_output(tmp_path):
     assert "LibraryNotLoaded" in res["error"] and "exit status 1" in res["error"]
 
 
+def test_tensor_core_counters_are_asked_for_only_where_ncu_lists_them(tmp_path):
+    """ncu_supported keeps the optional (tensor-core) metrics whose base names `ncu --query-metrics`
+    lists (one unknown name would fail a whole profile); the summary reports them per kernel."""
+    listing = ("Device NVIDIA H200 (GH100)\n-----\nMetric Name  Metric Type  Metric Unit  Metric Description\n"
+               "sm__ops_path_tensor_src_tf32_dst_fp32  Counter    # of math ops executed in Tensor path\n"
+               "sm__pipe_tensor_op_hmma_cycles_active  Counter  cycle  # of cycles where HMMA pipe was active\n")
+    fake = tmp_path / "ncu"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nassert sys.argv[1:] == ['--query-metrics']\n"
+                    f"sys.stdout.write({listing!r})\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    found = bench_ncc.ncu_supported(str(fake), bench_ncc.NCU_OPTIONAL_METRICS)
+    assert set(found) == {"tensor_ops", "tensor_pipe_pct"}
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    assert bench_ncc.ncu_supported(str(fake), bench_ncc.NCU_OPTIONAL_METRICS) == {}
+    assert bench_ncc.ncu_supported(str(tmp_path / "absent"), bench_ncc.NCU_OPTIONAL_METRICS) == {}
+    m = {**bench_ncc.NCU_METRICS, **bench_ncc.NCU_OPTIONAL_METRICS}
+    rows = [(m["time_s"], "msecond", "0.5"), (m["ffma"], "inst", "1,000"), (m["tensor_ops"], "", "48,234,496,000"),
+            (m["tensor_pipe_pct"], "%", "41.5")]
+    text = "\n".join([HEADER] + csv_rows(0, "void mspcnn::cuda::max_tc_kernel<5, 5, 1>(int)", rows)) + "\n"
+    e = bench_ncc.ncu_summary(bench_ncc.parse_ncu_csv(text), CEILINGS)["kernels"][0]
+    assert e["kernel"] == "max_tc_kernel<5, 5, 1>" and e["tensor_pipe_pct"] == 41.5
+    assert e["tensor_ops_per_s"] == pytest.approx(48.234496e9 / 0.5e-3) and e["fp32_flop"] == 2000
+
+
 def test_find_ncu_takes_an_explicit_path_only_when_executable(tmp_path):
     f = tmp_path / "ncu"
     f.write_text("")

@@ -177,7 +177,8 @@ def measure_ceilings(device):
     """The device's ceilings, measured in the same run as the operator, with the threads configured:
     ``copy_bandwidth_GBps`` (read + write; 2 GB on CUDA, 256 MB on the CPU) and
     ``fp32_matmul_TFMAps`` (a float32 matrix product, 8192^3 on CUDA with TF32 off, 2048^3 on the
-    CPU); on the CPU also ``fp32_conv_TFMAps``, a 3 x 3 convolution (256 -> 256 channels, 18 x 7, 32
+    CPU); on CUDA also ``tf32_matmul_TFMAps`` (the same product with TF32 on); on the CPU also
+    ``fp32_conv_TFMAps``, a 3 x 3 convolution (256 -> 256 channels, 18 x 7, 32
     images, channels-last: oneDNN's convolutions can beat the BLAS matrix product, as on the AMD
     development machine). ``fma_peak_TFMAps`` is the larger rate: the practical multiply-add peak."""
     cuda = device == "cuda"
@@ -194,6 +195,11 @@ def measure_ceilings(device):
     ms, _ = timed(lambda: m @ m, device, repeat)
     torch.backends.cuda.matmul.allow_tf32 = allow
     out["fp32_matmul_TFMAps"] = out["fma_peak_TFMAps"] = n**3 / (ms / 1e3) / 1e12
+    if cuda:  # the same product on TF32 tensor cores: the ceiling of the tensor-core paths
+        torch.backends.cuda.matmul.allow_tf32 = True
+        ms, _ = timed(lambda: m @ m, device, repeat)
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        out["tf32_matmul_TFMAps"] = n**3 / (ms / 1e3) / 1e12
     if not cuda:
         xc = torch.randn(32, 256, 18, 7).contiguous(memory_format=torch.channels_last)
         wc = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
@@ -245,6 +251,14 @@ NCU_METRICS = {
     "occupancy_pct": "sm__warps_active.avg.pct_of_peak_sustained_active",
     "registers": "launch__registers_per_thread",
 }
+# Tensor-core counters (the tensor-core paths of ncc_max), asked for only where `ncu --query-metrics`
+# lists them for the GPU at hand: their names vary between architectures and ncu versions, and one
+# unknown name fails the whole profile.
+NCU_OPTIONAL_METRICS = {
+    "tensor_ops": "sm__ops_path_tensor_src_tf32_dst_fp32.sum",
+    "tensor_inst": "sm__inst_executed_pipe_tensor_op_hmma.sum",
+    "tensor_pipe_pct": "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+}
 _UNIT_SCALE = {
     # time to seconds, sizes to bytes; anything else (inst, %, register/thread, ...) as printed
     "nsecond": 1e-9, "ns": 1e-9, "usecond": 1e-6, "us": 1e-6, "msecond": 1e-3, "ms": 1e-3, "second": 1.0, "s": 1.0,
@@ -268,11 +282,25 @@ def find_ncu(path=None):
     return cands[-1] if cands else None
 
 
-def ncu_command(ncu, op, mode, pairs, dtype):
+def ncu_supported(ncu, metrics, timeout=120):
+    """The entries of `metrics` (key -> name with its roll-up) whose base names `ncu --query-metrics`
+    lists for this machine's GPU; {} when the query fails."""
+    import re
+    import subprocess
+    try:
+        proc = subprocess.run([ncu, "--query-metrics"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    listed = set(re.findall(r"^\s*([a-z0-9]+__[A-Za-z0-9_]+)", proc.stdout, re.M))
+    return {k: v for k, v in metrics.items() if v.split(".")[0] in listed}
+
+
+def ncu_command(ncu, op, mode, pairs, dtype, metrics=None):
     """The command that profiles one call of `op` (`mode` fwd or fwd+bwd) at `pairs` pairs: ncu around a
-    child run of this script that brackets the call with cudaProfilerStart/Stop."""
+    child run of this script that brackets the call with cudaProfilerStart/Stop. `metrics` (key -> name)
+    defaults to NCU_METRICS."""
     return [ncu, "--csv", "--profile-from-start", "off", "--clock-control", "none",
-            "--metrics", ",".join(NCU_METRICS.values()),
+            "--metrics", ",".join((metrics or NCU_METRICS).values()),
             sys.executable, os.path.abspath(__file__), "--ncu-child", op, mode, str(pairs), dtype]
 
 
@@ -282,7 +310,7 @@ def parse_ncu_csv(text):
     Lines before the CSV header (the profiled program's own output, ncu's ==PROF== lines) are skipped;
     columns are found by name ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value"); values
     may carry thousands separators; times are converted to seconds and sizes to bytes. Returns a list of
-    {"id", "kernel", <key of NCU_METRICS>: value} in launch order."""
+    {"id", "kernel", <key of NCU_METRICS or NCU_OPTIONAL_METRICS>: value} in launch order."""
     import csv
     import io
     lines = text.splitlines()
@@ -296,7 +324,7 @@ def parse_ncu_csv(text):
     if missing:
         raise ValueError(f"ncu's CSV lacks the column(s) {missing}; header: {header}")
     col = {c: header.index(c) for c in need}
-    names = {v: k for k, v in NCU_METRICS.items()}
+    names = {v: k for k, v in {**NCU_METRICS, **NCU_OPTIONAL_METRICS}.items()}
     kernels = {}
     for r in rows[1:]:
         if len(r) < len(header):
@@ -330,9 +358,14 @@ def ncu_summary(kernels, ceilings):
         nb = k.get("dram_read_B", 0.0) + k.get("dram_write_B", 0.0)
         e = {"kernel": _short_kernel_name(k["kernel"]), "time_ms": t * 1e3, "fp32_flop": flops(k, "f"),
              "fp64_flop": flops(k, "d"), "dram_bytes": nb}
-        for key in ("sm_throughput_pct", "occupancy_pct", "registers"):
+        for key in ("sm_throughput_pct", "occupancy_pct", "registers", "tensor_ops", "tensor_inst", "tensor_pipe_pct"):
             if key in k:
                 e[key] = k[key]
+        if t > 0 and "tensor_ops" in k:
+            # ncu's count of math operations in the tensor path (TF32 sources); whether a
+            # multiply-add counts once or twice is ncu's convention: compare with the kernel's
+            # 32 x 32 x 32 multiply-adds per (row, offset) of docs/perf_notes.md
+            e["tensor_ops_per_s"] = k["tensor_ops"] / t
         if t > 0:
             e.update(fp32_flops=e["fp32_flop"] / t, fp64_flops=e["fp64_flop"] / t, dram_Bps=nb / t,
                      fraction_of_fp32_peak=e["fp32_flop"] / t / peak_flops, fraction_of_bandwidth=nb / t / peak_bw)
@@ -367,11 +400,11 @@ def ncu_child(op, mode, pairs, dtype):
     return 0
 
 
-def ncu_profile(ncu, op, mode, pairs, dtype, ceilings, raw_dir=None, timeout=300):
+def ncu_profile(ncu, op, mode, pairs, dtype, ceilings, raw_dir=None, timeout=300, metrics=None):
     """Profile one call under ncu; the summary, or {"error": why} (ncu missing counters, a timeout...).
     ncu's raw output is written to raw_dir when given."""
     import subprocess
-    cmd = ncu_command(ncu, op, mode, pairs, dtype)
+    cmd = ncu_command(ncu, op, mode, pairs, dtype, metrics)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -402,7 +435,9 @@ def print_ncu(op, mode, pairs, res):
     for e in res["kernels"]:
         extra = "".join(f", {lab} {e[key]:.0f}{unit}" for key, lab, unit in
                         (("sm_throughput_pct", "SM", "%"), ("occupancy_pct", "occupancy", "%"),
-                         ("registers", "registers", "")) if key in e)
+                         ("registers", "registers", ""), ("tensor_pipe_pct", "tensor pipe", "%")) if key in e)
+        if "tensor_ops" in e:
+            extra += f", tensor ops {e['tensor_ops'] / 1e9:.1f} G ({e.get('tensor_ops_per_s', 0) / 1e12:.1f} T/s)"
         print(f"    {e['kernel']:<40} {e['time_ms']:8.3f} ms  FP32 {e.get('fp32_flops', 0) / 1e12:6.2f} TFLOP/s "
               f"({100 * e.get('fraction_of_fp32_peak', 0):5.1f}%)  FP64 {e['fp64_flop'] / 1e9:7.3f} GFLOP  "
               f"DRAM {e.get('dram_Bps', 0) / 1e9:6.0f} GB/s ({100 * e.get('fraction_of_bandwidth', 0):4.1f}%){extra}")
@@ -510,7 +545,8 @@ def main(argv=None):
     ceilings = info["ceilings"] = measure_ceilings(device)
     if device == "cuda":
         print(f"device: {info['device']}; measured copy bandwidth {ceilings['copy_bandwidth_GBps']:.0f} GB/s, "
-              f"fp32 matmul {ceilings['fp32_matmul_TFMAps']:.1f} T multiply-adds/s", flush=True)
+              f"fp32 matmul {ceilings['fp32_matmul_TFMAps']:.1f} T multiply-adds/s (TF32 tensor cores "
+              f"{ceilings['tf32_matmul_TFMAps']:.1f})", flush=True)
     else:
         print(f"measured copy bandwidth {ceilings['copy_bandwidth_GBps']:.1f} GB/s, fp32 matmul "
               f"{ceilings['fp32_matmul_TFMAps'] * 1e3:.0f} G multiply-adds/s, fp32 3x3 convolution "
@@ -556,9 +592,13 @@ def main(argv=None):
     profiles = []
     if args.ncu:
         print(f"\nNsight Compute ({args.ncu_path}), one call each, {args.ncu_pairs} pairs:", flush=True)
+        metrics = {**NCU_METRICS, **ncu_supported(args.ncu_path, NCU_OPTIONAL_METRICS)}
+        print(f"  counters: {len(metrics)}; tensor-core counters: "
+              f"{', '.join(k for k in NCU_OPTIONAL_METRICS if k in metrics) or 'none listed by ncu --query-metrics'}")
         for op in args.ops:
             for mode in ("fwd", "fwd+bwd"):
-                res = ncu_profile(args.ncu_path, op, mode, args.ncu_pairs, args.dtype, ceilings, args.ncu_raw)
+                res = ncu_profile(args.ncu_path, op, mode, args.ncu_pairs, args.dtype, ceilings, args.ncu_raw,
+                                  metrics=metrics)
                 profiles.append({"op": op, "mode": mode, "pairs": args.ncu_pairs, **res})
                 print_ncu(op, mode, args.ncu_pairs, res)
     acc = []
