@@ -419,7 +419,8 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
 
     group.broadcast_parameters(model)
     sampler = PairSampler(labels, [r["camera"] for r in rows], seed=seed)
-    loader = PairLoader(db, labels, sampler, batch_pairs, train_transformer(seed), workers=workers)
+    loader = PairLoader(db, labels, sampler, batch_pairs, train_transformer(seed), workers=workers,
+                        pin_memory=device.type == "cuda")
     # The data position counts the batches of the one-process sequence: after an iteration every
     # worker has consumed iter_size x workers of them, its own share made, the others skipped.
     per_epoch = loader.batches_per_epoch()
@@ -492,6 +493,17 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
            else ""))
     model.train()
     recent = []
+    terms = {}
+
+    def settle(it, check=True):
+        """Bring the loss values to the host: result.loss (the mean of the last average_loss
+        iterations) and result.losses (iteration `it`'s terms); with `check`, say so if the loss
+        diverged."""
+        result.loss = float(np.mean([float(x) for x in recent]))
+        result.losses = {k: float(v) for k, v in terms.items()}
+        if check and not math.isfinite(float(recent[-1])):
+            log("solver.cpp:228", f"Iteration {it}: the loss is {float(recent[-1])} (diverged); lower base_lr")
+
     waited = [0.0]  # seconds spent waiting for the data layer (a starved GPU shows here)
     max_iter = sp.max_iter
     first_iter, loop_start = solver_.iter, time.time()
@@ -512,9 +524,12 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
                         batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
                 losses = model(batch["data"], batch["data_p"], batch["label"], batch["sim"])
                 losses["total"].backward()
+                # The loss values stay on the device (in double, the arithmetic of Python floats)
+                # until a display needs them: a .item() here would make the host wait for the GPU
+                # at every pass, instead of queueing the next one while the GPU works.
                 for name, value in losses.items():
-                    terms[name] = terms.get(name, 0.0) + value.item() / max(1, sp.iter_size)
-                return losses["total"].item()
+                    terms[name] = terms.get(name, 0.0) + value.detach().double() / max(1, sp.iter_size)
+                return losses["total"].detach().double()
 
             it = solver_.iter
             rate = solver_.rate()
@@ -522,13 +537,12 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
                                 lambda: group.average_gradients([e["param"] for e in solver_.entries]))
             if group.world > 1:
                 names = sorted(terms)
-                averaged = group.mean([loss] + [terms[k] for k in names])
+                averaged = group.mean([float(loss)] + [float(terms[k]) for k in names])
                 loss, terms = averaged[0], dict(zip(names, averaged[1:]))
-            if not math.isfinite(loss):
-                log("solver.cpp:228", f"Iteration {it}: the loss is {loss} (diverged); lower base_lr")
             recent = (recent + [loss])[-max(1, sp.average_loss):]
-            result.loss, result.losses, result.iterations = float(np.mean(recent)), dict(terms), solver_.iter
+            result.iterations = solver_.iter
             if sp.display and it % sp.display == 0:
+                settle(it)
                 elapsed = time.time() - loop_start
                 done = solver_.iter - first_iter
                 eta = elapsed / max(done, 1) * (max_iter - solver_.iter)
@@ -537,15 +551,17 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
                     f"{solver_.iter}/{max_iter}, ETA {format_duration(eta)}; data wait {100 * data_share:.0f}%), "
                     f"loss = {result.loss:.6g}")
                 for k, (caffe_name, key, weight) in enumerate(terms_display):
-                    log("solver.cpp:244", f"    Train net output #{k}: {caffe_name} = {terms[key]:.6g} "
-                        f"(* {weight:g} = {weight * terms[key]:.6g} loss)")
+                    value = result.losses[key]
+                    log("solver.cpp:244", f"    Train net output #{k}: {caffe_name} = {value:.6g} "
+                        f"(* {weight:g} = {weight * value:.6g} loss)")
                 log("sgd_solver.cpp:106", f"Iteration {it}, lr = {float(rate):.6g}")
                 result.history.append({"kind": "train", "iteration": it, "loss": result.loss,
                                        "lr": float(rate), "seconds": time.time() - start_time,
                                        "data_wait": data_share})
-            if draw:
+            if draw:  # the loss of the last display (reading this iteration's would wait for the GPU)
                 bar = int(30 * solver_.iter / max(max_iter, 1))
-                sys.stderr.write(f"\r[{'#' * bar}{'.' * (30 - bar)}] {solver_.iter}/{max_iter} loss {loss:.4f}")
+                shown = f"{result.loss:.4f}" if result.loss is not None else "-"
+                sys.stderr.write(f"\r[{'#' * bar}{'.' * (30 - bar)}] {solver_.iter}/{max_iter} loss {shown}")
                 sys.stderr.flush()
             if stop_at is not None and time.time() >= stop_at and not any(e == "stop" for e, _ in requests):
                 requests.append(("stop", "time limit"))
@@ -565,6 +581,9 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
         restore_signals()
         if draw:
             sys.stderr.write("\n")
+    if recent:  # the final values; the divergence check unless the last iteration was displayed
+        last = solver_.iter - 1
+        settle(last, check=not (sp.display and last % sp.display == 0))
     if result.stopped_by:
         log("solver.cpp:455", f"{result.stopped_by} {'reached' if result.stopped_by == 'time limit' else 'received'}: "
             f"stopping after iteration {solver_.iter}")

@@ -158,13 +158,15 @@ class SGDSolver:
     def step(self, forward_backward, reduce_gradients=None):
         """One Caffe iteration. ``forward_backward(k)`` runs sub-iteration k
         (0 .. iter_size-1): a forward pass and ``loss.backward()``; it returns
-        the loss value. ``reduce_gradients()``, when given, runs after the
+        the loss value (a float, or a 0-dim tensor that the caller reads when it
+        needs it). ``reduce_gradients()``, when given, runs after the
         passes and before the update (data-parallel training averages the
         accumulated gradients of the workers there, as Caffe's multi-GPU
-        solver does). Returns the mean loss over the sub-iterations."""
+        solver does). Returns the mean loss over the sub-iterations (a float or
+        a tensor, as forward_backward returns)."""
         self.zero_grad()
         iter_size = max(1, int(self.param.iter_size))
-        losses = [float(forward_backward(k)) for k in range(iter_size)]
+        losses = [forward_backward(k) for k in range(iter_size)]  # floats, or tensors left on the device
         if reduce_gradients is not None:
             reduce_gradients()
         rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)

@@ -88,3 +88,43 @@ def test_feature_extraction_on_cuda_agrees_with_cpu(unit_bn_backbone):
     gpu = extract_features(model.to("cuda"), db, tf, batch_size=3, device="cuda")
     assert gpu.device.type == "cpu" and gpu.shape == cpu.shape == (len(db), 256)
     assert torch.allclose(gpu, cpu, rtol=1e-3, atol=1e-3 * float(cpu.abs().max()))
+
+
+def test_a_training_iteration_does_not_wait_for_the_gpu():
+    """Between displays the training loop never reads the device, so the host queues the next pass
+    while the GPU computes (a host-bound iteration then costs the larger of the two, not their sum).
+    The engine's pass, as mspcnn.engine.solve writes it: the batch copied from page-locked memory
+    with non_blocking=True, MSP-CNN's stage-2 forward (NCC loss included) and backward, the loss
+    terms kept on the device, and the SGD update; under torch.cuda.set_sync_debug_mode("error") any
+    synchronisation raises."""
+    from mspcnn.caffe import proto
+    from mspcnn.model import MSPCNN
+    from mspcnn.solver import SGDSolver
+
+    torch.manual_seed(0)
+    model = MSPCNN(10, use_low=True).train().cuda()
+    sp = proto.SolverParameter(base_lr=0.001, lr_policy="fixed", momentum=0.9, weight_decay=0.0005,
+                               iter_size=2, max_iter=10)
+    solver = SGDSolver(sp, model.param_groups())
+    host = [{"data": torch.randn(4, 3, 144, 56), "data_p": torch.randn(4, 3, 144, 56),
+             "label": torch.randint(0, 10, (4,)).float(), "sim": torch.tensor([1.0, 0.0, 0.0, 1.0])}
+            for _ in range(2)]
+    host = [{k: v.pin_memory() for k, v in b.items()} for b in host]
+    terms = {}
+
+    def forward_backward(k):
+        batch = {key: t.to("cuda", non_blocking=True) for key, t in host[k].items()}
+        losses = model(batch["data"], batch["data_p"], batch["label"], batch["sim"])
+        losses["total"].backward()
+        for name, value in losses.items():
+            terms[name] = terms.get(name, 0.0) + value.detach().double() / 2
+        return losses["total"].detach().double()
+
+    solver.step(forward_backward)  # warm-up: cuDNN's choices, the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = solver.step(forward_backward)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss) and set(terms) >= {"total", "cls", "high", "low"}

@@ -1,5 +1,6 @@
 """tools/train.py end to end on a tiny synthetic dataset (CPU): Caffe log lines,
 snapshots, bit-exact resume, stage 2 from stage 1, Ctrl-C, bad input."""
+import math
 import re
 import signal
 import subprocess
@@ -140,3 +141,19 @@ def test_bad_input(db, tmp_path):
     proc = train(db, tmp_path / "x", "--solver", STAGE1, "--loss-weights", "1", "1", "0.5", check=False)
     assert proc.returncode == 2 and "'loss_low', which the TRAIN net does not have" in proc.stderr
     assert not list(tmp_path.glob("x_iter_*"))
+
+
+def test_a_diverged_loss_is_reported_at_the_display(tiny_market_db, capsys):
+    """The loss values are read from the device only at displays (mspcnn.engine.solve keeps them
+    there in between, so that a GPU is not waited for at every pass); a loss that has become NaN is
+    still reported, at the display that shows it, with the advice to lower base_lr."""
+    from mspcnn.engine import solve
+    from mspcnn.paths import PROTOTXT_DIR
+
+    result = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, batch_pairs=2, workers=1,
+                   device="cpu", progress=False,
+                   overrides={"base_lr": 1e12, "max_iter": 4, "display": 2, "test_interval": 0, "snapshot": 0,
+                              "snapshot_after_train": False, "iter_size": 1})
+    out = capsys.readouterr().out
+    assert "(diverged); lower base_lr" in out and not math.isfinite(result.loss)
+    assert result.iterations == 4 and set(result.losses) >= {"total", "cls", "high"}

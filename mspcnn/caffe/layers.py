@@ -228,7 +228,9 @@ class _SoftmaxWithLoss(torch.autograd.Function):
         safe = torch.where(valid, lab, torch.zeros_like(lab))
         p = prob.gather(1, safe.unsqueeze(1)).squeeze(1)
         losses = -torch.log(torch.clamp(p, min=FLT_MIN)) * valid
-        count = valid.sum().item()
+        # Without an ignore_label every label counts: known here, without reading the device
+        # (a .item() makes the host wait for the GPU at every forward pass).
+        count = lab.numel() if ignore_label is None else valid.sum().item()
         norm = {"FULL": lab.numel(), "VALID": count, "BATCH_SIZE": logits.shape[0], "NONE": 1}[normalization]
         norm = max(float(norm), 1.0)
         ctx.save_for_backward(prob, safe, valid)
@@ -321,5 +323,8 @@ def dropout(x, ratio, training, mask=None):
     if not training:
         return x
     if mask is None:
-        mask = (torch.rand(x.shape, dtype=x.dtype) >= ratio).to(device=x.device, dtype=x.dtype)
+        mask = torch.rand(x.shape, dtype=x.dtype) >= ratio
+        if x.is_cuda:  # page-locked, so that the copy does not wait for the GPU's queued work
+            mask = mask.pin_memory().to(x.device, non_blocking=True)
+        mask = mask.to(device=x.device, dtype=x.dtype)
     return x * mask.to(x.dtype) / (1.0 - ratio)

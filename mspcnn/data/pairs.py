@@ -82,10 +82,13 @@ class PairLoader:
         batch_pairs: pairs per batch.
         transformer: a DataTransformer (TRAIN phase: random crops, mirror).
         workers: background threads; prefetch: batches decoded ahead.
+        pin_memory: make each batch in page-locked memory (in the worker threads), so that a copy
+            to a GPU with ``non_blocking=True`` runs while the GPU computes; from ordinary memory
+            the copy first waits for the GPU's queued work. Needs a CUDA-enabled PyTorch.
     Yields dicts of torch tensors: data, data_p (N x C x h x w float32),
     label (the anchors' labels), sim (1 positive, 0 negative)."""
 
-    def __init__(self, db, labels, sampler, batch_pairs, transformer, workers=2, prefetch=4):
+    def __init__(self, db, labels, sampler, batch_pairs, transformer, workers=2, prefetch=4, pin_memory=False):
         if len(db) != len(sampler):
             raise ValueError(f"PairLoader: the database has {len(db)} records, the sampler "
                              f"{len(sampler)} labels")
@@ -93,6 +96,7 @@ class PairLoader:
         self.sampler, self.batch_pairs = sampler, batch_pairs
         self.transformer = transformer
         self.workers, self.prefetch = max(1, workers), max(1, prefetch)
+        self.pin_memory = bool(pin_memory)
 
     def batches_per_epoch(self):
         return len(self.sampler) // self.batch_pairs
@@ -105,9 +109,10 @@ class PairLoader:
         transformer.rng = np.random.default_rng(seed)
         data = torch.from_numpy(transformer(images))
         n = len(anchors)
-        return {"data": data[:n], "data_p": data[n:],
-                "label": torch.from_numpy(self.labels[anchors].astype(np.float32)),
-                "sim": torch.from_numpy(sim)}
+        batch = {"data": data[:n], "data_p": data[n:],
+                 "label": torch.from_numpy(self.labels[anchors].astype(np.float32)),
+                 "sim": torch.from_numpy(sim)}
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     def epoch(self, e, start=0, select=None):
         """Generator of the batches of epoch e (the last incomplete batch is dropped), from batch
