@@ -149,10 +149,10 @@ def _build(kind, stage, iter_size, classes, data, device):
         solver = SGDSolver(sp, model.param_groups())
 
         def iteration():
-            def fb(k):
+            def fb(k):  # as mspcnn.engine.solve: the loss stays on the device (no wait for a GPU)
                 loss = model(*data[k])["total"]
                 loss.backward()
-                return loss.item()
+                return loss.detach().double()
             solver.step(fb)
     else:
         model = PlainBackbone(classes).train().to(device)
