@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-__all__ = ["run", "EXPECTED", "format_duration"]
+__all__ = ["run", "EXPECTED", "format_duration", "claim_folder", "lock_file", "FolderInUse"]
 
 try:  # lmdb is a dependency, but the guard must work even where it is broken
     import lmdb
@@ -50,6 +50,49 @@ def run(main, argv=None):
         print(f"error: unexpected {type(exc).__name__}: {exc} (a bug; run with MSPCNN_DEBUG=1 for the "
               "traceback and report it)", file=sys.stderr)
         return 1
+
+
+class FolderInUse(RuntimeError):
+    """Another process holds the output folder a tool was asked to write into."""
+
+
+def lock_file(path, holder):
+    """An exclusive lock (flock) on the file ``path``, created if needed. Returns (the open file,
+    which holds the lock until it is closed or the process ends, however it ends, with ``holder``
+    written into it; ``holder``), or (None, what the process holding it wrote). Being the operating
+    system's, a lock never outlives its process: a leftover lock file blocks nothing."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        text = f.read().strip()
+        f.close()
+        return None, text
+    f.seek(0)
+    f.truncate()
+    f.write(holder + "\n")
+    f.flush()
+    return f, holder
+
+
+_CLAIMED = []  # the claimed folders' lock files, open for the life of the process
+
+
+def claim_folder(folder, tool):
+    """Make ``folder`` (created if needed) this process's own for the rest of its life, through an
+    exclusive lock on ``folder/.lock``: two runs writing into one output folder would mix their
+    files. Raises FolderInUse naming the holder (the tool and its process id) when another process
+    has it."""
+    os.makedirs(folder, exist_ok=True)
+    lock, holder = lock_file(os.path.join(folder, ".lock"), f"{tool}, process {os.getpid()}")
+    if lock is None:
+        raise FolderInUse(f"{folder} is in use by another run ({holder or 'another process'}); wait for it "
+                          "to end or give another output folder")
+    _CLAIMED.append(lock)
+    return lock
 
 
 def format_duration(seconds):

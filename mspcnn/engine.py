@@ -42,7 +42,7 @@ import torch
 
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
-from mspcnn.cli import format_duration
+from mspcnn.cli import format_duration, lock_file
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import feature_transformer, train_transformer
@@ -343,8 +343,6 @@ def _lock_prefix(prefix):
     flock held for the whole training, released when the process ends however it ends): two
     trainings with one prefix would interleave their snapshots. Removes the temporary files of
     snapshots interrupted by a kill."""
-    import fcntl
-
     try:
         folder = cio.writable_folder(os.path.dirname(os.path.abspath(prefix)), f"snapshot prefix {prefix}")
     except OSError as exc:
@@ -353,21 +351,12 @@ def _lock_prefix(prefix):
         raise TrainingError(f"snapshot prefix {prefix}: {prefix}_iter_0.caffemodel is a folder")
     lock_path = os.path.join(folder, f".{os.path.basename(prefix)}.lock")  # hidden beside the snapshots
     try:
-        lock = open(lock_path, "a+")
+        lock, holder = lock_file(lock_path, f"pid {os.getpid()}")
     except OSError as exc:
         raise TrainingError(f"snapshot prefix {prefix}: cannot create {lock_path} ({exc.strerror})") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise TrainingError(f"snapshot prefix {prefix}: another training ({holder}) is writing snapshots "
-                            "with this prefix; choose another --snapshot-prefix") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()}\n")
-    lock.flush()
+    if lock is None:
+        raise TrainingError(f"snapshot prefix {prefix}: another training ({holder or 'another process'}) is "
+                            "writing snapshots with this prefix; choose another --snapshot-prefix")
     cio.remove_stale_temporaries(folder, os.path.basename(prefix) + "_iter_")
     return lock
 

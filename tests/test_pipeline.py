@@ -69,3 +69,30 @@ def test_a_stop_in_stage_1_ends_the_job(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 130 and len(calls) == 1 and calls[0].endswith("solver_stage1.prototxt")
     assert "stopped by SIGINT" in err and "stage1.caffemodel" in err
+
+
+@pytest.mark.parametrize("tool,args", [
+    ("run_pipeline.py", ["--iters1", "2"]),
+    ("reproduce.py", ["cuhk01-100", "RAW", "--iters1", "2"]),
+])
+def test_a_second_run_into_the_same_folder_stops(tmp_path, run_tool, tool, args):
+    """Two runs writing into one output folder would mix their files: while one holds the folder,
+    a second stops at once with exit status 2, naming the holder; once the holder is gone (its lock
+    goes with the process, however it ends) the folder is free again."""
+    from mspcnn.cli import _CLAIMED, FolderInUse, claim_folder
+
+    out = tmp_path / "out"
+    lock = claim_folder(str(out), "a test")
+    try:
+        argv = [a if a != "RAW" else str(tmp_path / "raw") for a in args] + ["--out", str(out)]
+        proc = run_tool(tool, *argv)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{out} is in use by another run (a test, process " in proc.stderr and "Traceback" not in proc.stderr
+        with pytest.raises(FolderInUse, match="in use by another run"):
+            claim_folder(str(out), "a second claim from another descriptor")
+    finally:
+        _CLAIMED.remove(lock)
+        lock.close()
+    again = claim_folder(str(out), "after")
+    _CLAIMED.remove(again)
+    again.close()

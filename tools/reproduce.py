@@ -64,7 +64,7 @@ import torch
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
-from mspcnn.cli import run
+from mspcnn.cli import claim_folder, run
 from mspcnn.runtime import add_tf32_argument, add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.engine import TrainingError, solve
@@ -418,6 +418,7 @@ def main(argv=None):
         p.error("--seeds: repeated seed")
     if args.stage1_seed is not None and not args.seeds:
         p.error("--stage1-seed needs --seeds (the stage-2 seeds)")
+    claim_folder(args.out, "reproduce.py")  # a second run into the same folder stops here
     results = {name: [] for name, _ in configs}
     histories, chance = {}, None
     start = time.time()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError, atomic_write, write_prototxt
-from mspcnn.cli import run
+from mspcnn.cli import claim_folder, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_market1501
 from mspcnn.data.synthetic import make_synthetic_market
@@ -130,6 +130,7 @@ def main(argv=None):
         os.makedirs(runs, exist_ok=True)
     except OSError as exc:
         p.error(f"--out {args.out}: cannot create it ({exc.strerror})")
+    claim_folder(args.out, "run_pipeline.py")  # a second run into the same folder stops here
     # The generated dataset is reused when a previous run made it with the same settings (the
     # command can be run again), regenerated when its settings differ; a folder the pipeline did
     # not make is never touched.
