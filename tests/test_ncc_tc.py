@@ -50,6 +50,48 @@ def test_fragment_index_arithmetic_is_the_patch_product(patch, ri, k):
     np.testing.assert_allclose(X, direct, rtol=0, atol=1e-12)
 
 
+def _first_max(values):
+    """The kernels' order: the first maximum in index order, a NaN above every number; index 0 when
+    nothing beats -inf."""
+    best, idx = -np.inf, None
+    for i, v in enumerate(values):
+        if not (v <= best) and best == best:
+            best, idx = v, i
+    return 0 if idx is None else idx
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "minus_inf", "narrow"])
+def test_epilogue_and_reduction_choose_the_first_maximum(case):
+    """tc_warp_epilogue repeats max_tc_kernel's normalisation, per-lane maximum, xor-shuffle
+    reduction and the lane that writes each output column; on the same candidate values it must
+    choose exactly what a plain first-maximum scan chooses: with exact ties spread over lanes, with
+    NaN candidates, with a row whose candidates are all -inf (index 0), and with few columns."""
+    rng = np.random.default_rng(["random", "ties", "nan", "minus_inf", "narrow"].index(case))
+    F32 = np.float32
+    W, R = (9, 3) if case == "narrow" else (28, 5)
+    Xk = [rng.standard_normal((32, 32)).astype(F32) for _ in range(R)]
+    ka, nmaka = rng.uniform(0.5, 2, 32).astype(F32), rng.uniform(-1, 1, 32).astype(F32)
+    kb, mbkb = rng.uniform(0.5, 2, (R, 32)).astype(F32), rng.uniform(-1, 1, (R, 32)).astype(F32)
+    if case == "ties":  # few distinct values, unit factors: many exact ties across lanes and offsets
+        Xk = [np.round(x).astype(F32) for x in Xk]
+        ka[:], kb[:], nmaka[:], mbkb[:] = 1, 1, 0, 0
+    if case == "nan":
+        Xk[2][5, 7] = Xk[1][5, 20] = Xk[4][11, 0] = np.nan
+    if case == "minus_inf":
+        nmaka[6] = np.inf
+        mbkb[:] = 1
+    got = emulate.tc_warp_epilogue(Xk, ka, nmaka, kb, mbkb, W)
+    assert sorted(got) == list(range(W))
+    for w in range(W):
+        values = [emulate.fma(Xk[k][w, col], F32(ka[w] * kb[k][col]), -F32(nmaka[w] * mbkb[k][col]))[()]
+                  for k in range(R) for col in range(W)]
+        assert got[w] == _first_max(values), (case, w)
+    if case == "nan":
+        assert got[5] == 1 * W + 20 and got[11] == 4 * W + 0
+    if case == "minus_inf":
+        assert got[6] == 0
+
+
 def test_tf32_rounding():
     """cvt.rna.tf32.f32: 10 explicit mantissa bits, to nearest, ties away from zero."""
     ulp = 2.0 ** -10

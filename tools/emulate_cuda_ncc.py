@@ -196,6 +196,62 @@ def tc_warp_products(As, Bs, ri, k, P):
     return X
 
 
+def _better(v, k, best, best_k):
+    """ncc_device.cuh's better(): larger first, NaN above every number, ties to the smaller index."""
+    if best != best:
+        return v != v and k < best_k
+    if v != v:
+        return True
+    return v > best or (v == best and k < best_k)
+
+
+INT_MAX = 2**31 - 1
+
+
+def tc_warp_epilogue(Xk, ka, nmaka, kb, mbkb, W):
+    """max_tc_kernel's epilogue and reduction for one output row, lane by lane: for each offset k the
+    32 x 32 products Xk[k] (w, col) are normalised as each lane's registers hold them (slots
+    q = 2 mt + half, columns 8 nt + 2 t + e), the lane keeps its first maximum per slot with the
+    kernel's strict comparison, the four lanes of a group reduce with two xor shuffles in the order
+    of better(), and lane t of group g writes slot t (w = 16 (t >> 1) + 8 (t & 1) + g), index 0 when
+    no candidate was taken. ka, nmaka: the row's factors (32); kb, mbkb: (R, 32), the candidate
+    centres' factors. Returns {w: index} for w < W: the kernel's choice, to compare with a plain
+    argmax of the same values."""
+    R = len(Xk)
+    best = np.full((32, 4), -np.inf, F32)
+    bk = np.full((32, 4), INT_MAX, np.int64)
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        c2 = [ka[16 * (q >> 1) + 8 * (q & 1) + g] for q in range(4)]
+        c1 = [nmaka[16 * (q >> 1) + 8 * (q & 1) + g] for q in range(4)]
+        for k in range(R):
+            for nt in range(4):
+                for e in range(2):
+                    col = 8 * nt + 2 * t + e
+                    if col >= W:
+                        continue
+                    for mt in range(2):
+                        for half in range(2):
+                            q = 2 * mt + half
+                            w = 16 * mt + 8 * half + g
+                            v = fma(Xk[k][w, col], F32(c2[q] * kb[k][col]), -F32(c1[q] * mbkb[k][col]))[()]
+                            if not (v <= best[lane, q]) and best[lane, q] == best[lane, q]:
+                                best[lane, q], bk[lane, q] = v, k * W + col
+    for off in (1, 2):  # __shfl_xor_sync: every lane reads its partner's values before any update
+        ob, ok = best.copy(), bk.copy()
+        for lane in range(32):
+            for q in range(4):
+                if _better(ob[lane ^ off, q], ok[lane ^ off, q], best[lane, q], bk[lane, q]):
+                    best[lane, q], bk[lane, q] = ob[lane ^ off, q], ok[lane ^ off, q]
+    out = {}
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        w = 16 * (t >> 1) + 8 * (t & 1) + g
+        if w < W:
+            out[w] = 0 if bk[lane, t] == INT_MAX else int(bk[lane, t])
+    return out
+
+
 def emulate_tc_plane(A, B, passes, P=PATCH, R=ROWS, eps=EPS):
     """ncc_max of one plane as max_tc_kernel computes it: (values, index, tc_values).
 
