@@ -85,6 +85,8 @@ def main(argv=None):
                    help="decoding threads of our loader and worker processes of the baseline (default 2); several "
                    "counts measure our loader's scaling (the baseline runs at the largest)")
     p.add_argument("--json", default="bench_data.json", help="write the figures here (default bench_data.json)")
+    p.add_argument("--pin-memory", action="store_true",
+                   help="make the batches in page-locked memory, as training on a GPU does (needs a GPU)")
     p.add_argument("--no-baseline", action="store_true",
                    help="time our loader only (e.g. on a --db of real images without their raw folder)")
     add_threads_argument(p)
@@ -92,6 +94,8 @@ def main(argv=None):
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.batches < 1 or args.pairs_per_batch < 1 or min(args.workers) < 1:
         p.error("--batches, --pairs-per-batch and --workers must be positive")
+    if args.pin_memory and not torch.cuda.is_available():
+        p.error("--pin-memory needs a GPU visible to PyTorch (page-locked memory is CUDA's)")
     tmp = tempfile.TemporaryDirectory()
     raw = args.raw or os.path.join(tmp.name, "raw")
     if not args.raw and not (args.db and args.no_baseline):
@@ -115,7 +119,8 @@ def main(argv=None):
     db = DatumDB(os.path.join(db_dir, "train.lmdb"))
     scaling = []
     for workers in args.workers:
-        loader = PairLoader(db, labels, sampler, args.pairs_per_batch, transformer, workers=workers)
+        loader = PairLoader(db, labels, sampler, args.pairs_per_batch, transformer, workers=workers,
+                            pin_memory=args.pin_memory)
         load = os.getloadavg()[0]
         rate = timed_batches((b for _, b in loader.epoch(0)), args.batches)
         scaling.append({"workers": workers, "images_per_s": rate, "per_worker": rate / workers, "load_average": load})

@@ -39,12 +39,13 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --f
 args=(cuhk01-100 "$raw" --recipe paper --splits 1 --device "$device" --workers "$workers" --test-interval 500
       --out "$out" --name gpu_split0 $precision)
 # The loader alone first (a few seconds), at 1, 2, 4, 8 and the recipe's worker count: its rate per
-# core on this machine, on split 0 converted as the recipe converts it.
+# core on this machine, on split 0 converted as the recipe converts it, with page-locked batches as
+# training on the GPU makes them.
 # shellcheck disable=SC2086
 python3 tools/reproduce.py "${args[@]}" --convert-only ${EXTRA:-} > "$out/convert.log" 2>&1 \
   && python3 tools/bench_data.py --db "$out/split00/db" --no-baseline --pairs-per-batch "${BENCH_PAIRS:-50}" \
     --batches "${BENCH_BATCHES:-30}" --workers $(printf '%s\n' 1 2 4 8 "$workers" | sort -nu) \
-    --json "$out/bench_data.json" 2>&1 | tail -10 || tail -5 "$out/convert.log"
+    $([ "$device" = cuda ] && echo --pin-memory) --json "$out/bench_data.json" 2>&1 | tail -10 || tail -5 "$out/convert.log"
 start=$(date +%s)
 # shellcheck disable=SC2086
 python3 tools/reproduce.py "${args[@]}" "${limit[@]}" ${EXTRA:-} 2>&1 | tee "$out/reproduce.log" | \
