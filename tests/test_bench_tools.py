@@ -189,3 +189,9 @@ def test_bench_train_on_a_gpu():
     sec, ops = bench_train.measure("mspcnn", 2, 4, 2, 2, device="cuda", count_ops=True)
     sec_layers, ops_layers = bench_train.measure("mspcnn-torch", 2, 4, 2, 2, device="cuda", count_ops=True)
     assert sec > 0 and sec_layers > 0 and ops_layers > 2.5 * ops
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_bench_data_pin_memory_needs_a_gpu(run_tool):
+    proc = run_tool("bench_data.py", "--pin-memory")
+    assert proc.returncode == 2 and "--pin-memory needs a GPU" in proc.stderr and "Traceback" not in proc.stderr
