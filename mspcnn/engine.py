@@ -482,7 +482,6 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
            else ""))
     model.train()
     recent = []
-    terms = {}
 
     def settle(it, check=True):
         """Bring the loss values to the host: result.loss (the mean of the last average_loss

@@ -136,6 +136,9 @@ def tc_split(x, passes):
     return hi, (tf32((np.asarray(x, F32) - hi).astype(F32)) if passes == 3 else None)
 
 
+W_TILE = 32  # the staged width of ncc_tile.cuh is 32 + P - 1
+
+
 def _tc_offsets(P, tq):
     """The kernel's koff / kin of lane group position tq: per k-step s and e in (0, 1), the staged-row
     offset of patch entry kk = 8 s + tq + 4 e, and whether kk < P * P (else K's zero padding)."""
@@ -145,9 +148,6 @@ def _tc_offsets(P, tq):
     koff = [[((8 * s + tq + 4 * e) // P) * SW + (8 * s + tq + 4 * e) % P if kin[s][e] else 0
              for e in range(2)] for s in range(steps)]
     return koff, kin
-
-
-W_TILE = 32  # the staged width of ncc_tile.cuh is 32 + P - 1
 
 
 def tc_warp_products(As, Bs, ri, k, P):
@@ -160,13 +160,14 @@ def tc_warp_products(As, Bs, ri, k, P):
     a = np.asarray(As, F64).ravel()
     b = np.asarray(Bs, F64).ravel()
     steps = (P * P + 7) // 8
+    offsets = [_tc_offsets(P, t) for t in range(4)]     # (koff, kin) of each lane group position
     acc = np.zeros((2, 4, 32, 4))                       # mt, nt, lane, register
     for s in range(steps):
         for mt in range(2):
             A_tile = np.zeros((16, 8))
             for lane in range(32):
                 g, t = lane >> 2, lane & 3
-                koff, kin = _tc_offsets(P, t)
+                koff, kin = offsets[t]
                 base = ri * SW + 16 * mt + g
                 frag = [a[base + koff[s][0]] if kin[s][0] else 0.0, a[base + koff[s][0] + 8] if kin[s][0] else 0.0,
                         a[base + koff[s][1]] if kin[s][1] else 0.0, a[base + koff[s][1] + 8] if kin[s][1] else 0.0]
@@ -176,7 +177,7 @@ def tc_warp_products(As, Bs, ri, k, P):
                 B_tile = np.zeros((8, 8))
                 for lane in range(32):
                     g, t = lane >> 2, lane & 3
-                    koff, kin = _tc_offsets(P, t)
+                    koff, kin = offsets[t]
                     base = (ri + k) * SW + 8 * nt + g
                     for r in range(2):                   # B (8 x 8): b_r at (k = t + 4 r, n = g)
                         B_tile[t + 4 * r, g] = b[base + koff[s][r]] if kin[s][r] else 0.0
