@@ -241,8 +241,14 @@ def _open_readonly(path):
     open the same environment twice in a process). A data.mdb shorter than the
     pages its header says it holds (a copy cut short, a full disk) is refused
     here: LMDB maps the file, and reading a page past its end would kill the
-    process with SIGBUS."""
-    key = (os.getpid(), os.path.realpath(path))
+    process with SIGBUS. The key includes the data file's identity: a database
+    written again at the same path (a new conversion swaps in a new folder)
+    is opened anew, not read from the environment of the one it replaced."""
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except OSError as exc:
+        raise DatabaseError(f"{path}: not a readable LMDB database ({exc.strerror})") from None
+    key = (os.getpid(), os.path.realpath(path), st.st_dev, st.st_ino)
     env = _ENVS.get(key)
     if env is None:
         try:
