@@ -109,7 +109,20 @@ def _caption(width, lines, font_scale=0.36):
     return strip
 
 
-def draw_ranking(path, rows, border=4, gap=4, legend=None):
+def _wrap(text, width, scale=0.4):
+    """``text`` cut at spaces into lines no wider than ``width`` pixels in OpenCV's simplex font."""
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and cv2.getTextSize(trial, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines or [""]
+
+
+def draw_ranking(path, rows, border=4, gap=4, legend=None, min_height=0):
     """Draw a ranking picture to a PNG at ``path``: one line per query, the query image on the
     left, then its ranked gallery images, each framed by a ``border``-pixel frame whose colour
     says whether it is the query's identity (``RIGHT`` green, ``WRONG`` red, ``UNKNOWN`` grey when
@@ -119,15 +132,22 @@ def draw_ranking(path, rows, border=4, gap=4, legend=None):
     ``rows``: a list of ``(query, ranked)``. ``query`` is an H x W x 3 uint8 BGR image, or
     ``(image, caption)``; ``ranked`` a list of ``(image, colour)`` or ``(image, colour, caption)``.
     A caption (a string; "|" separates two lines, e.g. "#1|d 0.83") is written under its image.
-    ``legend``: lines of text drawn above the picture, after a key to the frame colours. Lines of
-    different lengths are padded with white."""
+    ``legend``: lines of text drawn above the picture, after a key to the frame colours, wrapped
+    to its width. Lines of different lengths are padded with white. ``min_height``: images lower
+    than it (e.g. those of a net trained at a small input size) are enlarged by the whole factor
+    that brings the first query nearest to it, pixels repeated, so that tiles and captions stay
+    legible."""
     if not rows:
         raise ValueError("draw_ranking: no rows")
+    first = rows[0][0][0] if isinstance(rows[0][0], tuple) else rows[0][0]
+    zoom = max(1, int(round(min_height / max(1, np.shape(first)[0]))))
 
     def framed(img, colour, caption=None):
         img = np.ascontiguousarray(img, dtype=np.uint8)
         if img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"draw_ranking: images must be H x W x 3, got shape {img.shape}")
+        if zoom > 1:
+            img = np.repeat(np.repeat(img, zoom, axis=0), zoom, axis=1)
         img = cv2.copyMakeBorder(img, border, border, border, border, cv2.BORDER_CONSTANT, value=colour)
         img = cv2.copyMakeBorder(img, gap, gap, gap, gap, cv2.BORDER_CONSTANT, value=(255, 255, 255))
         if caption is not None:
@@ -150,6 +170,7 @@ def draw_ranking(path, rows, border=4, gap=4, legend=None):
     width = max(line.shape[1] for line in lines)
     lines = [np.pad(line, ((0, 0), (0, width - line.shape[1]), (0, 0)), constant_values=255) for line in lines]
     if legend is not None:
+        legend = [wrapped for text in legend for wrapped in _wrap(text, width - 12)]
         head = np.full((22 + 16 * len(legend), width, 3), 255, np.uint8)
         x = 6
         for colour, label in ((RIGHT, "same person as the query"), (WRONG, "another person"),

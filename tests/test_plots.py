@@ -52,7 +52,7 @@ def test_ranking_captions_and_legend(tmp_path):
     rows = [((solid(40, 20, (50, 50, 50)), "id 7|cam 1"),
              [(solid(40, 20, (200, 200, 200)), RIGHT, "#1|d 0.31"), (solid(40, 20, (9, 9, 9)), WRONG, "#2|d 0.52")])]
     draw_ranking(tmp_path / "plain.png", [(r[0][0], [x[:2] for x in r[1]]) for r in rows])
-    draw_ranking(tmp_path / "r.png", rows, legend=["the rule the queries were chosen by"])
+    draw_ranking(tmp_path / "r.png", rows, legend=["the rule"])  # fits on one line
     plain, img = cv2.imread(str(tmp_path / "plain.png")), cv2.imread(str(tmp_path / "r.png"))
     assert img.shape[1] == plain.shape[1] and img.shape[0] == plain.shape[0] + 32 + 38  # captions + legend
     legend, tiles = img[:38], img[38:]
@@ -71,3 +71,21 @@ def test_learning_curves(tmp_path):
     assert img.shape == (720, 720, 3) and (np.abs(img.astype(int) - np.array([200, 80, 30])).sum(2) < 40).sum() > 300
     with pytest.raises(ValueError, match="nothing to draw"):
         draw_curves(tmp_path / "d.png", {}, {})
+
+
+def test_ranking_enlarges_small_images_and_wraps_the_legend(tmp_path):
+    """Small images (a net trained at 64 x 24) are enlarged by a whole factor, pixels repeated;
+    a legend longer than the picture is wrapped onto more lines instead of being cut."""
+    rows = [((solid(32, 12, (50, 50, 50)), "id 7|cam 1"), [(solid(32, 12, (9, 9, 9)), WRONG, "#1|d 0.5")])]
+    text = "a long legend line " * 8
+    draw_ranking(tmp_path / "small.png", rows, legend=[text])
+    draw_ranking(tmp_path / "big.png", rows, legend=[text], min_height=128)  # 32 x 4 = 128
+    small, big = cv2.imread(str(tmp_path / "small.png")), cv2.imread(str(tmp_path / "big.png"))
+    assert small.shape[1] == 2 * (12 + 16) + 12 and big.shape[1] == 2 * (4 * 12 + 16) + 12
+    tiles_big = big[-(4 * 32 + 16 + 32):]  # image, frame and gap, caption
+    assert (tiles_big[8 + 4 * 5: 8 + 4 * 6, 8:8 + 48] == 50).all()  # the query, 4 x 4 pixels per pixel
+    heads = [img[: img.shape[0] - (h + 16 + 32)] for img, h in ((small, 32), (big, 4 * 32))]
+    lines = [(h.shape[0] - 22) // 16 for h in heads]
+    assert lines[0] > lines[1] > 1  # the narrower picture takes more lines
+    for head in heads:  # every legend line fits: no text in the last columns (below the colour key)
+        assert not (head[22:, -3:] < 128).any()
