@@ -10,7 +10,8 @@ import os
 import sys
 import traceback
 
-__all__ = ["run", "EXPECTED", "format_duration", "claim_folder", "lock_file", "FolderInUse"]
+__all__ = ["run", "EXPECTED", "format_duration", "claim_folder", "lock_file", "FolderInUse",
+           "add_input_size_argument"]
 
 try:  # lmdb is a dependency, but the guard must work even where it is broken
     import lmdb
@@ -103,3 +104,25 @@ def format_duration(seconds):
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def add_input_size_argument(parser, help=None, default=(144, 56)):
+    """``--input-size HxW`` (default 144x56, [1]'s), parsed to (height, width) and checked against
+    the topology (mspcnn.model.check_input_size): a bad value is argparse's error (exit 2).
+    ``help``: the option's help text instead of the feature tools' one; ``default``: (height, width)."""
+    import argparse
+
+    from mspcnn.data.transformer import parse_size
+    from mspcnn.model import check_input_size
+
+    def size(text):
+        try:
+            return check_input_size(parse_size(text, "--input-size"))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument("--input-size", type=size, default=tuple(default), metavar="HxW",
+                        help=help or "the network's input, height x width (default 144x56, [1]'s; a "
+                        ".caffemodel does not record it: give the size the weights were trained at, e.g. 64x24 "
+                        "for those of run_pipeline.py --input-size 64x24); image files are resized to it "
+                        "scaled by [1]'s 160/144 and 64/56 before the centre crop")

@@ -223,6 +223,11 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         raise TrainingError(f"{data}: train.lmdb has {len(db)} records, train.json {len(rows)}")
     if len(rows) < batch_pairs:
         raise TrainingError(f"{data}: {len(rows)} training images, fewer than the batch of {batch_pairs} pairs")
+    stored, wanted = tuple(np.shape(db[0][0])[1:]), train_net.input_size
+    if len(stored) != 2 or stored[0] < wanted[0] or stored[1] < wanted[1]:
+        raise TrainingError(f"{data}: the training images are {' x '.join(map(str, stored))}, smaller than the "
+                            f"net's input {wanted[0]} x {wanted[1]} (the Input layer of {train_net.source}); "
+                            "convert the images at a larger size or give the net a smaller input")
     val = None
     if os.path.exists(os.path.join(data, "val.lmdb")):
         val_rows = _read_records(data, "val")
@@ -408,7 +413,7 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
 
     group.broadcast_parameters(model)
     sampler = PairSampler(labels, [r["camera"] for r in rows], seed=seed)
-    loader = PairLoader(db, labels, sampler, batch_pairs, train_transformer(seed), workers=workers,
+    loader = PairLoader(db, labels, sampler, batch_pairs, train_transformer(seed, train_net.input_size), workers=workers,
                         pin_memory=device.type == "cuda")
     # The data position counts the batches of the one-process sequence: after an iteration every
     # worker has consumed iter_size x workers of them, its own share made, the others skipped.
@@ -438,7 +443,7 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
             return
         log("solver.cpp:330", f"Iteration {solver_.iter}, Testing net (#0)")
         try:
-            feats = extract_features(backbone, val[0], feature_transformer(), device=device)
+            feats = extract_features(backbone, val[0], feature_transformer(backbone.input_size), device=device)
         except ValueError as exc:
             # e.g. before any training step: BatchNorm statistics are still 0 (Caffe then divides by
             # sqrt(eps) in every layer, and the outputs overflow); nothing to score.

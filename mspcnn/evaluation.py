@@ -94,12 +94,13 @@ def extract_features(backbone, db, transformer, batch_size=32, device="cpu", pro
 
 def folder_features(backbone, db_dir, device="cpu", batch_size=32, progress=True):
     """L2-normalised fc7_bn features of the probe and gallery of a database folder written by
-    tools/convert_dataset.py (TEST-phase transform: centre crop 144 x 56, mean subtracted).
+    tools/convert_dataset.py (TEST-phase transform: the centre crop of the net's input size,
+    ``backbone.input_size``, mean subtracted).
 
     Returns ``{"probe": split, "gallery": split, "meta": the probe JSON without its records}``,
     each split a dict of ``features`` (N x D tensor), ``ids``, ``cameras``, ``keys`` (lists) and
     ``db`` (the open DatumDB). Raises FileNotFoundError naming what is missing."""
-    transformer = feature_transformer()
+    transformer = feature_transformer(backbone.input_size)
     out = {}
     for split in ("probe", "gallery"):
         meta_path = os.path.join(db_dir, f"{split}.json")

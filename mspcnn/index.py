@@ -28,15 +28,18 @@ __all__ = ["write_index", "load_index", "REQUIRED_KEYS", "build_search", "search
 REQUIRED_KEYS = ("features", "keys", "db")
 
 
-def write_index(path, features, keys, db, weights, ids=None, cameras=None, search_kind=None):
+def write_index(path, features, keys, db, weights, ids=None, cameras=None, search_kind=None, input_size=None):
     """Write an index (atomically: an interrupted write leaves any previous file intact).
     ``features`` are normalised here; ``ids`` and ``cameras`` go in only when both are given;
+    ``input_size``: the network's input (height, width) the features were computed at;
     ``search_kind`` ("flat", "hnsw", "ivf") also builds a FAISS index, written to ``<path>.faiss``."""
     features = torch.as_tensor(features, dtype=torch.float32)
     if features.dim() != 2 or features.shape[0] != len(keys):
         raise ValueError(f"write_index: features {list(features.shape)} do not match {len(keys)} keys")
     index = {"features": torch.nn.functional.normalize(features), "keys": list(keys),
              "db": os.path.abspath(db), "weights": os.path.abspath(weights)}
+    if input_size is not None:
+        index["input_size"] = [int(v) for v in input_size]
     if ids is not None and cameras is not None:
         if not len(ids) == len(cameras) == len(keys):
             raise ValueError(f"write_index: {len(ids)} ids and {len(cameras)} cameras for {len(keys)} keys")

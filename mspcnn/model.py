@@ -20,6 +20,7 @@ the fillers, multipliers, BatchNorm settings, dropout ratio, loss weights and lo
 those definitions are what the model uses. :meth:`MSPCNN.describe` returns the whole definition
 as a ``NetParameter``, the equivalent of ``prototxt_equiv/mspcnn_train_val.prototxt``.
 """
+import operator
 from collections import OrderedDict
 
 import torch
@@ -29,10 +30,11 @@ from mspcnn.caffe import layers as L
 from mspcnn.caffe.kernels import bn_scale
 from mspcnn.caffe import proto
 from mspcnn.caffe.weights import layer_blobs_to_net, load_layer_blobs
-from mspcnn.data.transformer import INPUT_SHAPE
+from mspcnn.data.transformer import CROP, INPUT_SHAPE
 from mspcnn.losses import ncc_loss
 
-__all__ = ["MSPCNNBackbone", "MSPCNN", "caffe_float32", "training_arithmetic", "feature_model", "OPTIONAL_LAYERS", "TRAIN_BATCH_PAIRS"]
+__all__ = ["MSPCNNBackbone", "MSPCNN", "caffe_float32", "training_arithmetic", "feature_model", "OPTIONAL_LAYERS", "TRAIN_BATCH_PAIRS",
+           "check_input_size", "map_sizes"]
 
 # [1] trains with batches of 50 (x iter_size 2): the batch of the Input layer of describe().
 TRAIN_BATCH_PAIRS = 50
@@ -58,16 +60,53 @@ def training_arithmetic(tf32=False, autotune=True):
     torch.backends.cudnn.benchmark = bool(autotune)
 
 
-def feature_model(weights, device="cpu", allow_partial=False):
+def feature_model(weights, device="cpu", allow_partial=False, input_size=CROP):
     """The one-branch network for features (:class:`MSPCNNBackbone` without fc8) with ``weights``
     (a .caffemodel of a training snapshot or a deploy net), in eval mode on ``device``. Every layer
     must be in the file unless ``allow_partial``; then the skipped layers (which keep their initial
-    values: their features are not trustworthy) are in ``model.skipped_layers``. Raises
-    FileNotFoundError or CaffeFormatError naming the file."""
+    values: their features are not trustworthy) are in ``model.skipped_layers``. ``input_size``:
+    the (height, width) the net was trained at ([1]'s 144 x 56 by default; a .caffemodel does not
+    record it). Raises FileNotFoundError or CaffeFormatError naming the file."""
     if device.startswith("cuda"):
         caffe_float32()
-    model = MSPCNNBackbone().load_caffemodel(weights, strict=not allow_partial)
+    model = MSPCNNBackbone(input_size=input_size).load_caffemodel(weights, strict=not allow_partial)
     return model.to(device).eval()
+
+
+def map_sizes(size):
+    """The (height, width) of the maps of the net for an input of ``size`` (height, width):
+    {"pool1": ..., "inception_1b": ..., "inception_2b": ..., "inception_3b": ...}, with Caffe's
+    rounding; None where an inception_*b block's branches disagree (its stride-2 convolutions give
+    floor((x - 1) / 2) + 1, its 3 x 3 max pool ceil((x + 2 pad - 3) / 2) + 1, which agree only for
+    some x: the reason [1]'s 3b pool pads the width by 1 for 144 x 56)."""
+    sizes = {"pool1": tuple(L.pool_output_size(x, 2, 2, 0) for x in size)}
+    x = sizes["pool1"]
+    for name, pad in (("inception_1b", (0, 0)), ("inception_2b", (0, 0)), ("inception_3b", (0, 1))):
+        conv = tuple((v - 1) // 2 + 1 for v in x)
+        pool = tuple(L.pool_output_size(v, 3, 2, p) for v, p in zip(x, pad))
+        if conv != pool or min(conv) < 1:
+            sizes[name] = None
+            break
+        x = sizes[name] = conv
+    return sizes
+
+
+def check_input_size(size):
+    """(height, width) of the network's input, checked: two ints for which every layer's output
+    is defined (:func:`map_sizes`): a height of 16 k or 16 k - 1 and a width of 16 k + 8 or
+    16 k + 7 (k >= 1 and >= 0). The last pooling is global, so the topology takes any such size;
+    [1] uses 144 x 56, and a smaller input trades accuracy for speed (the work goes with the
+    number of pixels). Returns the tuple; raises ValueError naming the nearest size that works."""
+    try:
+        h, w = (operator.index(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"input size: expected (height, width) integers, got {size!r}") from None
+    if h > 0 and w > 0 and None not in map_sizes((h, w)).values():
+        return h, w
+    near = lambda v, fits: min((c for c in range(1, 2 * max(v, 1) + 32) if fits(c)), key=lambda c: (abs(c - v), -c))
+    hint = near(h, lambda c: c % 16 == 0), near(w, lambda c: c % 16 == 8)
+    raise ValueError(f"input size {h} x {w}: the inception blocks of the network need a height of 16k or 16k-1 "
+                     f"and a width of 16k+8 or 16k+7 ([1]'s is 144 x 56); the nearest is {hint[0]} x {hint[1]}")
 
 
 # ------------------------------------------------------------------ layer definitions
@@ -101,7 +140,8 @@ def loss_weight(lp):
 
 
 class MSPCNNBackbone(nn.Module):
-    """One branch of MSP-CNN (the network of [1], as docs/method.md reconstructs it):
+    """One branch of MSP-CNN (the network of [1], as docs/method.md reconstructs it); the outputs
+    below are for [1]'s 144 x 56 input (``input_size``; :func:`map_sizes` gives them for another):
 
     ======================  =====================================  ==============
     module                  layers                                 output
@@ -125,6 +165,7 @@ class MSPCNNBackbone(nn.Module):
         layer_params: {layer name: LayerParameter} replacing the built-in definitions (their
             fillers, ParamSpec multipliers, BatchNorm settings and dropout ratio are used; their
             structure must be the built-in one, which :mod:`mspcnn.train_net` checks).
+        input_size: (height, width) of the images (:func:`check_input_size`); [1]'s 144 x 56.
 
     ``layer_params`` (attribute): the definitions of this branch's layers, in Caffe order;
     ``caffe_layers``: their (name, type). ``cpu_kernels`` (property, default True): on the CPU, run
@@ -134,8 +175,9 @@ class MSPCNNBackbone(nn.Module):
     runs).
     """
 
-    def __init__(self, num_classes=None, generator=None, layer_params=None):
+    def __init__(self, num_classes=None, generator=None, layer_params=None, input_size=CROP):
         super().__init__()
+        self.input_size = check_input_size(input_size)
         self.num_classes = num_classes
         self._cpu_kernels = True
         self._given = dict(layer_params or {})
@@ -323,11 +365,13 @@ class MSPCNNBackbone(nn.Module):
         return torch.cat([b1, b2, self.m(f"{name}/pool")(x)], dim=1)
 
     def forward(self, x, dropout_mask=None, logits=True, bn=None):
-        """Returns an OrderedDict with ``pool1`` (N x 32 x 72 x 28), ``fc7_bn`` (N x 256, the test
+        """``x``: N x 3 x ``input_size`` images. Returns an OrderedDict with ``pool1`` (N x 32 x
+        72 x 28 at 144 x 56), ``fc7_bn`` (N x 256, the test
         feature before L2 normalisation) and, with fc8 and ``logits``, ``fc8`` (N x num_classes
         logits). ``bn``: see :meth:`conv_bn_relu`."""
-        if x.dim() != 4 or tuple(x.shape[1:]) != INPUT_SHAPE:
-            raise ValueError(f"MSPCNNBackbone: expected N x {' x '.join(map(str, INPUT_SHAPE))} "
+        want = (INPUT_SHAPE[0], *self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"MSPCNNBackbone: expected N x {' x '.join(map(str, want))} "
                              f"images, got {list(x.shape)}")
         out = OrderedDict()
         for name in ("conv1", "conv2", "conv3"):
@@ -428,11 +472,12 @@ class MSPCNN(nn.Module):
     it lacks is not computed. The keyword arguments ``margin``, ``w_cls``, ``w_high``, ``w_low``,
     ``ncc_params`` and ``dropout`` edit those definitions (None: keep them). ``use_low`` defaults
     to whether ``layer_params`` has the loss_low layer (False without ``layer_params``: stage 1).
+    ``input_size``: (height, width) of the images (:func:`check_input_size`; [1]'s 144 x 56).
     """
 
     def __init__(self, num_classes, margin=None, w_cls=None, w_high=None, w_low=None, use_low=None,
                  ncc_params=None, merge_bn_batches=False, dropout=None, generator=None, layer_params=None,
-                 share_bn_stats=False):
+                 share_bn_stats=False, input_size=CROP):
         super().__init__()
         given = None if layer_params is None else {k: _copy(v) for k, v in layer_params.items()}
         canon = _loss_defs()
@@ -454,7 +499,7 @@ class MSPCNN(nn.Module):
                 drop = given["drop7"] = _layer_def("drop7", "Dropout", "fc7_relu", "fc7_relu")
             drop.dropout_param.dropout_ratio = dropout
 
-        self.backbone = MSPCNNBackbone(num_classes, generator=generator, layer_params=given)
+        self.backbone = MSPCNNBackbone(num_classes, generator=generator, layer_params=given, input_size=input_size)
         self.share_bn_stats = share_bn_stats
         self.bn_p = nn.ModuleDict()
         self.branch_p = OrderedDict()
@@ -527,7 +572,7 @@ class MSPCNN(nn.Module):
         (loss_low included in the stage "stage2"). The equivalent of
         prototxt_equiv/mspcnn_train_val.prototxt (tests/test_model.py compares them)."""
         net = proto.NetParameter(name="MSP-CNN_train_val")
-        image = proto.BlobShape(dim=[batch_pairs, *INPUT_SHAPE])
+        image = proto.BlobShape(dim=[batch_pairs, INPUT_SHAPE[0], *self.backbone.input_size])
         vector = proto.BlobShape(dim=[batch_pairs])
         net.layer.append(_layer_def("pairs", "Input", [], ["data", "data_p", "label", "sim"],
                                     input_param=proto.InputParameter(shape=[image, image, vector, vector])))

@@ -12,7 +12,7 @@ trains. :func:`read_train_net` does the same for MSP-CNN:
    with Caffe's include/exclude rules;
 3. it checks the layers against MSP-CNN's own definition (:meth:`mspcnn.model.MSPCNN.describe`):
    the same layers, connected the same way, with the same structure (channels, kernels,
-   strides, pads, pooling, input shape). mspcnn trains the MSP-CNN topology and nothing else: a
+   strides, pads, pooling, the Input layer's four blobs). mspcnn trains the MSP-CNN topology and nothing else: a
    layer added, removed (other than an unused loss), rewired or reshaped, an unknown layer type,
    or a field mspcnn does not implement is a :class:`NetDefinitionError` naming the file, the
    line and the layer;
@@ -21,8 +21,10 @@ trains. :func:`read_train_net` does the same for MSP-CNN:
    ignore_label, the dropout ratio, each BatchNorm's eps, moving_average_fraction and
    use_global_stats, fillers, each parameter's lr_mult and decay_mult, and which parameters the
    two branches share (the same sharing as MSP-CNN's; the BatchNorm statistics either per branch
-   or all shared). The batch of the Input layer is the default batch; fc8's num_output is
-   replaced by the number of training identities of the data (a note says so when they differ).
+   or all shared). The batch of the Input layer is the default batch, and its image height and
+   width the size the net trains at (any size the topology takes,
+   :func:`mspcnn.model.check_input_size`; [1]'s is 144 x 56); fc8's num_output is replaced by the
+   number of training identities of the data (a note says so when they differ).
 
 The result, :class:`TrainNet`, builds the :class:`mspcnn.model.MSPCNN` that trains.
 """
@@ -33,7 +35,7 @@ from collections import OrderedDict
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.net import NetDefinitionError, pair_param
-from mspcnn.model import MSPCNN, OPTIONAL_LAYERS
+from mspcnn.model import MSPCNN, OPTIONAL_LAYERS, check_input_size
 
 __all__ = ["TrainNet", "read_train_net", "resolve_net_path", "included", "edit_net", "solver_net", "NetDefinitionError"]
 
@@ -115,8 +117,8 @@ def _structure(lp):
     if t == "Concat":
         cp = lp.concat_param
         return {"axis": cp.axis if cp.HasField("axis") or not cp.HasField("concat_dim") else cp.concat_dim}
-    if t == "Input":
-        return {"shapes": [tuple(d for d in s.dim)[1:] for s in lp.input_param.shape]}
+    if t == "Input":  # the images' height and width are free (checked in read_train_net)
+        return {"shapes": [tuple(s.dim)[1:2] if len(s.dim) == 4 else tuple(s.dim)[1:] for s in lp.input_param.shape]}
     if t == "SoftmaxWithLoss":
         return {"axis": lp.softmax_param.axis}
     return {}
@@ -175,12 +177,13 @@ class TrainNet:
     """The training net read from a solver (see the module docstring).
 
     Attributes: ``source`` (where it was read), ``layers`` (name -> LayerParameter, the active
-    layers), ``stages``, ``batch_pairs`` (the Input layer's batch), ``num_output`` (fc8's in the
-    file), ``share_bn_stats``, ``notes`` (lines for the log: upgrades applied, ...)."""
+    layers), ``stages``, ``batch_pairs`` (the Input layer's batch), ``input_size`` (its images'
+    height and width), ``num_output`` (fc8's in the file), ``share_bn_stats``, ``notes`` (lines
+    for the log: upgrades applied, ...)."""
 
-    def __init__(self, source, layers, stages, batch_pairs, num_output, share_bn_stats, notes):
+    def __init__(self, source, layers, stages, batch_pairs, num_output, share_bn_stats, notes, input_size=(144, 56)):
         self.source, self.layers, self.stages = source, layers, tuple(stages)
-        self.batch_pairs, self.num_output = batch_pairs, num_output
+        self.batch_pairs, self.num_output, self.input_size = batch_pairs, num_output, tuple(input_size)
         self.share_bn_stats, self.notes = share_bn_stats, list(notes)
 
     @property
@@ -211,7 +214,7 @@ class TrainNet:
         fc8.inner_product_param.num_output = num_classes
         layers["fc8"] = fc8
         return MSPCNN(num_classes, generator=generator, layer_params=layers,
-                      share_bn_stats=self.share_bn_stats)
+                      share_bn_stats=self.share_bn_stats, input_size=self.input_size)
 
 
 def resolve_net_path(net, solver_path=None):
@@ -377,8 +380,16 @@ def read_train_net(solver, solver_path=None, net=None):
     if len(batch) != 1 or min(batch) < 1:
         raise NetDefinitionError(f"{where('pairs')}: the four inputs need one batch size >= 1, got "
                                  f"{[s[0] for s in shapes]}")
+    sizes = {tuple(s[2:]) for s in shapes[:2]}
+    if len(sizes) != 1:
+        raise NetDefinitionError(f"{where('pairs')}: data and data_p need one height and width, got "
+                                 f"{' and '.join(' x '.join(map(str, s)) for s in sorted(sizes))}")
+    try:
+        input_size = check_input_size(sizes.pop())
+    except ValueError as exc:
+        raise NetDefinitionError(f"{where('pairs')}: {exc}") from None
     return TrainNet(source, by_name, stages, batch.pop(), by_name["fc8"].inner_product_param.num_output,
-                    bool(bn_groups), notes)
+                    bool(bn_groups), notes, input_size)
 
 
 def solver_net(solver_path):
@@ -389,10 +400,20 @@ def solver_net(solver_path):
     return cio.read_net(resolve_net_path(sp.net, str(solver_path)))
 
 
-def edit_net(net, bn_maf=None, ncc=None):
+def edit_net(net, bn_maf=None, ncc=None, input_size=None):
     """Edit a NetParameter in place, as a user edits the prototxt: ``bn_maf`` sets every BatchNorm's
     moving_average_fraction; ``ncc`` ({"w_low", "pos_floor", "neg_ceiling"}, None values skipped)
-    sets the NCCLoss layer's loss weight and thresholds. Returns ``net``."""
+    sets the NCCLoss layer's loss weight and thresholds; ``input_size`` (height, width) sets the
+    images' shape in the Input layer (the size the net trains at). Returns ``net``."""
+    if input_size is not None:
+        input_size = check_input_size(input_size)
+        layer = next((lp for lp in net.layer if lp.type == "Input"), None)
+        if layer is None or len(layer.input_param.shape) < 2:
+            raise NetDefinitionError("the net has no Input layer of image pairs to edit")
+        for shape in layer.input_param.shape[:2]:
+            if len(shape.dim) != 4:
+                raise NetDefinitionError(f"the Input layer's images are not N x C x H x W ({list(shape.dim)})")
+            shape.dim[2:] = list(input_size)
     if bn_maf is not None:
         if not 0 <= bn_maf < 1:
             raise ValueError(f"moving_average_fraction must be in [0, 1), got {bn_maf}")

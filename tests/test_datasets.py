@@ -67,6 +67,23 @@ def test_convert_market_layout(synthetic, tmp_path):
         assert image.shape == (3, 160, 64) and label == m["records"][0]["label"]
 
 
+def test_a_conversion_at_another_size_replaces_the_one_read_before(synthetic, tmp_path):
+    """--input-size: images stored at the input scaled as [1]'s (71 x 27 for 64 x 24), recorded in
+    the metadata. A database converted again at the same path, in the same process (a notebook, a
+    job that converts twice), is read anew, not from the environment of the one it replaced."""
+    raw, _ = synthetic
+    out = tmp_path / "db"
+    convert_market1501(raw, out, val_ids=3, seed=0, progress=False)
+    assert DatumDB(out / "gallery.lmdb")[0][0].shape == (3, 160, 64)
+    assert "image_size" not in json.loads((out / "manifest.json").read_text())["options"]
+    convert_market1501(raw, out, val_ids=3, seed=0, progress=False, image_size=(71, 27))
+    assert DatumDB(out / "gallery.lmdb")[0][0].shape == (3, 71, 27)
+    assert json.loads((out / "gallery.json").read_text())["image_size"] == [71, 27]
+    assert json.loads((out / "manifest.json").read_text())["options"]["image_size"] == [71, 27]
+    with pytest.raises(ValueError, match="image size"):
+        convert_market1501(raw, tmp_path / "bad", val_ids=3, progress=False, image_size=(0, 27))
+
+
 def test_convert_rejects_a_non_market_folder(tmp_path):
     (tmp_path / "query").mkdir()
     with pytest.raises(FileNotFoundError, match=r"not a Market-1501 folder, missing "

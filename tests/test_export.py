@@ -2,6 +2,7 @@
 (run by the prototxt interpreter with Caffe's semantics, equal to mspcnn's). ONNX needs the optional
 packages onnx and onnxruntime; the test skips without them."""
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -32,11 +33,13 @@ def test_onnx_export_matches(weights, tmp_path, run_tool, images):
     assert "largest relative difference" in proc.stdout and (tmp_path / "m.onnx").stat().st_size > 1_000_000
 
 
-def test_caffe_export_matches(weights, tmp_path, run_tool):
+@pytest.mark.parametrize("size", [None, "64x24"])
+def test_caffe_export_matches(weights, tmp_path, run_tool, size):
     proc = run_tool("export.py", "--weights", weights, "--format", "caffe", "--out", tmp_path / "caffe",
-                    "--check", IMAGES)
+                    "--check", IMAGES, *(["--input-size", size] if size else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "caffe" / "mspcnn_deploy.prototxt").exists()
+    prototxt = (tmp_path / "caffe" / "mspcnn_deploy.prototxt").read_text()
+    assert re.search(r"dim: 3\s+dim: %s\s+dim: %s\s" % tuple((size or "144x56").split("x")), prototxt)
     assert "49 outputs compared" in proc.stdout
 
 

@@ -41,3 +41,24 @@ def test_index_and_query(tmp_path, unit_bn_backbone, run_tool):
     assert bad.returncode == 2 and "do not match 1 keys" in bad.stderr
     bad = run_tool("query.py", image, "--index", index, "--weights", weights, "--top", "0")
     assert bad.returncode == 2 and "--top must be at least 1" in bad.stderr
+
+
+def test_index_and_query_at_a_smaller_input(tmp_path, unit_bn_backbone, run_tool):
+    """Weights trained at another input size (run_pipeline.py --input-size 64x24): the index records
+    the size, the query resizes its images to it, and a query at another size is refused."""
+    weights = tmp_path / "w.caffemodel"
+    unit_bn_backbone.save_caffemodel(weights)
+    index = tmp_path / "small.index"
+    out = run_tool("build_index.py", "--weights", weights, "--db", LMDB / "lmdb_raw", "--out", index,
+                   "--device", "cpu", "--input-size", "64x24")
+    assert out.returncode == 0, out.stderr
+    assert torch.load(index, weights_only=True)["input_size"] == [64, 24]
+    image = LMDB / "images" / "cam2" / "0031_c2s2_001046_00.jpg"
+    out = run_tool("query.py", image, "--index", index, "--weights", weights, "--top", "3", "--out",
+                   tmp_path / "r.png", "--input-size", "64x24")
+    assert out.returncode == 0, out.stderr
+    bad = run_tool("query.py", image, "--index", index, "--weights", weights, "--out", tmp_path / "b.png")
+    assert bad.returncode == 2 and "computed at an input of 64 x 24" in bad.stderr and "--input-size 64x24" in bad.stderr
+    bad = run_tool("build_index.py", "--weights", weights, "--db", LMDB / "lmdb_raw", "--out", index,
+                   "--input-size", "64x25")
+    assert bad.returncode == 2 and "the nearest is 64 x 24" in bad.stderr and "Traceback" not in bad.stderr

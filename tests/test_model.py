@@ -81,6 +81,59 @@ def test_deploy_outputs_equal_the_prototxt_net(deploy_pair):
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
 
 
+def test_a_smaller_input_computes_what_the_prototxt_net_computes(deploy_pair, tmp_path):
+    """The input size is a parameter (the deploy net's Input shape, as Caffe reads it): at 64 x 24
+    the backbone's maps are map_sizes' and its outputs those of the prototxt interpreter given the
+    same weights and shape; a wrong image size is an error naming the expected one."""
+    from mspcnn.model import map_sizes
+
+    model, _ = deploy_pair
+    small = MSPCNNBackbone(input_size=(64, 24))
+    path = tmp_path / "w.caffemodel"
+    model.save_caffemodel(path)
+    small.load_caffemodel(path).eval()
+    deploy = cio.read_net(DEPLOY_PROTOTXT)
+    data = next(lp for lp in deploy.layer if lp.type == "Input")
+    data.input_param.shape[0].dim[:] = [3, 3, 64, 24]
+    net = CaffeNet(deploy, "TEST").load_caffemodel(path)
+    want = {"pool1": "pool1", "inception_1b": "inception_1b/output", "inception_2b": "inception_2b/output",
+            "inception_3b": "inception_3b/output"}
+    assert {k: net.blob_shapes[b][-2:] for k, b in want.items()} == map_sizes((64, 24)) == \
+        {"pool1": (32, 12), "inception_1b": (16, 6), "inception_2b": (8, 3), "inception_3b": (4, 2)}
+    x = torch.randn(3, 3, 64, 24, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = small(x), net({"data": x})
+    for key in ("pool1", "fc7_bn"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected N x 3 x 64 x 24 images, got \[3, 3, 144, 56\]"):
+        small(torch.zeros(3, 3, 144, 56))
+
+
+@pytest.mark.parametrize("size,ok", [((144, 56), True), ((64, 24), True), ((15, 7), True), ((143, 55), True),
+                                     ((72, 28), False), ((144, 57), False), ((16, 16), False), ((0, 8), False)])
+def test_which_input_sizes_the_topology_takes(size, ok):
+    """check_input_size accepts exactly the sizes for which the network runs (the inception_*b
+    blocks' branches agree), and names the nearest size that works otherwise."""
+    from mspcnn.model import check_input_size
+
+    runs = True
+    try:
+        with torch.no_grad():
+            probe = MSPCNNBackbone(input_size=(144, 56)).train()
+            probe.input_size = size  # bypass the check, to see whether the layers themselves run
+            probe(torch.randn(2, 3, *size))
+    except (RuntimeError, ValueError):
+        runs = False
+    assert runs == ok
+    if ok:
+        assert check_input_size(size) == size
+    else:
+        with pytest.raises(ValueError, match=r"height of 16k or 16k-1 and a width of 16k\+8 or 16k\+7.*the nearest is \d+ x \d+"):
+            check_input_size(size)
+    with pytest.raises(ValueError, match="expected \\(height, width\\) integers"):
+        check_input_size((64.5, 24))
+
+
 def test_parameter_multipliers_and_count():
     model = MSPCNNBackbone(num_classes=751)
     assert model.m("conv1").weight.lr_mult == 1 and model.m("conv1").weight.decay_mult == 1

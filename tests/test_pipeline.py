@@ -1,6 +1,7 @@
 """The end-to-end pipeline (tools/run_pipeline.py), in miniature: generate,
 convert, two training stages, evaluation, ranking picture."""
 import json
+import re
 
 import pytest
 
@@ -29,11 +30,32 @@ def test_pipeline_runs_end_to_end(tmp_path, run_tool):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing" in again.stdout and json.loads((out / "results.json").read_text())["msp_cnn"] == result["msp_cnn"]
     assert len(list(out.glob("ranking_query*.png"))) >= 2
+    # The default input is 64 x 24: the images stored at it scaled as [1]'s, the nets' Input layers
+    # at it; evaluate.py scores the weights as the job did when told the size they were trained at.
+    assert "converting to LMDB (images 71 x 27, the net's input 64 x 24)" in proc.stdout
+    from mspcnn.data.lmdb_io import DatumDB
+    assert DatumDB(str(out / "db" / "gallery.lmdb"))[0][0].shape == (3, 71, 27)
+    assert re.search(r"dim: 3\s+dim: 64\s+dim: 24\s", (out / "stage1_net.prototxt").read_text())
+    assert result["args"]["input_size"] == [64, 24]
+    ev = run_tool("evaluate.py", "--weights", result["weights"], "--data", out / "db", "--device", "cpu",
+                  "--threads", "1", "--input-size", "64x24", "--json", out / "ev.json")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads((out / "ev.json").read_text())["result"]["rank1"] == pytest.approx(result["msp_cnn"]["rank1"])
     other = run_tool("run_pipeline.py", "--out", out, "--train-ids", "9", "--test-ids", "4", "--iters1", "2",
                      "--iters2", "0", "--batch-pairs", "2", "--device", "cpu", "--iter-size", "1",
-                     "--lr-policy", "stepdecr")
-    assert other.returncode == 0 and "reusing" not in other.stdout
+                     "--lr-policy", "stepdecr", "--input-size", "144x56")
+    assert other.returncode == 0 and "reusing" not in other.stdout, other.stderr[-3000:]
     assert "batch 2 pairs x iter_size 1" in other.stdout
+    assert "converting to LMDB (images 160 x 64, the net's input 144 x 56)" in other.stdout
+    assert DatumDB(str(out / "db" / "gallery.lmdb"))[0][0].shape == (3, 160, 64)
+    assert re.search(r"dim: 3\s+dim: 144\s+dim: 56\s", (out / "stage1_net.prototxt").read_text())
+
+
+@pytest.mark.parametrize("value,message", [("72x28", "the nearest is 80 x 24"), ("64", "expected HEIGHTxWIDTH")])
+def test_a_bad_input_size_is_a_clear_error(tmp_path, run_tool, value, message):
+    proc = run_tool("run_pipeline.py", "--out", tmp_path / "run", "--input-size", value)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "raw").exists()
 
 
 def test_unwritable_output_folders_are_clear_errors(tmp_path, run_tool):

@@ -149,6 +149,15 @@ BAD = [
      r"shared parameter 'conv2_w' has mismatched lr_mult \[1.0, 3.0\]"),
     ("input", ("shape { dim: 50 } shape { dim: 50 } } }", "shape { dim: 50 } shape { dim: 49 } } }"),
      r"layer 'pairs': the four inputs need one batch size"),
+    ("input_size", ("shape { dim: 50 dim: 3 dim: 144 dim: 56 } shape { dim: 50 dim: 3 dim: 144 dim: 56 }",
+                    "shape { dim: 50 dim: 3 dim: 72 dim: 28 } shape { dim: 50 dim: 3 dim: 72 dim: 28 }"),
+     r"layer 'pairs': input size 72 x 28: .* the nearest is 80 x 24"),
+    ("input_pair", ("shape { dim: 50 dim: 3 dim: 144 dim: 56 } shape { dim: 50 dim: 3 dim: 144 dim: 56 }",
+                    "shape { dim: 50 dim: 3 dim: 144 dim: 56 } shape { dim: 50 dim: 3 dim: 64 dim: 24 }"),
+     r"layer 'pairs': data and data_p need one height and width, got 64 x 24 and 144 x 56"),
+    ("input_channels", ("shape { dim: 50 dim: 3 dim: 144 dim: 56 } shape { dim: 50 dim: 3 dim: 144 dim: 56 }",
+                        "shape { dim: 50 dim: 1 dim: 144 dim: 56 } shape { dim: 50 dim: 1 dim: 144 dim: 56 }"),
+     r"layer 'pairs': shapes is \[\(1,\), \(1,\), \(\), \(\)\], MSP-CNN's is \[\(3,\), \(3,\), \(\), \(\)\]"),
 ]
 
 
@@ -158,6 +167,39 @@ def test_what_mspcnn_cannot_train_is_an_error_naming_file_and_line(tmp_path, nam
     path.write_text(edit(SHIPPED, *change))
     with pytest.raises(NetDefinitionError, match=re.escape(str(path)) + ".*" + message):
         read_train_net(solver(), net=path)
+
+
+def test_the_input_layer_sets_the_size_the_net_trains_at(tiny_market_db, tmp_path):
+    """The images' height and width in the Input layer are the net's input size (any size the
+    topology takes): edit_net writes it, read_train_net reads it, the model and the solve's crops
+    follow it; images stored smaller than it are a clear error."""
+    from mspcnn.train_net import edit_net, solver_net
+
+    net = edit_net(solver_net(STAGE1), input_size=(64, 24))
+    shapes = [list(s.dim) for s in next(lp for lp in net.layer if lp.type == "Input").input_param.shape]
+    assert shapes == [[50, 3, 64, 24], [50, 3, 64, 24], [50], [50]]
+    path = tmp_path / "small.prototxt"
+    cio.write_prototxt(net, path)
+    tn = read_train_net(solver(STAGE1), net=path)
+    assert tn.input_size == (64, 24) and read_train_net(solver(STAGE1), net=TRAIN_VAL_PROTOTXT).input_size == (144, 56)
+    model = tn.build(5, generator=torch.Generator().manual_seed(0))
+    assert model.backbone.input_size == (64, 24)
+    assert [list(s.dim) for s in model.describe(2).layer[0].input_param.shape][0] == [2, 3, 64, 24]
+    with pytest.raises(ValueError, match="the nearest is 64 x 24"):
+        edit_net(solver_net(STAGE1), input_size=(70, 30))
+
+    result = solve(STAGE1, tiny_market_db, net=path, batch_pairs=2, workers=1, progress=False, log=lambda *a: None,
+                   overrides={"max_iter": 2, "snapshot": 2, "display": 1, "iter_size": 1, "test_interval": 2,
+                              "test_initialization": False, "snapshot_prefix": str(tmp_path / "small")})
+    assert result.weights.endswith("small_iter_2.caffemodel") and result.test["queries"] > 0
+
+    big = edit_net(solver_net(STAGE1), input_size=(176, 72))  # larger than the stored 160 x 64 images
+    cio.write_prototxt(big, tmp_path / "big.prototxt")
+    from mspcnn.engine import TrainingError
+    with pytest.raises(TrainingError, match=r"the training images are 160 x 64, smaller than the net's "
+                                            r"input 176 x 72 \(the Input layer of .*big.prototxt\)"):
+        solve(STAGE1, tiny_market_db, net=tmp_path / "big.prototxt", batch_pairs=2, workers=1, progress=False,
+              overrides={"max_iter": 1, "snapshot_prefix": str(tmp_path / "big")})
 
 
 def test_unknown_field_and_missing_net_file(tmp_path):

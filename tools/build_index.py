@@ -15,7 +15,7 @@ import sys
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError
-from mspcnn.cli import run
+from mspcnn.cli import add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.evaluation import extract_features
@@ -37,6 +37,7 @@ def main(argv=None):
                         "approximate and faster on large galleries")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept weights that lack some layers (they keep their initial values; listed)")
+    add_input_size_argument(p)
     add_threads_argument(p)
     args = p.parse_args(argv)
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
@@ -48,7 +49,7 @@ def main(argv=None):
         p.error(f"--device {args.device}: no CUDA device is visible")
     try:
         db = DatumDB(args.db)
-        backbone = feature_model(args.weights, args.device, args.allow_partial)
+        backbone = feature_model(args.weights, args.device, args.allow_partial, input_size=args.input_size)
         if backbone.skipped_layers:
             print(f"warning: {args.weights} lacks {len(backbone.skipped_layers)} layers, left at their initial "
                   f"values: {', '.join(backbone.skipped_layers)}", file=sys.stderr)
@@ -58,11 +59,11 @@ def main(argv=None):
     meta_path = args.db[:-5] + ".json" if args.db.rstrip("/").endswith(".lmdb") else None
     rows = json.load(open(meta_path))["records"] if meta_path and os.path.exists(meta_path) else None
     print(f"extracting {len(db)} gallery features from {args.db} ...", flush=True)
-    feats = extract_features(backbone, db, feature_transformer(),
+    feats = extract_features(backbone, db, feature_transformer(backbone.input_size),
                              args.batch_size, args.device, progress="gallery")
     write_index(args.out, feats, [k.decode() for k in db.keys], args.db, args.weights,
                 ids=[r["id"] for r in rows] if rows else None, cameras=[r["camera"] for r in rows] if rows else None,
-                search_kind=args.faiss)
+                search_kind=args.faiss, input_size=backbone.input_size)
     print(f"wrote {args.out}: {len(db)} x {feats.shape[1]} features")
     return 0
 

@@ -31,7 +31,7 @@ import sys
 import torch
 
 from mspcnn.caffe.io import atomic_write
-from mspcnn.cli import run
+from mspcnn.cli import add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.evaluation import PROTOCOLS, evaluate_features, folder_features, protocol_of
 from mspcnn.model import feature_model
@@ -56,6 +56,7 @@ def main(argv=None):
                    help="accept weights that lack some layers (they keep their initial values; listed)")
     p.add_argument("--rerank", type=float, nargs=3, metavar=("K1", "K2", "LAMBDA"),
                    help="rank by k-reciprocal re-ranked distances (Zhong et al., CVPR 2017; e.g. 20 6 0.3)")
+    add_input_size_argument(p)
     add_threads_argument(p)
     args = p.parse_args(argv)
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
@@ -66,7 +67,7 @@ def main(argv=None):
     if not os.path.isdir(args.data):
         p.error(f"--data {args.data}: no such folder")
     try:
-        backbone = feature_model(args.weights, args.device, args.allow_partial)
+        backbone = feature_model(args.weights, args.device, args.allow_partial, input_size=args.input_size)
         if backbone.skipped_layers:
             print(f"warning: {args.weights} lacks {len(backbone.skipped_layers)} layers, left at their initial "
                   f"values: {', '.join(backbone.skipped_layers)}", file=sys.stderr)
@@ -103,7 +104,7 @@ def main(argv=None):
     try:
         if args.json:
             record = {"weights": os.path.abspath(args.weights), "data": os.path.abspath(args.data),
-                      "protocol": protocol, "dataset": meta, "result": result}
+                      "input_size": list(backbone.input_size), "protocol": protocol, "dataset": meta, "result": result}
             atomic_write(args.json, json.dumps(record, indent=1), mode="w")
         if args.cmc:
             draw_cmc({os.path.basename(args.weights): result["cmc"]}, args.cmc,

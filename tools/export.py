@@ -5,7 +5,7 @@
     python tools/export.py --weights W.caffemodel --format caffe --out DIR [--check IMAGE_DIR]
 
 * onnx: an ONNX model (opset 17) with input `data` (N x 3 x 144 x 56: BGR, mean (102, 102, 101)
-  subtracted, centre crop of a 160 x 64 image; N free) and output `fc7_bn` (N x 256, not yet
+  subtracted, centre crop of a 160 x 64 image; N free; --input-size for weights trained at another size) and output `fc7_bn` (N x 256, not yet
   L2-normalised, as mspcnn's feature before normalisation). Needs the optional package `onnx`;
   --check also needs `onnxruntime`.
 * caffe: DIR/mspcnn_deploy.prototxt and DIR/mspcnn_deploy.caffemodel, the deploy net of
@@ -30,9 +30,9 @@ import torch
 from mspcnn.caffe import io as cio
 from mspcnn.caffe.net import CaffeNet
 from mspcnn.caffe.weights import layer_blobs_to_net
-from mspcnn.cli import run
+from mspcnn.cli import add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
-from mspcnn.data.transformer import IMAGE_SIZE, INPUT_SHAPE, feature_transformer
+from mspcnn.data.transformer import feature_transformer, image_size_for
 from mspcnn.model import feature_model
 from mspcnn.paths import DEPLOY_PROTOTXT
 
@@ -46,11 +46,13 @@ class _Deploy(torch.nn.Module):
         return self.backbone(data, logits=False)["fc7_bn"]
 
 
-def check_images(folder, limit=64):
-    """Network inputs (N x 3 x 144 x 56 float32) from the images of ``folder`` (or random ones)."""
+def check_images(folder, input_size, limit=64):
+    """Images of ``folder`` (or random ones), N x 3 x H x W uint8, resized to the stored size of
+    ``input_size`` (image_size_for: 160 x 64 for [1]'s 144 x 56), for the centre crop."""
+    image_size = image_size_for(input_size)
     if folder is None:
         rng = np.random.default_rng(0)
-        return rng.integers(0, 256, (8, 3) + IMAGE_SIZE).astype(np.uint8), "8 random images"
+        return rng.integers(0, 256, (8, 3) + image_size).astype(np.uint8), "8 random images"
     paths = sorted(p for ext in ("jpg", "jpeg", "png", "bmp") for p in glob.glob(os.path.join(folder, "**", f"*.{ext}"),
                                                                                 recursive=True))[:limit]
     if not paths:
@@ -60,7 +62,7 @@ def check_images(folder, limit=64):
         img = cv2.imread(p, cv2.IMREAD_COLOR)
         if img is None:
             raise ValueError(f"--check: cannot read image {p}")
-        images.append(cv2.resize(img, IMAGE_SIZE[::-1], interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
+        images.append(cv2.resize(img, image_size[::-1], interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
     return np.stack(images), f"{len(paths)} images of {folder}"
 
 
@@ -70,7 +72,7 @@ def export_onnx(backbone, out):
     except ImportError:
         raise ImportError("--format onnx needs the optional package onnx: pip install onnx onnxruntime") from None
     model = _Deploy(backbone).eval()
-    dummy = torch.zeros((2,) + INPUT_SHAPE)
+    dummy = torch.zeros((2, 3) + backbone.input_size)
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # the shape checks become constants
     torch.onnx.export(model, (dummy,), out, input_names=["data"], output_names=["fc7_bn"],
                       dynamic_axes={"data": {0: "batch"}, "fc7_bn": {0: "batch"}}, opset_version=17, dynamo=False)
@@ -90,6 +92,9 @@ def check_onnx(backbone, out, x):
 
 def export_caffe(backbone, weights, out_dir):
     template = cio.read_prototxt(DEPLOY_PROTOTXT)
+    for lp in template.layer:  # the size the weights were trained at
+        if lp.type == "Input":
+            lp.input_param.shape[0].dim[2:] = list(backbone.input_size)
     trained = {lp.name: lp for lp in cio.read_caffemodel(weights).layer}
     for lp in template.layer:  # the BatchNorm settings the network was trained with
         if lp.type == "BatchNorm" and lp.name in trained and trained[lp.name].HasField("batch_norm_param"):
@@ -137,6 +142,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the .onnx file, or the folder of the Caffe files")
     p.add_argument("--check", metavar="IMAGE_DIR", help="compare the export with mspcnn on these images")
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest relative difference accepted (1e-5)")
+    add_input_size_argument(p)
     add_threads_argument(p)
     args = p.parse_args(argv)
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
@@ -144,9 +150,9 @@ def main(argv=None):
         p.error(f"--out {args.out} is a folder; give the .onnx file name")
     if args.format == "caffe" and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} exists and is not a folder")
-    backbone = feature_model(args.weights, "cpu")
-    images, what = check_images(args.check)
-    x = torch.from_numpy(feature_transformer()(list(images)))
+    backbone = feature_model(args.weights, "cpu", input_size=args.input_size)
+    images, what = check_images(args.check, backbone.input_size)
+    x = torch.from_numpy(feature_transformer(backbone.input_size)(list(images)))
     if args.format == "onnx":
         export_onnx(backbone, args.out)
         errors = check_onnx(backbone, args.out, x)

@@ -18,10 +18,10 @@ import cv2
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError
-from mspcnn.cli import run
+from mspcnn.cli import add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.lmdb_io import DatumDB
-from mspcnn.data.transformer import IMAGE_SIZE, feature_transformer
+from mspcnn.data.transformer import feature_transformer, image_size_for
 from mspcnn.index import load_index, search
 from mspcnn.model import feature_model
 from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
@@ -29,7 +29,7 @@ from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="query images (any size; resized to 160 x 64)")
+    p.add_argument("images", nargs="+", help="query images (any size; resized to 160 x 64, or as --input-size says)")
     p.add_argument("--index", required=True, help="an index written by tools/build_index.py")
     p.add_argument("--weights", required=True, help="the weights the index was built with")
     p.add_argument("--top", type=int, default=10, help="gallery images shown per query (default 10)")
@@ -42,6 +42,7 @@ def main(argv=None):
                    "IVF's nprobe; default: FAISS's)")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept weights that lack some layers (they keep their initial values; listed)")
+    add_input_size_argument(p)
     add_threads_argument(p)
     args = p.parse_args(argv)
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
@@ -54,7 +55,7 @@ def main(argv=None):
     try:
         index = load_index(args.index)
         gallery = DatumDB(index["db"])
-        backbone = feature_model(args.weights, args.device, args.allow_partial)
+        backbone = feature_model(args.weights, args.device, args.allow_partial, input_size=args.input_size)
         if backbone.skipped_layers:
             print(f"warning: {args.weights} lacks {len(backbone.skipped_layers)} layers, left at their initial "
                   f"values: {', '.join(backbone.skipped_layers)}", file=sys.stderr)
@@ -64,14 +65,19 @@ def main(argv=None):
     if index.get("weights") and os.path.abspath(args.weights) != index["weights"]:
         print(f"note: the index was built with {index['weights']}; its features and the queries' "
               f"({args.weights}) are comparable only if the weights are the same", file=sys.stderr)
+    if index.get("input_size") and tuple(index["input_size"]) != backbone.input_size:
+        print(f"error: the index's features were computed at an input of {' x '.join(map(str, index['input_size']))}, "
+              f"the queries' would be at {' x '.join(map(str, backbone.input_size))}: give --input-size "
+              f"{'x'.join(map(str, index['input_size']))}", file=sys.stderr)
+        return 2
     images = []
     for path in args.images:
         img = cv2.imread(path, cv2.IMREAD_COLOR)
         if img is None:
             print(f"error: cannot read image {path}", file=sys.stderr)
             return 2
-        images.append(cv2.resize(img, IMAGE_SIZE[::-1], interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
-    x = torch.from_numpy(feature_transformer()(images))
+        images.append(cv2.resize(img, image_size_for(backbone.input_size)[::-1], interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
+    x = torch.from_numpy(feature_transformer(backbone.input_size)(images))
     with torch.no_grad():
         q = torch.nn.functional.normalize(backbone(x.to(args.device), logits=False)["fc7_bn"].cpu())
     dists, positions = search(index, q, args.top, effort=args.effort)

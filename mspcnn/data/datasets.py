@@ -41,6 +41,7 @@ import numpy as np
 from mspcnn.caffe.io import process_alive, writable_folder
 
 from .lmdb_io import file_loader, write_records
+from .transformer import IMAGE_SIZE
 
 __all__ = ["parse_market_name", "read_market1501", "convert_market1501", "read_cuhk01",
            "convert_cuhk01", "CUHK03Mat", "convert_cuhk03"]
@@ -81,11 +82,12 @@ def read_market1501(raw_dir):
     return out
 
 
-def _write_split(out_dir, split, rows, encode_type, progress, dataset, extra=None):
+def _write_split(out_dir, split, rows, encode_type, progress, dataset, extra=None, image_size=IMAGE_SIZE):
     """rows: dicts with name, id, camera, label, load (-> (BGR image or None, reason))
-    and any other JSON fields. Writes <split>.lmdb and <split>.json."""
+    and any other JSON fields. Writes <split>.lmdb (images resized to ``image_size``) and
+    <split>.json."""
     records = ((i, r["name"], r["load"], r["label"]) for i, r in enumerate(rows))
-    stats = write_records(os.path.join(out_dir, f"{split}.lmdb"), records, len(rows),
+    stats = write_records(os.path.join(out_dir, f"{split}.lmdb"), records, len(rows), resize=image_size,
                           encode_type=encode_type, overwrite=True, progress=progress)
     skipped = {index for index, _, _ in stats["skipped"]}
     out_rows = []
@@ -115,10 +117,16 @@ def _remove_stale_builds(out_dir):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_splits(out_dir, splits, encode_type, progress, dataset, extra=None, source=None):
+def _write_splits(out_dir, splits, encode_type, progress, dataset, extra=None, source=None, image_size=IMAGE_SIZE):
     """Write every split into a new folder beside ``out_dir``, with manifest.json, then put it in
     place of ``out_dir`` (whose previous content, if any, is removed only then). An error or a kill
-    leaves ``out_dir`` as it was."""
+    leaves ``out_dir`` as it was. ``image_size``: (height, width) the images are resized to (recorded
+    in the metadata when it is not [1]'s 160 x 64)."""
+    image_size = tuple(int(v) for v in image_size)
+    if len(image_size) != 2 or min(image_size) < 1:
+        raise ValueError(f"image size: expected (height, width) >= 1, got {image_size}")
+    if image_size != IMAGE_SIZE:
+        extra = dict(extra or {}, image_size=list(image_size))
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a folder")
@@ -134,7 +142,7 @@ def _write_splits(out_dir, splits, encode_type, progress, dataset, extra=None, s
                 continue
             if progress:
                 print(f"{dataset}: writing {split} ({len(rows)} images)", flush=True)
-            meta = _write_split(build, split, rows, encode_type, progress, dataset, extra)
+            meta = _write_split(build, split, rows, encode_type, progress, dataset, extra, image_size)
             summary[split] = (meta["images"], meta["ids"])
             with open(os.path.join(build, f"{split}.json"), "rb") as f:
                 files[split] = {"images": meta["images"], "ids": meta["ids"],
@@ -167,8 +175,9 @@ def _hold_out(ids, val_ids, rng, where):
 
 
 def convert_market1501(raw_dir, out_dir, val_ids=50, seed=0, encode_type=None, progress=True,
-                       dataset="market1501"):
-    """Convert a Market-1501 tree; returns {split: (images, identities)}."""
+                       dataset="market1501", image_size=IMAGE_SIZE):
+    """Convert a Market-1501 tree, images resized to ``image_size`` (height, width; [1]'s 160 x 64
+    by default); returns {split: (images, identities)}."""
     tree = read_market1501(raw_dir)
     train_all = [r for r in tree["bounding_box_train"] if r[1] > 0]
     held = _hold_out({r[1] for r in train_all}, val_ids, np.random.default_rng(seed), raw_dir)
@@ -183,8 +192,8 @@ def convert_market1501(raw_dir, out_dir, val_ids=50, seed=0, encode_type=None, p
               "val": rows([r for r in train_all if r[1] in held], int),
               "probe": rows(tree["query"], int),
               "gallery": rows(tree["bounding_box_test"], int)}
-    return _write_splits(out_dir, splits, encode_type, progress, dataset,
-                         {"val_ids": val_ids, "seed": seed}, source=raw_dir)
+    return _write_splits(out_dir, splits, encode_type, progress, dataset, {"val_ids": val_ids, "seed": seed},
+                         source=raw_dir, image_size=image_size)
 
 
 # ---------------------------------------------------------------------------
@@ -211,10 +220,11 @@ def read_cuhk01(raw_dir):
 
 
 def convert_cuhk01(raw_dir, out_dir, test_ids=100, split=0, val_ids=20, seed=0, encode_type=None,
-                   progress=True):
+                   progress=True, image_size=IMAGE_SIZE):
     """CUHK01 protocol with ``test_ids`` test identities (100: 871 train, or
     486: 485 train), random split number ``split`` drawn with ``seed``.
-    probe = camera A images of the test ids, gallery = camera B images."""
+    probe = camera A images of the test ids, gallery = camera B images; images resized to
+    ``image_size``."""
     records = read_cuhk01(raw_dir)
     ids = sorted({pid for _, pid, _ in records})
     if test_ids >= len(ids):
@@ -234,7 +244,8 @@ def convert_cuhk01(raw_dir, out_dir, test_ids=100, split=0, val_ids=20, seed=0, 
               "probe": rows(lambda i, c: i in test and c == 1, int),
               "gallery": rows(lambda i, c: i in test and c == 2, int)}
     return _write_splits(out_dir, splits, encode_type, progress, "cuhk01",
-                         {"protocol": f"{test_ids} test ids", "split": split, "seed": seed}, source=raw_dir)
+                         {"protocol": f"{test_ids} test ids", "split": split, "seed": seed}, source=raw_dir,
+                         image_size=image_size)
 
 
 # ---------------------------------------------------------------------------
@@ -289,7 +300,7 @@ class CUHK03Mat:
 
 
 def convert_cuhk03(raw_dir, out_dir, variant="labeled", split=0, protocol="classic", val_ids=100,
-                   seed=0, encode_type=None, progress=True):
+                   seed=0, encode_type=None, progress=True, image_size=IMAGE_SIZE):
     """CUHK03 (labeled or detected). protocol "classic": the ``split``-th of
     the 20 official test sets (100 ids; the other 1367 train), probe = view 1,
     gallery = view 2. protocol "new": the 767/700 split of
@@ -354,4 +365,5 @@ def convert_cuhk03(raw_dir, out_dir, variant="labeled", split=0, protocol="class
         extra = {"variant": variant, "protocol": "new 767/700"}
     else:
         raise ValueError(f"protocol must be 'classic' or 'new', got {protocol!r}")
-    return _write_splits(out_dir, splits, encode_type, progress, "cuhk03", extra, source=raw_dir)
+    return _write_splits(out_dir, splits, encode_type, progress, "cuhk03", extra, source=raw_dir,
+                         image_size=image_size)

@@ -14,13 +14,15 @@ out = (x - mean) * scale on a crop of each image, optionally mirrored:
 * arithmetic in float32, in Caffe's order, so results are bit-identical.
 """
 import os
+import re
 
 import numpy as np
 
 from mspcnn.caffe import io as cio
 
 __all__ = ["DataTransformer", "SequentialDataLayer", "IMAGE_SIZE", "CROP", "MEAN_BGR", "INPUT_SHAPE",
-           "train_transformer", "feature_transformer"]
+           "train_transformer", "feature_transformer", "parse_size",
+           "image_size_for"]
 
 # The network's input, as in the network of Xiao et al. (CVPR 2016), which MSP-CNN builds on:
 # images stored at 160 x 64 (height x width), a 144 x 56 crop (random in training, centred for
@@ -153,13 +155,28 @@ class SequentialDataLayer:
         return data, labels.astype(np.float32)
 
 
-def train_transformer(seed=0):
-    """The TRAIN-phase transform of the network's input: a random 144 x 56 crop, a random
-    left-right flip, minus MEAN_BGR; seeded."""
-    return DataTransformer(CROP, MEAN_BGR, mirror=True, phase="TRAIN", seed=seed)
+def train_transformer(seed=0, crop=CROP):
+    """The TRAIN-phase transform of the network's input: a random ``crop`` (height, width; [1]'s
+    144 x 56 by default), a random left-right flip, minus MEAN_BGR; seeded."""
+    return DataTransformer(crop, MEAN_BGR, mirror=True, phase="TRAIN", seed=seed)
 
 
-def feature_transformer():
-    """The TEST-phase transform of the network's input: the centre 144 x 56 crop, minus MEAN_BGR,
-    no flip; for feature extraction."""
-    return DataTransformer(CROP, MEAN_BGR, phase="TEST")
+def feature_transformer(crop=CROP):
+    """The TEST-phase transform of the network's input: the centre ``crop`` (height, width; [1]'s
+    144 x 56 by default), minus MEAN_BGR, no flip; for feature extraction."""
+    return DataTransformer(crop, MEAN_BGR, phase="TEST")
+
+
+def image_size_for(crop):
+    """The stored image size (height, width) for a network input of ``crop``: [1]'s proportions,
+    160 x 64 images for 144 x 56 crops, scaled (rounded), e.g. 71 x 27 for 64 x 24. The converter
+    resizes to it and the feature tools resize image files to it before the centre crop."""
+    return (round(crop[0] * IMAGE_SIZE[0] / CROP[0]), round(crop[1] * IMAGE_SIZE[1] / CROP[1]))
+
+
+def parse_size(text, what="size"):
+    """``"HxW"`` (e.g. ``"72x28"``) -> (H, W), positive ints; ValueError naming ``what`` otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not m or min(int(m.group(1)), int(m.group(2))) < 1:
+        raise ValueError(f"{what}: expected HEIGHTxWIDTH in pixels (e.g. 144x56), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
