@@ -480,7 +480,8 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
     log("solver.cpp:48", f"Solving MSP-CNN ({'stage 2: ' if model.use_low else ''}"
         f"{' + '.join(k for _, k, _ in terms_display)}), {len(labels)} training images of {num_classes} "
         f"identities, batch {batch_pairs} pairs x iter_size {max(1, sp.iter_size)}"
-        + (f" x {group.world} workers" if group.world > 1 else "") + f", device {device}"
+        + (f" x {group.world} workers" if group.world > 1 else "")
+        + f", input {backbone.input_size[0]} x {backbone.input_size[1]}, device {device}"
         + (", deterministic algorithms" if deterministic else "") + (", channels-last" if channels_last else "")
         + (", TF32 tensor cores" if tf32 and device.type == "cuda" else "")
         + (", own CPU kernels for BatchNorm and pooling" if cpu_kernels and device.type == "cpu" and not channels_last

@@ -188,10 +188,13 @@ def test_the_input_layer_sets_the_size_the_net_trains_at(tiny_market_db, tmp_pat
     with pytest.raises(ValueError, match="the nearest is 64 x 24"):
         edit_net(solver_net(STAGE1), input_size=(70, 30))
 
-    result = solve(STAGE1, tiny_market_db, net=path, batch_pairs=2, workers=1, progress=False, log=lambda *a: None,
+    lines = []
+    result = solve(STAGE1, tiny_market_db, net=path, batch_pairs=2, workers=1, progress=False,
+                   log=lambda where, message: lines.append(message),
                    overrides={"max_iter": 2, "snapshot": 2, "display": 1, "iter_size": 1, "test_interval": 2,
                               "test_initialization": False, "snapshot_prefix": str(tmp_path / "small")})
     assert result.weights.endswith("small_iter_2.caffemodel") and result.test["queries"] > 0
+    assert any("input 64 x 24, device cpu" in m for m in lines)  # the log says the size
 
     big = edit_net(solver_net(STAGE1), input_size=(176, 72))  # larger than the stored 160 x 64 images
     cio.write_prototxt(big, tmp_path / "big.prototxt")
