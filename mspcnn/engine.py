@@ -45,7 +45,7 @@ from mspcnn.caffe import proto
 from mspcnn.cli import format_duration, lock_file
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.pairs import PairLoader, PairSampler
-from mspcnn.data.transformer import feature_transformer, train_transformer
+from mspcnn.data.transformer import feature_transformer, size_mismatch, train_transformer
 from mspcnn.evaluation import extract_features
 from mspcnn.metrics import cross_camera_retrieval
 from mspcnn.model import training_arithmetic
@@ -228,6 +228,9 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         raise TrainingError(f"{data}: the training images are {' x '.join(map(str, stored))}, smaller than the "
                             f"net's input {wanted[0]} x {wanted[1]} (the Input layer of {train_net.source}); "
                             "convert the images at a larger size or give the net a smaller input")
+    size_note = size_mismatch(stored, wanted, f"the training images of {data}")
+    if size_note and os.environ.get("RANK", "0") == "0":
+        log("data_transformer.cpp:168", f"warning: {size_note}")
     val = None
     if os.path.exists(os.path.join(data, "val.lmdb")):
         val_rows = _read_records(data, "val")

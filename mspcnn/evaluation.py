@@ -18,7 +18,7 @@ import torch
 
 from mspcnn.cli import format_duration
 from mspcnn.data.lmdb_io import DatumDB
-from mspcnn.data.transformer import feature_transformer
+from mspcnn.data.transformer import feature_transformer, size_mismatch
 from mspcnn.metrics import (euclidean_distances, market_ranking_stats, market_ranking_stats_chunked,
                             single_shot_cmc, summarize)
 from mspcnn.reranking import k_reciprocal_distances
@@ -99,9 +99,11 @@ def folder_features(backbone, db_dir, device="cpu", batch_size=32, progress=True
 
     Returns ``{"probe": split, "gallery": split, "meta": the probe JSON without its records}``,
     each split a dict of ``features`` (N x D tensor), ``ids``, ``cameras``, ``keys`` (lists) and
-    ``db`` (the open DatumDB). Raises FileNotFoundError naming what is missing."""
+    ``db`` (the open DatumDB), and ``"warnings"``: lines about images whose size does not fit the
+    net's input (:func:`mspcnn.data.transformer.size_mismatch`). Raises FileNotFoundError naming
+    what is missing."""
     transformer = feature_transformer(backbone.input_size)
-    out = {}
+    out = {"warnings": []}
     for split in ("probe", "gallery"):
         meta_path = os.path.join(db_dir, f"{split}.json")
         if not os.path.isfile(meta_path):
@@ -118,6 +120,9 @@ def folder_features(backbone, db_dir, device="cpu", batch_size=32, progress=True
         db = DatumDB(os.path.join(db_dir, f"{split}.lmdb"))
         if len(db) != len(rows):
             raise ValueError(f"{db_dir}: {split}.lmdb has {len(db)} records but {split}.json {len(rows)}")
+        note = size_mismatch(db[0][0].shape, backbone.input_size, f"the images of {db.path}") if len(db) else None
+        if note:
+            out["warnings"].append(note)
         feats = extract_features(backbone, db, transformer, batch_size=batch_size, device=device,
                                  progress=split if progress else False)
         out[split] = {"features": torch.nn.functional.normalize(feats), "ids": [r["id"] for r in rows],

@@ -52,6 +52,7 @@ def test_index_and_query_at_a_smaller_input(tmp_path, unit_bn_backbone, run_tool
     out = run_tool("build_index.py", "--weights", weights, "--db", LMDB / "lmdb_raw", "--out", index,
                    "--device", "cpu", "--input-size", "64x24")
     assert out.returncode == 0, out.stderr
+    assert "warning: the images of" in out.stderr and "expects images of 71 x 27" in out.stderr  # golden: 160 x 64
     assert torch.load(index, weights_only=True)["input_size"] == [64, 24]
     image = LMDB / "images" / "cam2" / "0031_c2s2_001046_00.jpg"
     out = run_tool("query.py", image, "--index", index, "--weights", weights, "--top", "3", "--out",

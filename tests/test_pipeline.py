@@ -41,6 +41,9 @@ def test_pipeline_runs_end_to_end(tmp_path, run_tool):
                   "--threads", "1", "--input-size", "64x24", "--json", out / "ev.json")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads((out / "ev.json").read_text())["result"]["rank1"] == pytest.approx(result["msp_cnn"]["rank1"])
+    assert "warning" not in ev.stderr
+    wrong = run_tool("evaluate.py", "--weights", result["weights"], "--data", out / "db", "--device", "cpu")
+    assert wrong.returncode == 2 and "crop 144x56 is larger than the image 71x27" in wrong.stderr
     other = run_tool("run_pipeline.py", "--out", out, "--train-ids", "9", "--test-ids", "4", "--iters1", "2",
                      "--iters2", "0", "--batch-pairs", "2", "--device", "cpu", "--iter-size", "1",
                      "--lr-policy", "stepdecr", "--input-size", "144x56")
@@ -49,6 +52,10 @@ def test_pipeline_runs_end_to_end(tmp_path, run_tool):
     assert "converting to LMDB (images 160 x 64, the net's input 144 x 56)" in other.stdout
     assert DatumDB(str(out / "db" / "gallery.lmdb"))[0][0].shape == (3, 160, 64)
     assert re.search(r"dim: 3\s+dim: 144\s+dim: 56\s", (out / "stage1_net.prototxt").read_text())
+    # Weights evaluated at a size the database was not made for: it runs, with a warning.
+    ev = run_tool("evaluate.py", "--weights", result["weights"], "--data", out / "db", "--device", "cpu",
+                  "--input-size", "64x24")
+    assert ev.returncode == 0 and "are 160 x 64, but a net input of 64 x 24 expects images of 71 x 27" in ev.stderr
 
 
 @pytest.mark.parametrize("value,message", [("72x28", "the nearest is 80 x 24"), ("64", "expected HEIGHTxWIDTH")])

@@ -72,6 +72,8 @@ def main(argv=None):
             print(f"warning: {args.weights} lacks {len(backbone.skipped_layers)} layers, left at their initial "
                   f"values: {', '.join(backbone.skipped_layers)}", file=sys.stderr)
         feats = folder_features(backbone, args.data, device=args.device, batch_size=args.batch_size)
+        for note in feats["warnings"]:
+            print(f"warning: {note}", file=sys.stderr)
     except (OSError, ValueError) as exc:  # missing files, foreign weights (CaffeFormatError), bad folder
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from mspcnn.caffe import io as cio
 
 __all__ = ["DataTransformer", "SequentialDataLayer", "IMAGE_SIZE", "CROP", "MEAN_BGR", "INPUT_SHAPE",
            "train_transformer", "feature_transformer", "parse_size",
-           "image_size_for"]
+           "image_size_for", "size_mismatch"]
 
 # The network's input, as in the network of Xiao et al. (CVPR 2016), which MSP-CNN builds on:
 # images stored at 160 x 64 (height x width), a 144 x 56 crop (random in training, centred for
@@ -172,6 +172,19 @@ def image_size_for(crop):
     160 x 64 images for 144 x 56 crops, scaled (rounded), e.g. 71 x 27 for 64 x 24. The converter
     resizes to it and the feature tools resize image files to it before the centre crop."""
     return (round(crop[0] * IMAGE_SIZE[0] / CROP[0]), round(crop[1] * IMAGE_SIZE[1] / CROP[1]))
+
+
+def size_mismatch(image_shape, crop, where="the images"):
+    """A warning (a string) when images of ``image_shape`` (H x W, or C x H x W) are not the size
+    :func:`image_size_for` gives for a net input of ``crop``: the crops then cover another part of
+    the person than in training or in [1] (e.g. a 64 x 24 centre of a 160 x 64 image, written for a
+    144 x 56 net), which runs but gives wrong features; None when they match."""
+    stored, want = tuple(int(v) for v in tuple(image_shape)[-2:]), image_size_for(crop)
+    if stored == want:
+        return None
+    return (f"{where} are {stored[0]} x {stored[1]}, but a net input of {crop[0]} x {crop[1]} expects images of "
+            f"{want[0]} x {want[1]} (the crop would cover another part of the person); convert the images with "
+            f"--input-size {crop[0]}x{crop[1]}, or give the input size the net was trained at")
 
 
 def parse_size(text, what="size"):
