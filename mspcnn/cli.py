@@ -109,7 +109,7 @@ def format_duration(seconds):
 def add_input_size_argument(parser, help=None, default=(144, 56)):
     """``--input-size HxW`` (default 144x56, [1]'s), parsed to (height, width) and checked against
     the topology (mspcnn.model.check_input_size): a bad value is argparse's error (exit 2).
-    ``help``: the option's help text instead of the feature tools' one; ``default``: (height, width)."""
+    ``help``: the option's help text instead of the feature tools' one; ``default``: (height, width), or None."""
     import argparse
 
     from mspcnn.data.transformer import parse_size
@@ -121,7 +121,7 @@ def add_input_size_argument(parser, help=None, default=(144, 56)):
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    parser.add_argument("--input-size", type=size, default=tuple(default), metavar="HxW",
+    parser.add_argument("--input-size", type=size, default=None if default is None else tuple(default), metavar="HxW",
                         help=help or "the network's input, height x width (default 144x56, [1]'s; a "
                         ".caffemodel does not record it: give the size the weights were trained at, e.g. 64x24 "
                         "for those of run_pipeline.py --input-size 64x24); image files are resized to it "

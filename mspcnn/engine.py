@@ -50,6 +50,7 @@ from mspcnn.evaluation import extract_features
 from mspcnn.metrics import cross_camera_retrieval
 from mspcnn.model import training_arithmetic
 from mspcnn.solver import SGDSolver, check_solver
+from mspcnn.model import check_input_size
 from mspcnn.train_net import read_train_net
 
 __all__ = ["solve", "SolveResult", "TrainingError", "SIGNAL_EFFECTS", "glog", "format_duration"]
@@ -130,7 +131,7 @@ def _install_signals(effects, requests):
 
 
 def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=None, batch_pairs=None,
-          loss_weights=None, net=None, workers=2, deterministic=False, tf32=False, channels_last=False, cpu_kernels=True,
+          input_size=None, loss_weights=None, net=None, workers=2, deterministic=False, tf32=False, channels_last=False, cpu_kernels=True,
           sigint_effect="stop",
           sighup_effect="snapshot", sigterm_effect="stop", log=glog, progress=None, stop_at=None):
     """Train as ``caffe train --solver SOLVER [--weights W | --snapshot S]`` would.
@@ -144,6 +145,8 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         overrides: {SolverParameter field: value} replacing the solver's (e.g. max_iter, base_lr,
             snapshot_prefix, snapshot, test_interval, display, random_seed).
         batch_pairs: pairs per forward pass (default: the batch of the net's Input layer).
+        input_size: (height, width) of the images (default: the net's Input layer's; see
+            mspcnn.model.check_input_size).
         loss_weights: {"loss_cls" | "loss_high" | "loss_low": weight} replacing the net's.
         net: a NetParameter (or path) to train instead of the one the solver names.
         workers: threads decoding batches ahead.
@@ -209,6 +212,11 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
     if loss_weights:
         train_net.set_loss_weights(loss_weights)
     batch_pairs = train_net.batch_pairs if batch_pairs is None else batch_pairs
+    if input_size is not None:
+        try:
+            train_net.input_size = check_input_size(input_size)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
     if isinstance(batch_pairs, bool) or not isinstance(batch_pairs, int) or batch_pairs < 1:
         raise TrainingError(f"batch_pairs must be an integer >= 1, got {batch_pairs!r}")
     if not isinstance(workers, int) or workers < 1:

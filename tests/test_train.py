@@ -135,12 +135,23 @@ def test_bad_input(db, tmp_path):
     for option, value, message in (("--base-lr", "nan", "base_lr must be a finite number >= 0, got nan"),
                                    ("--base-lr", "-0.1", "base_lr must be a finite number >= 0, got -0.1"),
                                    ("--max-iter", "-5", "max_iter must be >= 0, got -5"),
-                                   ("--batch-pairs", "0", "--batch-pairs must be >= 1")):
+                                   ("--batch-pairs", "0", "--batch-pairs must be >= 1"),
+                                   ("--input-size", "72x28", "the nearest is 80 x 24"),
+                                   ("--input-size", "176x72", "the training images are 160 x 64, smaller than")):
         proc = train(db, tmp_path / "x", "--solver", STAGE1, option, value, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = train(db, tmp_path / "x", "--solver", STAGE1, "--loss-weights", "1", "1", "0.5", check=False)
     assert proc.returncode == 2 and "'loss_low', which the TRAIN net does not have" in proc.stderr
     assert not list(tmp_path.glob("x_iter_*"))
+
+
+def test_input_size_option(db, tmp_path):
+    """--input-size trains the net at another size than its Input layer's (as --batch-pairs its
+    batch); the log says the size."""
+    proc = train(db, tmp_path / "s", "--solver", STAGE1, "--max-iter", "1", "--input-size", "64x24",
+                 "--test-interval", "0")
+    assert "input 64 x 24, device cpu" in proc.stdout + proc.stderr
+    assert (tmp_path / "s_iter_1.caffemodel").exists()
 
 
 def test_a_diverged_loss_is_reported_at_the_display(tiny_market_db, capsys):

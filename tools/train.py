@@ -3,7 +3,8 @@
 
     python tools/train.py --solver prototxt_equiv/solver_stage1.prototxt --data DB_DIR
                           [--weights W.caffemodel | --snapshot S.solverstate] [--device cpu|cuda]
-                          [--max-iter N] [--base-lr R] [--batch-pairs N] [--loss-weights CLS HIGH LOW]
+                          [--max-iter N] [--base-lr R] [--batch-pairs N] [--input-size HxW]
+                          [--loss-weights CLS HIGH LOW]
                           [--snapshot-prefix P] [--snapshot-every N] [--test-interval N] [--display N]
                           [--seed N] [--workers N] [--deterministic] [--tf32]
                           [--sigint-effect stop|snapshot|none] [--sighup-effect stop|snapshot|none]
@@ -34,7 +35,7 @@ import sys
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError
-from mspcnn.cli import run
+from mspcnn.cli import add_input_size_argument, run
 from mspcnn.runtime import add_tf32_argument, add_threads_argument, configure_threads
 from mspcnn.engine import SIGNAL_EFFECTS, TrainingError, solve
 from mspcnn.train_net import NetDefinitionError
@@ -58,6 +59,9 @@ def parse_args(argv=None):
                         "stage does not have must be given 0)")
     p.add_argument("--batch-pairs", type=int,
                    help="pairs per forward pass (default: the batch of the net's Input layer, 50)")
+    add_input_size_argument(p, default=None, help="the images' height x width (default: the net's Input layer's, "
+                            "144x56 in prototxt_equiv/); the database should hold images of it scaled by 160/144 "
+                            "and 64/56 (convert_dataset.py --input-size)")
     p.add_argument("--workers", type=int, default=2, help="threads decoding batches ahead (default 2)")
     p.add_argument("--snapshot-prefix", help="overrides the solver's snapshot_prefix")
     p.add_argument("--snapshot-every", type=int, help="overrides the solver's snapshot (0: only at the end)")
@@ -93,7 +97,8 @@ def main(argv=None):
         loss_weights = {name: w for name, w in zip(("loss_cls", "loss_high", "loss_low"), args.loss_weights)}
     try:
         result = solve(args.solver, args.data, weights=args.weights, snapshot=args.snapshot, device=args.device,
-                       overrides=overrides, batch_pairs=args.batch_pairs, loss_weights=loss_weights,
+                       overrides=overrides, batch_pairs=args.batch_pairs, input_size=args.input_size,
+                       loss_weights=loss_weights,
                        workers=args.workers, deterministic=args.deterministic, tf32=args.tf32,
                        sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect)
     except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
