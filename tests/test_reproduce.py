@@ -36,6 +36,25 @@ def test_reproduce_cuhk01_two_splits(tmp_path, run_tool):
 
 
 @pytest.mark.slow
+def test_reproduce_at_another_input_size(tmp_path, run_tool):
+    """--input-size (a study, not the paper's setting): the splits converted at the size scaled as
+    [1]'s, training and evaluation at it, the size in the table's title and the JSON."""
+    fabricate_cuhk01(tmp_path / "raw")
+    out = tmp_path / "out"
+    proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--splits", "1", "--iters1", "2",
+                    "--iters2", "1", "--batch-pairs", "2", "--device", "cpu", "--val-ids", "2", "--repeats", "5",
+                    "--input-size", "64x24")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "cuhk01-100, recipe paper, input 64 x 24, 1 split(s)" in proc.stdout and "warning" not in proc.stderr
+    from mspcnn.data.lmdb_io import DatumDB
+    assert DatumDB(str(out / "split00" / "db" / "probe.lmdb"))[0][0].shape == (3, 71, 27)
+    result = json.loads((out / "results.json").read_text())
+    assert result["args"]["input_size"] == [64, 24] and len(result["ours"]["all"]["runs"]) == 1
+    manifest = json.loads((out / "split00" / "stage1_cls+high" / "stage1.manifest.json").read_text())
+    assert manifest["inputs"]["input_size"] == [64, 24]
+
+
+@pytest.mark.slow
 def test_ablation_over_seeds(tmp_path, run_tool):
     """--ablation --seeds: four loss sets x two seeds, stage 1 trained once per (cls, high) weights and
     seed and reused (by its manifest) by the loss set that adds the NCC loss."""

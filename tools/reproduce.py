@@ -8,7 +8,7 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
                               [--w-low W] [--pos-floor F] [--neg-ceiling C] [--lr2 R]
                               [--device cuda] [--iters1 N] [--iters2 N] [--batch-pairs N] [--base-lr R]
                               [--test-interval N] [--repeats 100] [--val-ids N] [--workers N]
-                              [--tf32] [--time-limit SECONDS] [--convert-only]
+                              [--tf32] [--time-limit SECONDS] [--convert-only] [--input-size 144x56]
 
 * Splits: CUHK03 the 20 official test sets, CUHK01 10 seeded random splits, Market-1501 its one
   split (--splits N takes the first N). Identities held out from the training identities
@@ -35,6 +35,9 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   --out reuses it when its manifest (solver, net, options, data and weights, by SHA-256) matches,
   and says so. A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a snapshot and
   stage{1,2}.partial.json: the same command resumes it from there when its inputs match.
+* --input-size HxW: the network's input (default [1]'s 144 x 56, the paper's setting). Another size
+  (a study of resolution, e.g. 64x24 as the main job) converts the images at it scaled by 160/144
+  and 64/56, trains and evaluates at it, and names it in the table and the JSON.
 * --tf32: TF32 tensor cores for training on a GPU (never the default; features stay float32).
   --convert-only: convert the splits and stop.
 * Evaluation: CUHK03 and CUHK01 with the classic single-shot CMC (--repeats gallery draws,
@@ -64,9 +67,10 @@ import torch
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
-from mspcnn.cli import claim_folder, run
+from mspcnn.cli import add_input_size_argument, claim_folder, run
 from mspcnn.runtime import add_tf32_argument, add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
+from mspcnn.data.transformer import CROP, image_size_for
 from mspcnn.engine import TrainingError, solve
 from mspcnn.evaluation import NCC_PAIRS, evaluate_features, folder_features, paired_summary
 from mspcnn.metrics import euclidean_distances, market1501_official
@@ -92,8 +96,9 @@ RECIPES = {"paper": {"batch": None, "bn_maf": None},
 STAGE2_OPTIONS = (("w_low", "wlow"), ("pos_floor", "pf"), ("neg_ceiling", "nc"), ("lr2", "lr"))
 
 
-def convert(dataset, raw, out, split, val_ids=None):
+def convert(dataset, raw, out, split, val_ids=None, input_size=CROP):
     kw = {} if val_ids is None else {"val_ids": val_ids}
+    kw["image_size"] = image_size_for(input_size)
     if dataset.startswith("cuhk03"):
         return convert_cuhk03(raw, out, variant=dataset.split("-")[1], split=split, progress=False, **kw)
     if dataset.startswith("cuhk01"):
@@ -112,8 +117,8 @@ def solver_files(dataset, recipe="paper"):
     return (PROTOTXT_DIR / f"solver_{name}_stage1.prototxt", PROTOTXT_DIR / f"solver_{name}_stage2.prototxt")
 
 
-def evaluate(dataset, db, weights, device, repeats, seed):
-    backbone = feature_model(weights, device)
+def evaluate(dataset, db, weights, device, repeats, seed, input_size=CROP):
+    backbone = feature_model(weights, device, input_size=input_size)
     feats = folder_features(backbone, db, device=device, progress=False)
     out, _ = evaluate_features(feats["probe"], feats["gallery"],
                                "market1501" if dataset == "market1501" else "single-shot", repeats, seed)
@@ -204,6 +209,8 @@ def stage_inputs(args, solver, net, db, overrides, loss_weights, **extra):
     overrides (the snapshot prefix aside), the batch, the device and the arithmetic; plus ``extra``.
     Stage 1's manifest and the records to resume either stage from."""
     sp = cio.read_prototxt(solver, proto.SolverParameter)
+    if tuple(args.input_size) != CROP:  # (recorded only when not [1]'s, so earlier records stay valid)
+        extra = dict(extra, input_size=list(args.input_size))
     return {**extra, "solver": sha256(solver), "net": sha256(net or resolve_net_path(sp.net, str(solver))),
             "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights),
             "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
@@ -219,7 +226,8 @@ def run_stage(args, solver, db, partial, inputs, where, stage, loss_weights, wei
     if state is None and announce:
         print(announce, flush=True)
     result = solve(solver, db, weights=None if state else weights, snapshot=state, device=args.device,
-                   batch_pairs=args.batch_pairs, workers=args.workers, tf32=args.tf32, stop_at=args.stop_at,
+                   batch_pairs=args.batch_pairs, input_size=args.input_size, workers=args.workers, tf32=args.tf32,
+                   stop_at=args.stop_at,
                    loss_weights=loss_weights, **kw)
     stop_if_stopped(result, where, stage, partial, inputs, before)
     if os.path.exists(partial):
@@ -384,6 +392,9 @@ def main(argv=None):
                    help="train stage 1 once with this seed and start every --seeds run's stage 2 from it "
                         "(the seeds then vary stage 2 only; default: each seed trains its own stage 1)")
     p.add_argument("--val-ids", type=int, help="identities held out for validation (converter default)")
+    add_input_size_argument(p, help="the network's input, height x width (default 144x56, [1]'s and the "
+                            "paper's); another size converts the images at it scaled by 160/144 and 64/56 and "
+                            "trains and evaluates the net at it (not the paper's setting: for studies)")
     add_threads_argument(p)
     args = p.parse_args(argv)
     if args.time_limit is not None and args.time_limit <= 0:
@@ -426,7 +437,7 @@ def main(argv=None):
         db = os.path.join(args.out, f"split{split:02d}", "db")
         print(f"== split {split + 1}/{n_splits}: converting", flush=True)
         try:
-            convert(args.dataset, args.raw_dir, db, split, args.val_ids)
+            convert(args.dataset, args.raw_dir, db, split, args.val_ids, args.input_size)
         except (FileNotFoundError, ValueError, ImportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -449,7 +460,8 @@ def main(argv=None):
                     print(f"{exc}; the finished runs are in {os.path.join(args.out, args.name + '.json')}",
                           file=sys.stderr)
                     return 130
-                row, feats = evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split)
+                row, feats = evaluate(args.dataset, db, weights, args.device, args.repeats, args.seed + split,
+                                      args.input_size)
                 if chance is None:
                     chance = chance_level(args.dataset, feats, args.seed)
                 results[name].append(dict(row, split=split, seed=seed, weights=weights,
@@ -466,7 +478,8 @@ def main(argv=None):
     summary = write_results(args, n_splits, seeds, results, chance, histories)
     paper, keys = PAPER[args.dataset], list(next(iter(summary.values()))["mean"])
     runs = n_splits * len(seeds)
-    print(f"\n{args.dataset}, recipe {args.recipe}, {n_splits} split(s) x {len(seeds)} seed(s), "
+    size = "" if tuple(args.input_size) == CROP else f", input {args.input_size[0]} x {args.input_size[1]}"
+    print(f"\n{args.dataset}, recipe {args.recipe}{size}, {n_splits} split(s) x {len(seeds)} seed(s), "
           f"{time.time() - start:.0f} s; in %" + ("; mean +- sample standard deviation over the runs"
                                                   if runs > 1 else ""))
     print(f"{'':<22}" + "".join(f"{k:>16}" for k in keys))
