@@ -48,9 +48,8 @@ from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import feature_transformer, size_mismatch, train_transformer
 from mspcnn.evaluation import extract_features
 from mspcnn.metrics import cross_camera_retrieval
-from mspcnn.model import training_arithmetic
+from mspcnn.model import check_input_size, training_arithmetic
 from mspcnn.solver import SGDSolver, check_solver
-from mspcnn.model import check_input_size
 from mspcnn.train_net import read_train_net
 
 __all__ = ["solve", "SolveResult", "TrainingError", "SIGNAL_EFFECTS", "glog", "format_duration"]

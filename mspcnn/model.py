@@ -93,8 +93,8 @@ def map_sizes(size):
 
 def check_input_size(size):
     """(height, width) of the network's input, checked: two ints for which every layer's output
-    is defined (:func:`map_sizes`): a height of 16 k or 16 k - 1 and a width of 16 k + 8 or
-    16 k + 7 (k >= 1 and >= 0). The last pooling is global, so the topology takes any such size;
+    is defined (:func:`map_sizes`): a height of 16 k or 16 k - 1 (k >= 1) and a width of 16 k + 8
+    or 16 k + 7 (k >= 0). The last pooling is global, so the topology takes any such size;
     [1] uses 144 x 56, and a smaller input trades accuracy for speed (the work goes with the
     number of pixels). Returns the tuple; raises ValueError naming the nearest size that works."""
     try:
@@ -103,7 +103,10 @@ def check_input_size(size):
         raise ValueError(f"input size: expected (height, width) integers, got {size!r}") from None
     if h > 0 and w > 0 and None not in map_sizes((h, w)).values():
         return h, w
-    near = lambda v, fits: min((c for c in range(1, 2 * max(v, 1) + 32) if fits(c)), key=lambda c: (abs(c - v), -c))
+
+    def near(v, fits):  # the nearest size that fits (the larger one on a tie)
+        return min((c for c in range(1, 2 * max(v, 1) + 32) if fits(c)), key=lambda c: (abs(c - v), -c))
+
     hint = near(h, lambda c: c % 16 == 0), near(w, lambda c: c % 16 == 8)
     raise ValueError(f"input size {h} x {w}: the inception blocks of the network need a height of 16k or 16k-1 "
                      f"and a width of 16k+8 or 16k+7 ([1]'s is 144 x 56); the nearest is {hint[0]} x {hint[1]}")
@@ -366,9 +369,9 @@ class MSPCNNBackbone(nn.Module):
 
     def forward(self, x, dropout_mask=None, logits=True, bn=None):
         """``x``: N x 3 x ``input_size`` images. Returns an OrderedDict with ``pool1`` (N x 32 x
-        72 x 28 at 144 x 56), ``fc7_bn`` (N x 256, the test
-        feature before L2 normalisation) and, with fc8 and ``logits``, ``fc8`` (N x num_classes
-        logits). ``bn``: see :meth:`conv_bn_relu`."""
+        72 x 28 at 144 x 56), ``fc7_bn`` (N x 256, the test feature before L2 normalisation) and,
+        with fc8 and ``logits``, ``fc8`` (N x num_classes logits). ``bn``: see
+        :meth:`conv_bn_relu`."""
         want = (INPUT_SHAPE[0], *self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"MSPCNNBackbone: expected N x {' x '.join(map(str, want))} "
