@@ -6,6 +6,7 @@ bad values, a corrupt database, a missing optional package, a device that is not
 reported in one line with exit status 2; Ctrl-C exits with 130. Anything else is a bug: it is
 reported in one line too, with exit status 1, and ``MSPCNN_DEBUG=1`` shows its traceback.
 """
+import atexit
 import os
 import sys
 import traceback
@@ -80,6 +81,14 @@ def lock_file(path, holder):
 
 
 _CLAIMED = []  # the claimed folders' lock files, open for the life of the process
+
+
+@atexit.register
+def _release_claims():
+    """Close the claimed folders' lock files at exit (the lock would go with the process anyway;
+    closing them keeps Python from warning about unclosed files)."""
+    while _CLAIMED:
+        _CLAIMED.pop().close()
 
 
 def claim_folder(folder, tool):
