@@ -235,9 +235,6 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         raise TrainingError(f"{data}: the training images are {' x '.join(map(str, stored))}, smaller than the "
                             f"net's input {wanted[0]} x {wanted[1]} (the Input layer of {train_net.source}); "
                             "convert the images at a larger size or give the net a smaller input")
-    size_note = size_mismatch(stored, wanted, f"the training images of {data}")
-    if size_note and os.environ.get("RANK", "0") == "0":
-        log("data_transformer.cpp:168", f"warning: {size_note}")
     val = None
     if os.path.exists(os.path.join(data, "val.lmdb")):
         val_rows = _read_records(data, "val")
@@ -248,6 +245,9 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
     device = group.device
     if group.rank != 0:
         log = _quiet  # one log, one set of snapshots: the root worker's, as Caffe's root solver
+    size_note = size_mismatch(stored, wanted, f"the training images of {data}")
+    if size_note:
+        log("data_transformer.cpp:168", f"warning: {size_note}")
     lock = _lock_prefix(prefix) if group.rank == 0 else None
     try:
         return _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,

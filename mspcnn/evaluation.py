@@ -23,7 +23,7 @@ from mspcnn.metrics import (euclidean_distances, market_ranking_stats, market_ra
                             single_shot_cmc, summarize)
 from mspcnn.reranking import k_reciprocal_distances
 
-__all__ = ["extract_features", "folder_features", "protocol_of", "evaluate_features", "PROTOCOLS",
+__all__ = ["extract_features", "folder_features", "db_size_note", "protocol_of", "evaluate_features", "PROTOCOLS",
            "NCC_PAIRS", "paired_summary"]
 
 PROTOCOLS = ("market1501", "single-shot")
@@ -92,6 +92,12 @@ def extract_features(backbone, db, transformer, batch_size=32, device="cpu", pro
     return out
 
 
+def db_size_note(db, input_size):
+    """:func:`mspcnn.data.transformer.size_mismatch` for the images of a DatumDB (its first record)
+    and a net input of ``input_size``: a warning line, or None."""
+    return size_mismatch(db[0][0].shape, input_size, f"the images of {db.path}") if len(db) else None
+
+
 def folder_features(backbone, db_dir, device="cpu", batch_size=32, progress=True):
     """L2-normalised fc7_bn features of the probe and gallery of a database folder written by
     tools/convert_dataset.py (TEST-phase transform: the centre crop of the net's input size,
@@ -120,7 +126,7 @@ def folder_features(backbone, db_dir, device="cpu", batch_size=32, progress=True
         db = DatumDB(os.path.join(db_dir, f"{split}.lmdb"))
         if len(db) != len(rows):
             raise ValueError(f"{db_dir}: {split}.lmdb has {len(db)} records but {split}.json {len(rows)}")
-        note = size_mismatch(db[0][0].shape, backbone.input_size, f"the images of {db.path}") if len(db) else None
+        note = db_size_note(db, backbone.input_size)
         if note:
             out["warnings"].append(note)
         feats = extract_features(backbone, db, transformer, batch_size=batch_size, device=device,

@@ -18,9 +18,9 @@ from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.lmdb_io import DatumDB
-from mspcnn.evaluation import extract_features
+from mspcnn.evaluation import db_size_note, extract_features
 from mspcnn.index import write_index
-from mspcnn.data.transformer import feature_transformer, size_mismatch
+from mspcnn.data.transformer import feature_transformer
 from mspcnn.model import feature_model
 
 
@@ -58,7 +58,7 @@ def main(argv=None):
         return 2
     meta_path = args.db[:-5] + ".json" if args.db.rstrip("/").endswith(".lmdb") else None
     rows = json.load(open(meta_path))["records"] if meta_path and os.path.exists(meta_path) else None
-    note = size_mismatch(db[0][0].shape, backbone.input_size, f"the images of {args.db}") if len(db) else None
+    note = db_size_note(db, backbone.input_size)
     if note:
         print(f"warning: {note}", file=sys.stderr)
     print(f"extracting {len(db)} gallery features from {args.db} ...", flush=True)
