@@ -166,6 +166,29 @@ def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_recipe_script_stops_at_its_deadline_with_status_130(tmp_path):
+    """DEADLINE (an epoch second) already past: training stops after its first iteration with a
+    snapshot, and the script exits with reproduce.py's status 130, not 0 (a pipeline's `|| true`
+    once hid it), so that a caller can tell a stopped recipe from a finished one. SKIP_BENCH=1
+    leaves out the loader benchmark, as a resumed call does."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    fabricate_cuhk01(tmp_path / "raw")
+    env = dict(os.environ, SKIP_BUILD="1", DEVICE="cpu", WORKERS="2", SKIP_BENCH="1", DEADLINE=str(int(time.time())),
+               EXTRA="--iters1 50 --iters2 1 --batch-pairs 2 --val-ids 4 --repeats 2 --test-interval 0")
+    proc = subprocess.run(["bash", str(root / "tools" / "gpu_cuhk01.sh"), str(tmp_path / "raw"), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=root, env=env)
+    assert proc.returncode == 130, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "exit status 130" in proc.stdout and "stopped by time limit" in proc.stdout
+    assert not (tmp_path / "out" / "bench_data.json").exists()
+    assert list((tmp_path / "out" / "split00").glob("stage1_*/stage1_iter_*.caffemodel"))
+
+
+@pytest.mark.slow
 def test_a_stopped_run_is_not_a_result_and_resumes(tmp_path, run_tool):
     """SIGTERM during stage 1: reproduce.py stops with status 130 and a message, the unfinished
     stage 1 gets no manifest (it is never reused as finished) and no result row. The same command

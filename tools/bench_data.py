@@ -63,10 +63,13 @@ class JpegPairs(Dataset):
                 torch.from_numpy(self._one(self.paths[self.partners[i]], rng)))
 
 
-def timed_batches(iterator, batches):
-    """Images per second over `batches` batches, after one warm-up batch."""
+def timed_batches(iterator, batches, warmup=1):
+    """Images per second over `batches` batches, after `warmup` batches. A loader that decodes
+    batches ahead should be given its prefetch depth as `warmup`: the clock then starts once the
+    queue it filled before the first batch is spent, so that it times production, not the backlog."""
     it = iter(iterator)
-    next(it)
+    for _ in range(warmup):
+        next(it)
     start = time.perf_counter()
     images = 0
     for _ in range(batches):
@@ -108,10 +111,11 @@ def main(argv=None):
     rows = json.load(open(os.path.join(db_dir, "train.json")))["records"]
     labels = [r["label"] for r in rows]
     sampler = PairSampler(labels, [r["camera"] for r in rows], seed=0)
-    needed = (args.batches + 1) * args.pairs_per_batch
+    warmup = max(4, 2 * max(args.workers))  # PairLoader's default prefetch depth at the most workers
+    needed = (args.batches + warmup) * args.pairs_per_batch
     if needed > len(labels):
-        p.error(f"{args.batches + 1} batches of {args.pairs_per_batch} pairs need {needed} training "
-                f"images, the dataset has {len(labels)}")
+        p.error(f"{args.batches} batches of {args.pairs_per_batch} pairs after {warmup} warm-up batches need "
+                f"{needed} training images, the dataset has {len(labels)}")
     print(f"{len(labels)} training images; {args.batches} batches of {args.pairs_per_batch} pairs, "
           f"workers {' '.join(map(str, args.workers))}", flush=True)
 
@@ -122,7 +126,7 @@ def main(argv=None):
         loader = PairLoader(db, labels, sampler, args.pairs_per_batch, transformer, workers=workers,
                             pin_memory=args.pin_memory)
         load = os.getloadavg()[0]
-        rate = timed_batches((b for _, b in loader.epoch(0)), args.batches)
+        rate = timed_batches((b for _, b in loader.epoch(0)), args.batches, warmup=loader.prefetch)
         scaling.append({"workers": workers, "images_per_s": rate, "per_worker": rate / workers, "load_average": load})
     workers_max = max(args.workers)
     ours = next(r["images_per_s"] for r in scaling if r["workers"] == workers_max)
@@ -134,7 +138,8 @@ def main(argv=None):
         baseline_ds = JpegPairs(paths, anchors, partners, seed=0)
         baseline_loader = DataLoader(baseline_ds, batch_size=args.pairs_per_batch, num_workers=workers_max,
                                      shuffle=False, persistent_workers=False)
-        baseline = timed_batches(baseline_loader, args.batches)
+        # DataLoader keeps prefetch_factor (2) batches per worker ahead: the same warm-up as ours.
+        baseline = timed_batches(baseline_loader, args.batches, warmup=max(1, 2 * workers_max))
 
     print(f"\n{'path':<38} {'images/s':>10}")
     print("-" * 49)

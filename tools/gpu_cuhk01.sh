@@ -15,7 +15,10 @@
 # Environment: DEVICE (cuda), WORKERS (12 decoding threads), EXTRA (more reproduce.py options,
 # e.g. "--iters1 2 --iters2 2" for a smoke test), SKIP_BUILD=1 to use an existing build,
 # TIME_LIMIT (seconds of training before reproduce.py stops with a snapshot; the same command with
-# the same OUT then resumes the stopped stage, so the recipe can span several calls),
+# the same OUT then resumes the stopped stage, so the recipe can span several calls), DEADLINE (a
+# time in seconds since the epoch, `date +%s`, by which training stops with a snapshot: TIME_LIMIT
+# reckoned when training starts, after the conversion and the loader benchmark; the smaller wins),
+# SKIP_BENCH=1 to leave out the loader benchmark (a resumed run),
 # BENCH_PAIRS / BENCH_BATCHES (50 / 30) for the loader benchmark.
 # Writes OUT (default ${OUT:-gpu_out}/cuhk01): gpu_split0.json, gpu_split0_curves.png, logs.
 set -uo pipefail
@@ -25,8 +28,6 @@ device=${DEVICE:-cuda}
 workers=${WORKERS:-12}
 precision=--tf32
 [ "${FP32:-}" = 1 ] && precision=
-limit=()
-[ -n "${TIME_LIMIT:-}" ] && limit=(--time-limit "$TIME_LIMIT")
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 if [ -z "${SKIP_BUILD:-}" ]; then
@@ -43,13 +44,20 @@ args=(cuhk01-100 "$raw" --recipe paper --splits 1 --device "$device" --workers "
 # training on the GPU makes them.
 # shellcheck disable=SC2086
 python3 tools/reproduce.py "${args[@]}" --convert-only ${EXTRA:-} > "$out/convert.log" 2>&1 \
-  && python3 tools/bench_data.py --db "$out/split00/db" --no-baseline --pairs-per-batch "${BENCH_PAIRS:-50}" \
+  && { [ -n "${SKIP_BENCH:-}" ] || python3 tools/bench_data.py --db "$out/split00/db" --no-baseline --pairs-per-batch "${BENCH_PAIRS:-50}" \
     --batches "${BENCH_BATCHES:-30}" --workers $(printf '%s\n' 1 2 4 8 "$workers" | sort -nu) \
-    $([ "$device" = cuda ] && echo --pin-memory) --json "$out/bench_data.json" 2>&1 | tail -10 || tail -5 "$out/convert.log"
+    $([ "$device" = cuda ] && echo --pin-memory) --json "$out/bench_data.json" 2>&1 | tail -10; } || tail -5 "$out/convert.log"
+limit=${TIME_LIMIT:-}
+if [ -n "${DEADLINE:-}" ]; then
+  left=$(( DEADLINE - $(date +%s) ))
+  [ "$left" -lt 1 ] && left=1
+  [ -z "$limit" ] || [ "$left" -lt "$limit" ] && limit=$left
+fi
+limit=(${limit:+--time-limit "$limit"})
 start=$(date +%s)
 # shellcheck disable=SC2086
-python3 tools/reproduce.py "${args[@]}" "${limit[@]}" ${EXTRA:-} 2>&1 | tee "$out/reproduce.log" | \
-  grep -E "^== |data wait|Test net output #0|ours:|chance|paper:|error|stopped" || true
-status=${PIPESTATUS[0]}
+python3 tools/reproduce.py "${args[@]}" "${limit[@]}" ${EXTRA:-} 2>&1 | tee -a "$out/reproduce.log" | \
+  grep -E "^== |data wait|Test net output #0|ours:|chance|paper:|error|stopped"
+status=${PIPESTATUS[0]}  # reproduce.py's own (130: stopped with a snapshot); no `|| true` here, which would reset it
 echo "recipe: $(( $(date +%s) - start )) s, exit status $status"
 exit "$status"

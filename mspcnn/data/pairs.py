@@ -81,21 +81,24 @@ class PairLoader:
         sampler: a PairSampler over the same records.
         batch_pairs: pairs per batch.
         transformer: a DataTransformer (TRAIN phase: random crops, mirror).
-        workers: background threads; prefetch: batches decoded ahead.
+        workers: background threads; prefetch: batches decoded ahead (default twice the
+            workers, at least 4: each batch is one thread's job, so fewer batches in flight than
+            workers would leave threads idle).
         pin_memory: make each batch in page-locked memory (in the worker threads), so that a copy
             to a GPU with ``non_blocking=True`` runs while the GPU computes; from ordinary memory
             the copy first waits for the GPU's queued work. Needs a CUDA-enabled PyTorch.
     Yields dicts of torch tensors: data, data_p (N x C x h x w float32),
     label (the anchors' labels), sim (1 positive, 0 negative)."""
 
-    def __init__(self, db, labels, sampler, batch_pairs, transformer, workers=2, prefetch=4, pin_memory=False):
+    def __init__(self, db, labels, sampler, batch_pairs, transformer, workers=2, prefetch=None, pin_memory=False):
         if len(db) != len(sampler):
             raise ValueError(f"PairLoader: the database has {len(db)} records, the sampler "
                              f"{len(sampler)} labels")
         self.db, self.labels = db, np.asarray(labels, np.int64)
         self.sampler, self.batch_pairs = sampler, batch_pairs
         self.transformer = transformer
-        self.workers, self.prefetch = max(1, workers), max(1, prefetch)
+        self.workers = max(1, workers)
+        self.prefetch = max(4, 2 * self.workers) if prefetch is None else max(1, prefetch)
         self.pin_memory = bool(pin_memory)
 
     def batches_per_epoch(self):
