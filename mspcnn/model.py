@@ -376,6 +376,12 @@ class MSPCNNBackbone(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"MSPCNNBackbone: expected N x {' x '.join(map(str, want))} "
                              f"images, got {list(x.shape)}")
+        # The 40 BatchNorm layers' accumulator updates are made together at the end of the pass
+        # (five multi-tensor calls instead of about 280 operations, each a kernel launch on a GPU).
+        with L.deferred_accumulation():
+            return self._forward(x, dropout_mask, logits, bn)
+
+    def _forward(self, x, dropout_mask, logits, bn):
         out = OrderedDict()
         for name in ("conv1", "conv2", "conv3"):
             x = self.conv_bn_relu(name, x, bn)

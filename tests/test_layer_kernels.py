@@ -388,3 +388,92 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mspcnn.bn_scale_train.default, (x.detach()[:, :, :, 0], gamma, beta, 1e-5, False))
     index = torch.randint(0, 20, (2, 3, 3, 5))
     torch.library.opcheck(torch.ops.mspcnn.caffe_max_pool_backward.default, (torch.randn(2, 3, 3, 5), index, 4, 5))
+
+
+# ----------------------------------------------------------------------------- accumulators together
+def _accumulate_one_by_one(updates):
+    """Caffe's accumulator update written out layer by layer (the reference for the batched one)."""
+    with torch.no_grad():
+        for norm, mean, var, m in updates:
+            norm.factor.mul_(norm.moving_average_fraction).add_(1.0)
+            norm.mean_acc.mul_(norm.moving_average_fraction).add_(mean)
+            norm.var_acc.mul_(norm.moving_average_fraction).add_(var * (m / max(m - 1, 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deferred_accumulation_equals_layer_by_layer_updates(dtype):
+    """Inside deferred_accumulation the BatchNorm layers queue their updates and the block's end
+    makes them together (multi-tensor calls, grouped by dtype): bitwise the same accumulators as
+    Caffe's update made layer by layer, for layers of different widths, moving_average_fraction and
+    dtype, a layer updated twice, and a nested block (updated at the end of the outermost)."""
+    from mspcnn.caffe.layers import deferred_accumulation
+
+    g = torch.Generator().manual_seed(0)
+
+    def layers():
+        out = [BatchNorm(4, moving_average_fraction=0.999), BatchNorm(7, moving_average_fraction=0.9),
+               BatchNorm(3, moving_average_fraction=0.5).double()]
+        for n in out:
+            n.to(dtype if n.mean_acc.dtype == torch.float32 else torch.float64)
+        return out
+
+    a, b = layers(), layers()
+    stats = [(i, torch.rand(n.channels, generator=g, dtype=torch.float64), torch.rand(
+        n.channels, generator=g, dtype=torch.float64), m) for i, n, m in [(0, a[0], 50), (1, a[1], 7), (2, a[2], 1),
+                                                                          (0, a[0], 20)]]
+    _accumulate_one_by_one([(b[i], mean.to(b[i].mean_acc.dtype), var.to(b[i].mean_acc.dtype), m)
+                            for i, mean, var, m in stats])
+    with deferred_accumulation():
+        for i, mean, var, m in stats[:2]:
+            a[i].accumulate(mean.to(a[i].mean_acc.dtype), var.to(a[i].mean_acc.dtype), m)
+        with deferred_accumulation():
+            for i, mean, var, m in stats[2:]:
+                a[i].accumulate(mean.to(a[i].mean_acc.dtype), var.to(a[i].mean_acc.dtype), m)
+        assert all(float(n.factor) == 0 for n in a)  # nothing made before the outermost block ends
+    for x, y in zip(a, b):
+        for t in ("factor", "mean_acc", "var_acc"):
+            assert torch.equal(getattr(x, t), getattr(y, t)), t
+    # outside a block: made at once; an exception inside a block still makes the queued updates
+    c = BatchNorm(4, moving_average_fraction=0.999)
+    with pytest.raises(RuntimeError, match="boom"):
+        with deferred_accumulation():
+            c.accumulate(torch.ones(4), torch.ones(4), 10)
+            raise RuntimeError("boom")
+    assert float(c.factor) == 1.0 and torch.equal(c.mean_acc, torch.ones(4))
+
+
+def test_a_training_pass_updates_the_accumulators_in_five_calls_a_branch(monkeypatch):
+    """The GPU's code path (PyTorch's fused batch normalisation, run here on the CPU): each branch's
+    40 BatchNorm layers update their accumulators in one group of multi-tensor calls at the end of
+    the branch's pass, instead of layer by layer (about 280 operations a branch, each a kernel launch
+    on a GPU), with the same accumulators as the C++ path's layer-by-layer updates in float64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import mspcnn.caffe.kernels as K
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = MSPCNN(10).double().train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 144, 56, dtype=torch.float64)
+    y = torch.randn(2, 3, 144, 56, dtype=torch.float64)
+    label, sim = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
+    ref(x, y, label, sim)  # the C++ path, layer by layer
+    monkeypatch.setattr(K, "bn_kernel_applies", lambda norm, scale, t: False)
+    monkeypatch.setattr(K, "native_bn_applies", lambda norm, t: not norm.uses_global_stats() and t.numel() > t.shape[1])
+    counter = Count()
+    with counter:
+        model(x, y, label, sim)
+    assert counter.names.count("native_batch_norm") == 80  # 40 layers a branch
+    assert counter.names.count("_foreach_mul_") == 2 and counter.names.count("add_") == 0
+    for (name, t), (_, r) in zip(model.state_dict().items(), ref.state_dict().items()):
+        if name.endswith(("mean_acc", "var_acc", "factor")):
+            torch.testing.assert_close(t, r, rtol=1e-12, atol=1e-12, msg=name)

@@ -12,7 +12,9 @@ tests/test_caffe_golden.py).
   with their exact backward passes (custom autograd functions).
 * :func:`dropout`: inverted dropout, the mask optionally given.
 """
+import contextlib
 import math
+import threading
 
 import numpy as np
 import torch
@@ -21,8 +23,60 @@ from torch import nn
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
 
-__all__ = ["BatchNorm", "Scale", "Pooling", "set_pool_kernels", "pool_output_size", "fill_", "softmax_with_loss",
+__all__ = ["BatchNorm", "deferred_accumulation", "Scale", "Pooling", "set_pool_kernels", "pool_output_size", "fill_", "softmax_with_loss",
            "contrastive_loss", "dropout", "l2_normalize"]
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm accumulators: updated together
+# ---------------------------------------------------------------------------
+_DEFERRED = threading.local()
+
+
+def _accumulate_all(updates):
+    """Caffe's accumulator update, factor * maf + 1, mean_acc * maf + mean and
+    var_acc * maf + (m / (m - 1)) var, for a list of (layer, mean, var, m), by multi-tensor
+    operations over all of them: the same arithmetic on each tensor as one layer at a time, in five
+    calls for the whole list instead of seven a layer (on a GPU each call is a kernel launch, and a
+    training pass has 40 BatchNorm layers a branch, an iteration of [1]'s solver 160)."""
+    if not updates:
+        return
+    # A layer updated twice goes into two rounds, in order (one multi-tensor call must not hold a
+    # tensor twice); the multi-tensor calls take one device and dtype at a time.
+    rounds, last = [], {}
+    for u in updates:
+        r = last.get(id(u[0]), -1) + 1
+        last[id(u[0])] = r
+        if r == len(rounds):
+            rounds.append({})
+        rounds[r].setdefault((u[0].mean_acc.device, u[0].mean_acc.dtype), []).append(u)
+    with torch.no_grad():
+        for members in (m for groups in rounds for m in groups.values()):
+            norms = [u[0] for u in members]
+            mafs = [float(n.moving_average_fraction) for n in norms]
+            accs = [n.factor for n in norms] + [n.mean_acc for n in norms] + [n.var_acc for n in norms]
+            torch._foreach_mul_(accs, mafs * 3)
+            torch._foreach_add_(accs[:len(norms)], 1.0)
+            unbiased = torch._foreach_mul([v for _, _, v, _ in members],
+                                          [m / max(m - 1, 1) for _, _, _, m in members])
+            torch._foreach_add_(accs[len(norms):], [mean for _, mean, _, _ in members] + list(unbiased))
+
+
+@contextlib.contextmanager
+def deferred_accumulation():
+    """Inside this block, :meth:`BatchNorm.accumulate` queues its updates; they are made together
+    when the block ends (also when it ends by an exception, as layer-by-layer updates would have
+    been made up to that point). Nothing reads the accumulators while the batch statistics are in
+    use, so the result is the same; nested blocks update at the end of the outermost."""
+    if getattr(_DEFERRED, "updates", None) is not None:
+        yield
+        return
+    _DEFERRED.updates = []
+    try:
+        yield
+    finally:
+        updates, _DEFERRED.updates = _DEFERRED.updates, None
+        _accumulate_all(updates)
 
 
 # ---------------------------------------------------------------------------
@@ -120,15 +174,17 @@ class BatchNorm(nn.Module):
 
     def accumulate(self, mean, var, m):
         """Caffe's update of the accumulators with a batch's ``mean`` and biased ``var`` over ``m``
-        values per channel (the unbiased variance m / (m - 1) var is what accumulates)."""
-        with torch.no_grad():
-            # The same operations as factor * maf + 1, mean_acc * maf + mean and
-            # var_acc * maf + (m / (m - 1)) var, in four calls instead of seven (each a kernel
-            # launch on a GPU, 160 BatchNorm layers an iteration).
-            accs = [self.factor, self.mean_acc, self.var_acc]
-            torch._foreach_mul_(accs, self.moving_average_fraction)
-            self.factor.add_(1.0)
-            torch._foreach_add_(accs[1:], [mean.detach(), var.detach() * (m / max(m - 1, 1))])
+        values per channel (the unbiased variance m / (m - 1) var is what accumulates). Inside
+        :func:`deferred_accumulation` the update is queued and made, with every other layer's, when
+        the block ends."""
+        # (detach() only where needed: it is an operation too, and the fused paths' statistics
+        # are computed without gradient)
+        update = (self, mean.detach() if mean.requires_grad else mean, var.detach() if var.requires_grad else var, m)
+        pending = getattr(_DEFERRED, "updates", None)
+        if pending is not None:
+            pending.append(update)
+            return
+        _accumulate_all([update])
 
     def extra_repr(self):
         return (f"{self.channels}, eps={self.eps}, moving_average_fraction="
