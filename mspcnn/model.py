@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mspcnn.caffe import layers as L
-from mspcnn.caffe.kernels import bn_scale
+from mspcnn.caffe.kernels import bn_scale, paired_bn_scale
 from mspcnn.caffe import proto
 from mspcnn.caffe.weights import layer_blobs_to_net, load_layer_blobs
 from mspcnn.data.transformer import CROP, INPUT_SHAPE
@@ -346,12 +346,19 @@ class MSPCNNBackbone(nn.Module):
         """The module registered under Caffe layer name ``name``."""
         return self._modules[name]
 
+    def _normalise(self, name, scale, x, bn, relu):
+        if isinstance(bn, PairedBranches):  # both branches interleaved in x: each its own statistics
+            return paired_bn_scale(self.m(name), bn.second_or(name, self.m(name)), self.m(scale), x, relu,
+                                   kernel=self._cpu_kernels)
+        norm = self.m(name) if bn is None else bn[name]
+        return bn_scale(norm, self.m(scale), x, relu=relu, kernel=self._cpu_kernels)
+
     def conv_bn_relu(self, name, x, bn=None):
         """``bn``: {BatchNorm layer name: module} to use instead of this branch's own (the second
-        branch of the Siamese net keeps its own statistics)."""
+        branch of the Siamese net keeps its own statistics), or :class:`PairedBranches` (``x``
+        holds both branches' images interleaved)."""
         x = self.m(name)(x)
-        norm = self.m(f"{name}_bn") if bn is None else bn[f"{name}_bn"]
-        return bn_scale(norm, self.m(f"{name}_scale"), x, relu=True, kernel=self._cpu_kernels)
+        return self._normalise(f"{name}_bn", f"{name}_scale", x, bn, relu=True)
 
     def inception_a(self, name, x, bn=None):
         b1 = self.conv_bn_relu(f"{name}/1x1", x, bn)
@@ -394,12 +401,14 @@ class MSPCNNBackbone(nn.Module):
         x = self.inception_b("inception_3b", x, bn)
         x = self.m("global_pool")(x).flatten(1)
         x = self.m("fc7")(x)
-        norm = self.m("fc7_bn") if bn is None else bn["fc7_bn"]
-        x = out["fc7_bn"] = bn_scale(norm, self.m("fc7_scale"), x, kernel=self._cpu_kernels)
+        x = out["fc7_bn"] = self._normalise("fc7_bn", "fc7_scale", x, bn, relu=False)
         if self.num_classes and logits:
-            x = L.dropout(torch.relu(x), self.dropout_ratio, self.training, dropout_mask)
-            out["fc8"] = self.m("fc8")(x)
+            out["fc8"] = self.head(x, dropout_mask)
         return out
+
+    def head(self, fc7_bn, dropout_mask=None):
+        """fc8's logits from fc7_bn: ReLU, dropout (``dropout_mask`` if given), fc8."""
+        return self.m("fc8")(L.dropout(torch.relu(fc7_bn), self.dropout_ratio, self.training, dropout_mask))
 
     # --------------------------------------------------------------- weights
     def layer_blobs(self):
@@ -455,11 +464,26 @@ def _second_branch(lp):
     return out
 
 
+class PairedBranches:
+    """The ``bn`` argument of :class:`MSPCNNBackbone` for a batch that holds both branches' images
+    interleaved (anchor 0, partner 0, anchor 1, ...): the first of each pair is normalised by the
+    backbone's BatchNorm layers, the second by ``second`` ({layer name: module}; None: the same
+    layers, shared statistics), each with its own batch statistics."""
+
+    def __init__(self, second):
+        self.second = second
+
+    def second_or(self, name, first):
+        return first if self.second is None else self.second[name]
+
+
 class MSPCNN(nn.Module):
     """The Siamese MSP-CNN with its three losses (docs/method.md, "Losses").
 
     forward(img_a, img_b, label_a, similar) runs the two images of each pair through the same
-    parameters as two separate batches and returns the losses:
+    parameters as two separate batches (on a GPU as one batch with the pairs interleaved, each
+    branch still normalised by its own BatchNorm statistics: ``pair_branches``, the same function in
+    half the operations) and returns the losses:
 
     * ``cls``: SoftmaxWithLoss of fc8 on the anchor images (``label_a``);
     * ``high``: ContrastiveLoss (margin ``margin``) on the L2-normalised fc7_bn features,
@@ -536,6 +560,9 @@ class MSPCNN(nn.Module):
                                pos_floor=float(npar.pos_floor), neg_ceiling=float(npar.neg_ceiling))
         self.use_low = ("loss_low" in active and layer_params is not None) if use_low is None else use_low
         self.merge_bn_batches = merge_bn_batches
+        # Both branches in one interleaved pass (PairedBranches): None = on GPUs (the same function;
+        # tests compare it with two passes in float64), True / False to choose.
+        self.pair_branches = None
 
     def _bn_second(self):
         if self.share_bn_stats:
@@ -553,6 +580,16 @@ class MSPCNN(nn.Module):
             n = img_a.shape[0]
             fa = {k: v[:n] for k, v in both.items()}
             fb = {k: v[n:] for k, v in both.items()}
+        elif self.pair_branches if self.pair_branches is not None else img_a.is_cuda:
+            # One pass over both branches' images, interleaved: the same function (each branch
+            # normalised by its own BatchNorm statistics, paired_bn_scale), half the operations of
+            # two passes (each a kernel launch on a GPU, where an iteration is bound by the host).
+            both = self.backbone(torch.stack([img_a, img_b], 1).flatten(0, 1), logits=False,
+                                 bn=PairedBranches(self._bn_second()))
+            fa = {k: v[0::2] for k, v in both.items()}
+            fb = {k: v[1::2] for k, v in both.items()}
+            if self.backbone.num_classes:
+                fa["fc8"] = self.backbone.head(fa["fc7_bn"], dropout_mask)
         else:
             fa = self.backbone(img_a, dropout_mask)
             fb = self.backbone(img_b, logits=False, bn=self._bn_second())  # fc8: anchors only

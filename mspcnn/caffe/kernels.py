@@ -104,6 +104,36 @@ def bn_scale(norm, scale, x, relu=False, kernel=True):
     return torch.relu(y) if relu else y
 
 
+def paired_bn_scale(norm_a, norm_b, scale, x, relu=False, kernel=True):
+    """:func:`bn_scale` for the two branches of the Siamese net in one batch: ``x`` is 2N x C x ...
+    with the pairs interleaved (anchor 0, partner 0, anchor 1, ...); the anchors are normalised with
+    their own batch statistics into ``norm_a``, the partners with theirs into ``norm_b`` (Caffe's
+    per-branch BatchNorm), both by the shared ``scale``. Where PyTorch's fused batch normalisation
+    applies to both (:func:`native_bn_applies`: GPUs), the interleaved batch viewed as N x 2C x ...
+    (a view, no copy) holds each branch's channels apart, so one ``F.batch_norm`` with gamma and beta
+    repeated normalises both: each branch's statistics are over exactly its own N x ... values.
+    Elsewhere, or where the two layers' settings differ, each half goes through :func:`bn_scale`
+    and the result is interleaved again."""
+    n2, c = x.shape[0], x.shape[1]
+    if (n2 % 2 == 0 and x.is_contiguous() and kernel and norm_a.eps == norm_b.eps
+            and native_bn_applies(norm_a, x) and native_bn_applies(norm_b, x)):
+        norm_a.check_input(x)
+        v = x.view(n2 // 2, 2 * c, *x.shape[2:])
+        dims = [0] + list(range(2, v.dim()))
+        with torch.no_grad():
+            var, mean = torch.var_mean(v, dim=dims, unbiased=False)
+        weight = scale.weight.repeat(2)
+        bias = None if scale.bias is None else scale.bias.repeat(2)
+        y = F.batch_norm(v, None, None, weight, bias, training=True, momentum=0.0, eps=float(norm_a.eps)).view(x.shape)
+        m = v.numel() // (2 * c)
+        norm_a.accumulate(mean[:c].to(norm_a.mean_acc.dtype), var[:c].to(norm_a.var_acc.dtype), m)
+        norm_b.accumulate(mean[c:].to(norm_b.mean_acc.dtype), var[c:].to(norm_b.var_acc.dtype), m)
+        return F.relu(y) if relu else y
+    ya = bn_scale(norm_a, scale, x[0::2].contiguous(), relu, kernel)
+    yb = bn_scale(norm_b, scale, x[1::2].contiguous(), relu, kernel)
+    return torch.stack([ya, yb], 1).flatten(0, 1)
+
+
 # --------------------------------------------------------------------------- pooling
 @torch.library.register_fake("mspcnn::caffe_max_pool_backward")
 def _max_backward_fake(grad_y, index, height, width):
