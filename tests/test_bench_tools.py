@@ -174,10 +174,12 @@ def test_emulated_cuda_volume_centred_form_is_accurate_at_any_mean():
 def test_bench_train_counts_the_operations_of_an_iteration():
     """bench_train --count-ops: the engine's default (our BatchNorm + Scale operator on the CPU) and
     the separate Caffe layers (what a GPU ran before its fused batch normalisation) differ threefold
-    in PyTorch operations an iteration; the GPU's path now counts like the CPU default."""
+    in PyTorch operations an iteration; the GPU's path now counts like the CPU default. Since the
+    BatchNorm accumulators of a pass are updated together: 2,911 and 10,115 (were 3,854 and
+    10,738)."""
     sec, ops = bench_train.measure("mspcnn", 1, 2, 2, 1, count_ops=True)
     _, ops_layers = bench_train.measure("mspcnn-torch", 1, 2, 2, 1, count_ops=True)
-    assert sec > 0 and 3000 < ops < 4500 and ops_layers > 2.5 * ops
+    assert sec > 0 and 2500 < ops < 3300 and ops_layers > 3 * ops
 
 
 @pytest.mark.cuda

