@@ -391,6 +391,31 @@ def test_opcheck():
 
 
 # ----------------------------------------------------------------------------- accumulators together
+@pytest.fixture
+def gpu_code_path(monkeypatch):
+    """The GPU's BatchNorm path (PyTorch's fused batch normalisation) taken on the CPU."""
+    import mspcnn.caffe.kernels as K
+
+    monkeypatch.setattr(K, "bn_kernel_applies", lambda norm, scale, t: False)
+    monkeypatch.setattr(K, "native_bn_applies", lambda norm, t: not norm.uses_global_stats() and t.numel() > t.shape[1])
+
+
+def _op_names():
+    """A dispatch mode that records the name of every PyTorch operation run inside it (``.names``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    return OpNames()
+
+
 def _accumulate_one_by_one(updates):
     """Caffe's accumulator update written out layer by layer (the reference for the batched one)."""
     with torch.no_grad():
@@ -442,24 +467,11 @@ def test_deferred_accumulation_equals_layer_by_layer_updates(dtype):
     assert float(c.factor) == 1.0 and torch.equal(c.mean_acc, torch.ones(4))
 
 
-def test_a_training_pass_updates_the_accumulators_in_five_calls_a_branch(monkeypatch):
+def test_a_training_pass_updates_the_accumulators_in_five_calls_a_branch(request):
     """The GPU's code path (PyTorch's fused batch normalisation, run here on the CPU): each branch's
     40 BatchNorm layers update their accumulators in one group of multi-tensor calls at the end of
     the branch's pass, instead of layer by layer (about 280 operations a branch, each a kernel launch
     on a GPU), with the same accumulators as the C++ path's layer-by-layer updates in float64."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    import mspcnn.caffe.kernels as K
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     model = MSPCNN(10).double().train()
     ref = copy.deepcopy(model)
@@ -467,9 +479,8 @@ def test_a_training_pass_updates_the_accumulators_in_five_calls_a_branch(monkeyp
     y = torch.randn(2, 3, 144, 56, dtype=torch.float64)
     label, sim = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
     ref(x, y, label, sim)  # the C++ path, layer by layer
-    monkeypatch.setattr(K, "bn_kernel_applies", lambda norm, scale, t: False)
-    monkeypatch.setattr(K, "native_bn_applies", lambda norm, t: not norm.uses_global_stats() and t.numel() > t.shape[1])
-    counter = Count()
+    request.getfixturevalue("gpu_code_path")
+    counter = _op_names()
     with counter:
         model(x, y, label, sim)
     assert counter.names.count("native_batch_norm") == 80  # 40 layers a branch
@@ -481,18 +492,14 @@ def test_a_training_pass_updates_the_accumulators_in_five_calls_a_branch(monkeyp
 
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("share_bn_stats", [False, True])
-def test_both_branches_in_one_interleaved_pass_equal_two_passes_in_float64(monkeypatch, native, share_bn_stats):
+def test_both_branches_in_one_interleaved_pass_equal_two_passes_in_float64(request, native, share_bn_stats):
     """MSPCNN.pair_branches (the default on GPUs): the anchors and partners as one batch of 2N
     interleaved images, each branch normalised by its own BatchNorm statistics (paired_bn_scale:
     one fused batch normalisation on an N x 2C view where it applies, ``native``; else each half
     through bn_scale). Stage 2 (all three losses), two iterations' forward and backward: the same
     losses, gradients and accumulators as two separate passes, in float64; shared statistics too."""
-    import mspcnn.caffe.kernels as K
-
     if native:  # the GPU's code path, on the CPU
-        monkeypatch.setattr(K, "bn_kernel_applies", lambda norm, scale, t: False)
-        monkeypatch.setattr(K, "native_bn_applies",
-                            lambda norm, t: not norm.uses_global_stats() and t.numel() > t.shape[1])
+        request.getfixturevalue("gpu_code_path")
     torch.manual_seed(0)
     two = MSPCNN(12, use_low=True, share_bn_stats=share_bn_stats).double().train()
     one = copy.deepcopy(two)
@@ -519,27 +526,13 @@ def test_both_branches_in_one_interleaved_pass_equal_two_passes_in_float64(monke
         torch.testing.assert_close(t, r, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_interleaved_pass_issues_fewer_operations(monkeypatch):
+def test_interleaved_pass_issues_fewer_operations(gpu_code_path):
     """On the GPU's code path (run on the CPU) one interleaved pass over both branches issues about
     two thirds of the computing operations of two passes (forward and backward of stage 1; 616
     against 964, counting every operation but views, slices, detach and allocations, which launch
     no kernel: with them 1,347 against 1,437)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    import mspcnn.caffe.kernels as K
-
     views = {"view", "_unsafe_view", "slice", "select", "detach", "t", "unsqueeze", "squeeze", "expand",
              "as_strided", "transpose", "permute", "alias", "empty", "empty_like"}
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += func.overloadpacket.__name__ not in views
-            return func(*args, **(kwargs or {}))
-
-    monkeypatch.setattr(K, "bn_kernel_applies", lambda norm, scale, t: False)
-    monkeypatch.setattr(K, "native_bn_applies", lambda norm, t: not norm.uses_global_stats() and t.numel() > t.shape[1])
     torch.manual_seed(0)
     model = MSPCNN(10).train()
     x, y = torch.randn(2, 3, 144, 56), torch.randn(2, 3, 144, 56)
@@ -548,8 +541,8 @@ def test_interleaved_pass_issues_fewer_operations(monkeypatch):
     for paired in (False, True):
         model.pair_branches = paired
         model.zero_grad(set_to_none=True)
-        Count.n = 0
-        with Count():
+        counter = _op_names()
+        with counter:
             model(x, y, label, sim)["total"].backward()
-        counts[paired] = Count.n
+        counts[paired] = sum(name not in views for name in counter.names)
     assert counts[True] < 0.7 * counts[False], counts

@@ -141,20 +141,26 @@ def test_stage2_settings_curves_and_stage1_reuse(tmp_path, run_tool):
     assert edited.count("moving_average_fraction: 0.99") == 80  # every BatchNorm of both branches
 
 
-@pytest.mark.slow
-def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
-    """tools/gpu_cuhk01.sh, the one call that runs the full CUHK01-100 recipe of split 0 on a GPU,
-    run here on the CPU with a tiny schedule (the same script, the same reproduce.py invocation)."""
+def _run_gpu_recipe_script(tmp_path, **env):
+    """tools/gpu_cuhk01.sh on a fabricated CUHK01 folder, on the CPU (no build, 2 workers), with
+    ``env`` added to the environment; its output in tmp_path/out."""
     import os
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     fabricate_cuhk01(tmp_path / "raw")
-    env = dict(os.environ, SKIP_BUILD="1", DEVICE="cpu", WORKERS="2", BENCH_PAIRS="4", BENCH_BATCHES="3",
-               EXTRA="--iters1 2 --iters2 1 --batch-pairs 2 --val-ids 4 --repeats 2")
-    proc = subprocess.run(["bash", str(root / "tools" / "gpu_cuhk01.sh"), str(tmp_path / "raw"), str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=root, env=env)
+    return subprocess.run(["bash", str(root / "tools" / "gpu_cuhk01.sh"), str(tmp_path / "raw"), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=root,
+                          env=dict(os.environ, SKIP_BUILD="1", DEVICE="cpu", WORKERS="2", **env))
+
+
+@pytest.mark.slow
+def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
+    """tools/gpu_cuhk01.sh, the one call that runs the full CUHK01-100 recipe of split 0 on a GPU,
+    run here on the CPU with a tiny schedule (the same script, the same reproduce.py invocation)."""
+    proc = _run_gpu_recipe_script(tmp_path, BENCH_PAIRS="4", BENCH_BATCHES="3",
+                                  EXTRA="--iters1 2 --iters2 1 --batch-pairs 2 --val-ids 4 --repeats 2")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "exit status 0" in proc.stdout and "ours: all" in proc.stdout and "paper: all" in proc.stdout
     result = json.loads((tmp_path / "out" / "gpu_split0.json").read_text())
@@ -171,17 +177,10 @@ def test_gpu_recipe_script_stops_at_its_deadline_with_status_130(tmp_path):
     snapshot, and the script exits with reproduce.py's status 130, not 0 (a pipeline's `|| true`
     once hid it), so that a caller can tell a stopped recipe from a finished one. SKIP_BENCH=1
     leaves out the loader benchmark, as a resumed call does."""
-    import os
-    import subprocess
     import time
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    fabricate_cuhk01(tmp_path / "raw")
-    env = dict(os.environ, SKIP_BUILD="1", DEVICE="cpu", WORKERS="2", SKIP_BENCH="1", DEADLINE=str(int(time.time())),
-               EXTRA="--iters1 50 --iters2 1 --batch-pairs 2 --val-ids 4 --repeats 2 --test-interval 0")
-    proc = subprocess.run(["bash", str(root / "tools" / "gpu_cuhk01.sh"), str(tmp_path / "raw"), str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=root, env=env)
+    proc = _run_gpu_recipe_script(tmp_path, SKIP_BENCH="1", DEADLINE=str(int(time.time())),
+                                  EXTRA="--iters1 50 --iters2 1 --batch-pairs 2 --val-ids 4 --repeats 2 --test-interval 0")
     assert proc.returncode == 130, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "exit status 130" in proc.stdout and "stopped by time limit" in proc.stdout
     assert not (tmp_path / "out" / "bench_data.json").exists()

@@ -111,7 +111,7 @@ def main(argv=None):
     rows = json.load(open(os.path.join(db_dir, "train.json")))["records"]
     labels = [r["label"] for r in rows]
     sampler = PairSampler(labels, [r["camera"] for r in rows], seed=0)
-    warmup = max(4, 2 * max(args.workers))  # PairLoader's default prefetch depth at the most workers
+    warmup = PairLoader.default_prefetch(max(args.workers))  # the loader's backlog at the most workers
     needed = (args.batches + warmup) * args.pairs_per_batch
     if needed > len(labels):
         p.error(f"{args.batches} batches of {args.pairs_per_batch} pairs after {warmup} warm-up batches need "

@@ -78,12 +78,18 @@ def bn_scale_native(norm, scale, x, relu=False):
     gradient. Any device; :func:`bn_scale` takes it on GPUs (:func:`native_bn_applies`). Same
     function as the separate layers, rounded in another order (tests/test_layer_kernels.py)."""
     norm.check_input(x)
+    y, mean, var = _fused_batch_norm(x, scale.weight, scale.bias, norm.eps)
+    norm.accumulate(mean.to(norm.mean_acc.dtype), var.to(norm.var_acc.dtype), x.numel() // norm.channels)
+    return F.relu(y) if relu else y
+
+
+def _fused_batch_norm(x, weight, bias, eps):
+    """(y, batch mean, biased batch variance) of PyTorch's fused batch normalisation of ``x`` over
+    all dimensions but the channels (1), the statistics without gradient, for Caffe's accumulators."""
     dims = [0] + list(range(2, x.dim()))
     with torch.no_grad():
         var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-    y = F.batch_norm(x, None, None, scale.weight, scale.bias, training=True, momentum=0.0, eps=float(norm.eps))
-    norm.accumulate(mean.to(norm.mean_acc.dtype), var.to(norm.var_acc.dtype), x.numel() // norm.channels)
-    return F.relu(y) if relu else y
+    return F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=float(eps)), mean, var
 
 
 def bn_scale(norm, scale, x, relu=False, kernel=True):
@@ -119,15 +125,12 @@ def paired_bn_scale(norm_a, norm_b, scale, x, relu=False, kernel=True):
             and native_bn_applies(norm_a, x) and native_bn_applies(norm_b, x)):
         norm_a.check_input(x)
         v = x.view(n2 // 2, 2 * c, *x.shape[2:])
-        dims = [0] + list(range(2, v.dim()))
-        with torch.no_grad():
-            var, mean = torch.var_mean(v, dim=dims, unbiased=False)
-        weight = scale.weight.repeat(2)
         bias = None if scale.bias is None else scale.bias.repeat(2)
-        y = F.batch_norm(v, None, None, weight, bias, training=True, momentum=0.0, eps=float(norm_a.eps)).view(x.shape)
+        y, mean, var = _fused_batch_norm(v, scale.weight.repeat(2), bias, norm_a.eps)
         m = v.numel() // (2 * c)
         norm_a.accumulate(mean[:c].to(norm_a.mean_acc.dtype), var[:c].to(norm_a.var_acc.dtype), m)
         norm_b.accumulate(mean[c:].to(norm_b.mean_acc.dtype), var[c:].to(norm_b.var_acc.dtype), m)
+        y = y.view(x.shape)
         return F.relu(y) if relu else y
     ya = bn_scale(norm_a, scale, x[0::2].contiguous(), relu, kernel)
     yb = bn_scale(norm_b, scale, x[1::2].contiguous(), relu, kernel)

@@ -98,8 +98,13 @@ class PairLoader:
         self.sampler, self.batch_pairs = sampler, batch_pairs
         self.transformer = transformer
         self.workers = max(1, workers)
-        self.prefetch = max(4, 2 * self.workers) if prefetch is None else max(1, prefetch)
+        self.prefetch = self.default_prefetch(self.workers) if prefetch is None else max(1, prefetch)
         self.pin_memory = bool(pin_memory)
+
+    @staticmethod
+    def default_prefetch(workers):
+        """Batches decoded ahead by default: twice the workers, at least 4."""
+        return max(4, 2 * max(1, workers))
 
     def batches_per_epoch(self):
         return len(self.sampler) // self.batch_pairs
