@@ -148,7 +148,8 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
             mspcnn.model.check_input_size).
         loss_weights: {"loss_cls" | "loss_high" | "loss_low": weight} replacing the net's.
         net: a NetParameter (or path) to train instead of the one the solver names.
-        workers: threads decoding batches ahead.
+        workers: workers decoding batches ahead (threads up to 2, forked processes beyond:
+            threads share the interpreter lock and stop scaling at about 2).
         deterministic: deterministic GPU kernels (bit-exact GPU runs and resumes; slower). Without
             it, cuDNN times its algorithms on the first batch of each shape and keeps the fastest
             (``torch.backends.cudnn.benchmark``): float32 all the same, rounded in another order.
@@ -434,10 +435,8 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
 
     def batches():
         e, start = divmod(base, per_epoch)
-        while True:
-            for _, batch in loader.epoch(e, start=start, select=select(e)):
-                yield batch
-            e, start = e + 1, 0
+        for _, _, batch in loader.stream(e, start=start, select=select):
+            yield batch
 
     def set_position():
         position["epoch"], position["batch"] = divmod(base + (solver_.iter - first_iter) * step, per_epoch)
@@ -583,6 +582,8 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
             requests.clear()
     finally:
         restore_signals()
+        stream.close()
+        loader.close()
         if draw:
             sys.stderr.write("\n")
     if recent:  # the final values; the divergence check unless the last iteration was displayed

@@ -109,6 +109,13 @@ def add_tf32_argument(parser):
                              "default: Caffe computes in float32. Features for evaluation stay float32")
 
 
+def add_workers_argument(parser):
+    """The ``--workers`` option of the tools that train (checked >= 1 by :func:`mspcnn.engine.solve`)."""
+    parser.add_argument("--workers", type=int, default=2,
+                        help="workers decoding batches ahead: threads up to 2, forked processes beyond (threads "
+                             "share the interpreter lock and stop scaling at about 2; default 2)")
+
+
 def add_threads_argument(parser):
     """The ``--threads`` option every computing tool has."""
     parser.add_argument("--threads", default="auto",

@@ -77,3 +77,16 @@ def unit_bn_backbone():
                 blobs[1].fill_(1.0)
                 blobs[2].fill_(1.0)
     return model
+
+
+def session_members(sid):
+    """Processes still alive in session `sid` (the training and any worker it forked)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            alive.append(stat.parent.name)
+    return alive

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import session_members
+
 from mspcnn.data.datasets import convert_market1501, parse_market_name, read_market1501
 from mspcnn.data.lmdb_io import DatumDB
-from mspcnn.data.pairs import PairLoader, PairSampler
+from mspcnn.data.pairs import LoaderError, PairLoader, PairSampler
 from mspcnn.data.synthetic import make_synthetic_market
 from mspcnn.data.transformer import DataTransformer
 
@@ -137,3 +139,136 @@ def test_pair_loader_batches_are_reproducible(synthetic, tmp_path):
     batch = first[0]
     assert batch["data"].shape == (8, 3, 144, 56) and batch["data_p"].shape == (8, 3, 144, 56)
     assert batch["label"].dtype == torch.float32 and set(batch["sim"].tolist()) <= {0.0, 1.0}
+
+
+@pytest.fixture(scope="module")
+def train_db(synthetic, tmp_path_factory):
+    raw, _ = synthetic
+    out = tmp_path_factory.mktemp("pairs_db")
+    convert_market1501(raw, out, val_ids=2, progress=False)
+    rows = json.loads((out / "train.json").read_text())["records"]
+    labels = [r["label"] for r in rows]
+    return DatumDB(out / "train.lmdb"), labels, PairSampler(labels, [r["camera"] for r in rows], seed=4)
+
+
+def _same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x[:-1] == y[:-1]  # positions
+        assert all(torch.equal(x[-1][k], y[-1][k]) for k in x[-1])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_pair_loader_processes_make_the_threads_batches(train_db, workers):
+    """Worker processes (shared-memory slots, reused in turn) give the very batches of threads, in the same
+    order, for a whole epoch, a data-parallel share, and a stream that runs into the next epochs."""
+    db, labels, sampler = train_db
+    transformer = DataTransformer((144, 56), [102, 102, 101], mirror=True, phase="TRAIN")
+    threads = PairLoader(db, labels, sampler, 8, transformer, workers=2, kind="threads")
+    with PairLoader(db, labels, sampler, 8, transformer, workers=workers, kind="processes", prefetch=2) as procs:
+        assert procs.kind == "processes"
+        _same_batches(list(threads.epoch(1)), list(procs.epoch(1)))
+        odd = lambda k: k % 2 == 1  # noqa: E731
+        _same_batches(list(threads.epoch(0, start=3, select=odd)), list(procs.epoch(0, start=3, select=odd)))
+        per_epoch = threads.batches_per_epoch()
+        expected = [(0, k, b) for k, b in threads.epoch(0, start=per_epoch - 2)]
+        expected += [(e, k, b) for e in (1, 2) for k, b in threads.epoch(e)]
+        stream = procs.stream(0, start=per_epoch - 2)
+        _same_batches(expected, [next(stream) for _ in expected])
+        stream.close()
+        folder = os.path.dirname(procs._procs[1].filename)
+        assert os.path.isdir(folder)
+    assert not os.path.exists(folder)  # the shared memory is gone with the loader
+    # the default: threads up to 2 workers, processes beyond
+    assert PairLoader(db, labels, sampler, 8, transformer, workers=2).kind == "threads"
+    assert PairLoader(db, labels, sampler, 8, transformer, workers=3).kind == "processes"
+
+
+class _FailingDB:
+    """A database whose record `bad` cannot be read: it raises, or (with `die`) the process exits."""
+
+    def __init__(self, db, bad, die=False):
+        self.db, self.bad, self.die = db, bad, die
+
+    def __len__(self):
+        return len(self.db)
+
+    def __getitem__(self, i):
+        return self.db[i]
+
+    def read_list(self, indices):
+        if self.bad in list(indices):
+            if self.die:
+                os._exit(3)
+            raise ValueError(f"record {self.bad} is corrupt")
+        return self.db.read_list(indices)
+
+
+@pytest.mark.parametrize("die", [False, True])
+def test_pair_loader_process_failures_are_reported(train_db, die):
+    """A record that cannot be read reaches the caller with its message; a worker that dies is a
+    LoaderError that says so, not a hang; both leave no shared memory behind."""
+    db, labels, sampler = train_db
+    anchors, _, _ = sampler.epoch(0)
+    transformer = DataTransformer((144, 56), [102, 102, 101], mirror=True, phase="TRAIN")
+    loader = PairLoader(_FailingDB(db, int(anchors[20]), die), labels, sampler, 8, transformer, workers=3,
+                        kind="processes")
+    got = []
+    with pytest.raises(LoaderError if die else ValueError, match="died" if die else f"record {anchors[20]}"):
+        for k, _ in loader.epoch(0):
+            got.append(k)
+    # the error comes with the bad record's batch (2); a death breaks the whole pool, in-flight batches too
+    assert got == [0, 1] if not die else got in ([], [0], [0, 1])
+    folder = os.path.dirname(loader._procs[1].filename)
+    loader.close()
+    assert not os.path.exists(folder)
+
+
+CTRL_C_SCRIPT = """
+import json, sys, time
+from mspcnn.data.lmdb_io import DatumDB
+from mspcnn.data.pairs import PairLoader, PairSampler
+from mspcnn.data.transformer import DataTransformer
+db = sys.argv[1]
+rows = json.load(open(db + "/train.json"))["records"]
+labels = [r["label"] for r in rows]
+loader = PairLoader(DatumDB(db + "/train.lmdb"), labels, PairSampler(labels, seed=0), 4,
+                    DataTransformer((144, 56), [102, 102, 101], phase="TRAIN"), workers=3, kind="processes")
+batches = loader.epoch(0)
+next(batches)
+print("ready", flush=True)
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    batches.close()
+    loader.close()
+    print("closed", flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_reaches_the_parent_not_the_worker_processes(train_db, tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group: the workers ignore it (no traceback from each),
+    the parent's KeyboardInterrupt closes the loader, and no worker is left."""
+    import signal
+    import subprocess
+    import sys
+    db = os.path.dirname(train_db[0].path)
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, db], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "ready\n"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out == "closed\n" and "Traceback" not in err, err
+    assert not session_members(proc.pid)
+
+
+def test_transformer_writes_into_a_given_array():
+    images = np.random.default_rng(0).integers(0, 255, (4, 3, 20, 10), dtype=np.uint8)
+    a = DataTransformer((16, 8), [1, 2, 3], mirror=True, phase="TRAIN", seed=2)
+    b = DataTransformer((16, 8), [1, 2, 3], mirror=True, phase="TRAIN", seed=2)
+    out = np.full((4, 3, 16, 8), np.nan, np.float32)
+    assert a(images, out=out) is out
+    assert np.array_equal(out, b(images))
+    with pytest.raises(ValueError, match=r"out is float32 \[4, 3, 16, 7\]"):
+        a(images, out=np.empty((4, 3, 16, 7), np.float32))

@@ -142,8 +142,8 @@ def test_stage2_settings_curves_and_stage1_reuse(tmp_path, run_tool):
 
 
 def _run_gpu_recipe_script(tmp_path, **env):
-    """tools/gpu_cuhk01.sh on a fabricated CUHK01 folder, on the CPU (no build, 2 workers), with
-    ``env`` added to the environment; its output in tmp_path/out."""
+    """tools/gpu_cuhk01.sh on a fabricated CUHK01 folder, on the CPU (no build, 2 workers unless
+    ``env`` says WORKERS), with ``env`` added to the environment; its output in tmp_path/out."""
     import os
     import subprocess
     from pathlib import Path
@@ -152,14 +152,14 @@ def _run_gpu_recipe_script(tmp_path, **env):
     fabricate_cuhk01(tmp_path / "raw")
     return subprocess.run(["bash", str(root / "tools" / "gpu_cuhk01.sh"), str(tmp_path / "raw"), str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=root,
-                          env=dict(os.environ, SKIP_BUILD="1", DEVICE="cpu", WORKERS="2", **env))
+                          env=dict(os.environ, **{"SKIP_BUILD": "1", "DEVICE": "cpu", "WORKERS": "2", **env}))
 
 
 @pytest.mark.slow
 def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
     """tools/gpu_cuhk01.sh, the one call that runs the full CUHK01-100 recipe of split 0 on a GPU,
     run here on the CPU with a tiny schedule (the same script, the same reproduce.py invocation)."""
-    proc = _run_gpu_recipe_script(tmp_path, BENCH_PAIRS="4", BENCH_BATCHES="3",
+    proc = _run_gpu_recipe_script(tmp_path, BENCH_PAIRS="4", BENCH_BATCHES="3", WORKERS="3",
                                   EXTRA="--iters1 2 --iters2 1 --batch-pairs 2 --val-ids 4 --repeats 2")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "exit status 0" in proc.stdout and "ours: all" in proc.stdout and "paper: all" in proc.stdout
@@ -168,7 +168,9 @@ def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
     assert result["args"]["tf32"] is True  # the script's default on a GPU (ignored on the CPU)
     bench = json.loads((tmp_path / "out" / "bench_data.json").read_text())
     assert bench["images_per_s"]["ours"] > 0
-    assert [r["workers"] for r in bench["scaling"]] == [1, 2, 4, 8]  # the loader's scaling, WORKERS=2 included
+    # the loader's scaling at 1, 2, 4, 8 and WORKERS (3: training ran with worker processes), both kinds
+    assert [(r["ran_as"], r["workers"]) for r in bench["scaling"]] == [
+        (kind, w) for kind in ("threads", "processes") for w in (1, 2, 3, 4, 8)]
 
 
 @pytest.mark.slow

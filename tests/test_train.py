@@ -1,6 +1,7 @@
 """tools/train.py end to end on a tiny synthetic dataset (CPU): Caffe log lines,
 snapshots, bit-exact resume, stage 2 from stage 1, Ctrl-C, bad input."""
 import math
+import os
 import re
 import signal
 import subprocess
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import session_members
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "tools" / "train.py")]
@@ -23,8 +26,10 @@ def db(tiny_market_db):
 
 
 def train(db, prefix, *extra, check=True):
+    """tools/train.py on `db`. The thread count is fixed: `--threads auto` picks it from the machine's
+    load at start, and runs compared byte for byte must sum in the same order."""
     cmd = TRAIN + ["--data", str(db), "--batch-pairs", "2", "--workers", "1", "--display", "1",
-                   "--snapshot-prefix", str(prefix), "--device", "cpu"] + list(extra)
+                   "--snapshot-prefix", str(prefix), "--device", "cpu", "--threads", "2"] + list(extra)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if check:
         assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -82,23 +87,27 @@ def test_seed_option(db, tmp_path):
     assert weights["s5"] == weights["s5again"] and weights["s5"] != weights["s6"]
 
 
-def _run_with_signals(db, tmp_path, signals, *extra):
-    """Start a long training; at the display line of iteration k send signals[k]; returns the
-    process's return code and output after the last signal."""
+def _run_with_signals(db, tmp_path, signals, *extra, group=False, pids=None):
+    """Start a long training; at the display line of iteration k send signals[k] (with `group`, to its
+    whole process group, as a terminal's Ctrl-C does); returns the process's return code and output
+    after the last signal (stdout, then stderr)."""
     cmd = TRAIN + ["--data", str(db), "--batch-pairs", "2", "--workers", "1", "--display", "1",
                    "--snapshot-prefix", str(tmp_path / "s"), "--solver", STAGE1, "--max-iter", "1000",
                    "--test-interval", "0", "--snapshot-every", "0", "--device", "cpu", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=group)
     seen = []
     for line in proc.stdout:
         seen.append(line)
         for k, sig in signals.items():
             if f"Iteration {k}, lr" in line:
-                proc.send_signal(sig)
+                os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
         if f"Iteration {max(signals)}, lr" in line:
             break
-    rest = proc.communicate(timeout=120)[0]
-    return proc.returncode, "".join(seen) + rest
+    rest, err = proc.communicate(timeout=120)
+    if pids is not None:
+        pids.append(proc.pid)
+    return proc.returncode, "".join(seen) + rest + err
 
 
 def test_ctrl_c_snapshots_and_stops(db, tmp_path):
@@ -107,6 +116,24 @@ def test_ctrl_c_snapshots_and_stops(db, tmp_path):
     assert re.search(r"SIGINT received: stopping after iteration \d+", out) and "Optimization stopped early." in out
     snaps = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
     assert len(snaps) == 2 and snaps[0].endswith(".caffemodel") and snaps[1].endswith(".solverstate")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_worker_processes_train_the_same_weights_and_stop_on_ctrl_c(db, tmp_path):
+    """--workers 3 (forked worker processes) trains the very weights of --workers 1 (a thread); a
+    Ctrl-C sent to the whole process group, workers included, still snapshots and stops, and leaves
+    no worker behind."""
+    for name, workers in (("thread", "1"), ("procs", "3")):
+        train(db, tmp_path / name, "--solver", STAGE1, "--max-iter", "3", "--snapshot-every", "3",
+              "--test-interval", "0", "--workers", workers)
+    assert (tmp_path / "procs_iter_3.caffemodel").read_bytes() == (tmp_path / "thread_iter_3.caffemodel").read_bytes()
+    stop = tmp_path / "stop"
+    stop.mkdir()
+    pids = []
+    code, out = _run_with_signals(db, stop, {1: signal.SIGINT}, "--workers", "3", group=True, pids=pids)
+    assert code == 130 and "Optimization stopped early." in out and "Traceback" not in out, out
+    assert len([p for p in stop.iterdir() if p.suffix == ".caffemodel"]) == 1
+    assert not session_members(pids[0])  # the workers went with the pool's shutdown
 
 
 def test_sighup_snapshots_and_goes_on(db, tmp_path):

@@ -3,7 +3,8 @@
 pair batches (2 images per pair, 144 x 56 crops, mirror, mean subtraction).
 
 * ours: the LMDB of raw Datums (tools/convert_dataset.py) read by
-  mspcnn.data.pairs.PairLoader (threads, vectorised DataTransformer);
+  mspcnn.data.pairs.PairLoader (threads or worker processes writing into shared
+  memory, vectorised DataTransformer);
 * baseline: the JPEG files decoded by a standard torch DataLoader (worker
   processes, per-image OpenCV decode + resize + crop + mirror + mean).
 
@@ -14,9 +15,11 @@ workers. Prints a table and writes JSON.
 With several worker counts (--workers 1 2 4 8 16) it measures how our loader
 scales with cores: images per second at each count, per worker, and the
 efficiency against the first count (the baseline is then timed at the largest
-count only).
+count only). --kind threads processes measures both kinds of worker at every
+count (threads share the interpreter lock; processes do not).
 
     python tools/bench_data.py [--pairs-per-batch 50] [--batches 40] [--workers 2 [4 ...]]
+                               [--kind threads|processes|auto ...]
 """
 import argparse
 import json
@@ -64,18 +67,20 @@ class JpegPairs(Dataset):
 
 
 def timed_batches(iterator, batches, warmup=1):
-    """Images per second over `batches` batches, after `warmup` batches. A loader that decodes
-    batches ahead should be given its prefetch depth as `warmup`: the clock then starts once the
-    queue it filled before the first batch is spent, so that it times production, not the backlog."""
+    """(images per second, CPU microseconds of this process per image) over `batches` batches, after
+    `warmup` batches. A loader that decodes batches ahead should be given its prefetch depth as
+    `warmup`: the clock then starts once the queue it filled before the first batch is spent, so
+    that it times production, not the backlog. The CPU time is what the loader costs the process
+    that trains (with worker processes, only their batches' copying and bookkeeping)."""
     it = iter(iterator)
     for _ in range(warmup):
         next(it)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     images = 0
     for _ in range(batches):
         batch = next(it)
         images += 2 * len(batch["data"] if isinstance(batch, dict) else batch[0])
-    return images / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start), (time.process_time() - cpu) / images * 1e6
 
 
 def main(argv=None):
@@ -87,6 +92,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, nargs="+", default=[2],
                    help="decoding threads of our loader and worker processes of the baseline (default 2); several "
                    "counts measure our loader's scaling (the baseline runs at the largest)")
+    p.add_argument("--kind", nargs="+", choices=("auto", "threads", "processes"), default=["auto"],
+                   help="our loader's workers: threads, processes, or auto (threads up to 2, processes beyond; "
+                   "the default); several kinds are each measured at every count")
     p.add_argument("--json", default="bench_data.json", help="write the figures here (default bench_data.json)")
     p.add_argument("--pin-memory", action="store_true",
                    help="make the batches in page-locked memory, as training on a GPU does (needs a GPU)")
@@ -122,14 +130,17 @@ def main(argv=None):
     transformer = DataTransformer((144, 56), [102, 102, 101], mirror=True, phase="TRAIN")
     db = DatumDB(os.path.join(db_dir, "train.lmdb"))
     scaling = []
-    for workers in args.workers:
-        loader = PairLoader(db, labels, sampler, args.pairs_per_batch, transformer, workers=workers,
-                            pin_memory=args.pin_memory)
-        load = os.getloadavg()[0]
-        rate = timed_batches((b for _, b in loader.epoch(0)), args.batches, warmup=loader.prefetch)
-        scaling.append({"workers": workers, "images_per_s": rate, "per_worker": rate / workers, "load_average": load})
+    for kind in dict.fromkeys(args.kind):
+        for workers in args.workers:
+            with PairLoader(db, labels, sampler, args.pairs_per_batch, transformer, workers=workers,
+                            pin_memory=args.pin_memory, kind=kind) as loader:
+                load = os.getloadavg()[0]
+                # The first batch also starts worker processes: the warm-up covers it.
+                rate, cpu = timed_batches((b for _, b in loader.epoch(0)), args.batches, warmup=loader.prefetch)
+            scaling.append({"kind": kind, "ran_as": loader.kind, "workers": workers, "images_per_s": rate,
+                            "per_worker": rate / workers, "main_cpu_us_per_image": cpu, "load_average": load})
     workers_max = max(args.workers)
-    ours = next(r["images_per_s"] for r in scaling if r["workers"] == workers_max)
+    ours = max(r["images_per_s"] for r in scaling if r["workers"] == workers_max)
 
     baseline = None
     if not args.no_baseline:
@@ -139,7 +150,7 @@ def main(argv=None):
         baseline_loader = DataLoader(baseline_ds, batch_size=args.pairs_per_batch, num_workers=workers_max,
                                      shuffle=False, persistent_workers=False)
         # DataLoader keeps prefetch_factor (2) batches per worker ahead: the same warm-up as ours.
-        baseline = timed_batches(baseline_loader, args.batches, warmup=max(1, 2 * workers_max))
+        baseline = timed_batches(baseline_loader, args.batches, warmup=max(1, 2 * workers_max))[0]
 
     print(f"\n{'path':<38} {'images/s':>10}")
     print("-" * 49)
@@ -150,14 +161,16 @@ def main(argv=None):
     if baseline:
         print(f"speed-up {ours / baseline:.1f}x (at {workers_max} workers)")
     if len(scaling) > 1:
-        first = scaling[0]
         print(f"\nscaling of our loader ({os.cpu_count()} CPUs; efficiency = per-worker rate / the per-worker rate "
-              f"at {first['workers']})")
-        print(f"{'workers':>7} {'images/s':>10} {'per worker':>11} {'efficiency':>10} {'load':>6}")
+              f"of the same kind at {args.workers[0]} workers)")
+        print("main CPU = CPU time of this process (the one that would train) per image, in microseconds")
+        print(f"{'kind':>9} {'workers':>7} {'images/s':>10} {'per worker':>11} {'efficiency':>10} {'main CPU':>9} "
+              f"{'load':>6}")
         for r in scaling:
+            first = next(q for q in scaling if q["kind"] == r["kind"])
             r["efficiency"] = r["per_worker"] / first["per_worker"]
-            print(f"{r['workers']:>7} {r['images_per_s']:>10.0f} {r['per_worker']:>11.0f} {r['efficiency']:>10.2f} "
-                  f"{r['load_average']:>6.2f}")
+            print(f"{r['ran_as']:>9} {r['workers']:>7} {r['images_per_s']:>10.0f} {r['per_worker']:>11.0f} "
+                  f"{r['efficiency']:>10.2f} {r['main_cpu_us_per_image']:>9.1f} {r['load_average']:>6.2f}")
     result = {"images_per_s": {"ours": ours, "baseline": baseline}, "speedup": ours / baseline if baseline else None,
               "load_average": os.getloadavg(), "scaling": scaling,
               "pairs_per_batch": args.pairs_per_batch, "batches": args.batches,

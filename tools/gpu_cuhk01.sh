@@ -40,14 +40,14 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package from the reposi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 args=(cuhk01-100 "$raw" --recipe paper --splits 1 --device "$device" --workers "$workers" --test-interval 500
       --out "$out" --name gpu_split0 $precision)
-# The loader alone first (a few seconds), at 1, 2, 4, 8 and the recipe's worker count: its rate per
-# core on this machine, on split 0 converted as the recipe converts it, with page-locked batches as
-# training on the GPU makes them.
+# The loader alone first (a few seconds), at 1, 2, 4, 8 and the recipe's worker count, as threads and
+# as processes: its rate per core on this machine, on split 0 converted as the recipe converts it,
+# with page-locked batches as training on the GPU makes them.
 # shellcheck disable=SC2086
 python3 tools/reproduce.py "${args[@]}" --convert-only ${EXTRA:-} > "$out/convert.log" 2>&1 \
   && { [ -n "${SKIP_BENCH:-}" ] || python3 tools/bench_data.py --db "$out/split00/db" --no-baseline --pairs-per-batch "${BENCH_PAIRS:-50}" \
     --batches "${BENCH_BATCHES:-30}" --workers $(printf '%s\n' 1 2 4 8 "$workers" | sort -nu) \
-    $([ "$device" = cuda ] && echo --pin-memory) --json "$out/bench_data.json" 2>&1 | tail -10; } || tail -5 "$out/convert.log"
+    --kind threads processes $([ "$device" = cuda ] && echo --pin-memory) --json "$out/bench_data.json" 2>&1 | tail -16; } || tail -5 "$out/convert.log"
 limit=${TIME_LIMIT:-}
 if [ -n "${DEADLINE:-}" ]; then
   left=$(( DEADLINE - $(date +%s) ))

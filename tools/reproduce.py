@@ -68,7 +68,7 @@ from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
 from mspcnn.cli import add_input_size_argument, claim_folder, run
-from mspcnn.runtime import add_tf32_argument, add_threads_argument, configure_threads
+from mspcnn.runtime import add_tf32_argument, add_threads_argument, add_workers_argument, configure_threads
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.data.transformer import CROP, image_size_for
 from mspcnn.engine import TrainingError, solve
@@ -381,7 +381,7 @@ def main(argv=None):
     p.add_argument("--iters1", type=int, help="stage 1 iterations (default: the solver's max_iter)")
     p.add_argument("--iters2", type=int, help="stage 2 iterations (default: the solver's; 0: none)")
     p.add_argument("--batch-pairs", type=int, help="pairs per forward pass (default: the recipe's)")
-    p.add_argument("--workers", type=int, default=2, help="threads decoding batches ahead (default 2)")
+    add_workers_argument(p)
     p.add_argument("--base-lr", type=float, help="base_lr of both stages (default: the solvers')")
     p.add_argument("--test-interval", type=int, default=0,
                    help="validate every N iterations, for the learning curve (default 0: never)")

@@ -37,7 +37,7 @@ from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
 from mspcnn.cli import run
-from mspcnn.runtime import add_threads_argument, configure_threads
+from mspcnn.runtime import add_threads_argument, add_workers_argument, configure_threads
 from mspcnn.engine import TrainingError, solve
 from mspcnn.paths import PROTOTXT_DIR
 from mspcnn.train_net import NetDefinitionError, resolve_net_path
@@ -111,7 +111,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="training seed of every configuration")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
-    p.add_argument("--workers", type=int, default=2, help="threads decoding batches ahead (default 2)")
+    add_workers_argument(p)
     p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction (default: the "
                    "net's; 0.986 for the CPU recipe, as tools/reproduce.py --recipe cpu)")
     p.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")

@@ -36,7 +36,7 @@ import torch
 
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import add_input_size_argument, run
-from mspcnn.runtime import add_tf32_argument, add_threads_argument, configure_threads
+from mspcnn.runtime import add_tf32_argument, add_threads_argument, add_workers_argument, configure_threads
 from mspcnn.engine import SIGNAL_EFFECTS, TrainingError, solve
 from mspcnn.train_net import NetDefinitionError
 
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     add_input_size_argument(p, default=None, help="the images' height x width (default: the net's Input layer's, "
                             "144x56 in prototxt_equiv/); the database should hold images of it scaled by 160/144 "
                             "and 64/56 (convert_dataset.py --input-size)")
-    p.add_argument("--workers", type=int, default=2, help="threads decoding batches ahead (default 2)")
+    add_workers_argument(p)
     p.add_argument("--snapshot-prefix", help="overrides the solver's snapshot_prefix")
     p.add_argument("--snapshot-every", type=int, help="overrides the solver's snapshot (0: only at the end)")
     p.add_argument("--test-interval", type=int, help="overrides the solver's test_interval (0: never)")

@@ -232,6 +232,16 @@ def write_records(out_path, records, total=None, resize=(160, 64), encode_type=N
 _ENVS = {}
 
 
+def forget_inherited_environments():
+    """In a forked child: close the environments opened by the parent. LMDB forbids using an
+    environment across a fork, and refuses to open the same path twice in a process (the parent's
+    open environments are inherited); closing the child's copy leaves the parent's untouched (the
+    databases are opened read-only, without a lock table)."""
+    pid = os.getpid()
+    for key in [k for k in _ENVS if k[0] != pid]:
+        _ENVS.pop(key).close()
+
+
 class DatabaseError(ValueError):
     """A database that cannot be read: names the database (and the record)."""
 

@@ -7,17 +7,35 @@ batches are decoded and transformed by background threads ahead of use.
   image) get a positive partner (same identity, another camera when there is
   one), the others a negative partner (another identity).
 * :class:`PairLoader`: batches {data, data_p, label, sim} from a DatumDB, a
-  DataTransformer and a PairSampler, prefetched by a thread pool (LMDB reads,
-  JPEG/PNG decoding and numpy release the GIL), in a deterministic order.
+  DataTransformer and a PairSampler, prefetched in a deterministic order by
+  threads (LMDB reads, PNG decoding and numpy release the interpreter lock for
+  part of the work, so threads scale to about 2) or by worker processes, which
+  write each batch into shared memory and scale with cores.
 """
 import copy
+import multiprocessing
+import os
+import pickle
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import weakref
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 
 import numpy as np
 import torch
 
-__all__ = ["PairSampler", "PairLoader"]
+from mspcnn.data.lmdb_io import forget_inherited_environments
+
+__all__ = ["PairSampler", "PairLoader", "LoaderError"]
+
+
+class LoaderError(RuntimeError):
+    """The loader's worker processes failed (one died, or shared memory could not be made)."""
 
 
 class PairSampler:
@@ -81,16 +99,27 @@ class PairLoader:
         sampler: a PairSampler over the same records.
         batch_pairs: pairs per batch.
         transformer: a DataTransformer (TRAIN phase: random crops, mirror).
-        workers: background threads; prefetch: batches decoded ahead (default twice the
-            workers, at least 4: each batch is one thread's job, so fewer batches in flight than
-            workers would leave threads idle).
+        workers: background workers; prefetch: batches decoded ahead (default twice the
+            workers, at least 4: each batch is one worker's job, so fewer batches in flight than
+            workers would leave workers idle).
+        kind: "threads", "processes" or "auto" (the default: threads up to 2 workers, processes
+            beyond). Threads share the interpreter lock and stop scaling at about 2. Processes are
+            forked once, when the first batch is asked for, and kept until :meth:`close`; each writes
+            its batches into a slot of shared memory, which a thread of this process copies out.
+            Batches are the same, bit for bit, whatever the kind and the worker count.
         pin_memory: make each batch in page-locked memory (in the worker threads), so that a copy
             to a GPU with ``non_blocking=True`` runs while the GPU computes; from ordinary memory
             the copy first waits for the GPU's queued work. Needs a CUDA-enabled PyTorch.
     Yields dicts of torch tensors: data, data_p (N x C x h x w float32),
     label (the anchors' labels), sim (1 positive, 0 negative)."""
 
-    def __init__(self, db, labels, sampler, batch_pairs, transformer, workers=2, prefetch=None, pin_memory=False):
+    def __init__(self, db, labels, sampler, batch_pairs, transformer, workers=2, prefetch=None, pin_memory=False,
+                 kind="auto"):
+        if kind not in ("auto", "threads", "processes"):
+            raise ValueError(f"PairLoader: kind must be 'auto', 'threads' or 'processes', got {kind!r}")
+        if kind == "processes" and "fork" not in multiprocessing.get_all_start_methods():
+            raise ValueError("PairLoader: worker processes need the 'fork' start method (Linux, macOS); "
+                             "use kind='threads'")
         if len(db) != len(sampler):
             raise ValueError(f"PairLoader: the database has {len(db)} records, the sampler "
                              f"{len(sampler)} labels")
@@ -100,6 +129,10 @@ class PairLoader:
         self.workers = max(1, workers)
         self.prefetch = self.default_prefetch(self.workers) if prefetch is None else max(1, prefetch)
         self.pin_memory = bool(pin_memory)
+        if kind == "auto":
+            kind = "processes" if self.workers > 2 and "fork" in multiprocessing.get_all_start_methods() else "threads"
+        self.kind = kind
+        self._procs = None  # (ProcessPoolExecutor, slots, finalizer) once started
 
     @staticmethod
     def default_prefetch(workers):
@@ -122,20 +155,177 @@ class PairLoader:
                  "sim": torch.from_numpy(sim)}
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
+    def _jobs(self, e, start, select, one_epoch):
+        """The batches of epoch e from batch ``start`` (then of e + 1, ... unless ``one_epoch``), as
+        (epoch, index, anchors, partners, sim, seed), made lazily. ``select(e)`` picks epoch e's."""
+        nb, bp = self.batches_per_epoch(), self.batch_pairs
+        while True:
+            anchors, partners, sim = self.sampler.epoch(e)
+            pick = select(e) if select is not None else None
+            for k in range(start, nb):
+                if pick is None or pick(k):
+                    yield (e, k, anchors[k * bp:(k + 1) * bp], partners[k * bp:(k + 1) * bp],
+                           sim[k * bp:(k + 1) * bp], (self.sampler.seed + e) * 1_000_003 + k)
+            if one_epoch:
+                return
+            e, start = e + 1, 0
+
     def epoch(self, e, start=0, select=None):
         """Generator of the batches of epoch e (the last incomplete batch is dropped), from batch
         ``start``, as (index in the epoch, batch). ``select(k)``, when given, picks the batches to
         make: the others are skipped without reading a single image (a data-parallel worker makes
         only its share)."""
-        anchors, partners, sim = self.sampler.epoch(e)
-        nb, bp = self.batches_per_epoch(), self.batch_pairs
-        keep = [k for k in range(start, nb) if select is None or select(k)]
-        jobs = [(k, (anchors[k * bp:(k + 1) * bp], partners[k * bp:(k + 1) * bp], sim[k * bp:(k + 1) * bp],
-                     (self.sampler.seed + e) * 1_000_003 + k)) for k in keep]
+        picker = None if select is None else (lambda _: select)
+        for _, k, batch in self._run(self._jobs(e, start, picker, one_epoch=True)):
+            yield k, batch
+
+    def stream(self, e=0, start=0, select=None):
+        """Endless generator of (epoch, index in the epoch, batch) from batch ``start`` of epoch e,
+        without a pause between epochs (the next epoch's first batches are made while this one's
+        last are used). ``select(e)``, when given, returns the picker of epoch e's batches (see
+        :meth:`epoch`)."""
+        return self._run(self._jobs(e, start, select, one_epoch=False))
+
+    def _run(self, jobs):
+        """Make the batches of ``jobs`` ahead, ``prefetch`` of them at a time, and yield them in order.
+        With processes, job i writes into slot i % prefetch: the job that takes a slot over is
+        submitted only after the batch that held it was copied out."""
+        processes = self.kind == "processes"
+        if processes:
+            self._start_processes()
+        pending = []
         with ThreadPoolExecutor(self.workers) as pool:
-            pending = [pool.submit(self._make, *job) for _, job in jobs[:self.prefetch]]
-            for i, (k, _) in enumerate(jobs):
-                batch = pending.pop(0).result()
-                if i + self.prefetch < len(jobs):
-                    pending.append(pool.submit(self._make, *jobs[i + self.prefetch][1]))
-                yield k, batch
+            def submit(i, job):
+                e, k, anchors, partners, sim, seed = job
+                if processes:
+                    fut = pool.submit(self._make_in_process, i % self.prefetch, anchors, partners, sim, seed)
+                else:
+                    fut = pool.submit(self._make, anchors, partners, sim, seed)
+                pending.append((e, k, fut))
+
+            try:
+                numbered = enumerate(jobs)
+                for i, job in numbered:
+                    submit(i, job)
+                    if len(pending) == self.prefetch:
+                        break
+                while pending:
+                    e, k, fut = pending.pop(0)
+                    batch = fut.result()
+                    nxt = next(numbered, None)
+                    if nxt is not None:
+                        submit(*nxt)
+                    yield e, k, batch
+            finally:
+                for _, _, fut in pending:
+                    fut.cancel()
+
+    # Worker processes ------------------------------------------------------------------------
+    def _start_processes(self):
+        """Fork the worker processes and make the shared slots (once; kept until close())."""
+        if self._procs is not None:
+            return self._procs[1]
+        c, height, width = np.shape(self.db[0][0])
+        ch, cw = self.transformer.crop or (height, width)
+        shape = (self.prefetch, 2 * self.batch_pairs, c, ch, cw)
+        need = int(np.prod(shape)) * 4
+        folder = _shared_folder(need)
+        try:
+            path = os.path.join(folder, "slots")
+            slots = np.lib.format.open_memmap(path, "w+", np.float32, shape)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise LoaderError(f"PairLoader: cannot make {need / 2**20:.0f} MiB of shared memory for "
+                              f"{self.prefetch} batches in {folder}: {exc}") from None
+        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_init, initargs=(self.db, self.transformer, path))
+        finalizer = weakref.finalize(self, _release, pool, folder)
+        self._procs = (pool, slots, finalizer)
+        try:
+            pool.submit(os.getpid).result()  # forks them all now, from this thread
+        except BrokenProcessPool as exc:
+            self.close()
+            raise LoaderError(f"PairLoader: the worker processes could not start ({exc})") from None
+        return slots
+
+    def _make_in_process(self, slot, anchors, partners, sim, seed):
+        pool, slots = self._procs[0], self._procs[1]
+        try:
+            pool.submit(_worker_fill, slot, np.concatenate([anchors, partners]), seed).result()
+        except BrokenProcessPool:
+            raise LoaderError("PairLoader: a worker process died (killed, out of memory, or a crash in "
+                              "reading or decoding); its pool is gone, so the batches in flight are lost too. "
+                              "Resume from the last snapshot, or use kind='threads' to see the failing "
+                              "record's error") from None
+        data = torch.empty(slots.shape[1:], dtype=torch.float32, pin_memory=self.pin_memory)
+        data.copy_(torch.from_numpy(slots[slot]))
+        n = len(anchors)
+        batch = {"data": data[:n], "data_p": data[n:],
+                 "label": torch.from_numpy(self.labels[anchors].astype(np.float32)),
+                 "sim": torch.from_numpy(sim)}
+        if self.pin_memory:
+            batch["label"], batch["sim"] = batch["label"].pin_memory(), batch["sim"].pin_memory()
+        return batch
+
+    def close(self):
+        """Stop the worker processes and free their shared memory (threads need nothing)."""
+        if self._procs is not None:
+            self._procs[2]()
+            self._procs = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _shared_folder(need):
+    """A private folder for the slots: in /dev/shm (memory) when it has room, else the temp folder."""
+    base = "/dev/shm"
+    try:
+        st = os.statvfs(base)
+        roomy = st.f_bavail * st.f_frsize > 2 * need
+    except OSError:
+        roomy = False
+    return tempfile.mkdtemp(prefix="mspcnn-pairs-", dir=base if roomy else None)
+
+
+def _release(pool, folder):
+    pool.shutdown(wait=True, cancel_futures=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+_WORKER = {}
+
+
+def _worker_init(db, transformer, path):
+    """In a forked worker: its own LMDB environment (an environment must not cross a fork), the
+    transformer, and the shared slots. Interrupts and terminations are the parent's to handle (it
+    stops the pool, e.g. after a snapshot); a worker whose parent has gone (killed) exits by itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+    forget_inherited_environments()
+    _WORKER["db"] = pickle.loads(pickle.dumps(db))  # a DatumDB reopens its environment here
+    _WORKER["transformer"] = transformer
+    _WORKER["slots"] = np.load(path, mmap_mode="r+")
+
+
+def _worker_fill(slot, records, seed):
+    images = _WORKER["db"].read_list(records)[0]
+    transformer = copy.copy(_WORKER["transformer"])
+    transformer.rng = np.random.default_rng(seed)
+    transformer(images, out=_WORKER["slots"][slot])

@@ -89,9 +89,10 @@ class DataTransformer:
             return np.full(n, (height - ch) // 2), np.full(n, (width - cw) // 2)
         return (self.rng.integers(0, height - ch + 1, n), self.rng.integers(0, width - cw + 1, n))
 
-    def __call__(self, batch):
+    def __call__(self, batch, out=None):
         """N x C x H x W uint8 (or float) images -> N x C x h x w float32.
-        ``batch`` may also be a list of C x H x W arrays of one shape (no stacking copy)."""
+        ``batch`` may also be a list of C x H x W arrays of one shape (no stacking copy).
+        ``out``: an N x C x h x w float32 array to write into (e.g. shared memory) instead of a new one."""
         if isinstance(batch, (list, tuple)):
             if not batch:
                 raise ValueError("DataTransformer: empty batch")
@@ -118,7 +119,13 @@ class DataTransformer:
                  else np.zeros(n, bool))
         # Crops by slicing each image (a strided copy; much faster than one
         # fancy index over the batch), then the mean and scale over the batch.
-        crops = np.empty((n, c, ch, cw), np.float32)
+        if out is None:
+            crops = np.empty((n, c, ch, cw), np.float32)
+        elif out.shape != (n, c, ch, cw) or out.dtype != np.float32:
+            raise ValueError(f"DataTransformer: out is {out.dtype} {list(out.shape)}, the batch needs "
+                             f"float32 {[n, c, ch, cw]}")
+        else:
+            crops = out
         for i in range(n):
             r, q = rows[i], cols[i]
             crops[i] = batch[i][:, r:r + ch, q:q + cw]
@@ -172,6 +179,19 @@ def image_size_for(crop):
     160 x 64 images for 144 x 56 crops, scaled (rounded), e.g. 71 x 27 for 64 x 24. The converter
     resizes to it and the feature tools resize image files to it before the centre crop."""
     return (round(crop[0] * IMAGE_SIZE[0] / CROP[0]), round(crop[1] * IMAGE_SIZE[1] / CROP[1]))
+
+
+def read_image_for(path, crop=CROP):
+    """An image file as the feature tools give it to the net: BGR, resized (OpenCV's bilinear filter, as
+    the converter does) to :func:`image_size_for` ``crop``, C x H x W uint8, ready for
+    :func:`feature_transformer`. Raises ValueError naming the file when OpenCV cannot read it."""
+    import cv2
+
+    img = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"cannot read image {path} (missing, or not an image OpenCV decodes)")
+    height, width = image_size_for(crop)
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
 
 
 def size_mismatch(image_shape, crop, where="the images"):
