@@ -23,7 +23,6 @@ import os
 import sys
 import warnings
 
-import cv2
 import numpy as np
 import torch
 
@@ -32,7 +31,7 @@ from mspcnn.caffe.net import CaffeNet
 from mspcnn.caffe.weights import layer_blobs_to_net
 from mspcnn.cli import add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
-from mspcnn.data.transformer import feature_transformer, image_size_for
+from mspcnn.data.transformer import feature_transformer, image_size_for, read_image_for
 from mspcnn.model import feature_model
 from mspcnn.paths import DEPLOY_PROTOTXT
 
@@ -57,12 +56,10 @@ def check_images(folder, input_size, limit=64):
                                                                                 recursive=True))[:limit]
     if not paths:
         raise FileNotFoundError(f"--check {folder}: no images found")
-    images = []
-    for p in paths:
-        img = cv2.imread(p, cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError(f"--check: cannot read image {p}")
-        images.append(cv2.resize(img, image_size[::-1], interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
+    try:
+        images = [read_image_for(p, input_size) for p in paths]
+    except ValueError as exc:
+        raise ValueError(f"--check: {exc}") from None
     return np.stack(images), f"{len(paths)} images of {folder}"
 
 

@@ -14,14 +14,13 @@ import argparse
 import os
 import sys
 
-import cv2
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.lmdb_io import DatumDB
-from mspcnn.data.transformer import feature_transformer, image_size_for
+from mspcnn.data.transformer import feature_transformer, read_image_for
 from mspcnn.index import load_index, search
 from mspcnn.model import feature_model
 from mspcnn.plots import RIGHT, UNKNOWN, WRONG, draw_ranking
@@ -70,13 +69,11 @@ def main(argv=None):
               f"the queries' would be at {' x '.join(map(str, backbone.input_size))}: give --input-size "
               f"{'x'.join(map(str, index['input_size']))}", file=sys.stderr)
         return 2
-    images = []
-    for path in args.images:
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
-        if img is None:
-            print(f"error: cannot read image {path}", file=sys.stderr)
-            return 2
-        images.append(cv2.resize(img, image_size_for(backbone.input_size)[::-1], interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1))
+    try:
+        images = [read_image_for(path, backbone.input_size) for path in args.images]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     x = torch.from_numpy(feature_transformer(backbone.input_size)(images))
     with torch.no_grad():
         q = torch.nn.functional.normalize(backbone(x.to(args.device), logits=False)["fc7_bn"].cpu())
