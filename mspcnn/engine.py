@@ -44,6 +44,7 @@ from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.cli import format_duration, lock_file
 from mspcnn.data.lmdb_io import DatumDB
+from mspcnn.cuda_graphs import CapturedPasses
 from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import feature_transformer, size_mismatch, train_transformer
 from mspcnn.evaluation import extract_features
@@ -73,7 +74,8 @@ class SolveResult:
     test: the last validation {"iteration", "rank1", "mAP", "queries"} or None; history: every
     displayed {"iteration", "loss", "lr", "seconds", "data_wait"} and validation; seconds: wall time;
     data_wait: the share of the training loop's time spent waiting for batches (near 0 when the
-    data layer keeps up with the device)."""
+    data layer keeps up with the device); cuda_graphs: with ``cuda_graphs=True``, "replayed",
+    "not reached" (training ended before the capture) or "failed: <error>"."""
     iterations: int = 0
     snapshots: list = field(default_factory=list)
     weights: str = None
@@ -85,6 +87,7 @@ class SolveResult:
     seconds: float = 0.0
     data_wait: float = 0.0
     net: str = None
+    cuda_graphs: str = None
 
 
 def glog(where, message, stream=None):
@@ -132,7 +135,8 @@ def _install_signals(effects, requests):
 def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=None, batch_pairs=None,
           input_size=None, loss_weights=None, net=None, workers=2, deterministic=False, tf32=False, channels_last=False, cpu_kernels=True,
           sigint_effect="stop",
-          sighup_effect="snapshot", sigterm_effect="stop", log=glog, progress=None, stop_at=None):
+          sighup_effect="snapshot", sigterm_effect="stop", log=glog, progress=None, stop_at=None,
+          cuda_graphs=False):
     """Train as ``caffe train --solver SOLVER [--weights W | --snapshot S]`` would.
 
     Args:
@@ -170,6 +174,9 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         stop_at: a time (``time.time()``) after which training stops at the end of the iteration,
             as a stop signal would (snapshot written, ``stopped_by`` "time limit"): a run that must
             fit a fixed window, resumed later from that snapshot.
+        cuda_graphs: on a GPU, replay each training pass from CUDA graphs captured after two eager
+            iterations (mspcnn.cuda_graphs): the same arithmetic, without the host's per-kernel cost.
+            Off by default; a capture that fails is logged and training goes on without graphs.
 
     Returns a :class:`SolveResult`."""
     start_time = time.time()
@@ -219,6 +226,8 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
             raise TrainingError(str(exc)) from None
     if isinstance(batch_pairs, bool) or not isinstance(batch_pairs, int) or batch_pairs < 1:
         raise TrainingError(f"batch_pairs must be an integer >= 1, got {batch_pairs!r}")
+    if cuda_graphs and device.type != "cuda":
+        raise TrainingError(f"cuda_graphs: CUDA graphs need a GPU (device cuda), not {device}")
     if not isinstance(workers, int) or workers < 1:
         raise TrainingError(f"workers must be an integer >= 1, got {workers!r}")
     rows = _read_records(data, "train")
@@ -253,7 +262,7 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
     try:
         return _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
                       device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-                      start_time, group, channels_last, cpu_kernels, tf32, stop_at)
+                      start_time, group, channels_last, cpu_kernels, tf32, stop_at, cuda_graphs)
     finally:
         if lock is not None:
             lock.close()  # releases the lock
@@ -379,7 +388,7 @@ def _lock_prefix(prefix):
 
 def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs, prefix, weights, snapshot,
            device, workers, deterministic, sigint_effect, sighup_effect, sigterm_effect, log, progress,
-           start_time, group, channels_last, cpu_kernels, tf32, stop_at):
+           start_time, group, channels_last, cpu_kernels, tf32, stop_at, cuda_graphs):
     """The training itself (see :func:`solve`), with the inputs checked and the prefix locked."""
 
     seed = sp.random_seed if sp.random_seed >= 0 else 0
@@ -507,6 +516,25 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
         if check and not math.isfinite(float(recent[-1])):
             log("solver.cpp:228", f"Iteration {it}: the loss is {float(recent[-1])} (diverged); lower base_lr")
 
+    def prepare(images):
+        return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+    def eager(host):
+        """One training pass on a host batch: copied to the device, forward, backward; the losses."""
+        batch = {key: t.to(device, non_blocking=True) for key, t in host.items()}
+        losses = model(prepare(batch["data"]), prepare(batch["data_p"]), batch["label"], batch["sim"])
+        losses["total"].backward()
+        return losses
+
+    def reduce():
+        group.average_gradients([e["param"] for e in solver_.entries])
+
+    graphs = None
+    if cuda_graphs:
+        graphs = CapturedPasses(model, sp.iter_size, solver_.iter, prepare=prepare)
+        log("solver.cpp:48", f"CUDA graphs: the passes are captured at iteration {graphs.capture_at} and "
+            "replayed from then on")
+
     waited = [0.0]  # seconds spent waiting for the data layer (a starved GPU shows here)
     max_iter = sp.max_iter
     first_iter, loop_start = solver_.iter, time.time()
@@ -521,12 +549,7 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
                 wait = time.time()
                 host = next(stream)
                 waited[0] += time.time() - wait
-                batch = {key: t.to(device, non_blocking=True) for key, t in host.items()}
-                if channels_last:
-                    for key in ("data", "data_p"):
-                        batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
-                losses = model(batch["data"], batch["data_p"], batch["label"], batch["sim"])
-                losses["total"].backward()
+                losses = graphs.losses(k, solver_.iter, host, eager, log) if graphs is not None else eager(host)
                 # The loss values stay on the device (in double, the arithmetic of Python floats)
                 # until a display needs them: a .item() here would make the host wait for the GPU
                 # at every pass, instead of queueing the next one while the GPU works.
@@ -536,8 +559,8 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
 
             it = solver_.iter
             rate = solver_.rate()
-            loss = solver_.step(forward_backward,
-                                lambda: group.average_gradients([e["param"] for e in solver_.entries]))
+            loss = (graphs.step(solver_, forward_backward, reduce) if graphs is not None
+                    else solver_.step(forward_backward, reduce))
             if group.world > 1:
                 names = sorted(terms)
                 averaged = group.mean([float(loss)] + [float(terms[k]) for k in names])
@@ -586,6 +609,9 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
         loader.close()
         if draw:
             sys.stderr.write("\n")
+    if graphs is not None:
+        result.cuda_graphs = "failed: " + graphs.failed if graphs.failed else (
+            "replayed" if graphs.captured else "not reached")
     if recent:  # the final values; the divergence check unless the last iteration was displayed
         last = solver_.iter - 1
         settle(last, check=not (sp.display and last % sp.display == 0))

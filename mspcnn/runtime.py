@@ -109,6 +109,14 @@ def add_tf32_argument(parser):
                              "default: Caffe computes in float32. Features for evaluation stay float32")
 
 
+def add_cuda_graphs_argument(parser):
+    """The ``--cuda-graphs`` option of the tools that train (mspcnn.cuda_graphs)."""
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="on a GPU, replay each training pass from CUDA graphs captured after two eager "
+                             "iterations: the same arithmetic without the host's cost per kernel launch. Not the "
+                             "default yet; a capture that fails is logged and training goes on without graphs")
+
+
 def add_workers_argument(parser):
     """The ``--workers`` option of the tools that train (checked >= 1 by :func:`mspcnn.engine.solve`)."""
     parser.add_argument("--workers", type=int, default=2,

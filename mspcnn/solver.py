@@ -155,7 +155,7 @@ class SGDSolver:
         for e in self.entries:
             e["param"].grad = None
 
-    def step(self, forward_backward, reduce_gradients=None):
+    def step(self, forward_backward, reduce_gradients=None, clear_gradients=True):
         """One Caffe iteration. ``forward_backward(k)`` runs sub-iteration k
         (0 .. iter_size-1): a forward pass and ``loss.backward()``; it returns
         the loss value (a float, or a 0-dim tensor that the caller reads when it
@@ -163,8 +163,11 @@ class SGDSolver:
         passes and before the update (data-parallel training averages the
         accumulated gradients of the workers there, as Caffe's multi-GPU
         solver does). Returns the mean loss over the sub-iterations (a float or
-        a tensor, as forward_backward returns)."""
-        self.zero_grad()
+        a tensor, as forward_backward returns). ``clear_gradients=False`` keeps the gradient
+        tensors from the last iteration: the caller's first pass must overwrite them (a replayed
+        CUDA graph does, see mspcnn.cuda_graphs)."""
+        if clear_gradients:
+            self.zero_grad()
         iter_size = max(1, int(self.param.iter_size))
         losses = [forward_backward(k) for k in range(iter_size)]  # floats, or tensors left on the device
         if reduce_gradients is not None:

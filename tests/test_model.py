@@ -272,3 +272,35 @@ def test_dropout_mask_is_drawn_from_the_cpu_generator():
     assert 1800 < int(keep.sum()) < 2200
     assert dropout(x.double(), 0.5, training=True).dtype == torch.float64
     assert dropout(x, 0.5, training=False) is x
+
+
+@pytest.mark.parametrize("pair_branches", [False, True])
+def test_masks_drawn_outside_the_net_train_as_masks_drawn_inside(pair_branches):
+    """CUDA graphs (mspcnn.cuda_graphs) cannot draw the dropout mask inside the pass: the engine draws
+    it before each replay with draw_dropout_mask, of shape (pairs, fc7's outputs), and passes it in.
+    From one generator state that gives the very losses and gradients of the pass that draws its own
+    mask, on both branch layouts."""
+    from mspcnn.caffe.layers import draw_dropout_mask
+    from mspcnn.model import MSPCNN
+
+    torch.manual_seed(0)
+    model = MSPCNN(10, use_low=True).train()
+    model.pair_branches = pair_branches
+    a, b = torch.randn(3, 3, 144, 56), torch.randn(3, 3, 144, 56)
+    label, sim = torch.tensor([1.0, 4.0, 7.0]), torch.tensor([1.0, 0.0, 0.0])
+    runs = []
+    for outside in (False, True):
+        model.zero_grad(set_to_none=True)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.manual_seed(11)
+        mask = (draw_dropout_mask((3, model.backbone.m("fc7").out_features), model.backbone.dropout_ratio)
+                if outside else None)
+        losses = model(a, b, label, sim, dropout_mask=mask)
+        losses["total"].backward()
+        runs.append(({k: float(v.detach()) for k, v in losses.items()},
+                     [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                     torch.get_rng_state()))
+        model.load_state_dict(state)  # the BatchNorm accumulators as before the pass
+    (l0, g0, s0), (l1, g1, s1) = runs
+    assert l0 == l1 and len(g0) == len(g1) and all(torch.equal(x, y) for x, y in zip(g0, g1))
+    assert torch.equal(s0, s1)  # one draw each way

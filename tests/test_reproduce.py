@@ -107,6 +107,8 @@ def test_stage1_seed_shares_stage1_across_seeds(tmp_path, run_tool):
     assert a != (out / "split00" / "seed6" / "all_stage1seed5" / "stage2_iter_2.caffemodel").read_bytes()
     bad = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--stage1-seed", "5")
     assert bad.returncode == 2 and "--stage1-seed needs --seeds" in bad.stderr
+    bad = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--cuda-graphs")  # on the CPU
+    assert bad.returncode == 2 and "--cuda-graphs needs a GPU" in bad.stderr
 
 
 @pytest.mark.slow

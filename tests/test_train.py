@@ -169,6 +169,8 @@ def test_bad_input(db, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = train(db, tmp_path / "x", "--solver", STAGE1, "--loss-weights", "1", "1", "0.5", check=False)
     assert proc.returncode == 2 and "'loss_low', which the TRAIN net does not have" in proc.stderr
+    proc = train(db, tmp_path / "x", "--solver", STAGE1, "--cuda-graphs", check=False)  # on the CPU
+    assert proc.returncode == 2 and "CUDA graphs need a GPU (device cuda), not cpu" in proc.stderr
     assert not list(tmp_path.glob("x_iter_*"))
 
 

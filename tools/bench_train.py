@@ -3,7 +3,7 @@
 PyTorch eager version of the same network, on a quiet machine and beside busy processes.
 
     python tools/bench_train.py [--batches paper main] [--busy 0 2] [--threads N] [--repeat 5]
-                                [--device cpu|cuda] [--tf32] [--count-ops] [--json bench_train.json]
+                                [--device cpu|cuda] [--tf32] [--cuda-graphs] [--count-ops] [--json bench_train.json]
 
 * mspcnn: mspcnn.model.MSPCNN as the training engine runs it (Caffe's BatchNorm, Scale, pooling and
   losses; the NCC loss with the C++ operator in stage 2), one iteration = iter_size forward/backward
@@ -25,7 +25,9 @@ PyTorch eager version of the same network, on a quiet machine and beside busy pr
 * --device cuda times the iterations on a GPU (synchronised at the end of each; float32 as Caffe,
   TF32 tensor cores with --tf32; cuDNN autotuning on). There `mspcnn` runs BatchNorm + Scale (+ ReLU)
   through PyTorch's fused batch normalisation and `mspcnn-torch` (--torch-ops) through the separate
-  layers, which is how the engine ran on GPUs before 2026-11-30.
+  layers, which is how the engine ran on GPUs before 2026-11-30. --cuda-graphs adds `mspcnn-graphs`:
+  the passes replayed from CUDA graphs (mspcnn.cuda_graphs, the engine's `cuda_graphs=True`), timed
+  after its two eager iterations and the capture.
 * --count-ops adds each row's number of PyTorch operations in one iteration (a dispatch-mode count,
   the same on any device): on a GPU each is at least one kernel launch, and host time per operation
   can bound the iteration.
@@ -46,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mspcnn.caffe import proto
 from mspcnn.cli import run
+from mspcnn.cuda_graphs import CapturedPasses
 from mspcnn.model import MSPCNN, training_arithmetic
 from mspcnn.ops import ncc_max_reference
 from mspcnn.runtime import add_tf32_argument, configure_threads
@@ -137,7 +140,7 @@ def build(kind, stage, pairs, iter_size, classes=100, device="cpu"):
 
 
 def _build(kind, stage, iter_size, classes, data, device):
-    if kind in ("mspcnn", "mspcnn-cl", "mspcnn-torch"):
+    if kind in ("mspcnn", "mspcnn-cl", "mspcnn-torch", "mspcnn-graphs"):
         model = MSPCNN(classes, use_low=stage == 2).train().to(device)
         model.backbone.cpu_kernels = kind == "mspcnn"
         if kind == "mspcnn-cl":  # channels-last weights and images (oneDNN's preferred layout)
@@ -148,12 +151,25 @@ def _build(kind, stage, iter_size, classes, data, device):
                                    iter_size=iter_size, max_iter=1000)
         solver = SGDSolver(sp, model.param_groups())
 
+        def eager(batch):
+            losses = model(batch["data"], batch["data_p"], batch["label"], batch["sim"])
+            losses["total"].backward()
+            return losses
+
+        batches = [dict(zip(("data", "data_p", "label", "sim"), d)) for d in data]
+        graphs = CapturedPasses(model, iter_size, solver.iter) if kind == "mspcnn-graphs" else None
+
         def iteration():
             def fb(k):  # as mspcnn.engine.solve: the loss stays on the device (no wait for a GPU)
-                loss = model(*data[k])["total"]
-                loss.backward()
-                return loss.detach().double()
-            solver.step(fb)
+                it = solver.iter
+                losses = graphs.losses(k, it, batches[k], eager) if graphs is not None else eager(batches[k])
+                return losses["total"].detach().double()
+            if graphs is not None:
+                graphs.step(solver, fb)
+                if graphs.failed:
+                    raise RuntimeError(f"mspcnn-graphs: {graphs.failed}")
+            else:
+                solver.step(fb)
     else:
         model = PlainBackbone(classes).train().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9, weight_decay=0.0005)
@@ -191,7 +207,8 @@ class _OpCount(TorchDispatchMode):
 def measure(kind, stage, pairs, iter_size, repeat, classes=100, device="cpu", count_ops=False):
     """(median seconds of an iteration, operations in one iteration or None)."""
     iteration = build(kind, stage, pairs, iter_size, classes, device)
-    iteration()  # warm-up
+    for _ in range(3 if kind == "mspcnn-graphs" else 1):  # warm-up (graphs: 2 eager iterations, the capture)
+        iteration()
     ops = None
     if count_ops:
         counter = _OpCount()
@@ -307,6 +324,9 @@ def main(argv=None):
     p.add_argument("--torch-ops", action="store_true",
                    help="also time mspcnn with PyTorch's operations for BatchNorm, Scale, ReLU and pooling "
                    "instead of our CPU paths (row 'mspcnn-torch')")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time mspcnn with each pass replayed from CUDA graphs (row 'mspcnn-graphs'; "
+                   "--device cuda)")
     p.add_argument("--repeat", type=int, default=5, help="timed iterations per figure (default 5)")
     p.add_argument("--roofline", action="store_true",
                    help="instead of the comparison: count the iteration's floating-point work, time its "
@@ -328,6 +348,8 @@ def main(argv=None):
         training_arithmetic(args.tf32)
     elif args.tf32:
         p.error("--tf32 is for --device cuda")
+    if args.cuda_graphs and args.device != "cuda":
+        p.error("--cuda-graphs is for --device cuda")
     auto = args.threads in (None, "auto")
     threads = None if auto else configure_threads(args.threads)  # auto: chosen at each busy level below
     if args.roofline:
@@ -363,6 +385,7 @@ def main(argv=None):
                 for stage in args.stages:
                     kinds = ("mspcnn",) + (("mspcnn-torch",) if args.torch_ops else ()) + \
                         (("mspcnn-cl",) if args.channels_last else ()) + \
+                        (("mspcnn-graphs",) if args.cuda_graphs else ()) + \
                         (() if args.no_plain else ("plain",))
                     for kind in kinds:
                         load = os.getloadavg()[0]

@@ -13,7 +13,9 @@
 # H200's measured float32 rate (25.5 T/s). FP32=1 trains in float32 as Caffe does. Measured on an
 # H200 (2026-11-30): 0.089 s an iteration, bound by the host's kernel launches; the whole recipe
 # about 12.5 minutes of GPU time, run as two calls (DEADLINE, then the resume); rank-1 80.9%.
-# Environment: DEVICE (cuda), WORKERS (12 decoding threads), EXTRA (more reproduce.py options,
+# Environment: DEVICE (cuda), WORKERS (12 decoding workers: forked processes beyond 2), CUDA_GRAPHS=1
+# to replay the training passes from CUDA graphs (reproduce.py --cuda-graphs; not yet run on a GPU:
+# tests/test_gpu_tools.py::test_cuda_graphs_train_the_eager_weights first), EXTRA (more reproduce.py options,
 # e.g. "--iters1 2 --iters2 2" for a smoke test), SKIP_BUILD=1 to use an existing build,
 # TIME_LIMIT (seconds of training before reproduce.py stops with a snapshot; the same command with
 # the same OUT then resumes the stopped stage, so the recipe can span several calls), DEADLINE (a
@@ -29,6 +31,7 @@ device=${DEVICE:-cuda}
 workers=${WORKERS:-12}
 precision=--tf32
 [ "${FP32:-}" = 1 ] && precision=
+[ "${CUDA_GRAPHS:-}" = 1 ] && precision="$precision --cuda-graphs"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 if [ -z "${SKIP_BUILD:-}" ]; then

@@ -6,7 +6,7 @@
                           [--max-iter N] [--base-lr R] [--batch-pairs N] [--input-size HxW]
                           [--loss-weights CLS HIGH LOW]
                           [--snapshot-prefix P] [--snapshot-every N] [--test-interval N] [--display N]
-                          [--seed N] [--workers N] [--deterministic] [--tf32]
+                          [--seed N] [--workers N] [--deterministic] [--tf32] [--cuda-graphs]
                           [--sigint-effect stop|snapshot|none] [--sighup-effect stop|snapshot|none]
 
 * DB_DIR is the output of tools/convert_dataset.py (train.lmdb/json, val.lmdb/json).
@@ -36,7 +36,8 @@ import torch
 
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import add_input_size_argument, run
-from mspcnn.runtime import add_tf32_argument, add_threads_argument, add_workers_argument, configure_threads
+from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_threads_argument,
+                            add_workers_argument, configure_threads)
 from mspcnn.engine import SIGNAL_EFFECTS, TrainingError, solve
 from mspcnn.train_net import NetDefinitionError
 
@@ -73,6 +74,7 @@ def parse_args(argv=None):
                    help="deterministic GPU kernels (torch.use_deterministic_algorithms), so that runs and "
                    "resumes on a GPU are bit for bit reproducible; slower. CPU runs always are")
     add_tf32_argument(p)
+    add_cuda_graphs_argument(p)
     p.add_argument("--sigint-effect", choices=SIGNAL_EFFECTS, default="stop",
                    help="what SIGINT (Ctrl-C) does, as caffe's -sigint_effect (default stop)")
     p.add_argument("--sighup-effect", choices=SIGNAL_EFFECTS, default="snapshot",
@@ -100,7 +102,7 @@ def main(argv=None):
                        overrides=overrides, batch_pairs=args.batch_pairs, input_size=args.input_size,
                        loss_weights=loss_weights,
                        workers=args.workers, deterministic=args.deterministic, tf32=args.tf32,
-                       sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect)
+                       cuda_graphs=args.cuda_graphs, sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect)
     except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -366,6 +366,13 @@ def l2_normalize(x, eps=1e-12):
     return x / x.norm(dim=1, keepdim=True).clamp(min=eps)
 
 
+def draw_dropout_mask(shape, ratio, dtype=torch.float32):
+    """The keep-mask :func:`dropout` draws (booleans, on the CPU): one draw of PyTorch's CPU
+    generator per call. Code that passes masks in (CUDA graphs) draws them here, so that a seed
+    gives the same masks either way."""
+    return torch.rand(shape, dtype=dtype) >= ratio
+
+
 def dropout(x, ratio, training, mask=None):
     """Caffe's Dropout: TRAIN y = x * mask / (1 - ratio), TEST identity. A
     given ``mask`` (0/1, shaped like x) replaces the random draw.
@@ -379,7 +386,7 @@ def dropout(x, ratio, training, mask=None):
     if not training:
         return x
     if mask is None:
-        mask = torch.rand(x.shape, dtype=x.dtype) >= ratio
+        mask = draw_dropout_mask(x.shape, ratio, x.dtype)
         if x.is_cuda:  # page-locked, so that the copy does not wait for the GPU's queued work
             mask = mask.pin_memory().to(x.device, non_blocking=True)
         mask = mask.to(device=x.device, dtype=x.dtype)
