@@ -175,7 +175,11 @@ def test_pair_loader_processes_make_the_threads_batches(train_db, workers):
         expected += [(e, k, b) for e in (1, 2) for k, b in threads.epoch(e)]
         stream = procs.stream(0, start=per_epoch - 2)
         _same_batches(expected, [next(stream) for _ in expected])
+        # two generators at once would share the slots: refused, until the first is closed
+        with pytest.raises(RuntimeError, match="one epoch or stream at a time"):
+            next(procs.epoch(0))
         stream.close()
+        assert next(procs.epoch(0))[0] == 0
         folder = os.path.dirname(procs._procs[1].filename)
         assert os.path.isdir(folder)
     assert not os.path.exists(folder)  # the shared memory is gone with the loader

@@ -12,6 +12,7 @@ batches are decoded and transformed by background threads ahead of use.
   part of the work, so threads scale to about 2) or by worker processes, which
   write each batch into shared memory and scale with cores.
 """
+import contextlib
 import copy
 import multiprocessing
 import os
@@ -133,6 +134,7 @@ class PairLoader:
             kind = "processes" if self.workers > 2 and "fork" in multiprocessing.get_all_start_methods() else "threads"
         self.kind = kind
         self._procs = None  # (ProcessPoolExecutor, slots, finalizer) once started
+        self._running = False  # a generator is using the slots
 
     @staticmethod
     def default_prefetch(workers):
@@ -192,9 +194,17 @@ class PairLoader:
         submitted only after the batch that held it was copied out."""
         processes = self.kind == "processes"
         if processes:
+            if self._running:
+                raise RuntimeError("PairLoader: with worker processes, one epoch or stream at a time (they share "
+                                   "the shared-memory slots); close the other generator first, or use kind='threads'")
             self._start_processes()
+            self._running = True
         pending = []
-        with ThreadPoolExecutor(self.workers) as pool:
+        with contextlib.ExitStack() as stack:
+            if processes:
+                stack.callback(setattr, self, "_running", False)
+            pool = stack.enter_context(ThreadPoolExecutor(self.workers))
+
             def submit(i, job):
                 e, k, anchors, partners, sim, seed = job
                 if processes:
