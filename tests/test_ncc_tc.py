@@ -107,6 +107,25 @@ def test_tf32_rounding():
     assert (np.abs(hi.astype(np.float64) + lo - r) <= np.abs(r) * 2.0 ** -21).all()
 
 
+def test_truncating_tensor_core_model_by_hand():
+    """The truncating accumulation model (emulate.mma_truncating), on sums worked by hand: 1 - 2^-25 is
+    a tie between float32's 1 - 2^-24 and 1 (round to nearest even: 1), cut toward zero to 1 - 2^-24;
+    a product below the guard bits' reach (3 below float32's 24 at 1.0: 2^-26) is cut to 0; with 5 guard
+    bits 3 x 2^-28 stays, and 1 - 3 x 2^-28 is cut to 1 - 2^-24."""
+    one, eight = np.float32(1.0), np.zeros(8, np.float32)
+    a, b = eight.copy(), eight.copy()
+    b[0] = 1.0
+    a[0] = -2.0 ** -25
+    assert np.float32(1.0 - 2.0 ** -25) == 1.0  # round to nearest
+    assert emulate.mma_truncating(one, a, b) == np.float32(1 - 2.0 ** -24)
+    a[0] = -(2.0 ** -27 + 2.0 ** -28)
+    assert emulate.mma_truncating(one, a, b, extra_bits=3) == 1.0
+    assert emulate.mma_truncating(one, a, b, extra_bits=5) == np.float32(1 - 2.0 ** -24)
+    a[:] = 0.5
+    b[:] = 0.25
+    assert emulate.mma_truncating(np.float32(-1.0), a, b) == 0.0  # exact sums stay exact
+
+
 @pytest.mark.parametrize("offset", [0.0, 10.0])
 def test_emulated_tensor_cores_accuracy(offset):
     """The predicted accuracy on one ReLU'd pool1 plane (2,016 outputs): the returned value is the
@@ -128,7 +147,8 @@ def test_emulation_predicts_tf32_fails_at_3x3_patches(monkeypatch):
     the emulated TF32 kernel chooses candidates up to 2.6e-3 below the float64 maximum (the H200
     measured 2.6e-3), beyond the path's 1e-3 contract; at 5 x 5 patches (the network's) the same
     inputs' shape (5, 5, 28) stays at 1.9e-4. Nine products per candidate leave a near-flat patch's
-    normalisation (1 / its standard deviation) less averaging than 25 do."""
+    normalisation (1 / its standard deviation) less averaging than 25 do. 3xTF32 at 3 x 3 is emulated
+    too, with the truncating accumulation model: it predicts no failure."""
     N, C, H = 2, 8, 72
     gaps = {}
     for patch, rows, W in [(3, 3, 32), (5, 5, 28)]:
@@ -137,14 +157,20 @@ def test_emulation_predicts_tf32_fails_at_3x3_patches(monkeypatch):
         a, b = maps((N, C, H, W), 0.0, seed=patch * 10 + rows)
         vol = ncc_volume(a.double(), b.double(), patch, rows).view(N, C, rows * W, H, W)
         best = vol.max(2)[0]
-        gap = 0.0
-        for n in range(N):
-            for c in range(C):
-                _, i, _ = emulate.emulate_tc_plane(a[n, c].numpy(), b[n, c].numpy(), 1, P=patch, R=rows)
-                at = vol[n, c].gather(0, torch.from_numpy(np.asarray(i, np.int64)).unsqueeze(0))[0]
-                gap = max(gap, float((best[n, c] - at).max()))
-        gaps[patch] = gap
-    assert gaps[3] > 2e-3 and gaps[5] < 5e-4, gaps
+        for passes, accumulate in ((1, "ieee"), (3, "truncate")) if patch == 3 else ((1, "ieee"),):
+            gap = 0.0
+            for n in range(N):
+                for c in range(C):
+                    _, i, _ = emulate.emulate_tc_plane(a[n, c].numpy(), b[n, c].numpy(), passes, P=patch, R=rows,
+                                                       accumulate=accumulate)
+                    at = vol[n, c].gather(0, torch.from_numpy(np.asarray(i, np.int64)).unsqueeze(0))[0]
+                    gap = max(gap, float((best[n, c] - at).max()))
+            gaps[patch, passes] = gap
+    assert gaps[3, 1] > 2e-3 and gaps[5, 1] < 5e-4, gaps
+    # The H200's 3xTF32 missed its 1e-5 bound at two of four 3 x 3 shapes. Not predicted, even with
+    # the tensor cores' accumulation modelled as truncating (alignment to the largest term, 3 guard
+    # bits): the cause is not the accumulation's rounding.
+    assert gaps[3, 3] < 1e-6, gaps
 
 
 # ----------------------------------------------------------------------------- the kernel (GPU)

@@ -15,7 +15,7 @@ Inputs as in tools/bench_ncc.py's accuracy check: pool1-like maps, ReLU of a nor
 offset (0 and 10: the offset is where float32 loses digits in X - n mu_a mu_b).
 
     python tools/emulate_cuda_ncc.py [--pairs 1] [--channels 8] [--offsets 0 10] [--seed 0] [--json FILE]
-                                     [--volume] [--tc]
+                                     [--volume] [--tc [--tc-accumulate ieee truncate]]
 
 About 1.5 s per channel and offset on one core. ``--volume`` also emulates the CUDA ncc_volume
 forward (`volume_kernel`): the box-sum form X k_a k_b - (n mu_a k_a)(mu_b k_b) it had until
@@ -253,13 +253,36 @@ def tc_warp_epilogue(Xk, ka, nmaka, kb, mbkb, W):
     return out
 
 
-def emulate_tc_plane(A, B, passes, P=PATCH, R=ROWS, eps=EPS):
+def _round_toward_zero_f32(x):
+    """float64 -> float32, rounded toward zero."""
+    y = np.asarray(x, F64).astype(F32)
+    over = np.abs(y.astype(F64)) > np.abs(x)
+    return np.where(over, np.nextafter(y, F32(0)), y).astype(F32)
+
+
+def mma_truncating(c, a, b, extra_bits=3):
+    """One m16n8k8 step's D = C + sum_k A_k B_k as a truncating tensor core may compute it (a model
+    after Fasi et al., "Numerical behavior of NVIDIA tensor cores", PeerJ CS 2021, for earlier
+    generations): the products exact; the products and C aligned to the largest of their exponents
+    with ``extra_bits`` bits below float32's 24, the bits beyond cut off (toward zero); the sum
+    exact; the result cut to float32 (toward zero). a, b: (..., 8) TF32 values; c: (...,) float32."""
+    terms = np.concatenate([np.asarray(c, F64)[..., None], np.asarray(a, F64) * np.asarray(b, F64)], -1)
+    big = np.abs(terms).max(-1, keepdims=True)
+    _, e = np.frexp(np.where(big > 0, big, 1.0))            # big in [2^(e-1), 2^e)
+    q = np.ldexp(1.0, (e - 24 - extra_bits).astype(np.int64))
+    cut = np.trunc(terms / q) * q
+    return _round_toward_zero_f32(cut.sum(-1))
+
+
+def emulate_tc_plane(A, B, passes, P=PATCH, R=ROWS, eps=EPS, accumulate="ieee", extra_bits=3):
     """ncc_max of one plane as max_tc_kernel computes it: (values, index, tc_values).
 
     The staged, shifted rows and their factors are the float32 kernel's (ncc_tile.cuh). Tensor-core
     arithmetic, as modelled here: operands rounded by tf32(), products exact, each m16n8k8 step's
     eight products summed in double and added to the float32 accumulator with one rounding (the
     hardware's internal order and width are not specified; this is the model the GPU run checks).
+    ``accumulate="truncate"``: each step as :func:`mma_truncating` instead (alignment to the
+    largest term with ``extra_bits`` guard bits, bits beyond cut off, the result cut to float32).
     The maximum is taken on those values (`tc_values`: the maximum as the tensor cores saw it);
     the returned value is the selected candidate's float32 NCC, recomputed as the kernel does: P
     rows of P fused multiply-adds, the row sums added in order."""
@@ -285,6 +308,10 @@ def emulate_tc_plane(A, B, passes, P=PATCH, R=ROWS, eps=EPS):
         for s in range(KP // 8):
             ks = slice(8 * s, 8 * s + 8)
             for ia, ib in order:
+                if accumulate == "truncate":
+                    acc = mma_truncating(acc, a_parts[ia][:, :, None, ks], b_parts[ib][k:k + H, None, :, ks],
+                                         extra_bits)
+                    continue
                 prod = np.einsum("rwk,rck->rwc", a_parts[ia][:, :, ks].astype(F64),
                                  b_parts[ib][k:k + H, :, ks].astype(F64))
                 acc = (acc.astype(F64) + prod.astype(F32).astype(F64)).astype(F32)
@@ -345,11 +372,19 @@ def _per_plane(fn, a, b):
     return v, i
 
 
-def compare_tc(pairs, channels, offset, seed):
-    """Rows for the tensor-core forward (TF32 and 3xTF32, emulated) on compare()'s maps."""
+def compare_tc(pairs, channels, offset, seed, accumulate=("ieee",)):
+    """Rows for the tensor-core forward (TF32 and 3xTF32, emulated) on compare()'s maps, for each
+    accumulation model of ``accumulate`` ("ieee", "truncate": see emulate_tc_plane)."""
     a, b, v64, i64, vol = _pool1_pair(pairs, channels, offset, seed)
-    return [_max_row(name, offset, *_per_plane(lambda A, B: emulate_tc_plane(A, B, passes), a, b), v64, i64, vol)
-            for passes, name in ((1, "tensor cores, TF32 (emulated)"), (3, "tensor cores, 3xTF32 (emulated)"))]
+    rows = []
+    for model in accumulate:
+        suffix = "" if model == "ieee" else ", truncating"
+        for passes, name in ((1, "TF32"), (3, "3xTF32")):
+            def plane(A, B, passes=passes, model=model):
+                return emulate_tc_plane(A, B, passes, accumulate=model)
+            rows.append(_max_row(f"tensor cores, {name}{suffix} (emulated)", offset, *_per_plane(plane, a, b),
+                                 v64, i64, vol))
+    return rows
 
 
 def compare(pairs, channels, offset, seed):
@@ -449,6 +484,10 @@ def main(argv=None):
     p.add_argument("--volume", action="store_true", help="also emulate the CUDA ncc_volume forward's forms")
     p.add_argument("--tc", action="store_true",
                    help="also emulate the tensor-core ncc_max forward (TF32 and 3xTF32, ncc_max_tc.cu)")
+    p.add_argument("--tc-accumulate", nargs="+", choices=("ieee", "truncate"), default=["ieee"],
+                   help="with --tc: the tensor cores' accumulation models (ieee: one rounding a step, the default; "
+                   "truncate: alignment to the largest term with 3 guard bits, bits beyond cut off, as measured "
+                   "on earlier NVIDIA generations)")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.channels < 1:
         p.error("--pairs and --channels must be positive")
@@ -464,7 +503,7 @@ def main(argv=None):
     tc_rows = []
     if args.tc:
         for offset in args.offsets:
-            tc_rows += compare_tc(args.pairs, args.channels, offset, args.seed)
+            tc_rows += compare_tc(args.pairs, args.channels, offset, args.seed, args.tc_accumulate)
         print("\nncc_max on tensor cores (emulated) against float64, same maps; the value returned is the float32 NCC "
               "of the index chosen")
         print(f"{'variant':<40} {'offset':>6} {'max |error|':>12} {'at its index':>12} {'argmax changes':>15} "
