@@ -506,10 +506,10 @@ def main(argv=None):
             tc_rows += compare_tc(args.pairs, args.channels, offset, args.seed, args.tc_accumulate)
         print("\nncc_max on tensor cores (emulated) against float64, same maps; the value returned is the float32 NCC "
               "of the index chosen")
-        print(f"{'variant':<40} {'offset':>6} {'max |error|':>12} {'at its index':>12} {'argmax changes':>15} "
+        print(f"{'variant':<44} {'offset':>6} {'max |error|':>12} {'at its index':>12} {'argmax changes':>15} "
               f"{'largest gap':>12}")
         for r in tc_rows:
-            print(f"{r['variant']:<40} {r['offset']:>6g} {r['value_max_abs_error']:>12.2e} "
+            print(f"{r['variant']:<44} {r['offset']:>6g} {r['value_max_abs_error']:>12.2e} "
                   f"{r['value_at_index_max_abs_error']:>12.2e} {r['argmax_changes']:>8} / {r['outputs']:<6}"
                   f"{r['argmax_change_max_gap']:>11.1e}")
     volume_rows = []
