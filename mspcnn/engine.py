@@ -315,7 +315,8 @@ class _DataParallel:
                     dist.broadcast(p.data, 0)
 
     def average_gradients(self, params):
-        """Sum the workers' gradients and divide by their number (one flat all-reduce)."""
+        """Sum the workers' gradients and divide by their number (one flat all-reduce), in the
+        gradient tensors themselves."""
         if self.world == 1:
             return
         import torch.distributed as dist
@@ -327,7 +328,11 @@ class _DataParallel:
         offset = 0
         for p, g in zip(params, grads):
             n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            mean = flat[offset:offset + n].view_as(p)
+            if p.grad is None:
+                p.grad = mean.clone()
+            else:  # in place: CUDA graphs replay their backward into these very tensors
+                p.grad.copy_(mean)
             offset += n
 
     def mean(self, values):

@@ -53,3 +53,24 @@ def test_two_gloo_workers_equal_one_process_with_iter_size_doubled(tiny_market_d
     # the losses of the log are the same (averaged over the workers)
     losses = [[line.split("loss = ")[1] for line in out.splitlines() if "), loss = " in line] for out in (one.stdout, two.stdout)]
     assert len(losses[0]) == 4 and [float(x) for x in losses[0]] == pytest.approx([float(x) for x in losses[1]], rel=1e-4)
+
+
+def test_averaged_gradients_stay_in_their_tensors(monkeypatch):
+    """The all-reduced mean is written into each parameter's gradient tensor, not a new one: CUDA
+    graphs (mspcnn.cuda_graphs) replay their backward into those tensors, and a replaced .grad would
+    leave the update reading the first iteration's gradients forever."""
+    import torch
+    import torch.distributed as dist
+
+    from mspcnn.engine import _DataParallel
+
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.mul_(2))  # two workers with the same gradients
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4)),
+              torch.nn.Parameter(torch.randn(2))]
+    params[0].grad, params[1].grad = torch.randn(3, 2), torch.randn(4)  # the third has none
+    before = [p.grad for p in params[:2]]
+    values = [g.clone() for g in before]
+    _DataParallel(0, 2).average_gradients(params)
+    assert all(p.grad is g for p, g in zip(params, before))
+    assert all(torch.equal(p.grad, v) for p, v in zip(params, values))
+    assert torch.equal(params[2].grad, torch.zeros(2))
