@@ -43,8 +43,8 @@ import torch
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.cli import format_duration, lock_file
-from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.cuda_graphs import CapturedPasses
+from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import feature_transformer, size_mismatch, train_transformer
 from mspcnn.evaluation import extract_features
