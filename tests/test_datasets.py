@@ -240,7 +240,7 @@ loader = PairLoader(DatumDB(db + "/train.lmdb"), labels, PairSampler(labels, see
                     DataTransformer((144, 56), [102, 102, 101], phase="TRAIN"), workers=3, kind="processes")
 batches = loader.epoch(0)
 next(batches)
-print("ready", flush=True)
+print("ready", loader._procs[1].filename, flush=True)
 try:
     time.sleep(60)
 except KeyboardInterrupt:
@@ -260,11 +260,33 @@ def test_ctrl_c_reaches_the_parent_not_the_worker_processes(train_db, tmp_path):
     db = os.path.dirname(train_db[0].path)
     proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, db], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert proc.stdout.readline() == "ready\n"
+    assert proc.stdout.readline().startswith("ready ")
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out == "closed\n" and "Traceback" not in err, err
     assert not session_members(proc.pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_of_a_killed_loader_exit_and_remove_its_shared_memory(train_db):
+    """kill -9 of the loader's process (no finalizer runs): its workers notice within a second or two,
+    remove the shared slots and exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    db = os.path.dirname(train_db[0].path)
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, db], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    slots = proc.stdout.readline().split()[1]
+    assert os.path.exists(slots)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    for _ in range(100):
+        if not session_members(proc.pid) and not os.path.exists(os.path.dirname(slots)):
+            break
+        time.sleep(0.1)
+    assert not session_members(proc.pid) and not os.path.exists(os.path.dirname(slots))
 
 
 def test_transformer_writes_into_a_given_array():

@@ -312,7 +312,8 @@ _WORKER = {}
 def _worker_init(db, transformer, path):
     """In a forked worker: its own LMDB environment (an environment must not cross a fork), the
     transformer, and the shared slots. Interrupts and terminations are the parent's to handle (it
-    stops the pool, e.g. after a snapshot); a worker whose parent has gone (killed) exits by itself."""
+    stops the pool, e.g. after a snapshot); a worker whose parent has gone (killed) removes the
+    shared slots and exits by itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = os.getppid()
@@ -320,6 +321,7 @@ def _worker_init(db, transformer, path):
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)  # the parent (killed) could not
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
