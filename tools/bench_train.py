@@ -389,11 +389,18 @@ def main(argv=None):
                         (() if args.no_plain else ("plain",))
                     for kind in kinds:
                         load = os.getloadavg()[0]
-                        sec, ops = measure(kind, stage, pairs, iter_size, args.repeat, device=args.device,
-                                           count_ops=args.count_ops)
+                        error = None
+                        try:
+                            sec, ops = measure(kind, stage, pairs, iter_size, args.repeat, device=args.device,
+                                               count_ops=args.count_ops)
+                        except RuntimeError as exc:
+                            if kind != "mspcnn-graphs":
+                                raise
+                            sec, ops, error = float("nan"), None, str(exc)  # a failed capture: the row says why
+                            print(f"  {kind}: {error}", flush=True)
                         rows.append({"busy": busy, "batch": batch, "stage": stage, "kind": kind, "seconds": sec,
                                      "load": load, "threads": torch.get_num_threads(), "device": args.device,
-                                     "tf32": args.tf32, "operations": ops})
+                                     "tf32": args.tf32, "operations": ops, "error": error})
                         print(f"  busy {busy}, {batch}, stage {stage}, {kind}: {sec:.3f} s/iteration "
                               + (f"{ops} operations " if ops is not None else "") + f"(load {load:.2f})", flush=True)
         finally:
@@ -403,10 +410,12 @@ def main(argv=None):
           f"{'chosen at each busy level (auto)' if auto else threads}; seconds per iteration (median of "
           f"{args.repeat}); ratio = plain / mspcnn, slowdown = busy / quiet"
           + ("; kernels gain = mspcnn-torch / mspcnn" if args.torch_ops else "")
-          + ("; cl gain = mspcnn / mspcnn-cl" if args.channels_last else ""))
+          + ("; cl gain = mspcnn / mspcnn-cl" if args.channels_last else "")
+          + ("; graphs gain = mspcnn / mspcnn-graphs" if args.cuda_graphs else ""))
     print(f"{'busy':>5} {'batch':>6} {'stage':>6} {'threads':>7} {'mspcnn s':>9} {'plain s':>9} {'ratio':>7} "
           f"{'slowdown':>9} {'load':>6}" + (f" {'torch s':>7} {'kernels gain':>12}" if args.torch_ops else "")
           + (f" {'cl s':>7} {'cl gain':>7}" if args.channels_last else "")
+          + (f" {'graphs s':>8} {'graphs gain':>11}" if args.cuda_graphs else "")
           + (f" {'ops':>6} {'plain ops':>9}" if args.count_ops else ""))
     index = {(r["busy"], r["batch"], r["stage"], r["kind"]): r for r in rows}
     for r in rows:
@@ -420,10 +429,12 @@ def main(argv=None):
         cl_cols = f" {cl['seconds']:>7.3f} {r['seconds'] / cl['seconds']:>6.2f}x" if cl else ""
         tops = index.get((r["busy"], r["batch"], r["stage"], "mspcnn-torch"))
         tops_cols = f" {tops['seconds']:>7.3f} {tops['seconds'] / r['seconds']:>11.2f}x" if tops else ""
+        graphs = index.get((r["busy"], r["batch"], r["stage"], "mspcnn-graphs"))
+        graphs_cols = f" {graphs['seconds']:>8.3f} {r['seconds'] / graphs['seconds']:>10.2f}x" if graphs else ""
         ops_cols = (f" {r['operations']:>6} {plain['operations'] if plain else '-':>9}" if args.count_ops else "")
         print(f"{r['busy']:>5} {r['batch']:>6} {r['stage']:>6} {r['threads']:>7} {r['seconds']:>9.3f} "
               f"{plain['seconds'] if plain else float('nan'):>9.3f} {ratio:>7} {slow:>9} {r['load']:>6.2f}{tops_cols}"
-              f"{cl_cols}{ops_cols}")
+              f"{cl_cols}{graphs_cols}{ops_cols}")
     with open(args.json, "w") as f:
         json.dump({"threads": "auto, chosen at each busy level" if auto else threads, "rows": rows,
                    "torch": torch.__version__, "cpus": os.cpu_count(), "device": args.device,

@@ -37,9 +37,10 @@ ncu_args=()
 python3 tools/bench_ncc.py --device cuda --json "$out/bench_ncc_cuda.json" "${ncu_args[@]}" "$@" 2>&1 | tee "$out/bench_cuda.log"
 status=${PIPESTATUS[0]}
 # A training iteration on the GPU at the paper's batch: the engine's path against the separate
-# Caffe layers (--torch-ops) and plain PyTorch, float32 and TF32, with the operations it issues.
+# Caffe layers (--torch-ops), the passes replayed from CUDA graphs (--cuda-graphs) and plain
+# PyTorch, float32 and TF32, with the operations it issues.
 for precision in "" --tf32; do
-  python3 tools/bench_train.py --device cuda --batches paper --stages 1 2 --torch-ops --count-ops --repeat 10 \
+  python3 tools/bench_train.py --device cuda --batches paper --stages 1 2 --torch-ops --cuda-graphs --count-ops --repeat 10 \
     $precision --json "$out/bench_train_cuda${precision:+_tf32}.json" 2>&1 | tee -a "$out/bench_train_cuda.log" | tail -6
 done
 # Last, the non-default setting: without the forward kernels' plane-mean shift.
