@@ -87,17 +87,13 @@ class CapturedPasses:
         out = self.run(k, host, log) if self.replays(iteration) else None
         return eager(host) if out is None else out
 
-    def _dropout_shape(self, pairs):
-        ratio = getattr(self.model.backbone, "dropout_ratio", None)
-        if not ratio or not self.model.backbone.num_classes:
-            return None, None
-        return (pairs, self.model.backbone.m("fc7").out_features), ratio
-
     def _capture(self, host):
         device = next(self.model.parameters()).device
         self.inputs = {k: torch.empty(v.shape, dtype=v.dtype, device=device) for k, v in host.items()}
-        shape, _ = self._dropout_shape(len(host["data"]))
-        self.mask = None if shape is None else torch.empty(shape, device=device)
+        backbone = self.model.backbone
+        self.mask = None  # dropout's keep-mask of the anchors' fc7 outputs, when the net has dropout
+        if backbone.dropout_ratio and backbone.num_classes:
+            self.mask = torch.empty((len(host["data"]), backbone.m("fc7").out_features), device=device)
         pool = None
         for _ in range(min(self.iter_size, 2)):
             graph = torch.cuda.CUDAGraph()
@@ -131,10 +127,10 @@ class CapturedPasses:
         for key, tensor in host.items():
             self.inputs[key].copy_(tensor, non_blocking=True)
         if self.mask is not None:
-            shape, ratio = self._dropout_shape(len(host["data"]))
             # converted on the host, so that the copy is a plain page-locked one (a copy that also
             # converts would go through ordinary memory and wait for the GPU)
-            self.mask.copy_(draw_dropout_mask(shape, ratio).to(self.mask.dtype).pin_memory(), non_blocking=True)
+            mask = draw_dropout_mask(self.mask.shape, self.model.backbone.dropout_ratio)
+            self.mask.copy_(mask.to(self.mask.dtype).pin_memory(), non_blocking=True)
         graph = min(k, len(self.graphs) - 1)
         self.graphs[graph].replay()
         return self.outputs[graph]

@@ -250,17 +250,24 @@ except KeyboardInterrupt:
 """
 
 
+def _start_loader_script(train_db):
+    """CTRL_C_SCRIPT in its own session on the test database, once its first batch is made: (the
+    process, the path of its shared slots)."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, os.path.dirname(train_db[0].path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ready, slots = proc.stdout.readline().split()
+    assert ready == "ready"
+    return proc, slots
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_ctrl_c_reaches_the_parent_not_the_worker_processes(train_db, tmp_path):
     """A terminal's Ctrl-C goes to the whole process group: the workers ignore it (no traceback from each),
     the parent's KeyboardInterrupt closes the loader, and no worker is left."""
     import signal
-    import subprocess
-    import sys
-    db = os.path.dirname(train_db[0].path)
-    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, db], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert proc.stdout.readline().startswith("ready ")
+    proc, _ = _start_loader_script(train_db)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out == "closed\n" and "Traceback" not in err, err
@@ -272,13 +279,8 @@ def test_workers_of_a_killed_loader_exit_and_remove_its_shared_memory(train_db):
     """kill -9 of the loader's process (no finalizer runs): its workers notice within a second or two,
     remove the shared slots and exit."""
     import signal
-    import subprocess
-    import sys
     import time
-    db = os.path.dirname(train_db[0].path)
-    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, db], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    slots = proc.stdout.readline().split()[1]
+    proc, slots = _start_loader_script(train_db)
     assert os.path.exists(slots)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

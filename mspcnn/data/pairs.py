@@ -145,12 +145,12 @@ class PairLoader:
         return len(self.sampler) // self.batch_pairs
 
     def _make(self, anchors, partners, sim, seed):
-        images = self.db.read_list(np.concatenate([anchors, partners]))[0]
-        # A private transformer per batch, seeded by the batch: reproducible
-        # whatever the thread that runs it, and no RNG shared between threads.
-        transformer = copy.copy(self.transformer)
-        transformer.rng = np.random.default_rng(seed)
-        data = torch.from_numpy(transformer(images))
+        data = _transformed(self.db, self.transformer, np.concatenate([anchors, partners]), seed)
+        return self._batch(torch.from_numpy(data), anchors, sim)
+
+    def _batch(self, data, anchors, sim):
+        """The batch dict of the transformed images ``data`` (anchors, then partners), page-locked
+        when asked (a tensor already page-locked is kept as it is)."""
         n = len(anchors)
         batch = {"data": data[:n], "data_p": data[n:],
                  "label": torch.from_numpy(self.labels[anchors].astype(np.float32)),
@@ -234,7 +234,7 @@ class PairLoader:
     def _start_processes(self):
         """Fork the worker processes and make the shared slots (once; kept until close())."""
         if self._procs is not None:
-            return self._procs[1]
+            return
         c, height, width = np.shape(self.db[0][0])
         ch, cw = self.transformer.crop or (height, width)
         shape = (self.prefetch, 2 * self.batch_pairs, c, ch, cw)
@@ -256,7 +256,6 @@ class PairLoader:
         except BrokenProcessPool as exc:
             self.close()
             raise LoaderError(f"PairLoader: the worker processes could not start ({exc})") from None
-        return slots
 
     def _make_in_process(self, slot, anchors, partners, sim, seed):
         pool, slots = self._procs[0], self._procs[1]
@@ -269,13 +268,7 @@ class PairLoader:
                               "record's error") from None
         data = torch.empty(slots.shape[1:], dtype=torch.float32, pin_memory=self.pin_memory)
         data.copy_(torch.from_numpy(slots[slot]))
-        n = len(anchors)
-        batch = {"data": data[:n], "data_p": data[n:],
-                 "label": torch.from_numpy(self.labels[anchors].astype(np.float32)),
-                 "sim": torch.from_numpy(sim)}
-        if self.pin_memory:
-            batch["label"], batch["sim"] = batch["label"].pin_memory(), batch["sim"].pin_memory()
-        return batch
+        return self._batch(data, anchors, sim)
 
     def close(self):
         """Stop the worker processes and free their shared memory (threads need nothing)."""
@@ -336,8 +329,14 @@ def _worker_init(db, transformer, path):
     _WORKER["slots"] = np.load(path, mmap_mode="r+")
 
 
-def _worker_fill(slot, records, seed):
-    images = _WORKER["db"].read_list(records)[0]
-    transformer = copy.copy(_WORKER["transformer"])
+def _transformed(db, transformer, records, seed, out=None):
+    """The records' images transformed by a private copy of ``transformer`` seeded by the batch:
+    reproducible whatever the thread or process that makes it, and no RNG shared between them."""
+    images = db.read_list(records)[0]
+    transformer = copy.copy(transformer)
     transformer.rng = np.random.default_rng(seed)
-    transformer(images, out=_WORKER["slots"][slot])
+    return transformer(images, out=out)
+
+
+def _worker_fill(slot, records, seed):
+    _transformed(_WORKER["db"], _WORKER["transformer"], records, seed, out=_WORKER["slots"][slot])
