@@ -1,4 +1,5 @@
 """Synthetic dataset, Market-1501 conversion and the 2:1 pair sampler."""
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -240,9 +241,11 @@ loader = PairLoader(DatumDB(db + "/train.lmdb"), labels, PairSampler(labels, see
                     DataTransformer((144, 56), [102, 102, 101], phase="TRAIN"), workers=3, kind="processes")
 batches = loader.epoch(0)
 next(batches)
-print("ready", loader._procs[1].filename, flush=True)
-try:
-    time.sleep(60)
+try:  # the signal may come as soon as "ready" is printed, even before the sleep begins (a
+    # signal handled just before a blocking call does not interrupt it): short sleeps
+    print("ready", loader._procs[1].filename, flush=True)
+    for _ in range(600):
+        time.sleep(0.1)
 except KeyboardInterrupt:
     batches.close()
     loader.close()
@@ -272,6 +275,42 @@ def test_ctrl_c_reaches_the_parent_not_the_worker_processes(train_db, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out == "closed\n" and "Traceback" not in err, err
     assert not session_members(proc.pid)
+
+
+def _thread_masks():
+    """{thread id: its blocked-signal mask} of this process's threads, from /proc."""
+    masks = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            line = next(x for x in (task / "status").read_text().splitlines() if x.startswith("SigBlk:"))
+            masks[task.name] = int(line.split()[1], 16)
+    return masks
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_loader_threads_leave_signals_to_the_main_thread(train_db, kind):
+    """The kernel gives a signal sent to the process to any thread that does not block it; a Ctrl-C taken by
+    a loader thread would not wake a main thread blocked in a wait or a sleep (Python runs handlers only
+    there). Every thread the loader starts (its pool, the process pool's manager and queue threads)
+    blocks SIGINT, SIGTERM and SIGHUP; the main thread's mask is as it was."""
+    import signal
+    db, labels, sampler = train_db
+    before = _thread_masks()
+    loader = PairLoader(db, labels, sampler, 4, DataTransformer((144, 56), [102, 102, 101], phase="TRAIN"),
+                        workers=3, kind=kind)
+    batches = loader.epoch(0)
+    try:
+        next(batches)
+        after = _thread_masks()
+    finally:
+        batches.close()
+        loader.close()
+    started = {t: m for t, m in after.items() if t not in before}
+    assert started
+    wanted = sum(1 << (s - 1) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    assert all(m & wanted == wanted for m in started.values()), {t: hex(m) for t, m in started.items()}
+    assert after[str(os.getpid())] == before[str(os.getpid())]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")

@@ -203,7 +203,7 @@ class PairLoader:
         with contextlib.ExitStack() as stack:
             if processes:
                 stack.callback(setattr, self, "_running", False)
-            pool = stack.enter_context(ThreadPoolExecutor(self.workers))
+            pool = stack.enter_context(ThreadPoolExecutor(self.workers, initializer=_block_signals))
 
             def submit(i, job):
                 e, k, anchors, partners, sim, seed = job
@@ -252,7 +252,9 @@ class PairLoader:
         finalizer = weakref.finalize(self, _release, pool, folder)
         self._procs = (pool, slots, finalizer)
         try:
-            pool.submit(os.getpid).result()  # forks them all now, from this thread
+            with _signals_blocked():  # the pool's manager thread (started now) inherits the mask
+                started = pool.submit(os.getpid)  # forks them all now, from this thread
+            started.result()
         except BrokenProcessPool as exc:
             self.close()
             raise LoaderError(f"PairLoader: the worker processes could not start ({exc})") from None
@@ -283,6 +285,34 @@ class PairLoader:
         self.close()
 
 
+# Asynchronous signals that Python handles in its main thread (SIGINT: KeyboardInterrupt; the
+# engine's SIGINT / SIGHUP / SIGTERM snapshots). The kernel hands a signal sent to the process to
+# any thread that does not block it; when a helper thread takes it, Python's handler only marks it,
+# and a main thread blocked in a sleep or a wait is not woken until that call returns by itself.
+_ASYNC_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1",
+                                                "SIGUSR2", "SIGALRM") if hasattr(signal, n)}
+
+
+def _block_signals():
+    """In a helper thread (thread initializer): leave the asynchronous signals to the main thread."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+
+
+@contextlib.contextmanager
+def _signals_blocked():
+    """Block the asynchronous signals in this thread for the block's duration, so that the threads
+    started meanwhile (which inherit the mask) leave them to the main thread."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _shared_folder(need):
     """A private folder for the slots: in /dev/shm (memory) when it has room, else the temp folder."""
     base = "/dev/shm"
@@ -309,6 +339,8 @@ def _worker_init(db, transformer, path):
     shared slots and exits by itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # forked with the parent's mask while it started the pool
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _ASYNC_SIGNALS)
     parent = os.getppid()
 
     def watch():
