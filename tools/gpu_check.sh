@@ -29,7 +29,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('mspcnn::ncc_max', 'CUDA'))"
 start=$(date +%s)
-python3 -m pytest -q -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_tc.py tests/test_ncc_ops.py \
+python3 -m pytest -q -p no:cacheprovider -m "" tests/test_ncc_cuda.py tests/test_ncc_tc.py tests/test_ncc_ops.py \
   tests/test_gpu_tools.py tests/test_bench_tools.py tests/test_layer_kernels.py -k "cuda or gpu" 2>&1 | tee "$out/pytest_cuda.log" | tail -15
 echo "cuda tests: $(( $(date +%s) - start )) s"
 ncu_args=()
@@ -48,7 +48,7 @@ done
 # shift is the default), appended to the same log.
 start=$(date +%s)
 echo "== with MSPCNN_NCC_CUDA_SHIFT=0" >> "$out/pytest_cuda.log"
-MSPCNN_NCC_CUDA_SHIFT=0 python3 -m pytest -q -p no:cacheprovider tests/test_ncc_cuda.py tests/test_ncc_ops.py -k "cuda" 2>&1 | \
+MSPCNN_NCC_CUDA_SHIFT=0 python3 -m pytest -q -p no:cacheprovider -m "" tests/test_ncc_cuda.py tests/test_ncc_ops.py -k "cuda" 2>&1 | \
   tee -a "$out/pytest_cuda.log" | tail -5
 echo "cuda tests without the shift: $(( $(date +%s) - start )) s"
 # The accuracy table and the operator's time without the shift (no reference, no ncu), same log.
