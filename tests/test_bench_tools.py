@@ -5,6 +5,7 @@ import os
 import stat
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,6 +170,23 @@ def test_emulated_cuda_volume_centred_form_is_accurate_at_any_mean():
         assert centred <= 2e-6
         worse = rows["CUDA volume, box-sum form (emulated)" if offset else "CUDA volume, box-sum shifted (emulated)"]
         assert worse > 3 * centred
+
+
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (5, 1, 9), (3, 5, 30), (3, 3, 32)])
+def test_emulated_tiled_volume_forward_is_the_direct_kernel_bit_for_bit(monkeypatch, patch, rows, W):
+    """volume_tiled_kernel (MSPCNN_NCC_VOLUME_FWD=tiled), emulated with its index arithmetic: every
+    output stored exactly once, and each the very float32 of the direct centred kernel (the same chain
+    of fused multiply-adds from precomputed centred operands), on ReLU'd maps with a large mean; W and
+    R W not multiples of 4 included (the padded tiles)."""
+    emulate = load_tool("emulate_cuda_ncc")
+    monkeypatch.setattr(emulate, "H", 10)
+    monkeypatch.setattr(emulate, "W", W)
+    rng = np.random.default_rng(patch * 10 + rows)
+    a, b = (np.maximum(rng.standard_normal((10, W)), 0).astype(np.float32) + 10 for _ in range(2))
+    tiled, writes = emulate.emulate_volume_tiled_plane(a, b, patch, rows, block=64)
+    direct = emulate.emulate_volume_plane(a, b, "centred", patch, rows)
+    assert writes.min() == writes.max() == 1
+    assert np.array_equal(tiled.view(np.int32), direct.view(np.int32))
 
 
 def test_bench_train_counts_the_operations_of_an_iteration():

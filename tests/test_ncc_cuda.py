@@ -146,6 +146,23 @@ def test_volume_backward_tiled_equals_gathers(monkeypatch, patch, rows, W):
         torch.testing.assert_close(t.cpu(), c, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (3, 3, 64), (5, 1, 9), (3, 5, 30), (7, 5, 28)])
+def test_volume_tiled_forward_equals_the_direct_kernel(monkeypatch, dtype, patch, rows, W):
+    """MSPCNN_NCC_VOLUME_FWD=tiled (volume_tiled_kernel: the centred sums as a register-tiled matrix
+    product) gives the direct kernel's volume bit for bit, on ReLU'd maps with a large mean; (7, 5) in
+    float64 needs more than 48 KB of shared memory and falls back to the direct kernel. Emulated on the
+    CPU (test_bench_tools.py); not yet run on a GPU when written (2026-12-01)."""
+    torch.manual_seed(7)
+    a = (torch.randn(3, 4, 19, W).relu() + 10).to(dtype).cuda()
+    b = (torch.randn(3, 4, 19, W).relu() + 10).to(dtype).cuda()
+    monkeypatch.delenv("MSPCNN_NCC_VOLUME_FWD", raising=False)
+    direct = ncc_volume(a, b, patch, rows)
+    monkeypatch.setenv("MSPCNN_NCC_VOLUME_FWD", "tiled")
+    tiled = ncc_volume(a, b, patch, rows)
+    assert torch.equal(tiled, direct)
+
+
 @pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (7, 5, 28)])
 def test_shift_keeps_float32_accuracy_with_a_large_mean(monkeypatch, patch, rows, W):
     """The default (MSPCNN_NCC_CUDA_SHIFT unset): the forward kernels shift each plane by its mean,

@@ -454,6 +454,65 @@ def emulate_volume_plane(A, B, form, P=PATCH, R=ROWS, eps=EPS):
     return out.reshape(R * W, H, W)
 
 
+def emulate_volume_tiled_plane(A, B, P=PATCH, R=ROWS, eps=EPS, block=256):
+    """ncc_volume of one plane as `volume_tiled_kernel` computes it (MSPCNN_NCC_VOLUME_FWD=tiled), with
+    its index arithmetic: the centred operands staged as Ac[kk][w] (w < W4) and Bc[kk][c] (c < C4), W
+    and R W rounded up to 4 with zeros; thread `cell` of the block (cells taken ``block`` at a time)
+    owns output columns w0 .. w0 + 3 and candidates c0 .. c0 + 3, w0 = 4 (cell % (W4 / 4)),
+    c0 = 4 (cell // (W4 / 4)); each of its 16 accumulators is a chain of fused multiply-adds in kk,
+    then x (ka kb). Returns (volume (R W, H, W), writes): ``writes`` counts the stores of each output
+    (each must be stored once)."""
+    R2, n, PP = R // 2, P * P, P * P
+    ma, sa = _patch_stats(A.astype(F64), 0, H, P, eps)
+    mb, sb = _patch_stats(B.astype(F64), -R2, H + R - 1, P, eps)
+    _, _, As, Bs = _staged(A, B, P, R, False)
+    ka = (1.0 / ((n - 1) * (sa + eps))).astype(F32)
+    kb = (1.0 / (sb + eps)).astype(F32)
+    RW = R * W
+    W4, C4 = (W + 3) // 4 * 4, (RW + 3) // 4 * 4
+    fa, fb = ma.astype(F32), mb.astype(F32)                                  # (H, W), (H + R - 1, W)
+    # The staging loops, for every output row r at once: entry e -> (kk, w) or (kk, c).
+    Ac = np.zeros((H, PP, W4), F32)
+    for e in range(PP * W4):
+        kk, w = divmod(e, W4)
+        i, j = divmod(kk, P)
+        if w < W:
+            Ac[:, kk, w] = As[i:i + H, w + j] - fa[:, w]
+    Bc = np.zeros((H, PP, C4), F32)
+    for e in range(PP * C4):
+        kk, c = divmod(e, C4)
+        i, j = divmod(kk, P)
+        k, col = divmod(c, W)
+        if c < RW:
+            Bc[:, kk, c] = Bs[k + i:k + i + H, col + j] - fb[k:k + H, col]
+    kbc = np.zeros((H, RW), F32)                                             # kb of candidate c of row r
+    for c in range(RW):
+        k, col = divmod(c, W)
+        kbc[:, c] = kb[k:k + H, col]
+    out = np.zeros((RW, H, W), F32)
+    writes = np.zeros((RW, H, W), np.int64)
+    wg = W4 // 4
+    cells = wg * (C4 // 4)
+    for first in range(0, cells, block):
+        for cell in range(first, min(first + block, cells)):
+            w0, c0 = 4 * (cell % wg), 4 * (cell // wg)
+            x = np.zeros((H, 4, 4), F32)
+            for kk in range(PP):
+                av = Ac[:, kk, w0:w0 + 4]
+                bv = Bc[:, kk, c0:c0 + 4]
+                x = fma(av[:, :, None], bv[:, None, :], x)
+            for q in range(4):
+                c = c0 + q
+                if c >= RW:
+                    break
+                for p_ in range(4):
+                    w = w0 + p_
+                    if w < W:
+                        out[c, :, w] = x[:, p_, q] * (ka[:, w] * kbc[:, c])
+                        writes[c, :, w] += 1
+    return out, writes
+
+
 def compare_volume(pairs, channels, offset, seed):
     """Rows of the volume's largest error against float64 for each emulated form and the CPU kernel,
     on the maps compare() uses."""

@@ -43,6 +43,10 @@ for precision in "" --tf32; do
   python3 tools/bench_train.py --device cuda --batches paper --stages 1 2 --torch-ops --cuda-graphs --count-ops --repeat 10 \
     $precision --json "$out/bench_train_cuda${precision:+_tf32}.json" 2>&1 | tee -a "$out/bench_train_cuda.log" | tail -6
 done
+# The tiled volume forward (MSPCNN_NCC_VOLUME_FWD=tiled, opt-in until measured; its bit-for-bit test
+# against the direct kernel is in test_ncc_cuda.py above): ncc_volume at 128 pairs, beside the reference.
+MSPCNN_NCC_VOLUME_FWD=tiled python3 tools/bench_ncc.py --device cuda --ops ncc_volume --pairs 128 \
+  --json "$out/bench_ncc_cuda_volume_tiled.json" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
 # Last, the non-default setting: without the forward kernels' plane-mean shift.
 # The NCC tests without the forward kernels' plane-mean shift (MSPCNN_NCC_CUDA_SHIFT=0; the
 # shift is the default), appended to the same log.

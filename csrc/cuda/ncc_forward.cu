@@ -19,6 +19,8 @@
 //   max_generic_kernel     ncc_max forward for any P, R (direct sums)
 //   volume_kernel          ncc_volume forward (centred direct sums, coalesced
 //                          stores; no shift needed)
+//   volume_tiled_kernel    the same sums as a register-tiled matrix product
+//                          (MSPCNN_NCC_VOLUME_FWD=tiled; not yet run on a GPU)
 // The backward kernels: ncc_max_backward.cu and ncc_volume_backward.cu.
 #include <cuda_runtime.h>
 
@@ -26,6 +28,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #include "ncc_device.cuh"
 #include "ncc_kernels.h"
@@ -304,9 +307,17 @@ __device__ void stage_row(const NccGeometry& g, int64_t plane, int64_t r,
   }
 }
 
-inline int64_t generic_smem_elems(const NccGeometry& g) {
+__host__ __device__ inline int64_t generic_smem_elems(const NccGeometry& g) {
   const int64_t SW = g.W + 2 * g.h();
   return g.P * SW + (g.R + g.P - 1) * SW + 2 * g.W + 2 * g.R * g.W;
+}
+
+// a * b + c with one rounding (the compiler contracts x += a * b to this by
+// default; written out where two kernels must agree bit for bit).
+template <typename T>
+__device__ __forceinline__ T fused_madd(T a, T b, T c) {
+  if constexpr (sizeof(T) == sizeof(float)) return fmaf(a, b, c);
+  else return fma(a, b, c);
 }
 
 // The NCC of output column w (of the staged row) against candidate (k, col).
@@ -321,7 +332,7 @@ __device__ __forceinline__ T candidate(const NccGeometry& g, const T* smem,
     for (int64_t i = 0; i < P; ++i) {
       const T* ar = L.As + i * SW + w;
       const T* br = L.Bs + (k + i) * SW + col;
-      for (int64_t j = 0; j < P; ++j) x += (ar[j] - mua) * (br[j] - mub);
+      for (int64_t j = 0; j < P; ++j) x = fused_madd(ar[j] - mua, br[j] - mub, x);
     }
     return x * (L.ka[w] * L.kb[c]);
   } else {
@@ -379,6 +390,107 @@ __global__ void volume_kernel(NccGeometry g, const T* __restrict__ a,
     const int64_t w = e % W, kc = e / W;  // kc = k * W + col
     volume[(plane * g.R * W + kc) * HW + r * W + w] = candidate<T, true>(g, smem, w, kc / W, kc % W);
   }
+}
+
+// ncc_volume forward, tiled (MSPCNN_NCC_VOLUME_FWD=tiled; W <= 64 and the
+// shared memory of volume_tiled_smem_elems): the same centred sums as
+// volume_kernel, bit for bit. For one output row the volume is a matrix
+// product, X[w][c] = sum_kk Ac[kk][w] Bc[kk][c] with kk = i P + j, Ac the
+// centred patch entries of output column w (a - mu_a) and Bc those of
+// candidate c = k W + col (b - mu_b). The block stages Ac (P^2 x W4) and Bc
+// (P^2 x C4; W4, C4: W and R W rounded up to 4, the padding 0) once, then each
+// thread computes a 4 x 4 tile of X (4 output columns, 4 candidates) with 16
+// accumulators: per kk, 2 shared loads of 4 values (float; 8 loads in double)
+// and 16 fused multiply-adds, where
+// volume_kernel's thread makes 2 loads and 2 subtractions per multiply-add.
+// Each accumulator runs the chain of candidate<T, true> in its order (kk
+// ascending, fused multiply-adds from 0), then x (ka kb) as it does: the same
+// value. Threads are numbered with the output-column group fastest, so a
+// warp's lanes cover whole rows of W outputs of a few candidates: its stores
+// are contiguous runs of W values (the volume's innermost dimension is w).
+__host__ __device__ inline int64_t round4(int64_t x) { return (x + 3) / 4 * 4; }
+
+inline int64_t volume_tiled_smem_elems(const NccGeometry& g) {
+  const int64_t PP = g.P * g.P;
+  return round4(generic_smem_elems(g)) + PP * round4(g.W) + PP * round4(g.R * g.W);
+}
+
+// Four consecutive values of a shared row, 16-byte aligned for float (one
+// 128-bit load instead of four).
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, T (&v)[4]) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    v[0] = p[0], v[1] = p[1], v[2] = p[2], v[3] = p[3];
+  }
+}
+
+template <typename T>
+__global__ void volume_tiled_kernel(NccGeometry g, const T* __restrict__ a,
+                                    const T* __restrict__ b, const double* ma,
+                                    const double* sa, const double* mb,
+                                    const double* sb, T* volume) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  const int64_t plane = blockIdx.x / g.H, r = blockIdx.x % g.H;
+  stage_row<T, kCentred>(g, plane, r, a, b, ma, sa, mb, sb, smem);
+  __syncthreads();
+  const int P = int(g.P), PP = P * P, W = int(g.W), RW = int(g.R * g.W);
+  const int W4 = int(round4(W)), C4 = int(round4(RW));
+  const int SW = W + 2 * int(g.h());
+  const RowLayout<const T*> L = row_layout(g, static_cast<const T*>(smem));
+  T* Ac = smem + round4(generic_smem_elems(g));  // [kk][w], w < W4 (16-byte aligned)
+  T* Bc = Ac + PP * W4;                  // [kk][c], c < C4
+  for (int e = threadIdx.x; e < PP * W4; e += blockDim.x) {
+    const int kk = e / W4, w = e % W4, i = kk / P, j = kk % P;
+    Ac[e] = w < W ? L.As[i * SW + w + j] - L.fa[w] : T(0);
+  }
+  for (int e = threadIdx.x; e < PP * C4; e += blockDim.x) {
+    const int kk = e / C4, c = e % C4, i = kk / P, j = kk % P;
+    const int k = c / W, col = c % W;
+    Bc[e] = c < RW ? L.Bs[(k + i) * SW + col + j] - L.fb[c] : T(0);
+  }
+  __syncthreads();
+  const int wg = W4 / 4, cells = wg * (C4 / 4);
+  const int64_t HW = g.H * g.W;
+  T* out = volume + plane * int64_t(RW) * HW + r * W;
+  for (int cell = threadIdx.x; cell < cells; cell += blockDim.x) {
+    const int w0 = 4 * (cell % wg), c0 = 4 * (cell / wg);
+    T x[4][4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) x[p][q] = T(0);
+    for (int kk = 0; kk < PP; ++kk) {
+      const T* ar = Ac + kk * W4 + w0;
+      const T* br = Bc + kk * C4 + c0;
+      T av[4], bv[4];
+      load4(ar, av);
+      load4(br, bv);
+#pragma unroll
+      for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) x[p][q] = fused_madd(av[p], bv[q], x[p][q]);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int c = c0 + q;
+      if (c >= RW) break;
+      const T kbq = L.kb[c];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const int w = w0 + p;
+        if (w < W) out[c * HW + w] = x[p][q] * (L.ka[w] * kbq);
+      }
+    }
+  }
+}
+
+bool volume_tiled_enabled() {
+  const char* env = getenv("MSPCNN_NCC_VOLUME_FWD");
+  return env != nullptr && std::string(env) == "tiled";
 }
 
 template <typename T, int P, int R, int WPT, bool SHIFT>
@@ -465,6 +577,14 @@ cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,
                                const double* ma, const double* sa,
                                const double* mb, const double* sb, T* volume,
                                cudaStream_t stream) {
+  // The tiled kernel when asked for (not yet run on a GPU: opt-in until it has
+  // been, against volume_kernel bit for bit) and its shared memory fits 48 KB.
+  const size_t tiled = size_t(volume_tiled_smem_elems(g)) * sizeof(T);
+  if (volume_tiled_enabled() && g.W <= 64 && tiled <= 48 * 1024) {
+    volume_tiled_kernel<T><<<unsigned(g.planes() * g.H), kThreads, tiled, stream>>>(
+        g, a, b, ma, sa, mb, sb, volume);
+    return cudaGetLastError();
+  }
   const size_t smem = size_t(generic_smem_elems(g)) * sizeof(T);
   volume_kernel<T><<<unsigned(g.planes() * g.H), kThreads, smem, stream>>>(
       g, a, b, ma, sa, mb, sb, volume);
