@@ -189,7 +189,9 @@ __global__ void volume_grad_b(NccGeometry g, const T* __restrict__ grad,
 // P multiply-adds per (k, candidate column, output column) build V, then P W
 // per output and k, where the gathers above take P^2 R W per output; the box
 // terms are those of the gathers. V, the padded rows of the other map and the
-// per-k partial sums live in shared memory (volume_tiled_smem_bytes).
+// per-k partial sums live in shared memory (volume_tiled_smem_bytes), and so
+// (since 2026-12-01, not yet run on a GPU) do the rows of ka and kb that V's
+// loop reads: the same values, so the same gradients bit for bit.
 template <typename T, bool kGradB>
 __global__ void volume_grad_tiled(NccGeometry g, const T* __restrict__ grad,
                                   const T* __restrict__ a, const T* __restrict__ b,
@@ -204,9 +206,23 @@ __global__ void volume_grad_tiled(NccGeometry g, const T* __restrict__ grad,
   double* V = vsm;              // R x W x W, [k][c][w] with w the output column
   double* row = V + R * W * W;  // R x Wp, zero-padded rows of the other map
   double* part = row + R * Wp;  // R x W partial sums
+  double* kas = part + R * W;   // rows pa0 .. pa0 + S - 1 of ka, S = P + R - 1
+  double* kbs = kas + (2 * h + R) * W;  // rows qb0 .. qb0 + S - 1 of kb (centre row + R2)
   const double* ka = work;
   const double* kb = work + 3 * total_a;
   const T* G = grad + plane * R * W * HW;
+  // The factors the loop below reads, staged first (the same doubles: one global
+  // read per term instead of three). grad_a reads ka rows u - h .. u + h and kb
+  // rows u - h .. u + h + R - 1; grad_b ka rows u - h - R + 1 + R2 .. u + h + R2
+  // and kb rows u - h + R2 .. u + h + R2. Rows outside the maps are never read.
+  const int S = 2 * h + R;
+  const int pa0 = kGradB ? u - h - R + 1 + R2 : u - h, qb0 = kGradB ? u - h + R2 : u - h;
+  for (int idx = threadIdx.x; idx < S * W; idx += blockDim.x) {
+    const int t = idx / W, x = idx % W, pr = pa0 + t, qe = qb0 + t;
+    kas[idx] = (pr >= 0 && pr < H) ? ka[(plane * H + pr) * W + x] : 0.0;
+    kbs[idx] = (qe >= 0 && qe < BR) ? kb[(plane * BR + qe) * W + x] : 0.0;
+  }
+  __syncthreads();
   for (int idx = threadIdx.x; idx < R * W * W; idx += blockDim.x) {
     // c: the column of the candidate centre; x: the output column (fastest,
     // so that the reads of the gradient volume are coalesced)
@@ -217,7 +233,7 @@ __global__ void volume_grad_tiled(NccGeometry g, const T* __restrict__ grad,
       if (pr < 0 || pr >= H) continue;
       const int qe = kGradB ? u - i + R2 : pr + k;  // candidate centre row + R2
       s += double(G[(int64_t(k) * W + c) * HW + int64_t(pr) * W + x]) *
-           ka[(plane * H + pr) * W + x] * kb[(plane * BR + qe) * W + c];
+           kas[(pr - pa0) * W + x] * kbs[(qe - qb0) * W + c];
     }
     V[kGradB ? (k * W + x) * W + c : (k * W + c) * W + x] = s;
   }
@@ -264,7 +280,8 @@ __global__ void volume_grad_tiled(NccGeometry g, const T* __restrict__ grad,
 }
 
 inline int64_t volume_tiled_smem_bytes(const NccGeometry& g) {
-  return (g.R * g.W * g.W + g.R * (g.W + 2 * g.h()) + g.R * g.W) * int64_t(sizeof(double));
+  return (g.R * g.W * g.W + g.R * (g.W + 2 * g.h()) + g.R * g.W + 2 * (2 * g.h() + g.R) * g.W) *
+         int64_t(sizeof(double));
 }
 
 }  // namespace
@@ -282,13 +299,27 @@ cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
   const int64_t total_a = g.planes() * g.H * g.W, total_b = g.planes() * g.b_rows() * g.W;
   volume_centre_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
   volume_centre_b<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
-  // The tiled kernels when their shared memory fits in 48 KB (at the pool1
-  // shape, W = 28, R = 5: 34 KB); MSPCNN_NCC_VOLUME_BWD=gather forces the
-  // direct gathers (for comparisons).
+  const cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess) return launched;
+  // The tiled kernels when their shared memory fits in what a block may have
+  // (at the pool1 shape, W = 28, R = 5: 38 KB; above 48 KB the kernels opt in
+  // to more, up to the device's limit: 227 KB on an H100 / H200);
+  // MSPCNN_NCC_VOLUME_BWD=gather forces the direct gathers (for comparisons).
   const char* env = getenv("MSPCNN_NCC_VOLUME_BWD");
   const bool gather = env != nullptr && env[0] == 'g';
   const int64_t smem = volume_tiled_smem_bytes(g);
-  if (!gather && smem <= 48 * 1024 && g.planes() * g.H < INT_MAX) {
+  int device = 0, optin = 48 * 1024;
+  if (smem > 48 * 1024 && cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  bool tiled = !gather && smem <= optin && g.planes() * g.H < INT_MAX;
+  if (tiled && smem > 48 * 1024) {
+    tiled = cudaFuncSetAttribute(volume_grad_tiled<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 int(smem)) == cudaSuccess &&
+            cudaFuncSetAttribute(volume_grad_tiled<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 int(smem)) == cudaSuccess;
+    if (!tiled) cudaGetLastError();  // a refused opt-in only means the gathers below
+  }
+  if (tiled) {
     int threads = int((g.R * g.W + 31) / 32 * 32);
     threads = threads < 64 ? 64 : (threads > 256 ? 256 : threads);
     const unsigned blocks = unsigned(g.planes() * g.H);
