@@ -189,6 +189,22 @@ def test_emulated_tiled_volume_forward_is_the_direct_kernel_bit_for_bit(monkeypa
     assert np.array_equal(tiled.view(np.int32), direct.view(np.int32))
 
 
+@pytest.mark.parametrize("grad_b", [False, True])
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 9), (3, 1, 6), (7, 3, 5), (3, 5, 4)])
+def test_emulated_volume_backward_staging_reads_the_same_factors(grad_b, patch, rows, W):
+    """volume_grad_tiled with its ka and kb rows staged in shared memory (2026-12-01), emulated with
+    its index arithmetic: every read of the V loop lands in the staged rows, on a row that holds the
+    map's factors, and V is the one read from global memory, bit for bit, for grad_a and grad_b."""
+    emulate = load_tool("emulate_cuda_ncc")
+    rng = np.random.default_rng(patch + rows + W)
+    H = 7
+    G = rng.standard_normal((rows, W, H, W))
+    ka, kb = rng.random((H, W)) + 0.5, rng.random((H + rows - 1, W)) + 0.5
+    staged, direct, bad = emulate.emulate_volume_grad_tiled_v(G, ka, kb, patch, rows, grad_b)
+    assert bad == 0
+    assert np.array_equal(staged, direct) and np.abs(direct).sum() > 0
+
+
 def test_bench_train_counts_the_operations_of_an_iteration():
     """bench_train --count-ops: the engine's default (our BatchNorm + Scale operator on the CPU) and
     the separate Caffe layers (what a GPU ran before its fused batch normalisation) differ threefold

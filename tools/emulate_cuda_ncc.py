@@ -513,6 +513,51 @@ def emulate_volume_tiled_plane(A, B, P=PATCH, R=ROWS, eps=EPS, block=256):
     return out, writes
 
 
+def emulate_volume_grad_tiled_v(G, ka, kb, P, R, grad_b):
+    """The loop of `volume_grad_tiled` that builds V for every block (row u) of one plane, in float64,
+    once with the factors read as the kernel reads them since 2026-12-01 (ka and kb rows staged in
+    shared memory: kas rows pa0 .. pa0 + S - 1, kbs rows qb0 .. qb0 + S - 1, S = P + R - 1, rows
+    outside the maps staged as 0) and once from the global arrays, as before. G: the gradient volume
+    (R, W, H, W) [k][candidate column][output row][output column]; ka (H, W); kb (H + R - 1, W).
+    Returns (staged, direct, bad): V of every row both ways (H, R, W, W) and the count of reads that
+    fell outside the staged rows or on a row staged as 0 (the kernel must make none)."""
+    Rr, Wm, Hm, _ = G.shape
+    h, R2, S = P // 2, R // 2, P + R - 1
+    BR = Hm + R - 1
+    staged = np.zeros((Hm, R, Wm, Wm))
+    direct = np.zeros((Hm, R, Wm, Wm))
+    bad = 0
+    for u in range(Hm):
+        pa0 = u - h - R + 1 + R2 if grad_b else u - h
+        qb0 = u - h + R2 if grad_b else u - h
+        kas = np.zeros((S, Wm))
+        kbs = np.zeros((S, Wm))
+        for t in range(S):
+            if 0 <= pa0 + t < Hm:
+                kas[t] = ka[pa0 + t]
+            if 0 <= qb0 + t < BR:
+                kbs[t] = kb[qb0 + t]
+        for k in range(R):
+            for c in range(Wm):
+                s1 = np.zeros(Wm)
+                s2 = np.zeros(Wm)
+                for i in range(-h, h + 1):
+                    pr = u - i - k + R2 if grad_b else u - i
+                    if pr < 0 or pr >= Hm:
+                        continue
+                    qe = u - i + R2 if grad_b else pr + k
+                    ta, tb = pr - pa0, qe - qb0
+                    if not (0 <= ta < S and 0 <= tb < S and 0 <= qe < BR):
+                        bad += 1
+                        continue
+                    g = G[k, c, pr]
+                    s1 = s1 + g * kas[ta] * kbs[tb, c]
+                    s2 = s2 + g * ka[pr] * kb[qe, c]
+                staged[u, k, c] = s1
+                direct[u, k, c] = s2
+    return staged, direct, bad
+
+
 def compare_volume(pairs, channels, offset, seed):
     """Rows of the volume's largest error against float64 for each emulated form and the CPU kernel,
     on the maps compare() uses."""
