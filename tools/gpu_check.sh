@@ -7,7 +7,7 @@
 # run the CUDA benchmark (ncc_max with and without tensor cores, ncc_volume),
 # with Nsight Compute's counters of each operator's kernels (NCU=0 leaves them out; ncu's raw CSV tables are
 # packed into ncu_raw.tar.gz, since a device call brings back at most 8 files).
-# Logs and JSON go to ${OUT:-gpu_out}. Usage: [SKIP_BUILD=1] [NCU=0] bash tools/gpu_check.sh [benchmark arguments]
+# Logs and JSON go to ${OUT:-gpu_out}. Usage: [SKIP_BUILD=1] [NCU=0] [QUICK=1] bash tools/gpu_check.sh [benchmark arguments]
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -28,6 +28,20 @@ if [ -z "${SKIP_BUILD:-}" ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('mspcnn::ncc_max', 'CUDA'))"
+# QUICK=1: only what the newest unmeasured changes need, for a call with a few minutes left (about 2
+# minutes after the build): the volume kernels' tests and the CUDA graphs' test against eager
+# training, then ncc_volume at 128 pairs with the direct and the tiled forward (no reference, no ncu).
+if [ "${QUICK:-}" = 1 ]; then
+  start=$(date +%s)
+  python3 -m pytest -q -p no:cacheprovider -m "" tests/test_ncc_cuda.py tests/test_gpu_tools.py \
+    -k "volume or cuda_graphs or does_not_wait" 2>&1 | tee "$out/pytest_quick.log" | tail -8
+  echo "quick tests: $(( $(date +%s) - start )) s"
+  for fwd in direct tiled; do
+    MSPCNN_NCC_VOLUME_FWD=$fwd python3 tools/bench_ncc.py --device cuda --ops ncc_volume --pairs 128 --no-reference \
+      --json "$out/bench_ncc_cuda_volume_$fwd.json" 2>&1 | tee -a "$out/bench_quick.log" | tail -4
+  done
+  exit 0
+fi
 start=$(date +%s)
 python3 -m pytest -q -p no:cacheprovider -m "" tests/test_ncc_cuda.py tests/test_ncc_tc.py tests/test_ncc_ops.py \
   tests/test_gpu_tools.py tests/test_bench_tools.py tests/test_layer_kernels.py -k "cuda or gpu" 2>&1 | tee "$out/pytest_cuda.log" | tail -15
