@@ -183,7 +183,7 @@ def test_emulated_tiled_volume_forward_is_the_direct_kernel_bit_for_bit(monkeypa
     monkeypatch.setattr(emulate, "W", W)
     rng = np.random.default_rng(patch * 10 + rows)
     a, b = (np.maximum(rng.standard_normal((10, W)), 0).astype(np.float32) + 10 for _ in range(2))
-    tiled, writes = emulate.emulate_volume_tiled_plane(a, b, patch, rows, block=64)
+    tiled, writes = emulate.emulate_volume_tiled_plane(a, b, patch, rows)
     direct = emulate.emulate_volume_plane(a, b, "centred", patch, rows)
     assert writes.min() == writes.max() == 1
     assert np.array_equal(tiled.view(np.int32), direct.view(np.int32))

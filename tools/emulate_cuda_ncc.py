@@ -415,20 +415,28 @@ def _patch_stats(X, rows0, rows, P, eps):
     return mu, sd
 
 
-def emulate_volume_plane(A, B, form, P=PATCH, R=ROWS, eps=EPS):
-    """ncc_volume of one (n, c) plane as the CUDA volume kernel computes it, (R W, H, W):
-    form "box" (before 2026-11-30), "box-shifted" (the same with the plane-mean shift) or
-    "centred" (now). The statistics are stats_kernel's (double)."""
+def _volume_staging(A, B, P, R, eps, shift):
+    """What the CUDA volume kernels stage for one plane (stage_row): the patch means of `a` and `b`
+    (double, stats_kernel's), the staged maps (ca, cb, As, Bs as _staged) and the factors ka, kb in
+    double (0 for a flat patch with the shift)."""
     R2, n = R // 2, P * P
     ma, sa = _patch_stats(A.astype(F64), 0, H, P, eps)
     mb, sb = _patch_stats(B.astype(F64), -R2, H + R - 1, P, eps)
-    shift = form == "box-shifted"
     ca, cb, As, Bs = _staged(A, B, P, R, shift)
     ka64 = 1.0 / ((n - 1) * (sa + eps))
     kb64 = 1.0 / (sb + eps)
     if shift:
         ka64 = np.where(sa == 0, 0.0, ka64)
         kb64 = np.where(sb == 0, 0.0, kb64)
+    return ma, mb, ca, cb, As, Bs, ka64, kb64
+
+
+def emulate_volume_plane(A, B, form, P=PATCH, R=ROWS, eps=EPS):
+    """ncc_volume of one (n, c) plane as the CUDA volume kernel computes it, (R W, H, W):
+    form "box" (before 2026-11-30), "box-shifted" (the same with the plane-mean shift) or
+    "centred" (now). The statistics are stats_kernel's (double)."""
+    n = P * P
+    ma, mb, ca, cb, As, Bs, ka64, kb64 = _volume_staging(A, B, P, R, eps, form == "box-shifted")
     ka, kb = ka64.astype(F32), kb64.astype(F32)
     out = np.zeros((R, W, H, W), F32)                                        # k, col, r, w
     for k in range(R):
@@ -454,20 +462,17 @@ def emulate_volume_plane(A, B, form, P=PATCH, R=ROWS, eps=EPS):
     return out.reshape(R * W, H, W)
 
 
-def emulate_volume_tiled_plane(A, B, P=PATCH, R=ROWS, eps=EPS, block=256):
+def emulate_volume_tiled_plane(A, B, P=PATCH, R=ROWS, eps=EPS):
     """ncc_volume of one plane as `volume_tiled_kernel` computes it (MSPCNN_NCC_VOLUME_FWD=tiled), with
     its index arithmetic: the centred operands staged as Ac[kk][w] (w < W4) and Bc[kk][c] (c < C4), W
-    and R W rounded up to 4 with zeros; thread `cell` of the block (cells taken ``block`` at a time)
-    owns output columns w0 .. w0 + 3 and candidates c0 .. c0 + 3, w0 = 4 (cell % (W4 / 4)),
-    c0 = 4 (cell // (W4 / 4)); each of its 16 accumulators is a chain of fused multiply-adds in kk,
-    then x (ka kb). Returns (volume (R W, H, W), writes): ``writes`` counts the stores of each output
-    (each must be stored once)."""
-    R2, n, PP = R // 2, P * P, P * P
-    ma, sa = _patch_stats(A.astype(F64), 0, H, P, eps)
-    mb, sb = _patch_stats(B.astype(F64), -R2, H + R - 1, P, eps)
-    _, _, As, Bs = _staged(A, B, P, R, False)
-    ka = (1.0 / ((n - 1) * (sa + eps))).astype(F32)
-    kb = (1.0 / (sb + eps)).astype(F32)
+    and R W rounded up to 4 with zeros; the thread of cell `cell` (the block's threads take the cells in
+    turn; which thread takes a cell changes nothing) owns output columns w0 .. w0 + 3 and candidates
+    c0 .. c0 + 3, w0 = 4 (cell % (W4 / 4)), c0 = 4 (cell // (W4 / 4)); each of its 16 accumulators is a
+    chain of fused multiply-adds in kk, then x (ka kb). Returns (volume (R W, H, W), writes): ``writes``
+    counts the stores of each output (each must be stored once)."""
+    PP = P * P
+    ma, mb, _, _, As, Bs, ka64, kb64 = _volume_staging(A, B, P, R, eps, False)
+    ka, kb = ka64.astype(F32), kb64.astype(F32)
     RW = R * W
     W4, C4 = (W + 3) // 4 * 4, (RW + 3) // 4 * 4
     fa, fb = ma.astype(F32), mb.astype(F32)                                  # (H, W), (H + R - 1, W)
@@ -493,23 +498,22 @@ def emulate_volume_tiled_plane(A, B, P=PATCH, R=ROWS, eps=EPS, block=256):
     writes = np.zeros((RW, H, W), np.int64)
     wg = W4 // 4
     cells = wg * (C4 // 4)
-    for first in range(0, cells, block):
-        for cell in range(first, min(first + block, cells)):
-            w0, c0 = 4 * (cell % wg), 4 * (cell // wg)
-            x = np.zeros((H, 4, 4), F32)
-            for kk in range(PP):
-                av = Ac[:, kk, w0:w0 + 4]
-                bv = Bc[:, kk, c0:c0 + 4]
-                x = fma(av[:, :, None], bv[:, None, :], x)
-            for q in range(4):
-                c = c0 + q
-                if c >= RW:
-                    break
-                for p_ in range(4):
-                    w = w0 + p_
-                    if w < W:
-                        out[c, :, w] = x[:, p_, q] * (ka[:, w] * kbc[:, c])
-                        writes[c, :, w] += 1
+    for cell in range(cells):
+        w0, c0 = 4 * (cell % wg), 4 * (cell // wg)
+        x = np.zeros((H, 4, 4), F32)
+        for kk in range(PP):
+            av = Ac[:, kk, w0:w0 + 4]
+            bv = Bc[:, kk, c0:c0 + 4]
+            x = fma(av[:, :, None], bv[:, None, :], x)
+        for q in range(4):
+            c = c0 + q
+            if c >= RW:
+                break
+            for p_ in range(4):
+                w = w0 + p_
+                if w < W:
+                    out[c, :, w] = x[:, p_, q] * (ka[:, w] * kbc[:, c])
+                    writes[c, :, w] += 1
     return out, writes
 
 
@@ -521,7 +525,7 @@ def emulate_volume_grad_tiled_v(G, ka, kb, P, R, grad_b):
     (R, W, H, W) [k][candidate column][output row][output column]; ka (H, W); kb (H + R - 1, W).
     Returns (staged, direct, bad): V of every row both ways (H, R, W, W) and the count of reads that
     fell outside the staged rows or on a row staged as 0 (the kernel must make none)."""
-    Rr, Wm, Hm, _ = G.shape
+    _, Wm, Hm, _ = G.shape
     h, R2, S = P // 2, R // 2, P + R - 1
     BR = Hm + R - 1
     staged = np.zeros((Hm, R, Wm, Wm))
