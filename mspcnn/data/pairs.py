@@ -294,23 +294,23 @@ _ASYNC_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "S
 
 
 def _block_signals():
-    """In a helper thread (thread initializer): leave the asynchronous signals to the main thread."""
+    """Block the asynchronous signals in this thread (the initializer of helper threads: leave them to
+    the main thread). Returns the previous mask, or None where threads have no signal masks."""
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+        return signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+    return None
 
 
 @contextlib.contextmanager
 def _signals_blocked():
     """Block the asynchronous signals in this thread for the block's duration, so that the threads
     started meanwhile (which inherit the mask) leave them to the main thread."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+    old = _block_signals()
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _shared_folder(need):
