@@ -189,6 +189,61 @@ def test_emulated_tiled_volume_forward_is_the_direct_kernel_bit_for_bit(monkeypa
     assert np.array_equal(tiled.view(np.int32), direct.view(np.int32))
 
 
+def _tiled_max_maps(kind, H, W, seed):
+    """Maps for the tiled max forward's emulation: ReLU'd with a mean of 10 and a flat block (ties
+    at 0 under the shift), the same with a NaN in each map, or rows anti-correlated across the maps
+    (every NCC of an inner output negative at one search row, so a candidate column past W, whose
+    value would be 0, must not be taken)."""
+    rng = np.random.default_rng(seed)
+    if kind == "anti":
+        a = np.repeat(rng.random((H, 1)).astype(np.float32) * 5 + 10, W, 1)
+        return a, (20 - a).astype(np.float32)
+    a, b = (np.maximum(rng.standard_normal((H, W)), 0).astype(np.float32) + 10 for _ in range(2))
+    a[1:5, 2:8] = 10.0
+    if kind == "nan":
+        a[H - 2, 1], b[2, W - 2] = np.nan, np.nan
+    return a, b
+
+
+@pytest.mark.parametrize("kind", ["relu", "nan", "anti"])
+@pytest.mark.parametrize("patch,rows,W,H,tile_rows,ct", [
+    (5, 5, 28, 12, 7, 16), (5, 1, 28, 9, None, 16), (3, 3, 20, 9, 4, 8), (3, 1, 13, 11, 5, 16),
+    (5, 3, 9, 8, 3, 8), (3, 5, 32, 7, 7, 16)])
+def test_emulated_tiled_max_forward_is_the_fast_kernel_bit_for_bit(monkeypatch, kind, patch, rows, W, H,
+                                                                   tile_rows, ct):
+    """max_tiled_kernel (MSPCNN_NCC_MAX_FWD=tiled), emulated thread by thread with its index arithmetic
+    (shared-memory layout, vector loads, candidate groups, shuffles, the (value, index) table): every
+    load inside its array and aligned, every output stored once, and each output max_fast_kernel's
+    value and index bit for bit, with several row tiles whose rows are not a multiple of P (the
+    window's slots), W not a multiple of the candidate group, ties, NaNs and all-negative rows."""
+    emulate = load_tool("emulate_cuda_ncc")
+    monkeypatch.setattr(emulate, "H", H)
+    monkeypatch.setattr(emulate, "W", W)
+    a, b = _tiled_max_maps(kind, H, W, patch * 100 + rows * 10 + W)
+    tiled_v, tiled_i = emulate.emulate_max_tiled_plane(a, b, patch, rows, tile_rows=tile_rows, ct=ct)
+    fast_v, fast_i = emulate.emulate_plane(a, b, patch, rows, shift=True, tile_rows=tile_rows)
+    assert np.array_equal(tiled_v.view(np.int32), fast_v.view(np.int32))
+    assert np.array_equal(tiled_i, fast_i)
+    if kind == "anti" and rows == 1:
+        assert (fast_v < 0).sum() > W  # the inputs exercise the mask of the columns past W
+    if kind == "nan":
+        assert 0 < np.isnan(fast_v).sum() < fast_v.size
+
+
+def test_emulated_fast_kernel_window_follows_its_row_tiles(monkeypatch):
+    """emulate_plane's tile_rows: the fast kernel adds its window in the order of the slots of the
+    tile's staged rows, so a tile of 7 rows (not a multiple of P = 5) gives some outputs other last
+    bits than one tile; the tiled kernel must follow the same tiles (fast_tiling)."""
+    emulate = load_tool("emulate_cuda_ncc")
+    monkeypatch.setattr(emulate, "H", 12)
+    monkeypatch.setattr(emulate, "W", 28)
+    a, b = _tiled_max_maps("relu", 12, 28, 1)
+    one, _ = emulate.emulate_plane(a, b, 5, 5, shift=True)
+    tiles, _ = emulate.emulate_plane(a, b, 5, 5, shift=True, tile_rows=7)
+    assert not np.array_equal(one.view(np.int32), tiles.view(np.int32))
+    np.testing.assert_allclose(one, tiles, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("grad_b", [False, True])
 @pytest.mark.parametrize("patch,rows,W", [(5, 5, 9), (3, 1, 6), (7, 3, 5), (3, 5, 4)])
 def test_emulated_volume_backward_staging_reads_the_same_factors(grad_b, patch, rows, W):

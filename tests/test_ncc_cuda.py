@@ -164,6 +164,49 @@ def test_volume_tiled_forward_equals_the_direct_kernel(monkeypatch, dtype, patch
     assert torch.equal(tiled, direct)
 
 
+@pytest.mark.parametrize("tile", ["16", "8"])
+@pytest.mark.parametrize("patch,rows,W,H", [(5, 5, 28, 72), (5, 5, 28, 19), (3, 3, 20, 30), (5, 1, 32, 9),
+                                            (3, 5, 13, 40), (5, 3, 9, 8)])
+def test_max_tiled_forward_equals_the_fast_kernel(monkeypatch, tile, patch, rows, W, H):
+    """MSPCNN_NCC_MAX_FWD=tiled (max_tiled_kernel: register-tiled horizontal sums, MSPCNN_NCC_MAX_TILE
+    candidate columns a thread) gives max_fast_kernel's values and indices bit for bit, on ReLU'd maps
+    with a large mean, a flat block (ties) and a NaN. Emulated thread by thread on the CPU
+    (test_bench_tools.py); not yet run on a GPU when written (2026-12-01). If only last bits of some
+    values differ, the two kernels' normalisations were contracted into different fused
+    multiply-adds by ptxas (the message says how many)."""
+    torch.manual_seed(11)
+    a = torch.randn(2, 6, H, W).relu() + 10
+    b = torch.randn(2, 6, H, W).relu() + 10
+    a[0, 1, 1:5, 2:8] = 10.0
+    b[1, 2, H // 2, W - 2] = float("nan")
+    a, b = a.cuda(), b.cuda()
+    monkeypatch.delenv("MSPCNN_NCC_MAX_FWD", raising=False)
+    monkeypatch.delenv("MSPCNN_NCC_CUDA_SHIFT", raising=False)
+    fast_v, fast_i = ncc_max(a, b, patch, rows)
+    monkeypatch.setenv("MSPCNN_NCC_MAX_FWD", "tiled")
+    monkeypatch.setenv("MSPCNN_NCC_MAX_TILE", tile)
+    tiled_v, tiled_i = ncc_max(a, b, patch, rows)
+    differ = (tiled_v.view(torch.int32) != fast_v.view(torch.int32)).sum().item()
+    assert torch.equal(tiled_i, fast_i), f"{(tiled_i != fast_i).sum().item()} indices differ"
+    assert differ == 0, f"{differ} values differ, largest {(tiled_v - fast_v).abs().nan_to_num().max().item():.2e}"
+    assert tiled_v.isnan().any()
+
+
+def test_max_tiled_forward_request_falls_back_where_it_has_no_kernel(monkeypatch):
+    """The tiled max forward is float32 with the plane-mean shift only: float64, the shift turned off
+    (MSPCNN_NCC_CUDA_SHIFT=0) and patch 7 run the kernels they ran before, with the same results."""
+    torch.manual_seed(3)
+    cases = [(torch.float64, "1", 5), (torch.float32, "0", 5), (torch.float32, "1", 7)]
+    for dtype, shift, patch in cases:
+        a, b = (torch.randn(2, 3, 15, 28, dtype=dtype).relu().cuda() for _ in range(2))
+        monkeypatch.setenv("MSPCNN_NCC_CUDA_SHIFT", shift)
+        monkeypatch.delenv("MSPCNN_NCC_MAX_FWD", raising=False)
+        before = ncc_max(a, b, patch, 5)
+        monkeypatch.setenv("MSPCNN_NCC_MAX_FWD", "tiled")
+        after = ncc_max(a, b, patch, 5)
+        assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
 @pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (7, 5, 28)])
 def test_shift_keeps_float32_accuracy_with_a_large_mean(monkeypatch, patch, rows, W):
     """The default (MSPCNN_NCC_CUDA_SHIFT unset): the forward kernels shift each plane by its mean,

@@ -539,7 +539,12 @@ def main(argv=None):
         "patch": PATCH,
         "search_rows": ROWS,
         "dtype": args.dtype,
+        # the kernel knobs in force (MSPCNN_NCC_MAX_FWD=tiled, MSPCNN_NCC_CUDA_SHIFT=0, ...), so that a
+        # table says which kernels it timed
+        "knobs": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MSPCNN_")},
     }
+    if info["knobs"]:
+        print("kernel knobs: " + " ".join(f"{k}={v}" for k, v in info["knobs"].items()), flush=True)
     if device == "cpu":
         print(f"device: CPU ({info['cpu_capability']}), {threads_line}", flush=True)
     ceilings = info["ceilings"] = measure_ceilings(device)

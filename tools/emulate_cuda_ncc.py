@@ -77,11 +77,15 @@ def _stats(S, rows, is_a, P, eps, shift):
 
 def _staged(A, B, P, R, shift):
     """The kernels' staged maps in float32: zero padded, or shifted by their plane means (rounded
-    to float32) with the padding at -mean. Returns (ca, cb, As, Bs); Bs has R // 2 more rows of
-    padding above and below, for the search rows."""
+    to float32; 0 when not finite, as the kernels) with the padding at -mean. Returns
+    (ca, cb, As, Bs); Bs has R // 2 more rows of padding above and below, for the search rows."""
     h, R2 = P // 2, R // 2
-    ca = F32(A.astype(F64).mean()) if shift else F32(0)
-    cb = F32(B.astype(F64).mean()) if shift else F32(0)
+
+    def mean(X):  # plane_means: 0 where the mean is not finite (a NaN or an infinity in the plane)
+        m = X.astype(F64).mean()
+        return F32(m) if shift and np.isfinite(m) else F32(0)
+
+    ca, cb = mean(A), mean(B)
     As = np.full((H + 2 * h, W + 2 * h), -ca, F32)
     As[h:h + H, h:h + W] = A - ca
     Bs = np.full((H + 2 * R2 + 2 * h, W + 2 * h), -cb, F32)
@@ -89,8 +93,10 @@ def _staged(A, B, P, R, shift):
     return ca, cb, As, Bs
 
 
-def emulate_plane(A, B, P=PATCH, R=ROWS, eps=EPS, shift=False):
-    """ncc_max of one (n, c) plane as max_fast_kernel computes it: (values, index)."""
+def emulate_plane(A, B, P=PATCH, R=ROWS, eps=EPS, shift=False, tile_rows=None):
+    """ncc_max of one (n, c) plane as max_fast_kernel computes it: (values, index). tile_rows: the
+    rows of the kernel's tiles (fast_tiling in ncc_tile.cuh), which decide the window's slots (None:
+    one tile)."""
     _, _, As, Bs = _staged(A, B, P, R, shift)
     ka, nmaka = _stats(As, H, True, P, eps, shift)
     kb, mbkb = _stats(Bs, H + R - 1, False, P, eps, shift)
@@ -103,17 +109,146 @@ def emulate_plane(A, B, P=PATCH, R=ROWS, eps=EPS, shift=False):
         Hs = fma(av, bv, Hs)
     values = np.zeros((H, W), F32)
     index = np.zeros((H, W), np.int64)
+    tile_rows = tile_rows or H
     for ri in range(H):
-        # the window's P rows are added in the order of their register slots (row % P)
-        order = sorted(range(ri, ri + P), key=lambda q: q % P)
+        # the window's P rows are added in the order of their register slots: staged row of the
+        # tile (starting at r0) modulo P
+        r0 = ri // tile_rows * tile_rows
+        order = sorted(range(ri, ri + P), key=lambda q: (q - r0) % P)
         x = Hs[order[0]].copy()
         for q in order[1:]:
             x = (x + Hs[q]).astype(F32)
         t = (ka[ri][None, :, None] * kb[ri:ri + R][:, None, :]).astype(F32)       # k, w, col
         c = (nmaka[ri][None, :, None] * mbkb[ri:ri + R][:, None, :]).astype(F32)
         v = fma(x, t, -c).transpose(1, 0, 2).reshape(W, R * W)                   # w, k * W + col
-        index[ri] = v.argmax(1)  # the first maximum, as the kernel's strict comparison
-        values[ri] = v.max(1)
+        index[ri] = v.argmax(1)  # the first maximum (or NaN), as the kernel's strict comparison
+        values[ri] = np.take_along_axis(v, index[ri][:, None], 1)[:, 0]  # its value (the sign of a 0 included)
+    return values, index
+
+
+def _better_np(v, k, best, best_k):
+    """_better on arrays (one entry a thread)."""
+    v_nan, b_nan = v != v, best != best
+    return np.where(b_nan, v_nan & (k < best_k), v_nan | (v > best) | ((v == best) & (k < best_k)))
+
+
+def emulate_max_tiled_plane(A, B, P=PATCH, R=ROWS, eps=EPS, tile_rows=None, ct=16):
+    """ncc_max of one plane as `max_tiled_kernel` computes it (csrc/cuda/ncc_max_tiled.cu,
+    MSPCNN_NCC_MAX_FWD=tiled; the plane-mean shift on), repeating its index arithmetic thread by thread
+    (the threads of a block as NumPy arrays): the shared-memory layout with its 16-byte aligned
+    arrays, the vector loads of b and of the factors, each thread's CT candidate columns at its row
+    offset k, the window's slots, the shuffles between candidate groups, the double-buffered
+    (value, index) table and the final combination over k. Checks on the way (AssertionError): every
+    load inside its array and aligned for its width, every table entry written once a pass, every
+    output stored once. Returns (values, index), to compare with emulate_plane(..., tile_rows)."""
+    NCG = 32 // ct
+    WPW, GROUP, SW = 32 // NCG, NCG * 32, 32 + P - 1
+    NB, VB, h, R2 = ct + P - 1, (4 if SW % 4 == 0 else 2), P // 2, R // 2
+    tile_rows = tile_rows or H
+    ca, cb, AsG, BsG = _staged(A, B, P, R, True)
+    kaG, nmakaG = _stats(AsG, H, True, P, eps, True)
+    kbG, mbkbG = _stats(BsG, H + R - 1, False, P, eps, True)
+
+    def up4(n):
+        return (n + 3) // 4 * 4
+
+    lay = {"As": 0}
+    lay["Bs"] = lay["As"] + up4((tile_rows + P - 1) * SW)
+    lay["ka"] = lay["Bs"] + up4((tile_rows + P + R - 2) * SW)
+    lay["nmaka"] = lay["ka"] + tile_rows * 32
+    lay["kb"] = lay["nmaka"] + tile_rows * 32
+    lay["mbkb"] = lay["kb"] + (tile_rows + R - 1) * 32
+    lay["best"] = lay["mbkb"] + (tile_rows + R - 1) * 32
+    end = {"As": lay["Bs"], "Bs": lay["ka"], "ka": lay["nmaka"], "nmaka": lay["kb"], "kb": lay["mbkb"],
+           "mbkb": lay["best"]}
+    values = np.zeros((H, W), F32)
+    index = np.zeros((H, W), np.int64)
+    stores = np.zeros((H, W), np.int64)
+    tid = np.arange(R * GROUP)
+    k, lane = tid // GROUP, tid % 32
+    w = (tid % GROUP) // 32 * WPW + lane % WPW
+    c0 = lane // WPW * ct
+    first = np.where(c0 < W, k * W + c0, INT_MAX)
+
+    def load(name, addr, n=1, vec=1):
+        assert (addr % vec == 0).all() and (lay[name] % 4 == 0), name          # aligned for the vector width
+        assert (addr >= lay[name]).all() and (addr + n <= end[name]).all(), name  # inside the array
+        return np.stack([smem[addr + i] for i in range(n)])
+
+    for r0 in range(0, H, tile_rows):
+        TR = min(tile_rows, H - r0)
+        smem = np.full(lay["best"], np.nan, F32)  # unstaged entries NaN: reading one would show
+        # stage_tile: rows r0 - h .. of a and r0 - R2 - h .. of b, columns -h .. 31 + h, shifted
+        for row in range(TR + P - 1):
+            for c in range(SW):
+                u, vv = r0 - h + row, c - h
+                smem[lay["As"] + row * SW + c] = (A[u, vv] - ca) if (0 <= u < H and 0 <= vv < W) else -ca
+        for row in range(TR + P + R - 2):
+            for c in range(SW):
+                u, vv = r0 - R2 - h + row, c - h
+                smem[lay["Bs"] + row * SW + c] = (B[u, vv] - cb) if (0 <= u < H and 0 <= vv < W) else -cb
+        for name, G, n in (("ka", kaG, TR), ("nmaka", nmakaG, TR), ("kb", kbG, TR + R - 1), ("mbkb", mbkbG, TR + R - 1)):
+            block = np.zeros((n, 32), F32)  # lanes past W: factors 0
+            block[:, :W] = G[r0:r0 + n]
+            smem[lay[name]:lay[name] + n * 32] = block.ravel()
+        table_v = np.full(2 * P * R * 32, np.nan, F32)
+        table_k = np.full(2 * P * R * 32, -1, np.int64)
+        win = np.zeros((P, ct, tid.size), F32)
+        for base in range(0, TR + P - 1, P):
+            buf = (base // P) & 1
+            written = np.zeros(table_v.size, np.int64)
+            for s in range(P):
+                uu = base + s
+                if uu >= TR + P - 1:
+                    break
+                av = load("As", lay["As"] + uu * SW + w, P)
+                bv = load("Bs", lay["Bs"] + (uu + k) * SW + c0, NB, VB)
+                hs = np.zeros((ct, tid.size), F32)
+                for j in range(P):
+                    hs = fma(av[j][None, :], bv[j:j + ct], hs)
+                win[s] = hs
+                if uu < P - 1:
+                    continue
+                ri = uu - (P - 1)
+                c2 = load("ka", lay["ka"] + ri * 32 + w)[0]
+                c1 = load("nmaka", lay["nmaka"] + ri * 32 + w)[0]
+                kbq = load("kb", lay["kb"] + (ri + k) * 32 + c0, ct, 4)
+                mq = load("mbkb", lay["mbkb"] + (ri + k) * 32 + c0, ct, 4)
+                best = np.full(tid.size, -np.inf, F32)
+                bk = first.copy()
+                for c in range(ct):
+                    x = win[0][c]
+                    for i in range(1, P):
+                        x = (x + win[i][c]).astype(F32)
+                    v = fma(x, (c2 * kbq[c]).astype(F32), -(c1 * mq[c]).astype(F32))
+                    take = (c0 + c < W) & ~(v <= best) & (best == best)
+                    best, bk = np.where(take, v, best), np.where(take, k * W + c0 + c, bk)
+                off = WPW
+                while off < 32:  # __shfl_xor_sync: each lane reads its partner's values first
+                    ov, ok = best[tid ^ off], bk[tid ^ off]
+                    take = _better_np(ov, ok, best, bk)
+                    best, bk = np.where(take, ov, best), np.where(take, ok, bk)
+                    off <<= 1
+                wr = c0 == 0
+                e = ((buf * P + s) * R + k[wr]) * 32 + w[wr]
+                np.add.at(written, e, 1)
+                table_v[e], table_k[e] = best[wr], bk[wr]
+            assert written.max() <= 1
+            for e in range(P * 32):  # the combination over k, one thread per (row, w)
+                s, wo = divmod(e, 32)
+                ri = base + s - (P - 1)
+                if ri < 0 or ri >= TR or wo >= W:
+                    continue
+                e0 = (buf * P + s) * R * 32 + wo
+                assert written[e0:e0 + R * 32:32].min() == 1
+                bv_, bk_ = table_v[e0], table_k[e0]
+                for kk in range(1, R):
+                    v, i = table_v[e0 + kk * 32], table_k[e0 + kk * 32]
+                    if _better(v, i, bv_, bk_):
+                        bv_, bk_ = v, i
+                values[r0 + ri, wo], index[r0 + ri, wo] = bv_, bk_
+                stores[r0 + ri, wo] += 1
+    assert (stores == 1).all()
     return values, index
 
 

@@ -28,14 +28,21 @@ if [ -z "${SKIP_BUILD:-}" ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('mspcnn::ncc_max', 'CUDA'))"
-# QUICK=1: only what the newest unmeasured changes need, for a call with a few minutes left (about 2
-# minutes after the build): the volume kernels' tests and the CUDA graphs' test against eager
-# training, then ncc_volume at 128 pairs with the direct and the tiled forward (no reference, no ncu).
+# QUICK=1: only what the newest unmeasured changes need, for a call with a few minutes left (about 3
+# minutes after the build): the volume kernels' tests, the tiled max forward's tests and the CUDA
+# graphs' test against eager training, then ncc_max at 128 pairs with the default and the tiled
+# forward (16 and 8 candidate columns a thread) and ncc_volume with the direct and the tiled forward
+# (no reference, no ncu).
 if [ "${QUICK:-}" = 1 ]; then
   start=$(date +%s)
   python3 -m pytest -q -p no:cacheprovider -m "" tests/test_ncc_cuda.py tests/test_gpu_tools.py \
-    -k "volume or cuda_graphs or does_not_wait" 2>&1 | tee "$out/pytest_quick.log" | tail -8
+    -k "volume or max_tiled or cuda_graphs or does_not_wait" 2>&1 | tee "$out/pytest_quick.log" | tail -8
   echo "quick tests: $(( $(date +%s) - start )) s"
+  for fwd in fast tiled16 tiled8; do
+    MSPCNN_NCC_MAX_FWD=${fwd%%[0-9]*} MSPCNN_NCC_MAX_TILE=${fwd##*[a-z]} python3 tools/bench_ncc.py --device cuda \
+      --ops ncc_max --pairs 128 --no-reference --json "$out/bench_ncc_cuda_max_$fwd.json" 2>&1 | \
+      tee -a "$out/bench_quick.log" | tail -4
+  done
   for fwd in direct tiled; do
     MSPCNN_NCC_VOLUME_FWD=$fwd python3 tools/bench_ncc.py --device cuda --ops ncc_volume --pairs 128 --no-reference \
       --json "$out/bench_ncc_cuda_volume_$fwd.json" 2>&1 | tee -a "$out/bench_quick.log" | tail -4
@@ -61,6 +68,15 @@ done
 # against the direct kernel is in test_ncc_cuda.py above): ncc_volume at 128 pairs, beside the reference.
 MSPCNN_NCC_VOLUME_FWD=tiled python3 tools/bench_ncc.py --device cuda --ops ncc_volume --pairs 128 \
   --json "$out/bench_ncc_cuda_volume_tiled.json" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
+# The tiled max forward (MSPCNN_NCC_MAX_FWD=tiled, opt-in until measured; its bit-for-bit test against
+# max_fast_kernel is in test_ncc_cuda.py above): ncc_max at 128 pairs beside the reference, with Nsight
+# Compute's counters at 16 candidate columns a thread, then at 8 (MSPCNN_NCC_MAX_TILE=8) without them.
+tiled_ncu=()
+[ "${NCU:-1}" != 0 ] && tiled_ncu=(--ncu --ncu-raw "$out/ncu_raw/max_tiled")
+MSPCNN_NCC_MAX_FWD=tiled python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 \
+  --json "$out/bench_ncc_cuda_max_tiled.json" "${tiled_ncu[@]}" 2>&1 | tee -a "$out/bench_cuda.log" | tail -12
+MSPCNN_NCC_MAX_FWD=tiled MSPCNN_NCC_MAX_TILE=8 python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 \
+  --no-reference --json "$out/bench_ncc_cuda_max_tiled8.json" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
 # Last, the non-default setting: without the forward kernels' plane-mean shift.
 # The NCC tests without the forward kernels' plane-mean shift (MSPCNN_NCC_CUDA_SHIFT=0; the
 # shift is the default), appended to the same log.

@@ -21,6 +21,7 @@
 //                          stores; no shift needed)
 //   volume_tiled_kernel    the same sums as a register-tiled matrix product
 //                          (MSPCNN_NCC_VOLUME_FWD=tiled; not yet run on a GPU)
+// The tiled max forward (MSPCNN_NCC_MAX_FWD=tiled): ncc_max_tiled.cu.
 // The backward kernels: ncc_max_backward.cu and ncc_volume_backward.cu.
 #include <cuda_runtime.h>
 
@@ -29,6 +30,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "ncc_device.cuh"
 #include "ncc_kernels.h"
@@ -500,14 +502,8 @@ cudaError_t launch_fast(const NccGeometry& g, const T* a, const T* b,
                         cudaStream_t stream) {
   // Enough blocks to fill the GPU twice over, and shared memory <= 48 KB
   // (the dynamic part and, with the shift, plane_means' 512 bytes).
-  const int64_t budget = 48 * 1024 - (SHIFT ? int64_t(sizeof(double)) * 64 : 0);
-  int tiles = int((2 * int64_t(num_sms) + g.planes() - 1) / g.planes());
-  if (tiles < 1) tiles = 1;
-  if (tiles > g.H) tiles = int(g.H);
-  int tile_rows = int((g.H + tiles - 1) / tiles);
-  while (tile_rows > 1 && fast_smem_elems<T, P, R>(tile_rows) * int64_t(sizeof(T)) > budget)
-    tile_rows = (tile_rows + 1) / 2;
-  tiles = int((g.H + tile_rows - 1) / tile_rows);
+  int tiles = 0, tile_rows = 0;
+  fast_tiling<T, P, R>(g, num_sms, fast_smem_budget(SHIFT), tiles, tile_rows);
   const size_t smem = size_t(fast_smem_elems<T, P, R>(tile_rows)) * sizeof(T);
   // MSPCNN_NCC_WSPLIT=2 splits the output columns of a tile over two blocks
   // of half the size (a tuning knob for tools/bench_ncc.py; 1 by default).
@@ -546,12 +542,17 @@ cudaError_t ncc_max_forward(const NccGeometry& g, const T* a, const T* b,
                             const double* sb, T* values, int64_t* index,
                             int num_sms, cudaStream_t stream) {
   if (has_fast_max_kernel(g)) {
+    const bool shift = shift_enabled();
+    // MSPCNN_NCC_MAX_FWD=tiled: the same result from max_tiled_kernel
+    // (ncc_max_tiled.cu; float32 with the shift only).
+    if constexpr (std::is_same<T, float>::value)
+      if (shift && max_tiled_requested())
+        return ncc_max_forward_tiled(g, a, b, values, index, num_sms, stream);
     // Output columns per thread: 2 halves the shared-memory loads of b, 1
     // doubles the threads per block (tools/bench_ncc.py compares them with
     // MSPCNN_NCC_COLS_PER_THREAD=1 or 2; docs/perf_notes.md has the numbers).
     const char* env = getenv("MSPCNN_NCC_COLS_PER_THREAD");
     const bool two = env ? env[0] == '2' : kDefaultTwoColumns;
-    const bool shift = shift_enabled();
 #define MSPCNN_FAST_W(P_, R_, WPT_)                                                            \
   (shift ? launch_fast<T, P_, R_, WPT_, true>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream) \
          : launch_fast<T, P_, R_, WPT_, false>(g, a, b, ma, sa, mb, sb, values, index, num_sms, stream))

@@ -1,6 +1,6 @@
 // Host-side entry points of the CUDA kernels: ncc_forward.cu (statistics and
-// forward passes), ncc_max_tc.cu (the tensor-core max forward),
-// ncc_max_backward.cu and ncc_volume_backward.cu.
+// forward passes), ncc_max_tc.cu (the tensor-core max forward), ncc_max_tiled.cu
+// (the tiled max forward), ncc_max_backward.cu and ncc_volume_backward.cu.
 //
 // Plain C++ with raw pointers and an explicit stream, so that the kernels file
 // includes only CUDA headers and compiles with nvcc alone; the launcher
@@ -44,6 +44,16 @@ cudaError_t ncc_max_forward_tc(const NccGeometry& g, const float* a, const float
                                float* values, int64_t* index, int passes,
                                cudaStream_t stream);
 
+// ncc_max forward with register-tiled horizontal sums (ncc_max_tiled.cu), the
+// default kernel's result bit for bit with fewer shared-memory loads: float32
+// maps with the plane-mean shift, the geometries of has_fast_max_kernel.
+// Opt-in while it has not run on a GPU: ncc_max_forward takes it when
+// max_tiled_requested() (MSPCNN_NCC_MAX_FWD=tiled). cudaErrorInvalidValue for
+// other geometries.
+bool max_tiled_requested();
+cudaError_t ncc_max_forward_tiled(const NccGeometry& g, const float* a, const float* b,
+                                  float* values, int64_t* index, int num_sms,
+                                  cudaStream_t stream);
 template <typename T>
 cudaError_t ncc_volume_forward(const NccGeometry& g, const T* a, const T* b,
                                const double* ma, const double* sa,

@@ -38,6 +38,29 @@ __host__ __device__ inline int64_t fast_smem_elems(int tile_rows) {
          2 * int64_t(tile_rows) * kLanes + 2 * int64_t(tile_rows + R - 1) * kLanes;
 }
 
+// The dynamic shared memory a register-blocked max kernel's staged tile may
+// take: 48 KB, less plane_means' 512 bytes of static shared memory with the
+// shift.
+inline int64_t fast_smem_budget(bool shift) {
+  return 48 * 1024 - (shift ? int64_t(sizeof(double)) * 64 : 0);
+}
+
+// The row tiles of the register-blocked max forward kernels (max_fast_kernel,
+// and max_tiled_kernel, which must stage the same tiles to add its window in
+// the same order): enough blocks to fill the GPU twice over, the rows of a tile
+// halved until the staged tile (fast_smem_elems) fits in `budget` bytes.
+template <typename T, int P, int R>
+inline void fast_tiling(const NccGeometry& g, int num_sms, int64_t budget, int& tiles,
+                        int& tile_rows) {
+  tiles = int((2 * int64_t(num_sms) + g.planes() - 1) / g.planes());
+  if (tiles < 1) tiles = 1;
+  if (tiles > g.H) tiles = int(g.H);
+  tile_rows = int((g.H + tiles - 1) / tiles);
+  while (tile_rows > 1 && fast_smem_elems<T, P, R>(tile_rows) * int64_t(sizeof(T)) > budget)
+    tile_rows = (tile_rows + 1) / 2;
+  tiles = int((g.H + tile_rows - 1) / tile_rows);
+}
+
 // Means of the planes A and B (HW values each), for the shift: summed in
 // double by the block's threads in a fixed order (the same value in every
 // block of a plane), rounded to T; 0 when not finite (a NaN or an infinity
