@@ -143,16 +143,23 @@ def test_stage2_settings_curves_and_stage1_reuse(tmp_path, run_tool):
     assert edited.count("moving_average_fraction: 0.99") == 80  # every BatchNorm of both branches
 
 
-def _run_gpu_recipe_script(tmp_path, **env):
-    """tools/gpu_cuhk01.sh on a fabricated CUHK01 folder, on the CPU (no build, 2 workers unless
-    ``env`` says WORKERS), with ``env`` added to the environment; its output in tmp_path/out."""
+def _run_gpu_recipe_script(tmp_path, packed=False, **env):
+    """tools/gpu_cuhk01.sh on a fabricated CUHK01 folder (packed by tools/pack_images.py first when
+    ``packed``), on the CPU (no build, 2 workers unless ``env`` says WORKERS), with ``env`` added to
+    the environment; its output in tmp_path/out."""
     import os
     import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     fabricate_cuhk01(tmp_path / "raw")
-    return subprocess.run(["bash", str(root / "tools" / "gpu_cuhk01.sh"), str(tmp_path / "raw"), str(tmp_path / "out")],
+    raw = tmp_path / "raw"
+    if packed:
+        raw = tmp_path / "packed"
+        subprocess.run([sys.executable, str(root / "tools" / "pack_images.py"), "pack", str(tmp_path / "raw" / "campus"),
+                        str(raw)], check=True, capture_output=True)
+    return subprocess.run(["bash", str(root / "tools" / "gpu_cuhk01.sh"), str(raw), str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=root,
                           env=dict(os.environ, **{"SKIP_BUILD": "1", "DEVICE": "cpu", "WORKERS": "2", **env}))
 
@@ -173,6 +180,25 @@ def test_gpu_recipe_script_with_a_tiny_schedule(tmp_path):
     # the loader's scaling at 1, 2, 4, 8 and WORKERS (3: training ran with worker processes), both kinds
     assert [(r["ran_as"], r["workers"]) for r in bench["scaling"]] == [
         (kind, w) for kind in ("threads", "processes") for w in (1, 2, 3, 4, 8)]
+
+
+@pytest.mark.slow
+def test_gpu_recipe_script_takes_a_packed_folder(tmp_path):
+    """RAW_DIR packed by tools/pack_images.py (lossless WebP, how the images travel to a GPU machine):
+    the script unpacks it into a temporary folder outside OUT, runs the recipe on it, and removes
+    the folder; OUT holds no image."""
+    import os
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = _run_gpu_recipe_script(tmp_path, packed=True, SKIP_BENCH="1", TMPDIR=str(tmp),
+                                  EXTRA="--iters1 2 --iters2 1 --batch-pairs 2 --val-ids 4 --repeats 2")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "unpacked 520 images" in proc.stdout and "ours: all" in proc.stdout
+    assert json.loads((tmp_path / "out" / "gpu_split0.json").read_text())["splits"] == 1
+    assert not any(tmp.iterdir())  # the unpacked images removed
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.suffix == ".webp" or re.fullmatch(r"\d{7}\.png", p.name)]
+    assert os.listdir(tmp_path / "packed")  # the pack itself untouched
 
 
 @pytest.mark.slow

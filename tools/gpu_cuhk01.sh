@@ -5,7 +5,9 @@
 # validation curve, and the share of time the GPU waited for the data layer (engine log lines
 # "data wait N%"; the loader is first benchmarked alone, at 1, 2, 4, 8 and the same worker count).
 #
-#   bash tools/gpu_cuhk01.sh RAW_DIR [OUT]        RAW_DIR: CUHK01 as released (campus/ or its files)
+#   bash tools/gpu_cuhk01.sh RAW_DIR [OUT]        RAW_DIR: CUHK01 as released (campus/ or its files),
+#                                                 or a folder packed by tools/pack_images.py (unpacked
+#                                                 first, into a temporary folder outside OUT)
 #
 # Training uses TF32 tensor cores (reproduce.py --tf32: inputs of convolutions and matrix products
 # rounded to a 10-bit mantissa, float32 sums; the features for the CMC stay float32): the paper's
@@ -33,6 +35,13 @@ precision=--tf32
 [ "${FP32:-}" = 1 ] && precision=
 [ "${CUDA_GRAPHS:-}" = 1 ] && precision="$precision --cuda-graphs"
 mkdir -p "$out"
+if grep -qs '"mspcnn-pack-1"' "$raw/manifest.json"; then  # packed (lossless WebP): the images first
+  unpacked=$(mktemp -d "${TMPDIR:-/tmp}/mspcnn_cuhk01.XXXXXX")
+  trap 'rm -rf "$unpacked"' EXIT
+  PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} python3 tools/pack_images.py unpack "$raw" "$unpacked/campus" | tail -1 \
+    || { echo "error: could not unpack $raw" >&2; exit 2; }
+  raw=$unpacked
+fi
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 if [ -z "${SKIP_BUILD:-}" ]; then
   start=$(date +%s)
