@@ -119,6 +119,32 @@ def test_tensor_core_counters_are_asked_for_only_where_ncu_lists_them(tmp_path):
     assert e["tensor_ops_per_s"] == pytest.approx(48.234496e9 / 0.5e-3) and e["fp32_flop"] == 2000
 
 
+def test_ncu_detail_counters_are_summarised_and_printed(tmp_path, capsys):
+    """--ncu-detail: the warp instructions, the issue share and the stall reasons, asked for where ncu
+    lists them (base names, ratios included), kept per kernel and printed with the largest stalls
+    first."""
+    listing = ("smsp__inst_executed  Counter  inst  # of warp instructions executed\n"
+               "smsp__average_warps_issue_stalled_mio_throttle_per_issue_active  Ratio    stalls per issue\n"
+               "smsp__average_warps_issue_stalled_barrier_per_issue_active  Ratio    stalls per issue\n")
+    fake = tmp_path / "ncu"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.stdout.write({listing!r})\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    found = bench_ncc.ncu_supported(str(fake), bench_ncc.NCU_DETAIL_METRICS)
+    assert set(found) == {"warp_inst", "stall_mio_throttle", "stall_barrier"}
+    m = {**bench_ncc.NCU_METRICS, **bench_ncc.NCU_DETAIL_METRICS}
+    rows = [(m["time_s"], "msecond", "1.2"), (m["warp_inst"], "inst", "750,000,000"),
+            (m["shared_atom_inst"], "inst", "13,000,000"), (m["issue_active_pct"], "%", "37.5"),
+            (m["stall_mio_throttle"], "", "0.8"), (m["stall_barrier"], "", "2.5"), (m["stall_wait"], "", "0.1")]
+    text = "\n".join([HEADER] + csv_rows(0, "void mspcnn::cuda::max_backward_fused<float, 5>(int)", rows)) + "\n"
+    res = bench_ncc.ncu_summary(bench_ncc.parse_ncu_csv(text), CEILINGS)
+    e = res["kernels"][0]
+    assert e["warp_inst"] == 7.5e8 and e["stall_barrier"] == 2.5 and e["issue_active_pct"] == 37.5
+    bench_ncc.print_ncu("ncc_max", "fwd+bwd", 128, res)
+    out = capsys.readouterr().out
+    assert "0.750 G warp instructions (shared loads 0.000 G, shared atomics 0.013 G)" in out
+    assert "issuing 38% of cycles" in out and "stalls per issue: barrier 2.50 mio_throttle 0.80 wait 0.10" in out
+
+
 def test_find_ncu_takes_an_explicit_path_only_when_executable(tmp_path):
     f = tmp_path / "ncu"
     f.write_text("")

@@ -71,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--ncu-pairs", type=int, help="pairs of the ncu profiles (default: the largest of --pairs)")
     p.add_argument("--ncu-path", help="the ncu executable (default: ncu on the PATH, else the newest under "
                    "/opt/nvidia/nsight-compute or /usr/local/cuda*)")
+    p.add_argument("--ncu-detail", action="store_true",
+                   help="with --ncu: also the warp instructions issued (all, shared loads, shared atomics), the share "
+                   "of cycles issuing and the stall reasons, per kernel (more counter passes: slower)")
     p.add_argument("--ncu-raw", help="folder for ncu's raw CSV output, one file per profile (default: none)")
     p.add_argument("--ncu-child", nargs=4, metavar=("OP", "MODE", "PAIRS", "DTYPE"), help=argparse.SUPPRESS)
     add_threads_argument(p)
@@ -94,6 +97,8 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("mspcnn::ncc_max", "CUDA"):
         p.error("--device cuda: mspcnn was built without the CUDA kernels "
                 "(reinstall with `pip install -e . --no-build-isolation` where nvcc is present)")
+    if args.ncu_detail and not args.ncu:
+        p.error("--ncu-detail adds counters to --ncu's profiles: give --ncu too")
     if args.ncu:
         if args.device != "cuda":
             p.error("--ncu profiles CUDA kernels: use it with --device cuda")
@@ -259,6 +264,20 @@ NCU_OPTIONAL_METRICS = {
     "tensor_inst": "sm__inst_executed_pipe_tensor_op_hmma.sum",
     "tensor_pipe_pct": "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
 }
+# With --ncu-detail: what a kernel's time is spent on, to check the instruction counts predicted in
+# docs/perf_notes.md: warp instructions issued (all, shared-memory loads, shared-memory atomics), the
+# share of cycles a scheduler issued, and the stall reasons (warps stalled per issued instruction, by
+# reason: long_scoreboard = global memory, short_scoreboard and mio_throttle = shared memory, ...).
+# Asked for where ncu lists them, as the optional ones; several more counter passes per kernel.
+NCU_DETAIL_METRICS = {
+    "warp_inst": "smsp__inst_executed.sum",
+    "shared_ld_inst": "smsp__inst_executed_op_shared_ld.sum",
+    "shared_atom_inst": "smsp__inst_executed_op_shared_atom.sum",
+    "issue_active_pct": "smsp__issue_active.avg.pct_of_peak_sustained_active",
+    **{f"stall_{r}": f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio" for r in (
+        "long_scoreboard", "short_scoreboard", "mio_throttle", "barrier", "math_pipe_throttle", "wait",
+        "not_selected", "lg_throttle", "no_instruction", "branch_resolving", "dispatch_stall")},
+}
 _UNIT_SCALE = {
     # time to seconds, sizes to bytes; anything else (inst, %, register/thread, ...) as printed
     "nsecond": 1e-9, "ns": 1e-9, "usecond": 1e-6, "us": 1e-6, "msecond": 1e-3, "ms": 1e-3, "second": 1.0, "s": 1.0,
@@ -324,7 +343,7 @@ def parse_ncu_csv(text):
     if missing:
         raise ValueError(f"ncu's CSV lacks the column(s) {missing}; header: {header}")
     col = {c: header.index(c) for c in need}
-    names = {v: k for k, v in {**NCU_METRICS, **NCU_OPTIONAL_METRICS}.items()}
+    names = {v: k for k, v in {**NCU_METRICS, **NCU_OPTIONAL_METRICS, **NCU_DETAIL_METRICS}.items()}
     kernels = {}
     for r in rows[1:]:
         if len(r) < len(header):
@@ -358,7 +377,8 @@ def ncu_summary(kernels, ceilings):
         nb = k.get("dram_read_B", 0.0) + k.get("dram_write_B", 0.0)
         e = {"kernel": _short_kernel_name(k["kernel"]), "time_ms": t * 1e3, "fp32_flop": flops(k, "f"),
              "fp64_flop": flops(k, "d"), "dram_bytes": nb}
-        for key in ("sm_throughput_pct", "occupancy_pct", "registers", "tensor_ops", "tensor_inst", "tensor_pipe_pct"):
+        for key in ("sm_throughput_pct", "occupancy_pct", "registers", "tensor_ops", "tensor_inst", "tensor_pipe_pct",
+                    *NCU_DETAIL_METRICS):
             if key in k:
                 e[key] = k[key]
         if t > 0 and "tensor_ops" in k:
@@ -438,6 +458,14 @@ def print_ncu(op, mode, pairs, res):
                          ("registers", "registers", ""), ("tensor_pipe_pct", "tensor pipe", "%")) if key in e)
         if "tensor_ops" in e:
             extra += f", tensor ops {e['tensor_ops'] / 1e9:.1f} G ({e.get('tensor_ops_per_s', 0) / 1e12:.1f} T/s)"
+        if "warp_inst" in e:
+            extra += (f", {e['warp_inst'] / 1e9:.3f} G warp instructions (shared loads "
+                      f"{e.get('shared_ld_inst', 0) / 1e9:.3f} G, shared atomics {e.get('shared_atom_inst', 0) / 1e9:.3f} G)")
+        if "issue_active_pct" in e:
+            extra += f", issuing {e['issue_active_pct']:.0f}% of cycles"
+        stalls = sorted(((e[k], k[6:]) for k in NCU_DETAIL_METRICS if k.startswith("stall_") and k in e), reverse=True)
+        if stalls:
+            extra += ", stalls per issue: " + " ".join(f"{name} {v:.2f}" for v, name in stalls[:4])
         print(f"    {e['kernel']:<40} {e['time_ms']:8.3f} ms  FP32 {e.get('fp32_flops', 0) / 1e12:6.2f} TFLOP/s "
               f"({100 * e.get('fraction_of_fp32_peak', 0):5.1f}%)  FP64 {e['fp64_flop'] / 1e9:7.3f} GFLOP  "
               f"DRAM {e.get('dram_Bps', 0) / 1e9:6.0f} GB/s ({100 * e.get('fraction_of_bandwidth', 0):4.1f}%){extra}")
@@ -597,9 +625,10 @@ def main(argv=None):
     profiles = []
     if args.ncu:
         print(f"\nNsight Compute ({args.ncu_path}), one call each, {args.ncu_pairs} pairs:", flush=True)
-        metrics = {**NCU_METRICS, **ncu_supported(args.ncu_path, NCU_OPTIONAL_METRICS)}
-        print(f"  counters: {len(metrics)}; tensor-core counters: "
-              f"{', '.join(k for k in NCU_OPTIONAL_METRICS if k in metrics) or 'none listed by ncu --query-metrics'}")
+        optional = {**NCU_OPTIONAL_METRICS, **(NCU_DETAIL_METRICS if args.ncu_detail else {})}
+        metrics = {**NCU_METRICS, **ncu_supported(args.ncu_path, optional)}
+        print(f"  counters: {len(metrics)}; optional counters listed by ncu --query-metrics: "
+              f"{', '.join(k for k in optional if k in metrics) or 'none'}")
         for op in args.ops:
             for mode in ("fwd", "fwd+bwd"):
                 res = ncu_profile(args.ncu_path, op, mode, args.ncu_pairs, args.dtype, ceilings, args.ncu_raw,

@@ -7,10 +7,20 @@
 # run the CUDA benchmark (ncc_max with and without tensor cores, ncc_volume),
 # with Nsight Compute's counters of each operator's kernels (NCU=0 leaves them out; ncu's raw CSV tables are
 # packed into ncu_raw.tar.gz, since a device call brings back at most 8 files).
-# Logs and JSON go to ${OUT:-gpu_out}. Usage: [SKIP_BUILD=1] [NCU=0] [QUICK=1] bash tools/gpu_check.sh [benchmark arguments]
+# Logs and JSON go to ${OUT:-gpu_out}. Usage: [SKIP_BUILD=1] [NCU=0] [QUICK=1] [BUNDLE=1] bash tools/gpu_check.sh [benchmark arguments]
+# BUNDLE=1 packs everything under the output folder into one gpu_check.tar.gz when the script ends
+# (a device call brings back at most 8 files, and the full check writes more).
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
+if [ "${BUNDLE:-}" = 1 ]; then
+  bundle() {
+    local tmp
+    tmp=$(mktemp "${TMPDIR:-/tmp}/gpu_check.XXXXXX") && tar -czf "$tmp" -C "$out" . && rm -rf "${out:?}"/* \
+      && mv "$tmp" "$out/gpu_check.tar.gz" && echo "bundled into $out/gpu_check.tar.gz ($(du -h "$out/gpu_check.tar.gz" | cut -f1))"
+  }
+  trap bundle EXIT
+fi
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
@@ -70,11 +80,18 @@ MSPCNN_NCC_VOLUME_FWD=tiled python3 tools/bench_ncc.py --device cuda --ops ncc_v
   --json "$out/bench_ncc_cuda_volume_tiled.json" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
 # The tiled max forward (MSPCNN_NCC_MAX_FWD=tiled, opt-in until measured; its bit-for-bit test against
 # max_fast_kernel is in test_ncc_cuda.py above): ncc_max at 128 pairs beside the reference, with Nsight
-# Compute's counters at 16 candidate columns a thread, then at 8 (MSPCNN_NCC_MAX_TILE=8) without them.
-tiled_ncu=()
-[ "${NCU:-1}" != 0 ] && tiled_ncu=(--ncu --ncu-raw "$out/ncu_raw/max_tiled")
+# Compute's counters and --ncu-detail (warp instructions, stall reasons; the fwd+bwd profile has the
+# backward's too), then at 8 candidate columns a thread (MSPCNN_NCC_MAX_TILE=8) without them, and the
+# default forward's detail counters to compare the instruction counts with.
+tiled_ncu=() fast_ncu=()
+if [ "${NCU:-1}" != 0 ]; then
+  tiled_ncu=(--ncu --ncu-detail --ncu-raw "$out/ncu_raw/max_tiled")
+  fast_ncu=(--ncu --ncu-detail --ncu-raw "$out/ncu_raw/max_fast_detail")
+fi
 MSPCNN_NCC_MAX_FWD=tiled python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 \
   --json "$out/bench_ncc_cuda_max_tiled.json" "${tiled_ncu[@]}" 2>&1 | tee -a "$out/bench_cuda.log" | tail -12
+[ ${#fast_ncu[@]} -gt 0 ] && python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 --no-reference \
+  --repeat 3 --json "$out/bench_ncc_cuda_max_fast_detail.json" "${fast_ncu[@]}" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
 MSPCNN_NCC_MAX_FWD=tiled MSPCNN_NCC_MAX_TILE=8 python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 \
   --no-reference --json "$out/bench_ncc_cuda_max_tiled8.json" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
 # Last, the non-default setting: without the forward kernels' plane-mean shift.
