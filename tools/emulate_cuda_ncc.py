@@ -24,7 +24,9 @@ against float64 beside the CPU kernel, on the same maps (about 0.3 s per channel
 ``--tc`` also emulates the opt-in tensor-core ncc_max forward (`max_tc_kernel`, TF32 and 3xTF32):
 the argmax it chooses and the float32 value it returns for it (about 0.2 s per channel and offset);
 `tc_warp_products` repeats its fragment index arithmetic, which tests/test_ncc_tc_emulation.py
-checks against a plain matrix product.
+checks against a plain matrix product. `emulate_max_tiled_plane` repeats the opt-in tiled max
+forward (`max_tiled_kernel`, MSPCNN_NCC_MAX_FWD=tiled) thread by thread, which
+tests/test_bench_tools.py checks against `emulate_plane`, bit for bit.
 """
 import argparse
 import json
