@@ -271,11 +271,13 @@ def test_emulated_fast_kernel_window_follows_its_row_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("grad_b", [False, True])
-@pytest.mark.parametrize("patch,rows,W", [(5, 5, 9), (3, 1, 6), (7, 3, 5), (3, 5, 4)])
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 9), (3, 1, 6), (7, 3, 5), (3, 5, 4), (9, 3, 6), (17, 1, 5)])
 def test_emulated_volume_backward_staging_reads_the_same_factors(grad_b, patch, rows, W):
     """volume_grad_tiled with its ka and kb rows staged in shared memory (2026-12-01), emulated with
     its index arithmetic: every read of the V loop lands in the staged rows, on a row that holds the
-    map's factors, and V is the one read from global memory, bit for bit, for grad_a and grad_b."""
+    map's factors, and V is the one read from global memory, bit for bit, for grad_a and grad_b; with
+    the gradient volume read 8 terms at a time from clamped rows (patches 9 and 17: two and three
+    chunks)."""
     emulate = load_tool("emulate_cuda_ncc")
     rng = np.random.default_rng(patch + rows + W)
     H = 7

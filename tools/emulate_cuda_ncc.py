@@ -654,11 +654,15 @@ def emulate_volume_tiled_plane(A, B, P=PATCH, R=ROWS, eps=EPS):
     return out, writes
 
 
+V_CHUNK = 8  # kVChunk of ncc_volume_backward.cu
+
+
 def emulate_volume_grad_tiled_v(G, ka, kb, P, R, grad_b):
     """The loop of `volume_grad_tiled` that builds V for every block (row u) of one plane, in float64,
-    once with the factors read as the kernel reads them since 2026-12-01 (ka and kb rows staged in
-    shared memory: kas rows pa0 .. pa0 + S - 1, kbs rows qb0 .. qb0 + S - 1, S = P + R - 1, rows
-    outside the maps staged as 0) and once from the global arrays, as before. G: the gradient volume
+    once as the kernel reads its operands since 2026-12-01 (ka and kb rows staged in shared memory:
+    kas rows pa0 .. pa0 + S - 1, kbs rows qb0 .. qb0 + S - 1, S = P + R - 1, rows outside the maps
+    staged as 0; the gradient volume read V_CHUNK terms at a time from rows clamped into the plane,
+    then summed) and once from the global arrays, term by term, as before. G: the gradient volume
     (R, W, H, W) [k][candidate column][output row][output column]; ka (H, W); kb (H + R - 1, W).
     Returns (staged, direct, bad): V of every row both ways (H, R, W, W) and the count of reads that
     fell outside the staged rows or on a row staged as 0 (the kernel must make none)."""
@@ -682,18 +686,25 @@ def emulate_volume_grad_tiled_v(G, ka, kb, P, R, grad_b):
             for c in range(Wm):
                 s1 = np.zeros(Wm)
                 s2 = np.zeros(Wm)
-                for i in range(-h, h + 1):
-                    pr = u - i - k + R2 if grad_b else u - i
-                    if pr < 0 or pr >= Hm:
-                        continue
-                    qe = u - i + R2 if grad_b else pr + k
-                    ta, tb = pr - pa0, qe - qb0
-                    if not (0 <= ta < S and 0 <= tb < S and 0 <= qe < BR):
-                        bad += 1
-                        continue
-                    g = G[k, c, pr]
-                    s1 = s1 + g * kas[ta] * kbs[tb, c]
-                    s2 = s2 + g * ka[pr] * kb[qe, c]
+                for i0 in range(-h, h + 1, V_CHUNK):
+                    # the chunk's loads first, from rows clamped into the plane (no branch)
+                    gv = []
+                    for t in range(V_CHUNK):
+                        i = min(i0 + t, h)
+                        pr = u - i - k + R2 if grad_b else u - i
+                        gv.append(G[k, c, min(max(pr, 0), Hm - 1)])
+                    for t in range(V_CHUNK):
+                        i = i0 + t
+                        pr = u - i - k + R2 if grad_b else u - i
+                        if i > h or pr < 0 or pr >= Hm:
+                            continue
+                        qe = u - i + R2 if grad_b else pr + k
+                        ta, tb = pr - pa0, qe - qb0
+                        if not (0 <= ta < S and 0 <= tb < S and 0 <= qe < BR):
+                            bad += 1
+                            continue
+                        s1 = s1 + gv[t] * kas[ta] * kbs[tb, c]
+                        s2 = s2 + G[k, c, pr] * ka[pr] * kb[qe, c]
                 staged[u, k, c] = s1
                 direct[u, k, c] = s2
     return staged, direct, bad

@@ -191,7 +191,11 @@ __global__ void volume_grad_b(NccGeometry g, const T* __restrict__ grad,
 // terms are those of the gathers. V, the padded rows of the other map and the
 // per-k partial sums live in shared memory (volume_tiled_smem_bytes), and so
 // (since 2026-12-01, not yet run on a GPU) do the rows of ka and kb that V's
-// loop reads: the same values, so the same gradients bit for bit.
+// loop reads, and V's loop reads the gradient volume kVChunk terms at a time
+// before it sums them: the same values in the same order, so the same
+// gradients bit for bit.
+constexpr int kVChunk = 8;  // terms of V loaded together (volume_grad_tiled)
+
 template <typename T, bool kGradB>
 __global__ void volume_grad_tiled(NccGeometry g, const T* __restrict__ grad,
                                   const T* __restrict__ a, const T* __restrict__ b,
@@ -227,13 +231,29 @@ __global__ void volume_grad_tiled(NccGeometry g, const T* __restrict__ grad,
     // c: the column of the candidate centre; x: the output column (fastest,
     // so that the reads of the gradient volume are coalesced)
     const int k = idx / (W * W), c = (idx / W) % W, x = idx % W;
+    // The terms are read kVChunk at a time: first the values of the gradient
+    // volume, from addresses clamped into the plane so that the loads need no
+    // branch and are in flight together, then the sum as before (the same
+    // expression, term by term: the same doubles, bit for bit). With each load
+    // inside the sum, every term waited for its read (Nsight Compute,
+    // 2026-11-30: latency-bound, DRAM at 6%).
     double s = 0.0;
-    for (int i = -h; i <= h; ++i) {
-      const int pr = kGradB ? u - i - k + R2 : u - i;  // output row
-      if (pr < 0 || pr >= H) continue;
-      const int qe = kGradB ? u - i + R2 : pr + k;  // candidate centre row + R2
-      s += double(G[(int64_t(k) * W + c) * HW + int64_t(pr) * W + x]) *
-           kas[(pr - pa0) * W + x] * kbs[(qe - qb0) * W + c];
+    for (int i0 = -h; i0 <= h; i0 += kVChunk) {
+      T gv[kVChunk];
+#pragma unroll
+      for (int t = 0; t < kVChunk; ++t) {
+        const int i = min(i0 + t, h);
+        const int pr = min(max(kGradB ? u - i - k + R2 : u - i, 0), H - 1);
+        gv[t] = G[(int64_t(k) * W + c) * HW + int64_t(pr) * W + x];
+      }
+#pragma unroll
+      for (int t = 0; t < kVChunk; ++t) {
+        const int i = i0 + t;
+        const int pr = kGradB ? u - i - k + R2 : u - i;  // output row
+        if (i > h || pr < 0 || pr >= H) continue;
+        const int qe = kGradB ? u - i + R2 : pr + k;  // candidate centre row + R2
+        s += double(gv[t]) * kas[(pr - pa0) * W + x] * kbs[(qe - qb0) * W + c];
+      }
     }
     V[kGradB ? (k * W + x) * W + c : (k * W + c) * W + x] = s;
   }
