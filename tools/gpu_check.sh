@@ -38,6 +38,15 @@ if [ -z "${SKIP_BUILD:-}" ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('mspcnn::ncc_max', 'CUDA'))"
+# The machine code of the NCC kernels under study, counted by opcode (tools/sass_summary.py): whether
+# ptxas fused the normalisations alike, what a shared-memory float atomic compiles to, the widths of
+# the shared loads. A few seconds.
+so=$(ls mspcnn/_C*.so 2>/dev/null | head -1)
+if command -v cuobjdump >/dev/null && [ -n "$so" ]; then
+  cuobjdump -sass "$so" 2>/dev/null | python3 tools/sass_summary.py --arch sm_90 \
+    --match 'max_fast_kernel<float, 5, 5, 1, true>|max_tiled_kernel<5, 5|max_backward_fused<float, 5>|volume_grad_tiled<float|volume_(tiled_)?kernel<float>|max_tc_kernel<5, 5' \
+    > "$out/sass_summary.txt" 2>&1 || tail -2 "$out/sass_summary.txt"
+fi
 # QUICK=1: only what the newest unmeasured changes need, for a call with a few minutes left (about 3
 # minutes after the build): the volume kernels' tests, the tiled max forward's tests and the CUDA
 # graphs' test against eager training, then ncc_max at 128 pairs with the default and the tiled
