@@ -288,6 +288,26 @@ def test_emulated_volume_backward_staging_reads_the_same_factors(grad_b, patch, 
     assert np.array_equal(staged, direct) and np.abs(direct).sum() > 0
 
 
+@pytest.mark.parametrize("patch,rows,W,H", [(5, 5, 7, 6), (3, 3, 5, 4), (3, 1, 9, 3), (7, 5, 32, 3)])
+def test_emulated_fused_volume_centre_sums_are_the_separate_kernels(patch, rows, W, H):
+    """volume_centre_fused + volume_centre_b_sum (MSPCNN_NCC_VOLUME_CENTRE=fused, 2026-12-01), emulated
+    with their index arithmetic (blocks, warps, lanes, the partial table written once an entry):
+    the six per-centre arrays of volume_centre_a and volume_centre_b as written, to rounding (the
+    sums run in another order and multiply by kb where those divide), with flat patches (s = 0)."""
+    emulate = load_tool("emulate_cuda_ncc")
+    rng = np.random.default_rng(patch + rows + W)
+    G, V = rng.standard_normal((rows, W, H, W)), rng.standard_normal((rows, W, H, W))
+    ma, mb = rng.random((H, W)), rng.random((H + rows - 1, W))
+    sa, sb = rng.random((H, W)), rng.random((H + rows - 1, W))
+    sa[0, 0] = sb[1, 1] = 0.0
+    ref = emulate.volume_centre_sums(G, V, ma, sa, mb, sb, patch, rows, 0.01)
+    fused = emulate.emulate_volume_centre_fused(G, V, ma, sa, mb, sb, patch, rows, 0.01)
+    for name, r, f in zip(("ka", "t3a", "Ha", "kb", "t3b", "Hb"), ref, fused):
+        assert r.shape == f.shape and np.abs(r).max() > 0, name
+        assert np.abs(r - f).max() <= 1e-12 * np.abs(r).max(), name
+    assert fused[2][0, 0] == 0.0 and fused[5][1, 1] == 0.0
+
+
 def test_bench_train_counts_the_operations_of_an_iteration():
     """bench_train --count-ops: the engine's default (our BatchNorm + Scale operator on the CPU) and
     the separate Caffe layers (what a GPU ran before its fused batch normalisation) differ threefold

@@ -207,6 +207,29 @@ def test_max_tiled_forward_request_falls_back_where_it_has_no_kernel(monkeypatch
         assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (3, 3, 32), (7, 1, 9), (5, 5, 40)])
+def test_volume_centre_fused_matches_the_separate_kernels(monkeypatch, dtype, patch, rows, W):
+    """MSPCNN_NCC_VOLUME_CENTRE=fused (volume_centre_fused + volume_centre_b_sum: the per-centre sums
+    of the volume backward from one read of the gradient volume) gives the gradients of the separate
+    kernels to rounding (the sums run in another order); W = 40 falls back to them. Emulated on the
+    CPU (test_bench_tools.py); not yet run on a GPU when written (2026-12-01)."""
+    torch.manual_seed(5)
+    a = (torch.randn(2, 3, 17, W).relu() + 1).to(dtype).cuda().requires_grad_(True)
+    b = (torch.randn(2, 3, 17, W).relu() + 1).to(dtype).cuda().requires_grad_(True)
+    vol = ncc_volume(a, b, patch, rows)
+    gvol = torch.randn_like(vol)
+    monkeypatch.delenv("MSPCNN_NCC_VOLUME_CENTRE", raising=False)
+    separate = torch.autograd.grad(vol, (a, b), gvol, retain_graph=True)
+    monkeypatch.setenv("MSPCNN_NCC_VOLUME_CENTRE", "fused")
+    fused = torch.autograd.grad(vol, (a, b), gvol)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-6, rtol=1e-5)
+    for f, s_ in zip(fused, separate):
+        torch.testing.assert_close(f, s_, **tol)
+        if W > 32:
+            assert torch.equal(f, s_)
+
+
 @pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (7, 5, 28)])
 def test_shift_keeps_float32_accuracy_with_a_large_mean(monkeypatch, patch, rows, W):
     """The default (MSPCNN_NCC_CUDA_SHIFT unset): the forward kernels shift each plane by its mean,

@@ -710,6 +710,99 @@ def emulate_volume_grad_tiled_v(G, ka, kb, P, R, grad_b):
     return staged, direct, bad
 
 
+CENTRE_WARPS = 8  # kCentreWarps of ncc_volume_backward.cu
+
+
+def volume_centre_sums(G, V, ma, sa, mb, sb, P, R, eps):
+    """volume_centre_a and volume_centre_b of one plane, as written (a sum per output over its
+    candidates, a sum per candidate centre over its outputs, a division per term), in float64.
+    G, V: (R, W, H, W) [k][candidate column][output row][output column]; ma, sa: (H, W); mb, sb:
+    (H + R - 1, W). Returns (ka, t3a, Ha, kb, t3b, Hb)."""
+    _, Wm, Hm, _ = G.shape
+    nm1 = P * P - 1
+    BR = Hm + R - 1
+    ka = 1.0 / (nm1 * (sa + eps))
+    t3a, gna = np.zeros((Hm, Wm)), np.zeros((Hm, Wm))
+    for r in range(Hm):
+        for w in range(Wm):
+            for k in range(R):
+                for c in range(Wm):
+                    gv = G[k, c, r, w]
+                    gna[r, w] += gv * V[k, c, r, w]
+                    t3a[r, w] += gv * ka[r, w] / (sb[r + k, c] + eps) * mb[r + k, c]
+    Ha = np.where(sa > 0, gna * ka / np.where(sa > 0, sa, 1), 0.0)
+    kb = 1.0 / (sb + eps)
+    t3b, gnb = np.zeros((BR, Wm)), np.zeros((BR, Wm))
+    for qe in range(BR):
+        for c in range(Wm):
+            for k in range(R):
+                r = qe - k
+                if not 0 <= r < Hm:
+                    continue
+                for w in range(Wm):
+                    gv = G[k, c, r, w]
+                    gnb[qe, c] += gv * V[k, c, r, w]
+                    t3b[qe, c] += gv * kb[qe, c] / (nm1 * (sa[r, w] + eps)) * ma[r, w]
+    Hb = np.where(sb > 0, gnb * kb / (np.where(sb > 0, sb, 1) * nm1), 0.0)
+    return ka, t3a, Ha, kb, t3b, Hb
+
+
+def emulate_volume_centre_fused(G, V, ma, sa, mb, sb, P, R, eps):
+    """volume_centre_fused and volume_centre_b_sum (MSPCNN_NCC_VOLUME_CENTRE=fused) on one plane,
+    with their index arithmetic: block = output row r, warp y takes the candidates kc = y,
+    y + CENTRE_WARPS, ..., lane = output column; each warp's candidate sums written to the partial
+    table (checked: each entry once), then per candidate centre the R rows r = qe - k added.
+    Arguments as volume_centre_sums; returns the same six arrays, to compare with it (the order of
+    the sums differs: equal to rounding)."""
+    _, Wm, Hm, _ = G.shape
+    nm1 = P * P - 1
+    BR = Hm + R - 1
+    Gf, Vf = G.ravel(), V.ravel()  # the plane's gradient volume and volume, flat as in memory
+    HW = Hm * Wm
+    part = np.full(2 * Hm * R * Wm, np.nan)
+    writes = np.zeros(Hm * R * Wm, np.int64)
+    ka, t3a, Ha = np.zeros((Hm, Wm)), np.zeros((Hm, Wm)), np.zeros((Hm, Wm))
+    lane = np.arange(32)
+    on = lane < Wm
+    for r in range(Hm):
+        e = np.where(on, lane, 0)
+        k_a = np.where(on, 1.0 / (nm1 * (sa[r, e] + eps)), 0.0)
+        m_a = np.where(on, ma[r, e], 0.0)
+        red = np.zeros((CENTRE_WARPS, 2, 32))
+        for warp in range(CENTRE_WARPS):
+            gn_a, t3_a = np.zeros(32), np.zeros(32)
+            for kc in range(warp, R * Wm, CENTRE_WARPS):
+                k, col = divmod(kc, Wm)
+                o = (k * Wm + col) * HW + r * Wm + lane
+                gv = np.where(on, Gf[np.where(on, o, 0)], 0.0)
+                vv = np.where(on, Vf[np.where(on, o, 0)], 0.0)
+                k_b = 1.0 / (sb[r + k, col] + eps)
+                gk = gv * k_a * k_b
+                gn, t3 = gv * vv, gk * m_a
+                gn_a, t3_a = gn_a + gn, t3_a + gk * mb[r + k, col]
+                i = r * R * Wm + kc
+                part[2 * i], part[2 * i + 1] = gn.sum(), t3.sum()
+                writes[i] += 1
+            red[warp] = gn_a, t3_a
+        gn, t3 = red[:, 0].sum(0), red[:, 1].sum(0)
+        ka[r], t3a[r] = k_a[:Wm], t3[:Wm]
+        Ha[r] = np.where(sa[r] > 0, gn[:Wm] * k_a[:Wm] / np.where(sa[r] > 0, sa[r], 1), 0.0)
+    assert (writes == 1).all()
+    kb, t3b, Hb = np.zeros((BR, Wm)), np.zeros((BR, Wm)), np.zeros((BR, Wm))
+    for qe in range(BR):
+        for col in range(Wm):
+            gn = t3 = 0.0
+            for k in range(R):
+                r = qe - k
+                if 0 <= r < Hm:
+                    i = r * R * Wm + k * Wm + col
+                    gn, t3 = gn + part[2 * i], t3 + part[2 * i + 1]
+            kb[qe, col] = 1.0 / (sb[qe, col] + eps)
+            t3b[qe, col] = t3
+            Hb[qe, col] = gn * kb[qe, col] / (sb[qe, col] * nm1) if sb[qe, col] > 0 else 0.0
+    return ka, t3a, Ha, kb, t3b, Hb
+
+
 def compare_volume(pairs, channels, offset, seed):
     """Rows of the volume's largest error against float64 for each emulated form and the CPU kernel,
     on the maps compare() uses."""

@@ -50,8 +50,8 @@ fi
 # QUICK=1: only what the newest unmeasured changes need, for a call with a few minutes left (about 3
 # minutes after the build): the volume kernels' tests, the tiled max forward's tests and the CUDA
 # graphs' test against eager training, then ncc_max at 128 pairs with the default and the tiled
-# forward (16 and 8 candidate columns a thread) and ncc_volume with the direct and the tiled forward
-# (no reference, no ncu).
+# forward (16 and 8 candidate columns a thread) and ncc_volume with the direct forward, the tiled
+# forward, and the tiled forward with the fused per-centre sums (no reference, no ncu).
 if [ "${QUICK:-}" = 1 ]; then
   start=$(date +%s)
   python3 -m pytest -q -p no:cacheprovider -m "" tests/test_ncc_cuda.py tests/test_gpu_tools.py \
@@ -62,8 +62,9 @@ if [ "${QUICK:-}" = 1 ]; then
       --ops ncc_max --pairs 128 --no-reference --accuracy-pairs "$([ "$fwd" = tiled16 ] && echo 2 || echo 0)" \
       --json "$out/bench_ncc_cuda_max_$fwd.json" 2>&1 | tee -a "$out/bench_quick.log" | tail -4
   done
-  for fwd in direct tiled; do
-    MSPCNN_NCC_VOLUME_FWD=$fwd python3 tools/bench_ncc.py --device cuda --ops ncc_volume --pairs 128 --no-reference \
+  for fwd in direct tiled tiled_fused; do  # tiled_fused: the tiled forward and the fused per-centre sums
+    MSPCNN_NCC_VOLUME_FWD=${fwd%_fused} MSPCNN_NCC_VOLUME_CENTRE=$([ "$fwd" = tiled_fused ] && echo fused || echo separate) \
+      python3 tools/bench_ncc.py --device cuda --ops ncc_volume --pairs 128 --no-reference --accuracy-pairs 0 \
       --json "$out/bench_ncc_cuda_volume_$fwd.json" 2>&1 | tee -a "$out/bench_quick.log" | tail -4
   done
   exit 0
@@ -87,6 +88,11 @@ done
 # against the direct kernel is in test_ncc_cuda.py above): ncc_volume at 128 pairs, beside the reference.
 MSPCNN_NCC_VOLUME_FWD=tiled python3 tools/bench_ncc.py --device cuda --ops ncc_volume --pairs 128 \
   --json "$out/bench_ncc_cuda_volume_tiled.json" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
+# ... and with the backward's fused per-centre sums as well (MSPCNN_NCC_VOLUME_CENTRE=fused, opt-in until
+# measured; its test against the separate kernels is in test_ncc_cuda.py above).
+MSPCNN_NCC_VOLUME_FWD=tiled MSPCNN_NCC_VOLUME_CENTRE=fused python3 tools/bench_ncc.py --device cuda --ops ncc_volume \
+  --pairs 128 --no-reference --accuracy-pairs 0 --json "$out/bench_ncc_cuda_volume_tiled_fused.json" 2>&1 | \
+  tee -a "$out/bench_cuda.log" | tail -8
 # The tiled max forward (MSPCNN_NCC_MAX_FWD=tiled, opt-in until measured; its bit-for-bit test against
 # max_fast_kernel is in test_ncc_cuda.py above): ncc_max at 128 pairs beside the reference, with Nsight
 # Compute's counters and --ncu-detail (warp instructions, stall reasons; the fwd+bwd profile has the

@@ -191,13 +191,12 @@ std::tuple<at::Tensor, at::Tensor> ncc_volume_backward_cuda(
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "ncc_volume_backward_cuda", [&] {
     const auto s = compute_stats<scalar_t>(g, a, b, stream, op);
-    auto work = at::empty({3 * g.planes() * g.H * g.W + 3 * g.planes() * g.b_rows() * g.W},
-                          a.options().dtype(at::kDouble));
+    auto work = at::empty({cuda::volume_backward_work_elems(g)}, a.options().dtype(at::kDouble));
     check_launch(cuda::ncc_volume_backward<scalar_t>(
                      g, grad.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
                      b.data_ptr<scalar_t>(), volume.data_ptr<scalar_t>(),
                      s.ma.data_ptr<double>(), s.sa.data_ptr<double>(), s.mb.data_ptr<double>(),
-                     s.sb.data_ptr<double>(), work.data_ptr<double>(),
+                     s.sb.data_ptr<double>(), work.data_ptr<double>(), work.numel(),
                      grad_a.data_ptr<scalar_t>(), grad_b.data_ptr<scalar_t>(), stream),
                  op);
   });

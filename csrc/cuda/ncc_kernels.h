@@ -75,14 +75,17 @@ cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
                              const double* sb, T* coef, T* grad_a, T* grad_b,
                              bool deterministic, cudaStream_t stream);
 
-// work: workspace of 3 * N*C*H*W + 3 * N*C*(H + 2 R2)*W doubles.
-// Deterministic (no atomics).
+// work: workspace of work_elems doubles, at least 3 * N*C*H*W + 3 * N*C*(H + 2 R2)*W;
+// volume_backward_work_elems(g) is what it uses: with MSPCNN_NCC_VOLUME_CENTRE=fused
+// (and W <= 32) 2 * N*C*H*R*W more, for the fused per-centre sums, which run only
+// where work_elems holds them. Deterministic (no atomics).
+int64_t volume_backward_work_elems(const NccGeometry& g);
 template <typename T>
 cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
                                 const T* a, const T* b, const T* volume,
                                 const double* ma, const double* sa,
                                 const double* mb, const double* sb,
-                                double* work, T* grad_a, T* grad_b,
+                                double* work, int64_t work_elems, T* grad_a, T* grad_b,
                                 cudaStream_t stream);
 
 }  // namespace cuda

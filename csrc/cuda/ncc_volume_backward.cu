@@ -4,6 +4,8 @@
 //
 // Kernels:
 //   volume_centre_a/b      per-centre sums
+//   volume_centre_fused    the same sums from one read of the gradient volume
+//   volume_centre_b_sum    (MSPCNN_NCC_VOLUME_CENTRE=fused; not yet run on a GPU)
 //   volume_grad_tiled      gradients, one block per row, shared memory
 //   volume_grad_a/b        gradients, gathered (planes too wide for the tiled
 //                          kernel's shared memory, or MSPCNN_NCC_VOLUME_BWD=gather)
@@ -90,6 +92,100 @@ __global__ void volume_centre_b(NccGeometry g, const T* __restrict__ grad,
     kb[e] = k_b;
     t3b[e] = t3;
     Hb[e] = sb[e] > 0.0 ? gn * k_b / (sb[e] * nm1) : 0.0;
+  }
+}
+
+// The per-centre sums of volume_centre_a and volume_centre_b from one read of
+// the gradient volume and the volume, instead of one read each
+// (MSPCNN_NCC_VOLUME_CENTRE=fused, W <= 32; written 2026-12-01 without a GPU,
+// not yet run). Block = (plane, output row r), kCentreWarps warps; lane = the
+// output column w; warp y takes the candidates kc = k W + col = y, y +
+// kCentreWarps, ... For each, a lane adds its output's two terms (those of
+// volume_centre_a: G V and G ka kb mu_b) and the warp sums the candidate's two
+// terms over the row's outputs (those of volume_centre_b: G V and G ka kb
+// mu_a) into part[(plane, r, kc)]; volume_centre_b_sum then adds, for each
+// candidate centre, the R output rows that compare with it. The factors are
+// the same ka = 1 / ((n-1)(s_a + eps)) and kb = 1 / (s_b + eps), multiplied
+// where the separate kernels divide, and the sums run in another order: the
+// results agree with theirs to rounding (docs/perf_notes.md).
+constexpr int kCentreWarps = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kCentreWarps * 32)
+    volume_centre_fused(NccGeometry g, const T* __restrict__ grad, const T* __restrict__ volume,
+                        const double* __restrict__ ma, const double* __restrict__ sa,
+                        const double* __restrict__ mb, const double* __restrict__ sb,
+                        double* __restrict__ work, double* __restrict__ part) {
+  __shared__ double red[kCentreWarps][2][32];
+  const int H = int(g.H), W = int(g.W), R = int(g.R), BR = int(g.b_rows());
+  const int64_t HW = int64_t(H) * W, total_a = g.planes() * HW;
+  const int64_t plane = blockIdx.x / H;
+  const int r = int(blockIdx.x % H);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const bool on = lane < W;
+  const int64_t e = (plane * H + r) * W + (on ? lane : 0);
+  const double nm1 = double(g.n() - 1);
+  const double k_a = on ? 1.0 / (nm1 * (sa[e] + g.eps)) : 0.0, m_a = on ? ma[e] : 0.0;
+  double gn_a = 0.0, t3_a = 0.0;
+  for (int kc = warp; kc < R * W; kc += kCentreWarps) {
+    const int k = kc / W, col = kc % W;
+    const int64_t o = ((plane * R + k) * W + col) * HW + int64_t(r) * W + lane;
+    const double gv = on ? double(grad[o]) : 0.0, vv = on ? double(volume[o]) : 0.0;
+    const int64_t eb = (plane * BR + r + k) * W + col;  // the candidate centre, row r + k - R2
+    const double k_b = 1.0 / (sb[eb] + g.eps);
+    const double gk = gv * k_a * k_b;
+    double gn = gv * vv, t3 = gk * m_a;
+    gn_a += gn;
+    t3_a += gk * mb[eb];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      gn += __shfl_down_sync(0xffffffffu, gn, off);
+      t3 += __shfl_down_sync(0xffffffffu, t3, off);
+    }
+    if (lane == 0) {
+      double* pp = part + 2 * ((plane * H + r) * R * W + kc);
+      pp[0] = gn;
+      pp[1] = t3;
+    }
+  }
+  red[warp][0][lane] = gn_a;
+  red[warp][1][lane] = t3_a;
+  __syncthreads();
+  if (warp == 0 && on) {
+    double gn = 0.0, t3 = 0.0;
+    for (int y = 0; y < kCentreWarps; ++y) {
+      gn += red[y][0][lane];
+      t3 += red[y][1][lane];
+    }
+    work[e] = k_a;
+    work[total_a + e] = t3;
+    work[2 * total_a + e] = sa[e] > 0.0 ? gn * k_a / sa[e] : 0.0;
+  }
+}
+
+// volume_centre_fused's second step: per candidate centre (row qe - R2, col),
+// the sums of the R output rows r = qe - k that compare with it at offset k.
+template <typename T>
+__global__ void volume_centre_b_sum(NccGeometry g, const double* __restrict__ sb,
+                                    const double* __restrict__ part, double* __restrict__ work) {
+  const int64_t H = g.H, W = g.W, R = g.R, BR = g.b_rows();
+  const int64_t total_a = g.planes() * H * W, total = g.planes() * BR * W;
+  const double nm1 = double(g.n() - 1);
+  double* kb = work + 3 * total_a;
+  GRID_STRIDE(e, total) {
+    const int64_t col = e % W, qe = (e / W) % BR, plane = e / (BR * W);
+    double gn = 0.0, t3 = 0.0;
+    for (int64_t k = 0; k < R; ++k) {
+      const int64_t r = qe - k;
+      if (r < 0 || r >= H) continue;
+      const double* pp = part + 2 * ((plane * H + r) * R * W + k * W + col);
+      gn += pp[0];
+      t3 += pp[1];
+    }
+    const double k_b = 1.0 / (sb[e] + g.eps);
+    kb[e] = k_b;
+    kb[total + e] = t3;
+    kb[2 * total + e] = sb[e] > 0.0 ? gn * k_b / (sb[e] * nm1) : 0.0;
   }
 }
 
@@ -309,16 +405,34 @@ inline int64_t volume_tiled_smem_bytes(const NccGeometry& g) {
 // ---------------------------------------------------------------------------
 // Host entry points (declared in ncc_kernels.h)
 // ---------------------------------------------------------------------------
+bool volume_centre_fused_requested(const NccGeometry& g) {
+  const char* env = getenv("MSPCNN_NCC_VOLUME_CENTRE");
+  return env != nullptr && env[0] == 'f' && g.W <= 32 && g.planes() * g.H < INT_MAX;
+}
+
+int64_t volume_backward_work_elems(const NccGeometry& g) {
+  const int64_t base = 3 * g.planes() * g.H * g.W + 3 * g.planes() * g.b_rows() * g.W;
+  return base + (volume_centre_fused_requested(g) ? 2 * g.planes() * g.H * g.R * g.W : 0);
+}
+
 template <typename T>
 cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
                                 const T* a, const T* b, const T* volume,
                                 const double* ma, const double* sa,
                                 const double* mb, const double* sb,
-                                double* work, T* grad_a, T* grad_b,
+                                double* work, int64_t work_elems, T* grad_a, T* grad_b,
                                 cudaStream_t stream) {
   const int64_t total_a = g.planes() * g.H * g.W, total_b = g.planes() * g.b_rows() * g.W;
-  volume_centre_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
-  volume_centre_b<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
+  const int64_t part_elems = 2 * g.planes() * g.H * g.R * g.W;
+  if (volume_centre_fused_requested(g) && work_elems >= 3 * total_a + 3 * total_b + part_elems) {
+    double* part = work + 3 * total_a + 3 * total_b;
+    volume_centre_fused<T><<<unsigned(g.planes() * g.H), kCentreWarps * 32, 0, stream>>>(
+        g, grad, volume, ma, sa, mb, sb, work, part);
+    volume_centre_b_sum<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, sb, part, work);
+  } else {
+    volume_centre_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
+    volume_centre_b<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
+  }
   const cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;
   // The tiled kernels when their shared memory fits in what a block may have
@@ -356,7 +470,7 @@ cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
   template cudaError_t ncc_volume_backward<T>(const NccGeometry&, const T*, const T*,  \
                                               const T*, const T*, const double*,       \
                                               const double*, const double*,            \
-                                              const double*, double*, T*, T*,          \
+                                              const double*, double*, int64_t, T*, T*, \
                                               cudaStream_t);
 MSPCNN_INSTANTIATE(float)
 MSPCNN_INSTANTIATE(double)
