@@ -44,7 +44,7 @@ python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C
 so=$(ls mspcnn/_C*.so 2>/dev/null | head -1)
 if command -v cuobjdump >/dev/null && [ -n "$so" ]; then
   cuobjdump -sass "$so" 2>/dev/null | python3 tools/sass_summary.py --arch sm_90 \
-    --match 'max_fast_kernel<float, 5, 5, 1, true>|max_tiled_kernel<5, 5|max_backward_fused<float, 5>|volume_grad_tiled<float|volume_(tiled_)?kernel<float>|max_tc_kernel<5, 5' \
+    --match 'max_fast_kernel<float, 5, 5, 1, true>|max_tiled_kernel<5, 5|max_backward_fused<float, 5>|volume_grad_tiled<float|volume_centre_fused<float>|volume_(tiled_)?kernel<float>|max_tc_kernel<5, 5' \
     > "$out/sass_summary.txt" 2>&1 || tail -2 "$out/sass_summary.txt"
 fi
 # QUICK=1: only what the newest unmeasured changes need, for a call with a few minutes left (about 3
