@@ -127,12 +127,13 @@ def test_tall_planes_use_the_unfused_backward():
         assert (g - c).norm() / c.norm() < 1e-4
 
 
-@pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (3, 1, 13), (7, 3, 9), (5, 5, 64)])
+@pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (3, 1, 13), (7, 3, 9), (5, 5, 64), (11, 3, 12)])
 def test_volume_backward_tiled_equals_gathers(monkeypatch, patch, rows, W):
     """The tiled volume backward (one block per row, shared memory; the default where it fits)
     against the direct gathers (MSPCNN_NCC_VOLUME_BWD=gather) and the CPU kernel, float64, with a
     gradient volume that is not all ones. (5, 5, 64) needs 178 KB of shared memory a block: the
-    kernels opt in to more than 48 KB (since 2026-12-01, with ka and kb staged; not yet run then)."""
+    kernels opt in to more than 48 KB (since 2026-12-01, with ka and kb staged; not yet run then).
+    (11, 3, 12): V's loop reads its 11 terms in two chunks of 8 (since 2026-12-01, not yet run)."""
     a, b = pair((2, 3, 17, W), torch.float64, positive=True)
     x, y = a.cuda().requires_grad_(True), b.cuda().requires_grad_(True)
     vol = ncc_volume(x, y, patch, rows)
