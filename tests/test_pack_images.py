@@ -86,6 +86,9 @@ def test_a_corrupt_or_foreign_pack_is_refused(folder, tmp_path):
     man_path.write_text(json.dumps(man))
     r = tool("unpack", tmp_path / "pack", tmp_path / "out4")
     assert r.returncode == 2 and "outside the output" in r.stderr and not (tmp_path / "evil.png").exists()
+    # an output folder that holds files already: nothing mixed into it
+    r = tool("unpack", tmp_path / "pack", folder)
+    assert r.returncode == 2 and "not empty" in r.stderr
     # no manifest, or a foreign one
     r = tool("unpack", folder, tmp_path / "out5")
     assert r.returncode == 2 and "manifest.json" in r.stderr

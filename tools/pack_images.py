@@ -9,7 +9,8 @@ Why: a GPU machine that is lent for a few minutes often has no network and a lim
 sent with a job (64 MiB on ours); CUHK01 as released is 75 MB of PNG, and 45 MB as lossless WebP.
 WebP's lossless mode keeps every pixel, so the unpacked images decode to the very arrays the
 originals decode to; `unpack` checks that against the SHA-256 of each image's pixels recorded by
-`pack` (manifest.json) and stops with exit status 2 at the first mismatch. PNG and BMP files come
+`pack` (manifest.json) and stops with exit status 2 at the first mismatch; it unpacks only into an
+empty or new folder. PNG and BMP files come
 back in their own format (the bytes may differ, the pixels do not). A JPEG is lossy already: it is
 kept as it is (copied, not re-encoded), so its bytes come back too. Files of other kinds are listed
 and left out. 8-bit images with 1, 3 or 4 channels only (anything else: exit status 2, naming the
@@ -119,6 +120,9 @@ def load_manifest(pack_dir):
 
 def unpack(pack_dir, out):
     man = load_manifest(pack_dir)
+    if os.path.isdir(out) and os.listdir(out):
+        raise ValueError(f"{out}: not empty; give an empty or new folder (the pack's files would mix with "
+                         "what is there)")
     start = time.time()
     for i, e in enumerate(man["files"], 1):
         rel, stored = e["path"], os.path.join(pack_dir, e["stored"])
