@@ -145,7 +145,7 @@ def emulate_max_tiled_plane(A, B, P=PATCH, R=ROWS, eps=EPS, tile_rows=None, ct=1
     output stored once. Returns (values, index), to compare with emulate_plane(..., tile_rows)."""
     NCG = 32 // ct
     WPW, GROUP, SW = 32 // NCG, NCG * 32, 32 + P - 1
-    NB, VB, h, R2 = ct + P - 1, (4 if SW % 4 == 0 else 2), P // 2, R // 2
+    NB, VB = ct + P - 1, (4 if SW % 4 == 0 else 2)
     tile_rows = tile_rows or H
     ca, cb, AsG, BsG = _staged(A, B, P, R, True)
     kaG, nmakaG = _stats(AsG, H, True, P, eps, True)
@@ -180,15 +180,12 @@ def emulate_max_tiled_plane(A, B, P=PATCH, R=ROWS, eps=EPS, tile_rows=None, ct=1
     for r0 in range(0, H, tile_rows):
         TR = min(tile_rows, H - r0)
         smem = np.full(lay["best"], np.nan, F32)  # unstaged entries NaN: reading one would show
-        # stage_tile: rows r0 - h .. of a and r0 - R2 - h .. of b, columns -h .. 31 + h, shifted
-        for row in range(TR + P - 1):
-            for c in range(SW):
-                u, vv = r0 - h + row, c - h
-                smem[lay["As"] + row * SW + c] = (A[u, vv] - ca) if (0 <= u < H and 0 <= vv < W) else -ca
-        for row in range(TR + P + R - 2):
-            for c in range(SW):
-                u, vv = r0 - R2 - h + row, c - h
-                smem[lay["Bs"] + row * SW + c] = (B[u, vv] - cb) if (0 <= u < H and 0 <= vv < W) else -cb
+        # stage_tile: rows r0 - h .. of a and r0 - R2 - h .. of b (rows r0 .. of the staged maps),
+        # columns -h .. 31 + h, the columns past the staged maps' padding at -mean as well
+        for name, G, fill, n in (("As", AsG, -ca, TR + P - 1), ("Bs", BsG, -cb, TR + P + R - 2)):
+            block = np.full((n, SW), fill, F32)
+            block[:, :G.shape[1]] = G[r0:r0 + n]
+            smem[lay[name]:lay[name] + n * SW] = block.ravel()
         for name, G, n in (("ka", kaG, TR), ("nmaka", nmakaG, TR), ("kb", kbG, TR + R - 1), ("mbkb", mbkbG, TR + R - 1)):
             block = np.zeros((n, 32), F32)  # lanes past W: factors 0
             block[:, :W] = G[r0:r0 + n]
