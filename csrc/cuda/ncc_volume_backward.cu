@@ -165,7 +165,6 @@ __global__ void __launch_bounds__(kCentreWarps * 32)
 
 // volume_centre_fused's second step: per candidate centre (row qe - R2, col),
 // the sums of the R output rows r = qe - k that compare with it at offset k.
-template <typename T>
 __global__ void volume_centre_b_sum(NccGeometry g, const double* __restrict__ sb,
                                     const double* __restrict__ part, double* __restrict__ work) {
   const int64_t H = g.H, W = g.W, R = g.R, BR = g.b_rows();
@@ -395,6 +394,20 @@ __global__ void volume_grad_tiled(NccGeometry g, const T* __restrict__ grad,
   }
 }
 
+// The workspace of the per-centre sums (ka, T3a, Ha, then kb, T3b, Hb), and the
+// fused kernels' partial table after it.
+inline int64_t volume_centre_work_elems(const NccGeometry& g) {
+  return 3 * g.planes() * g.H * g.W + 3 * g.planes() * g.b_rows() * g.W;
+}
+inline int64_t volume_centre_part_elems(const NccGeometry& g) {
+  return 2 * g.planes() * g.H * g.R * g.W;
+}
+
+bool volume_centre_fused_requested(const NccGeometry& g) {
+  const char* env = getenv("MSPCNN_NCC_VOLUME_CENTRE");
+  return env != nullptr && env[0] == 'f' && g.W <= 32 && g.planes() * g.H < INT_MAX;
+}
+
 inline int64_t volume_tiled_smem_bytes(const NccGeometry& g) {
   return (g.R * g.W * g.W + g.R * (g.W + 2 * g.h()) + g.R * g.W + 2 * (2 * g.h() + g.R) * g.W) *
          int64_t(sizeof(double));
@@ -405,14 +418,8 @@ inline int64_t volume_tiled_smem_bytes(const NccGeometry& g) {
 // ---------------------------------------------------------------------------
 // Host entry points (declared in ncc_kernels.h)
 // ---------------------------------------------------------------------------
-bool volume_centre_fused_requested(const NccGeometry& g) {
-  const char* env = getenv("MSPCNN_NCC_VOLUME_CENTRE");
-  return env != nullptr && env[0] == 'f' && g.W <= 32 && g.planes() * g.H < INT_MAX;
-}
-
 int64_t volume_backward_work_elems(const NccGeometry& g) {
-  const int64_t base = 3 * g.planes() * g.H * g.W + 3 * g.planes() * g.b_rows() * g.W;
-  return base + (volume_centre_fused_requested(g) ? 2 * g.planes() * g.H * g.R * g.W : 0);
+  return volume_centre_work_elems(g) + (volume_centre_fused_requested(g) ? volume_centre_part_elems(g) : 0);
 }
 
 template <typename T>
@@ -423,12 +430,12 @@ cudaError_t ncc_volume_backward(const NccGeometry& g, const T* grad,
                                 double* work, int64_t work_elems, T* grad_a, T* grad_b,
                                 cudaStream_t stream) {
   const int64_t total_a = g.planes() * g.H * g.W, total_b = g.planes() * g.b_rows() * g.W;
-  const int64_t part_elems = 2 * g.planes() * g.H * g.R * g.W;
-  if (volume_centre_fused_requested(g) && work_elems >= 3 * total_a + 3 * total_b + part_elems) {
-    double* part = work + 3 * total_a + 3 * total_b;
+  const int64_t centre = volume_centre_work_elems(g);
+  if (volume_centre_fused_requested(g) && work_elems >= centre + volume_centre_part_elems(g)) {
+    double* part = work + centre;
     volume_centre_fused<T><<<unsigned(g.planes() * g.H), kCentreWarps * 32, 0, stream>>>(
         g, grad, volume, ma, sa, mb, sb, work, part);
-    volume_centre_b_sum<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, sb, part, work);
+    volume_centre_b_sum<<<blocks_for(total_b), kThreads, 0, stream>>>(g, sb, part, work);
   } else {
     volume_centre_a<T><<<blocks_for(total_a), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
     volume_centre_b<T><<<blocks_for(total_b), kThreads, 0, stream>>>(g, grad, volume, ma, sa, mb, sb, work);
