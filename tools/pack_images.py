@@ -78,13 +78,11 @@ def pack(src, dest):
     for i, rel in enumerate(files, 1):
         path = os.path.join(src, rel)
         img = read_image(path)
-        if rel.lower().endswith(AS_IS):
-            stored = rel
-            os.makedirs(os.path.dirname(os.path.join(dest, stored)) or dest, exist_ok=True)
+        stored = rel if rel.lower().endswith(AS_IS) else rel + ".webp"
+        os.makedirs(os.path.dirname(os.path.join(dest, stored)) or dest, exist_ok=True)
+        if stored == rel:
             shutil.copyfile(path, os.path.join(dest, stored))
         else:
-            stored = rel + ".webp"
-            os.makedirs(os.path.dirname(os.path.join(dest, stored)) or dest, exist_ok=True)
             # WebP holds 3 or 4 channels: a grey image is stored as 3 equal channels
             ok = cv2.imwrite(os.path.join(dest, stored), cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2
                              else img, WEBP_LOSSLESS)
