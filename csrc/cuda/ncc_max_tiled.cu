@@ -205,8 +205,9 @@ cudaError_t launch_tiled(const NccGeometry& g, const float* a, const float* b, f
   int tiles = 0, tile_rows = 0;
   fast_tiling<float, P, R>(g, num_sms, fast_smem_budget(true), tiles, tile_rows);
   const int64_t smem = TiledLayout<P, R>(tile_rows).total * int64_t(sizeof(float));
-  // Beside plane_means' 512 bytes; above 48 KB, opt in (up to 227 KB on an H100 / H200).
-  if (smem + 512 > 48 * 1024) {
+  // Beside plane_means' static shared memory; above 48 KB in all, opt in (up to
+  // 227 KB on an H100 / H200).
+  if (smem > fast_smem_budget(true)) {
     const cudaError_t e = cudaFuncSetAttribute(max_tiled_kernel<P, R, CT>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
