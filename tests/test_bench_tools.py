@@ -308,6 +308,38 @@ def test_emulated_fused_volume_centre_sums_are_the_separate_kernels(patch, rows,
     assert fused[2][0, 0] == 0.0 and fused[5][1, 1] == 0.0
 
 
+
+@pytest.mark.parametrize("global_b", [False, True])
+@pytest.mark.parametrize("patch,rows,H,W", [(5, 5, 72, 28), (3, 3, 17, 32), (5, 1, 9, 31), (3, 5, 6, 13),
+                                            (5, 3, 20, 32), (5, 5, 3, 7)])
+def test_emulated_max_backward_by_rows_gives_the_cpu_gradients(global_b, patch, rows, H, W):
+    """max_backward_rows (MSPCNN_NCC_MAX_BWD=rows and rows_global, 2026-12-01), emulated with its index
+    arithmetic (warp bands of output rows, the window's slots, the shuffles with their lanes past the
+    warp masked, plain stores and atomic adds): the float64 gradients of the CPU operator to rounding,
+    with W = 31 and 32 (the shuffles' edges), bands shorter than the patch (H = 3, 6, 9), ReLU'd maps
+    (flat patches) and zeros in the incoming gradient; every pixel of grad_a is either stored once
+    by the one band that reaches it or only added to, never both (a store after another band's add
+    would lose it on the GPU)."""
+    import mspcnn.ops  # noqa: F401
+    emulate = load_tool("emulate_cuda_ncc")
+    rng = np.random.default_rng(patch * 1000 + rows * 100 + H + W)
+    A = np.maximum(rng.standard_normal((H, W)), 0)
+    B = np.maximum(rng.standard_normal((H, W)), 0)
+    G = rng.standard_normal((H, W))
+    G[rng.random((H, W)) < 0.1] = 0
+    a, b = torch.from_numpy(A)[None, None], torch.from_numpy(B)[None, None]
+    _, index = torch.ops.mspcnn.ncc_max(a, b, patch, rows, 0.01)
+    ga, gb = torch.ops.mspcnn.ncc_max_backward(torch.from_numpy(G)[None, None], a, b, index, patch, rows,
+                                               0.01)
+    GA, GB, stores, atomics = emulate.emulate_max_backward_rows(A, B, G, index[0, 0].numpy(), patch, rows,
+                                                                0.01, global_b)
+    for emulated, cpu in ((GA, ga[0, 0].numpy()), (GB, gb[0, 0].numpy())):
+        assert np.abs(cpu).max() > 0
+        assert np.abs(emulated - cpu).max() <= 1e-14 * np.abs(cpu).max()
+    assert (((stores == 1) & (atomics == 0)) | ((stores == 0) & (atomics > 0))).all()
+    if H == 72:
+        assert (stores == 1).sum() > H * W / 2  # most rows of a tall plane take plain stores
+
 def test_bench_train_counts_the_operations_of_an_iteration():
     """bench_train --count-ops: the engine's default (our BatchNorm + Scale operator on the CPU) and
     the separate Caffe layers (what a GPU ran before its fused batch normalisation) differ threefold

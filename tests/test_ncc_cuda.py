@@ -231,6 +231,40 @@ def test_volume_centre_fused_matches_the_separate_kernels(monkeypatch, dtype, pa
             assert torch.equal(f, s_)
 
 
+
+@pytest.mark.parametrize("variant", ["rows", "rows_global"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("patch,rows,H,W", [(5, 5, 72, 28), (3, 3, 17, 32), (5, 1, 9, 31), (3, 5, 6, 13),
+                                            (7, 5, 20, 28), (5, 5, 20, 40)])
+def test_max_backward_by_rows_matches_the_fused_kernel(monkeypatch, variant, dtype, patch, rows, H, W):
+    """MSPCNN_NCC_MAX_BWD=rows / rows_global (max_backward_rows: a's gradient in registers and
+    shuffles, b's by shared-memory or global atomics) gives the fused kernel's gradients to rounding
+    (the sums run in another order) and the CPU's; patch 7 and W = 40 fall back to the fused kernel.
+    Emulated on the CPU (test_bench_tools.py); not yet run on a GPU when written (2026-12-01)."""
+    torch.manual_seed(patch + rows + H + W)
+    a = torch.randn(2, 4, H, W, dtype=dtype).relu().cuda().requires_grad_(True)
+    b = torch.randn(2, 4, H, W, dtype=dtype).relu().cuda().requires_grad_(True)
+    v, _ = ncc_max(a, b, patch, rows)
+    gv = torch.randn_like(v) * (torch.rand_like(v) > 0.1)
+    monkeypatch.delenv("MSPCNN_NCC_MAX_BWD", raising=False)
+    fused = torch.autograd.grad(v, (a, b), gv, retain_graph=True)
+    monkeypatch.setenv("MSPCNN_NCC_MAX_BWD", variant)
+    by_rows = torch.autograd.grad(v, (a, b), gv)
+    ac, bc = a.detach().cpu().requires_grad_(True), b.detach().cpu().requires_grad_(True)
+    vc, _ = ncc_max(ac, bc, patch, rows)
+    cpu = torch.autograd.grad(vc, (ac, bc), gv.cpu())
+    # float32: both CUDA kernels add the same float32 terms in other orders (emulated on ReLU'd 72 x 28
+    # planes: up to 3e-7 of the largest gradient, 1.3e-7 in norm); against the CPU (double
+    # accumulation) the bound of test_cuda_matches_cpu.
+    for r_, f, c in zip(by_rows, fused, cpu):
+        assert c.abs().max().item() > 0
+        if dtype == torch.float64:
+            assert (r_ - f).abs().max().item() <= 1e-10 * c.abs().max().item()
+            assert (r_.cpu() - c).abs().max().item() <= 1e-10 * c.abs().max().item()
+        else:
+            assert (r_ - f).norm() / f.norm() < 1e-5
+            assert (r_.cpu() - c).norm() / c.norm() < 1e-4
+
 @pytest.mark.parametrize("patch,rows,W", [(5, 5, 28), (7, 5, 28)])
 def test_shift_keeps_float32_accuracy_with_a_large_mean(monkeypatch, patch, rows, W):
     """The default (MSPCNN_NCC_CUDA_SHIFT unset): the forward kernels shift each plane by its mean,

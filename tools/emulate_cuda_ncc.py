@@ -26,7 +26,9 @@ the argmax it chooses and the float32 value it returns for it (about 0.2 s per c
 `tc_warp_products` repeats its fragment index arithmetic, which tests/test_ncc_tc_emulation.py
 checks against a plain matrix product. `emulate_max_tiled_plane` repeats the opt-in tiled max
 forward (`max_tiled_kernel`, MSPCNN_NCC_MAX_FWD=tiled) thread by thread, which
-tests/test_bench_tools.py checks against `emulate_plane`, bit for bit.
+tests/test_bench_tools.py checks against `emulate_plane`, bit for bit; `emulate_max_backward_rows`
+repeats the opt-in max backward by rows (`max_backward_rows`, MSPCNN_NCC_MAX_BWD=rows), which it
+checks against the CPU operator's float64 gradients.
 """
 import argparse
 import json
@@ -798,6 +800,100 @@ def emulate_volume_centre_fused(G, V, ma, sa, mb, sb, P, R, eps):
             t3b[qe, col] = t3
             Hb[qe, col] = gn * kb[qe, col] / (sb[qe, col] * nm1) if sb[qe, col] > 0 else 0.0
     return ka, t3a, Ha, kb, t3b, Hb
+
+
+ROW_WARPS = 8  # kRowWarps of ncc_max_backward.cu
+
+
+def grad_coef(g, cov, mu_a, s_a, mu_b, s_b, nm1, eps):
+    """ncc_grad_coef (csrc/ncc_grad_coef.h) on arrays: (al_a, be_a, c_a, al_b, be_b, c_b)."""
+    siga, sigb = s_a + eps, s_b + eps
+    ncc = cov / (nm1 * siga * sigb)
+    inv_sa = np.where(s_a > 0, 1.0 / np.where(s_a > 0, s_a, 1.0), 0.0)
+    inv_sb = np.where(s_b > 0, 1.0 / np.where(s_b > 0, s_b, 1.0), 0.0)
+    fa, fb = g / (nm1 * siga), g / (nm1 * sigb)
+    al_a, be_a = fa / sigb, -fa * ncc * inv_sa
+    al_b, be_b = fb / siga, -fb * ncc * inv_sb
+    return al_a, be_a, -al_a * mu_b - be_a * mu_a, al_b, be_b, -al_b * mu_a - be_b * mu_b
+
+
+def _shfl(v, d):
+    """__shfl_down_sync (d > 0) or __shfl_up_sync (d < 0) of a warp's 32 values: lane L reads lane
+    L + d, or keeps its own value where L + d is outside the warp."""
+    src = np.arange(32) + d
+    return np.where((src >= 0) & (src < 32), v[np.clip(src, 0, 31)], v)
+
+
+def emulate_max_backward_rows(A, B, G, I, P=PATCH, R=ROWS, eps=EPS, global_b=False):
+    """max_backward_rows (MSPCNN_NCC_MAX_BWD=rows or, global_b, rows_global; 2026-12-01) on one plane,
+    in float64, with its index arithmetic: warp y owns output rows r0 = y * band .. r1 - 1, lane w
+    output column w; each output's contributions to a go into a window of P rows x P columns (padded
+    row r0 + t in slot t mod P), and after output row r the window's padded row r goes to its owners
+    by shuffles (_shfl, whose lanes past the warp keep their own value: the kernel masks them), a
+    plain store where no other band reaches the row, an atomic add elsewhere; b's contributions go
+    to the padded shared accumulator or, global_b, straight to the plane where inside it.
+    A, B, G: (H, W) maps and incoming gradient; I: (H, W) selected candidate indices.
+    Returns (grad_a, grad_b, stores, atomics), the last two counting per pixel of grad_a the plain
+    stores and the atomic adds the kernel makes (the test checks each pixel is stored once or only
+    added to)."""
+    Hm, Wm = A.shape
+    h, R2 = P // 2, R // 2
+    Wp, rows_a, rows_b = Wm + 2 * h, Hm + 2 * h, Hm + 2 * R2 + 2 * h
+    Ap, Bp = np.zeros((rows_a, Wp)), np.zeros((rows_b, Wp))
+    Ap[h:h + Hm, h:h + Wm] = A
+    Bp[R2 + h:R2 + h + Hm, h:h + Wm] = B
+    GA, GBp, gB = np.zeros((Hm, Wm)), np.zeros((rows_b, Wp)), np.zeros((Hm, Wm))
+    stores, atomics = np.zeros((Hm, Wm), np.int64), np.zeros((Hm, Wm), np.int64)
+    n, nm1 = float(P * P), float(P * P - 1)
+    lane = np.arange(32)
+    on = lane < Wm
+    band = -(-Hm // ROW_WARPS)
+    ii, jj = np.meshgrid(np.arange(P), np.arange(P), indexing="ij")
+    for warp in range(ROW_WARPS):
+        r0 = warp * band
+        r1 = min(Hm, r0 + band)
+        n_out = r1 - r0
+        steps = n_out + P - 1 if n_out > 0 else 0
+        win = np.zeros((P, P, 32))  # [slot][column j][lane]
+        for t in range(steps):
+            s, r = t % P, r0 + t
+            if t < n_out:
+                gv = np.where(on, G[r, np.where(on, lane, 0)], 0.0)
+                for w in np.flatnonzero(gv != 0):
+                    idx = int(I[r, w])
+                    qr, qc = r + idx // Wm - R2, idx % Wm
+                    x = Ap[r:r + P, w:w + P]
+                    y = Bp[qr + R2:qr + R2 + P, qc:qc + P]
+                    mua, mub = x.sum() / n, y.sum() / n
+                    dx, dy = x - mua, y - mub
+                    s_a, s_b = np.sqrt((dx * dx).sum() / nm1), np.sqrt((dy * dy).sum() / nm1)
+                    al_a, be_a, c_a, al_b, be_b, c_b = grad_coef(gv[w], (dx * dy).sum(), mua, s_a,
+                                                                 mub, s_b, nm1, eps)
+                    win[(s + ii) % P, jj, w] += al_a * y + be_a * x + c_a
+                    vb = al_b * x + be_b * y + c_b
+                    if global_b:
+                        vr, vc = qr + ii - h, qc + jj - h
+                        inside = (vr >= 0) & (vr < Hm) & (vc >= 0) & (vc < Wm)
+                        np.add.at(gB, (vr[inside], vc[inside]), vb[inside])
+                    else:
+                        np.add.at(GBp, (qr + R2 + ii, qc + jj), vb)
+            total = np.zeros(32)
+            for j in range(P):
+                d = h - j
+                v = _shfl(win[s, j], d)
+                total += np.where((lane + d >= 0) & (lane + d < 32), v, 0.0)
+                win[s, j] = 0.0
+            u = r - h
+            if 0 <= u < Hm:
+                own = max(u - h, 0) >= r0 and min(u + h, Hm - 1) < r1
+                if own:
+                    GA[u] = total[:Wm]
+                    stores[u] += 1
+                else:
+                    GA[u] += total[:Wm]
+                    atomics[u] += 1
+    grad_b = gB if global_b else GBp[R2 + h:R2 + h + Hm, h:h + Wm]
+    return GA, grad_b.copy(), stores, atomics
 
 
 def compare_volume(pairs, channels, offset, seed):

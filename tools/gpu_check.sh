@@ -44,23 +44,28 @@ python3 -c "import torch, mspcnn.ops; print('CUDA kernels registered:', torch._C
 so=$(ls mspcnn/_C*.so 2>/dev/null | head -1)
 if command -v cuobjdump >/dev/null && [ -n "$so" ]; then
   cuobjdump -sass "$so" 2>/dev/null | python3 tools/sass_summary.py --arch sm_90 \
-    --match 'max_fast_kernel<float, 5, 5, 1, true>|max_tiled_kernel<5, 5|max_backward_fused<float, 5>|volume_grad_tiled<float|volume_centre_fused<float>|volume_(tiled_)?kernel<float>|max_tc_kernel<5, 5' \
+    --match 'max_fast_kernel<float, 5, 5, 1, true>|max_tiled_kernel<5, 5|max_backward_(fused|rows)<float, 5|volume_grad_tiled<float|volume_centre_fused<float>|volume_(tiled_)?kernel<float>|max_tc_kernel<5, 5' \
     > "$out/sass_summary.txt" 2>&1 || tail -2 "$out/sass_summary.txt"
 fi
 # QUICK=1: only what the newest unmeasured changes need, for a call with a few minutes left (about 3
-# minutes after the build): the volume kernels' tests, the tiled max forward's tests and the CUDA
-# graphs' test against eager training, then ncc_max at 128 pairs with the default and the tiled
-# forward (16 and 8 candidate columns a thread) and ncc_volume with the direct forward, the tiled
+# minutes after the build): the volume kernels' tests, the tiled max forward's tests, the max backward
+# by rows' tests and the CUDA graphs' test against eager training, then ncc_max at 128 pairs with the
+# default and the tiled forward (16 and 8 candidate columns a thread) and with the backward by rows
+# (b's atomics in shared and in global memory), and ncc_volume with the direct forward, the tiled
 # forward, and the tiled forward with the fused per-centre sums (no reference, no ncu).
 if [ "${QUICK:-}" = 1 ]; then
   start=$(date +%s)
   python3 -m pytest -q -p no:cacheprovider -m "" tests/test_ncc_cuda.py tests/test_gpu_tools.py \
-    -k "volume or max_tiled or cuda_graphs or does_not_wait" 2>&1 | tee "$out/pytest_quick.log" | tail -8
+    -k "volume or max_tiled or max_backward_by_rows or cuda_graphs or does_not_wait" 2>&1 | tee "$out/pytest_quick.log" | tail -8
   echo "quick tests: $(( $(date +%s) - start )) s"
   for fwd in fast tiled16 tiled8; do  # the accuracy table (float64 comparison) for the tiled forward only
     MSPCNN_NCC_MAX_FWD=${fwd%%[0-9]*} MSPCNN_NCC_MAX_TILE=${fwd##*[a-z]} python3 tools/bench_ncc.py --device cuda \
       --ops ncc_max --pairs 128 --no-reference --accuracy-pairs "$([ "$fwd" = tiled16 ] && echo 2 || echo 0)" \
       --json "$out/bench_ncc_cuda_max_$fwd.json" 2>&1 | tee -a "$out/bench_quick.log" | tail -4
+  done
+  for bwd in rows rows_global; do  # the max backward by rows (with its gradients' accuracy table)
+    MSPCNN_NCC_MAX_BWD=$bwd python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 --no-reference \
+      --accuracy-pairs 2 --json "$out/bench_ncc_cuda_max_bwd_$bwd.json" 2>&1 | tee -a "$out/bench_quick.log" | tail -4
   done
   for fwd in direct tiled tiled_fused; do  # tiled_fused: the tiled forward and the fused per-centre sums
     MSPCNN_NCC_VOLUME_FWD=${fwd%_fused} MSPCNN_NCC_VOLUME_CENTRE=$([ "$fwd" = tiled_fused ] && echo fused || echo separate) \
@@ -109,6 +114,14 @@ MSPCNN_NCC_MAX_FWD=tiled python3 tools/bench_ncc.py --device cuda --ops ncc_max 
   --repeat 3 --json "$out/bench_ncc_cuda_max_fast_detail.json" "${fast_ncu[@]}" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
 MSPCNN_NCC_MAX_FWD=tiled MSPCNN_NCC_MAX_TILE=8 python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 \
   --no-reference --json "$out/bench_ncc_cuda_max_tiled8.json" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
+# The max backward by rows (MSPCNN_NCC_MAX_BWD=rows and rows_global, opt-in until measured; their tests
+# against the fused kernel are in test_ncc_cuda.py above), with the detail counters of its kernels.
+for bwd in rows rows_global; do
+  rows_ncu=()
+  [ "${NCU:-1}" != 0 ] && rows_ncu=(--ncu --ncu-detail --ncu-raw "$out/ncu_raw/max_bwd_$bwd")
+  MSPCNN_NCC_MAX_BWD=$bwd python3 tools/bench_ncc.py --device cuda --ops ncc_max --pairs 128 --no-reference \
+    --json "$out/bench_ncc_cuda_max_bwd_$bwd.json" "${rows_ncu[@]}" 2>&1 | tee -a "$out/bench_cuda.log" | tail -8
+done
 # Last, the non-default setting: without the forward kernels' plane-mean shift.
 # The NCC tests without the forward kernels' plane-mean shift (MSPCNN_NCC_CUDA_SHIFT=0; the
 # shift is the default), appended to the same log.

@@ -4,6 +4,9 @@
 // Kernels:
 //   max_backward_fused<P>  one plane per block, both gradients in shared memory
 //                          (float atomics: the default, not bitwise reproducible)
+//   max_backward_rows<P>   one plane per block, a's gradient in registers and
+//                          shuffles, b's by atomics (MSPCNN_NCC_MAX_BWD=rows or
+//                          rows_global; not yet run on a GPU)
 //   max_coef_kernel        per-output gradient coefficients (ncc_grad_coef.h,
 //                          shared with the CPU kernel)
 //   max_grad_a_kernel      gradient of a, gathered (deterministic)
@@ -15,6 +18,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "../ncc_grad_coef.h"
 #include "ncc_device.cuh"
@@ -115,6 +119,163 @@ __global__ void __launch_bounds__(256)
 inline int64_t fused_backward_smem_bytes(const NccGeometry& g, size_t elem) {
   const int64_t Wp = g.W + 2 * g.h();
   return 2 * ((g.H + 2 * g.h()) + (g.b_rows() + 2 * g.h())) * Wp * int64_t(elem);
+}
+
+// ---------------------------------------------------------------------------
+// ncc_max backward by output rows (MSPCNN_NCC_MAX_BWD=rows or rows_global;
+// P in {3, 5}, W <= 32; written 2026-12-01 without a GPU, opt-in until it has
+// been measured; docs/ncc_layer.md, "The max backward by rows").
+// ---------------------------------------------------------------------------
+// The fused kernel above makes 2 P^2 shared-memory float atomics per output,
+// and a float atomicAdd on shared memory is a compare-and-swap loop. Here the
+// gradient of a, whose patch sits at the output's own position, takes none:
+//   * a warp owns a band of consecutive output rows, its lane w the output
+//     column w; it walks down its band row by row;
+//   * a lane adds each output's P x P contributions to a into a window of P
+//     rows x P columns in registers (padded row r0 + t in slot t mod P: with
+//     the row loop unrolled by P every slot index is a compile-time constant);
+//   * after output row r the window's padded row r is complete (later outputs
+//     cover only rows below it): the P lanes whose patches cover column v hand
+//     their values to lane v by shuffles, lane v adds them in a fixed order
+//     (j = 0 .. P-1) and stores the row's value; only the P-1 rows at each
+//     edge of a band, which the next band's outputs also reach, are added
+//     with an atomic (P - 1 of about band + P - 1 rows);
+//   * the window is flushed P - 1 rows past the band's last output.
+// The gradient of b, whose patch the index chooses, keeps one atomic per
+// element: in shared memory (rows) or, kGlobalB (rows_global), a float
+// atomicAdd straight to global memory, a native reduction in the L2 cache with
+// no loop, after the block has zeroed its plane of grad_b (no other block
+// writes that plane). Per element the contributions are the fused kernel's
+// expressions; the sums run in another order (equal to rounding).
+constexpr int kRowWarps = 8;
+
+template <typename T, int P, bool kGlobalB>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    max_backward_rows(NccGeometry g, const T* __restrict__ grad, const T* __restrict__ a,
+                      const T* __restrict__ b, const int64_t* __restrict__ index,
+                      T* __restrict__ grad_a, T* __restrict__ grad_b) {
+  extern __shared__ unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  constexpr int h = P / 2;
+  const int H = int(g.H), W = int(g.W), R2 = int(g.R2());
+  const int HW = H * W, Wp = W + 2 * h, rows_a = H + 2 * h, rows_b = H + 2 * R2 + 2 * h;
+  const int64_t plane = blockIdx.x;
+  T* Ap = smem;
+  T* Bp = Ap + rows_a * Wp;
+  T* GA = Bp + rows_b * Wp;  // H x W, unpadded
+  T* GB = GA + HW;           // rows_b x Wp, padded (shared variant only)
+  const T* A = a + plane * HW;
+  const T* B = b + plane * HW;
+  T* gB = grad_b + plane * HW;
+  for (int i = threadIdx.x; i < rows_a * Wp; i += blockDim.x)
+    Ap[i] = pixel(A, H, W, i / Wp - h, i % Wp - h);
+  for (int i = threadIdx.x; i < rows_b * Wp; i += blockDim.x) {
+    Bp[i] = pixel(B, H, W, i / Wp - R2 - h, i % Wp - h);
+    if (!kGlobalB) GB[i] = T(0);
+  }
+  for (int i = threadIdx.x; i < HW; i += blockDim.x) {
+    GA[i] = T(0);
+    if (kGlobalB) gB[i] = T(0);
+  }
+  __syncthreads();  // also makes the zeros of gB visible to the block's atomics
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int band = (H + kRowWarps - 1) / kRowWarps;
+  const int r0 = warp * band, r1 = min(H, r0 + band), n_out = r1 - r0;
+  const T n = T(P * P), nm1 = T(P * P - 1), eps = T(g.eps);
+  T win[P][P];
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+#pragma unroll
+    for (int j = 0; j < P; ++j) win[i][j] = T(0);
+  const int steps = n_out > 0 ? n_out + P - 1 : 0;  // warp-uniform
+  for (int t0 = 0; t0 < steps; t0 += P) {
+#pragma unroll
+    for (int s = 0; s < P; ++s) {
+      const int t = t0 + s, r = r0 + t;
+      if (t >= steps) break;
+      if (t < n_out) {
+        const T gv = lane < W ? grad[plane * HW + r * W + lane] : T(0);
+        if (gv != T(0)) {
+          const int idx = int(index[plane * HW + r * W + lane]);
+          const int qr = r + idx / W - R2, qc = idx % W;
+          const T* x = Ap + r * Wp + lane;        // top-left of the patch of a
+          const T* y = Bp + (qr + R2) * Wp + qc;  // top-left of the patch of b
+          T sx = 0, sy = 0;
+#pragma unroll
+          for (int i = 0; i < P; ++i)
+#pragma unroll
+            for (int j = 0; j < P; ++j) {
+              sx += x[i * Wp + j];
+              sy += y[i * Wp + j];
+            }
+          const T mua = sx / n, mub = sy / n;
+          T sxx = 0, syy = 0, sxy = 0;
+#pragma unroll
+          for (int i = 0; i < P; ++i)
+#pragma unroll
+            for (int j = 0; j < P; ++j) {
+              const T dx = x[i * Wp + j] - mua, dy = y[i * Wp + j] - mub;
+              sxx += dx * dx;
+              syy += dy * dy;
+              sxy += dx * dy;
+            }
+          const T s_a = sqrt(sxx / nm1), s_b = sqrt(syy / nm1);
+          const NccGradCoef<T> k = ncc_grad_coef(gv, sxy, mua, s_a, mub, s_b, nm1, eps);
+#pragma unroll
+          for (int i = 0; i < P; ++i)
+#pragma unroll
+            for (int j = 0; j < P; ++j) {
+              const T xv = x[i * Wp + j], yv = y[i * Wp + j];
+              win[(s + i) % P][j] += k.al_a * yv + k.be_a * xv + k.c_a;
+              const T vb = k.al_b * xv + k.be_b * yv + k.c_b;
+              if (kGlobalB) {
+                const int vr = qr + i - h, vc = qc + j - h;
+                if (vr >= 0 && vr < H && vc >= 0 && vc < W) atomicAdd(gB + vr * W + vc, vb);
+              } else {
+                atomicAdd(GB + (qr + R2 + i) * Wp + qc + j, vb);
+              }
+            }
+        }
+      }
+      // Padded row r (image row u) is complete in every lane's window: lane
+      // lane + h - j holds column `lane` of it at its position j.
+      T sum = T(0);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        const int d = h - j;
+        const T v = d > 0 ? __shfl_down_sync(0xffffffffu, win[s][j], d)
+                          : d < 0 ? __shfl_up_sync(0xffffffffu, win[s][j], -d) : win[s][j];
+        if (lane + d >= 0 && lane + d < 32) sum += v;
+        win[s][j] = T(0);
+      }
+      const int u = r - h;
+      if (u >= 0 && u < H && lane < W) {
+        const bool own = max(u - h, 0) >= r0 && min(u + h, H - 1) < r1;  // warp-uniform
+        if (own)
+          GA[u * W + lane] = sum;
+        else
+          atomicAdd(GA + u * W + lane, sum);
+      }
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < HW; e += blockDim.x) {
+    grad_a[plane * HW + e] = GA[e];
+    if (!kGlobalB) grad_b[plane * HW + e] = GB[(e / W + R2 + h) * Wp + e % W + h];
+  }
+}
+
+inline int64_t rows_backward_smem_bytes(const NccGeometry& g, size_t elem, bool global_b) {
+  const int64_t Wp = g.W + 2 * g.h(), b_padded = (g.b_rows() + 2 * g.h()) * Wp;
+  return ((g.H + 2 * g.h()) * Wp + b_padded + g.H * g.W + (global_b ? 0 : b_padded)) *
+         int64_t(elem);
+}
+
+// MSPCNN_NCC_MAX_BWD: "rows" or "rows_global" (0 and 1 here), else -1 (the fused kernel).
+int rows_backward_requested() {
+  const char* env = getenv("MSPCNN_NCC_MAX_BWD");
+  if (env == nullptr || strncmp(env, "rows", 4) != 0) return -1;
+  return strcmp(env, "rows_global") == 0 ? 1 : 0;
 }
 
 // Per output p with incoming gradient g and selected centre q, the gradient
@@ -274,6 +435,24 @@ cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
   int device = 0, smem_optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const int rows = rows_backward_requested();
+  if (!deterministic && fused_smem <= smem_optin && rows >= 0 && (g.P == 3 || g.P == 5) &&
+      g.W <= 32) {
+    const int64_t smem = rows_backward_smem_bytes(g, sizeof(T), rows == 1);
+    auto launch = [&](auto kernel) {
+      if (smem > 48 * 1024) {
+        const cudaError_t err = cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+        if (err != cudaSuccess) return err;
+      }
+      kernel<<<unsigned(g.planes()), kRowWarps * 32, size_t(smem), stream>>>(
+          g, grad, a, b, index, grad_a, grad_b);
+      return cudaGetLastError();
+    };
+    if (g.P == 3) return rows ? launch(max_backward_rows<T, 3, true>)
+                              : launch(max_backward_rows<T, 3, false>);
+    return rows ? launch(max_backward_rows<T, 5, true>) : launch(max_backward_rows<T, 5, false>);
+  }
   if (!deterministic && fused_smem <= smem_optin) {
     auto launch = [&](auto kernel) {
       if (fused_smem > 48 * 1024) {
