@@ -31,6 +31,37 @@ namespace {
 // ---------------------------------------------------------------------------
 // ncc_max backward
 // ---------------------------------------------------------------------------
+// The gradient coefficients of one output from its two patches, staged with
+// row pitch Wp (x: top-left of a's, y: of b's): the means, then the standard
+// deviations and the covariance from the centred values, as the CPU kernel
+// does, then ncc_grad_coef. The loops unroll where P is a compile-time constant.
+template <typename T>
+__device__ __forceinline__ NccGradCoef<T> patch_grad_coef(const T* x, const T* y, int Wp, int P,
+                                                          T gv, T eps) {
+  const T n = T(P * P), nm1 = T(P * P - 1);
+  T sx = 0, sy = 0;
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      sx += x[i * Wp + j];
+      sy += y[i * Wp + j];
+    }
+  const T mua = sx / n, mub = sy / n;
+  T sxx = 0, syy = 0, sxy = 0;
+#pragma unroll
+  for (int i = 0; i < P; ++i)
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      const T dx = x[i * Wp + j] - mua, dy = y[i * Wp + j] - mub;
+      sxx += dx * dx;
+      syy += dy * dy;
+      sxy += dx * dy;
+    }
+  const T s_a = sqrt(sxx / nm1), s_b = sqrt(syy / nm1);
+  return ncc_grad_coef(gv, sxy, mua, s_a, mub, s_b, nm1, eps);
+}
+
 // Fused backward of one plane per block (the default path): both maps (zero
 // padded) and both gradient accumulators live in shared memory; each thread
 // takes outputs, recomputes the statistics and NCC of its two patches (two
@@ -67,7 +98,7 @@ __global__ void __launch_bounds__(256)
     GB[i] = T(0);
   }
   __syncthreads();
-  const T n = T(P * P), nm1 = T(P * P - 1), eps = T(g.eps);
+  const T eps = T(g.eps);
   for (int e = threadIdx.x; e < HW; e += blockDim.x) {
     const T gv = grad[plane * HW + e];
     if (gv == T(0)) continue;
@@ -76,27 +107,7 @@ __global__ void __launch_bounds__(256)
     const int qr = r + idx / W - R2, qc = idx % W;
     const T* x = Ap + r * Wp + w;           // top-left of the patch of a
     const T* y = Bp + (qr + R2) * Wp + qc;  // top-left of the patch of b
-    T sx = 0, sy = 0;
-#pragma unroll
-    for (int i = 0; i < P; ++i)
-#pragma unroll
-      for (int j = 0; j < P; ++j) {
-        sx += x[i * Wp + j];
-        sy += y[i * Wp + j];
-      }
-    const T mua = sx / n, mub = sy / n;
-    T sxx = 0, syy = 0, sxy = 0;
-#pragma unroll
-    for (int i = 0; i < P; ++i)
-#pragma unroll
-      for (int j = 0; j < P; ++j) {
-        const T dx = x[i * Wp + j] - mua, dy = y[i * Wp + j] - mub;
-        sxx += dx * dx;
-        syy += dy * dy;
-        sxy += dx * dy;
-      }
-    const T s_a = sqrt(sxx / nm1), s_b = sqrt(syy / nm1);
-    const NccGradCoef<T> k = ncc_grad_coef(gv, sxy, mua, s_a, mub, s_b, nm1, eps);
+    const NccGradCoef<T> k = patch_grad_coef(x, y, Wp, P, gv, eps);
     T* gx = GA + r * Wp + w;
     T* gy = GB + (qr + R2) * Wp + qc;
 #pragma unroll
@@ -181,7 +192,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int band = (H + kRowWarps - 1) / kRowWarps;
   const int r0 = warp * band, r1 = min(H, r0 + band), n_out = r1 - r0;
-  const T n = T(P * P), nm1 = T(P * P - 1), eps = T(g.eps);
+  const T eps = T(g.eps);
   T win[P][P];
 #pragma unroll
   for (int i = 0; i < P; ++i)
@@ -200,27 +211,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
           const int qr = r + idx / W - R2, qc = idx % W;
           const T* x = Ap + r * Wp + lane;        // top-left of the patch of a
           const T* y = Bp + (qr + R2) * Wp + qc;  // top-left of the patch of b
-          T sx = 0, sy = 0;
-#pragma unroll
-          for (int i = 0; i < P; ++i)
-#pragma unroll
-            for (int j = 0; j < P; ++j) {
-              sx += x[i * Wp + j];
-              sy += y[i * Wp + j];
-            }
-          const T mua = sx / n, mub = sy / n;
-          T sxx = 0, syy = 0, sxy = 0;
-#pragma unroll
-          for (int i = 0; i < P; ++i)
-#pragma unroll
-            for (int j = 0; j < P; ++j) {
-              const T dx = x[i * Wp + j] - mua, dy = y[i * Wp + j] - mub;
-              sxx += dx * dx;
-              syy += dy * dy;
-              sxy += dx * dy;
-            }
-          const T s_a = sqrt(sxx / nm1), s_b = sqrt(syy / nm1);
-          const NccGradCoef<T> k = ncc_grad_coef(gv, sxy, mua, s_a, mub, s_b, nm1, eps);
+          const NccGradCoef<T> k = patch_grad_coef(x, y, Wp, P, gv, eps);
 #pragma unroll
           for (int i = 0; i < P; ++i)
 #pragma unroll
