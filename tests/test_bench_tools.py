@@ -125,16 +125,18 @@ def test_ncu_detail_counters_are_summarised_and_printed(tmp_path, capsys):
     first."""
     listing = ("smsp__inst_executed  Counter  inst  # of warp instructions executed\n"
                "smsp__average_warps_issue_stalled_mio_throttle_per_issue_active  Ratio    stalls per issue\n"
-               "smsp__average_warps_issue_stalled_barrier_per_issue_active  Ratio    stalls per issue\n")
+               "smsp__average_warps_issue_stalled_barrier_per_issue_active  Ratio    stalls per issue\n"
+               "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_atom  Counter  # of bank conflicts\n")
     fake = tmp_path / "ncu"
     fake.write_text(f"#!{sys.executable}\nimport sys\nsys.stdout.write({listing!r})\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     found = bench_ncc.ncu_supported(str(fake), bench_ncc.NCU_DETAIL_METRICS)
-    assert set(found) == {"warp_inst", "stall_mio_throttle", "stall_barrier"}
+    assert set(found) == {"warp_inst", "stall_mio_throttle", "stall_barrier", "shared_atom_bank_conflicts"}
     m = {**bench_ncc.NCU_METRICS, **bench_ncc.NCU_DETAIL_METRICS}
     rows = [(m["time_s"], "msecond", "1.2"), (m["warp_inst"], "inst", "750,000,000"),
             (m["shared_atom_inst"], "inst", "13,000,000"), (m["issue_active_pct"], "%", "37.5"),
-            (m["stall_mio_throttle"], "", "0.8"), (m["stall_barrier"], "", "2.5"), (m["stall_wait"], "", "0.1")]
+            (m["stall_mio_throttle"], "", "0.8"), (m["stall_barrier"], "", "2.5"), (m["stall_wait"], "", "0.1"),
+            (m["shared_atom_bank_conflicts"], "", "4,200,000")]
     text = "\n".join([HEADER] + csv_rows(0, "void mspcnn::cuda::max_backward_fused<float, 5>(int)", rows)) + "\n"
     res = bench_ncc.ncu_summary(bench_ncc.parse_ncu_csv(text), CEILINGS)
     e = res["kernels"][0]
@@ -142,6 +144,7 @@ def test_ncu_detail_counters_are_summarised_and_printed(tmp_path, capsys):
     bench_ncc.print_ncu("ncc_max", "fwd+bwd", 128, res)
     out = capsys.readouterr().out
     assert "0.750 G warp instructions (shared loads 0.000 G, shared atomics 0.013 G)" in out
+    assert "shared bank conflicts: atomics 4.2 M, issuing 38% of cycles" in out
     assert "issuing 38% of cycles" in out and "stalls per issue: barrier 2.50 mio_throttle 0.80 wait 0.10" in out
 
 

@@ -265,14 +265,21 @@ NCU_OPTIONAL_METRICS = {
     "tensor_pipe_pct": "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
 }
 # With --ncu-detail: what a kernel's time is spent on, to check the instruction counts predicted in
-# docs/perf_notes.md: warp instructions issued (all, shared-memory loads, shared-memory atomics), the
-# share of cycles a scheduler issued, and the stall reasons (warps stalled per issued instruction, by
-# reason: long_scoreboard = global memory, short_scoreboard and mio_throttle = shared memory, ...).
+# docs/perf_notes.md: warp instructions issued (all, shared-memory loads, shared-memory atomics,
+# global reductions, which are atomics whose result is unused), the share of cycles a scheduler
+# issued, and the stall reasons (warps stalled per issued instruction, by reason: long_scoreboard =
+# global memory, short_scoreboard and mio_throttle = shared memory, ...); and the shared-memory bank
+# conflicts of the loads and of the atomics. A float atomicAdd on shared memory is a compare-and-swap
+# loop whose lanes fail and retry when another lane of the warp updates the same bank, so the shared
+# atomics issued, over those the code makes, is its retry factor.
 # Asked for where ncu lists them, as the optional ones; several more counter passes per kernel.
 NCU_DETAIL_METRICS = {
     "warp_inst": "smsp__inst_executed.sum",
     "shared_ld_inst": "smsp__inst_executed_op_shared_ld.sum",
     "shared_atom_inst": "smsp__inst_executed_op_shared_atom.sum",
+    "global_red_inst": "smsp__inst_executed_op_global_red.sum",
+    "shared_ld_bank_conflicts": "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
+    "shared_atom_bank_conflicts": "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_atom.sum",
     "issue_active_pct": "smsp__issue_active.avg.pct_of_peak_sustained_active",
     **{f"stall_{r}": f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio" for r in (
         "long_scoreboard", "short_scoreboard", "mio_throttle", "barrier", "math_pipe_throttle", "wait",
@@ -460,7 +467,14 @@ def print_ncu(op, mode, pairs, res):
             extra += f", tensor ops {e['tensor_ops'] / 1e9:.1f} G ({e.get('tensor_ops_per_s', 0) / 1e12:.1f} T/s)"
         if "warp_inst" in e:
             extra += (f", {e['warp_inst'] / 1e9:.3f} G warp instructions (shared loads "
-                      f"{e.get('shared_ld_inst', 0) / 1e9:.3f} G, shared atomics {e.get('shared_atom_inst', 0) / 1e9:.3f} G)")
+                      f"{e.get('shared_ld_inst', 0) / 1e9:.3f} G, shared atomics {e.get('shared_atom_inst', 0) / 1e9:.3f} G"
+                      + (f", global reductions {e['global_red_inst'] / 1e9:.3f} G" if "global_red_inst" in e else "")
+                      + ")")
+        conflicts = [f"{lab} {e[key] / 1e6:.1f} M" for key, lab in (("shared_ld_bank_conflicts", "loads"),
+                                                                    ("shared_atom_bank_conflicts", "atomics"))
+                     if key in e]
+        if conflicts:
+            extra += ", shared bank conflicts: " + ", ".join(conflicts)
         if "issue_active_pct" in e:
             extra += f", issuing {e['issue_active_pct']:.0f}% of cycles"
         stalls = sorted(((e[k], k[6:]) for k in NCU_DETAIL_METRICS if k.startswith("stall_") and k in e), reverse=True)
