@@ -343,6 +343,29 @@ def test_emulated_max_backward_by_rows_gives_the_cpu_gradients(global_b, patch, 
     if H == 72:
         assert (stores == 1).sum() > H * W / 2  # most rows of a tall plane take plain stores
 
+
+def test_shared_atomic_rounds_model():
+    """emulate_cuda_ncc.shared_atomic_rounds, the compare-and-swap model of shared float atomics (one
+    lane per bank stores per round): where every output selects the candidate at its own position,
+    the fused backward's warps, 32 consecutive outputs of rows 28 wide, hold 4 lanes in the next row
+    whose addresses share banks with 4 of the row before (pitch 32): 2 rounds an atomic; the backward
+    by rows, a warp a row of outputs, takes 1, and makes the b half of the atomics plus the flushes at
+    the bands' edges. With every output selecting one candidate, the rows kernel's b atomics take 28."""
+    emulate = load_tool("emulate_cuda_ncc")
+    H, W, P, R = 72, 28, 5, 5
+    G = np.ones((H, W))
+    own = np.broadcast_to((R // 2) * W + np.arange(W), (H, W))
+    made, rounds = emulate.shared_atomic_rounds(G, own, P, R, "fused")
+    assert made == 2 * P * P * H * W // 32 and rounds == 2 * made
+    made, rounds = emulate.shared_atomic_rounds(G, own, P, R, "rows")
+    # 8 bands of 9 rows: a band adds atomically the rows another band reaches too; the first and the
+    # last band 4 such rows each (7-10 and 61-64), the six others 8 (r0 - 2 .. r0 + 1, r0 + 7 .. r0 + 10)
+    edge_rows = 4 + 6 * 8 + 4
+    assert made == P * P * H + edge_rows and rounds == made
+    one = np.full((H, W), (R // 2) * W + 7)
+    made, rounds = emulate.shared_atomic_rounds(G, one, P, R, "rows")
+    assert rounds == (made - edge_rows) * W + edge_rows
+
 def test_bench_train_counts_the_operations_of_an_iteration():
     """bench_train --count-ops: the engine's default (our BatchNorm + Scale operator on the CPU) and
     the separate Caffe layers (what a GPU ran before its fused batch normalisation) differ threefold

@@ -896,6 +896,59 @@ def emulate_max_backward_rows(A, B, G, I, P=PATCH, R=ROWS, eps=EPS, global_b=Fal
     return GA, grad_b.copy(), stores, atomics
 
 
+def shared_atomic_rounds(G, I, P, R, kernel, W=None, threads=256):
+    """How many rounds the shared-memory float atomics of the max backward take on one plane, in a model
+    of the compare-and-swap loop a float atomicAdd on shared memory compiles to: in each round one lane
+    per shared-memory bank (32 banks of 4 bytes) stores, and the other lanes of that bank fail and go
+    round again, so one warp-wide atomic takes as many rounds as the most lanes that address one bank
+    (distinct addresses in one bank included). Failures caused by other warps are not modelled.
+    G: (H, W) incoming gradient (lanes with 0 skip the output); I: (H, W) selected candidates;
+    kernel "fused" (max_backward_fused<float, P>: 256 consecutive outputs a block pass, a's and b's
+    atomics) or "rows" (max_backward_rows<float, P, false>: a warp a row of outputs, b's atomics and
+    the flushes at the bands' edges). Returns (warp-wide atomics the code makes, rounds)."""
+    Hm, Wm = I.shape
+    h, R2 = P // 2, R // 2
+    Wp, rows_a, rows_b = Wm + 2 * h, Hm + 2 * h, Hm + 2 * R2 + 2 * h
+    made = rounds = 0
+
+    def warp_atomic(words):
+        nonlocal made, rounds
+        if len(words):
+            made += 1
+            rounds += int(np.bincount(np.asarray(words) % 32, minlength=32).max())
+
+    if kernel == "fused":
+        ga0, gb0 = (rows_a + rows_b) * Wp, (2 * rows_a + rows_b) * Wp  # word offsets of GA and GB
+        for start in range(0, Hm * Wm, 32):
+            e = np.arange(start, min(start + 32, Hm * Wm))
+            e = e[G.ravel()[e] != 0]
+            r, w = e // Wm, e % Wm
+            idx = I.ravel()[e]
+            qr, qc = r + idx // Wm - R2, idx % Wm
+            for i in range(P):
+                for j in range(P):
+                    warp_atomic(ga0 + (r + i) * Wp + w + j)
+                    warp_atomic(gb0 + (qr + R2 + i) * Wp + qc + j)
+    elif kernel == "rows":
+        gb0 = (rows_a + rows_b) * Wp + Hm * Wm
+        band = -(-Hm // ROW_WARPS)
+        for r in range(Hm):
+            w = np.flatnonzero(G[r] != 0)
+            idx = I[r, w]
+            qr, qc = r + idx // Wm - R2, idx % Wm
+            for i in range(P):
+                for j in range(P):
+                    warp_atomic(gb0 + (qr + R2 + i) * Wp + qc + j)
+        for warp in range(ROW_WARPS):  # the flushes added atomically: rows other bands reach too
+            r0, r1 = warp * band, min(Hm, warp * band + band)
+            for u in range(max(r0 - h, 0), min(r1 + h, Hm)):
+                if not (max(u - h, 0) >= r0 and min(u + h, Hm - 1) < r1):
+                    warp_atomic(u * Wm + np.arange(Wm))
+    else:
+        raise ValueError(f"shared_atomic_rounds: kernel must be 'fused' or 'rows', got {kernel!r}")
+    return made, rounds
+
+
 def compare_volume(pairs, channels, offset, seed):
     """Rows of the volume's largest error against float64 for each emulated form and the CPU kernel,
     on the maps compare() uses."""
