@@ -126,24 +126,34 @@ struct PlaneStats {
   }
 };
 
-// SIMD vectors through the GCC/Clang vector extension: 64 bytes (16 floats
-// or 8 doubles). The compiler maps them to AVX-512, two AVX2 registers, or
-// four SSE registers depending on the target (-march).
+// SIMD vectors through the GCC/Clang vector extension, as wide as the
+// target's registers: 64 bytes (16 floats or 8 doubles) where the compiler
+// targets AVX-512, else 32 bytes (AVX2: 8 floats or 4 doubles; SSE: two
+// registers). kVecBytes is that width.
+// (MSPCNN_VEC_BYTES=16, 32 or 64 at build time overrides it, for comparisons.)
+#if defined(MSPCNN_VEC_BYTES)
+constexpr int kVecBytes = MSPCNN_VEC_BYTES;
+#elif defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+static_assert(kVecBytes == 16 || kVecBytes == 32 || kVecBytes == 64, "MSPCNN_VEC_BYTES: 16, 32 or 64");
 template <typename scalar_t>
 struct Simd;
 template <>
 struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
+  typedef float V __attribute__((vector_size(kVecBytes)));
+  typedef int32_t I __attribute__((vector_size(kVecBytes)));
   typedef int32_t IE;
-  static constexpr int64_t L = 16;
+  static constexpr int64_t L = kVecBytes / 4;
 };
 template <>
 struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
+  typedef double V __attribute__((vector_size(kVecBytes)));
+  typedef int64_t I __attribute__((vector_size(kVecBytes)));
   typedef int64_t IE;
-  static constexpr int64_t L = 8;
+  static constexpr int64_t L = kVecBytes / 8;
 };
 template <typename V, typename T>
 inline V loadu(const T* p) {
@@ -416,8 +426,8 @@ void forward_plane_shape(const NccGeometry& g, const scalar_t* a,
 #define MSPCNN_FWD(P_, NV_) \
   if (g.P == P_ && NV == NV_) \
     return forward_plane<scalar_t, kNaN, P_, NV_>(g, a, b, volume, values, index);
-  MSPCNN_FWD(3, 1) MSPCNN_FWD(3, 2) MSPCNN_FWD(5, 1) MSPCNN_FWD(5, 2)
-  MSPCNN_FWD(5, 4) MSPCNN_FWD(7, 2)
+  MSPCNN_FWD(3, 1) MSPCNN_FWD(3, 2) MSPCNN_FWD(3, 4) MSPCNN_FWD(5, 1) MSPCNN_FWD(5, 2)
+  MSPCNN_FWD(5, 4) MSPCNN_FWD(7, 2) MSPCNN_FWD(7, 4)
 #undef MSPCNN_FWD
   forward_plane<scalar_t, kNaN, 0, 0>(g, a, b, volume, values, index);
 }
