@@ -426,38 +426,30 @@ cudaError_t ncc_max_backward(const NccGeometry& g, const T* grad, const T* a,
   int device = 0, smem_optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int rows = rows_backward_requested();
-  if (!deterministic && fused_smem <= smem_optin && rows >= 0 && (g.P == 3 || g.P == 5) &&
-      g.W <= 32) {
-    const int64_t smem = rows_backward_smem_bytes(g, sizeof(T), rows == 1);
-    auto launch = [&](auto kernel) {
+  if (!deterministic && fused_smem <= smem_optin) {
+    // One plane per block, `smem` bytes of dynamic shared memory (asked for above 48 KB).
+    auto launch = [&](auto kernel, int threads, int64_t smem) {
       if (smem > 48 * 1024) {
         const cudaError_t err = cudaFuncSetAttribute(
             kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
         if (err != cudaSuccess) return err;
       }
-      kernel<<<unsigned(g.planes()), kRowWarps * 32, size_t(smem), stream>>>(
+      kernel<<<unsigned(g.planes()), threads, size_t(smem), stream>>>(
           g, grad, a, b, index, grad_a, grad_b);
       return cudaGetLastError();
     };
-    if (g.P == 3) return rows ? launch(max_backward_rows<T, 3, true>)
-                              : launch(max_backward_rows<T, 3, false>);
-    return rows ? launch(max_backward_rows<T, 5, true>) : launch(max_backward_rows<T, 5, false>);
-  }
-  if (!deterministic && fused_smem <= smem_optin) {
-    auto launch = [&](auto kernel) {
-      if (fused_smem > 48 * 1024) {
-        const cudaError_t err = cudaFuncSetAttribute(
-            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(fused_smem));
-        if (err != cudaSuccess) return err;
-      }
-      kernel<<<unsigned(g.planes()), kThreads, size_t(fused_smem), stream>>>(
-          g, grad, a, b, index, grad_a, grad_b);
-      return cudaGetLastError();
-    };
-    if (g.P == 3) return launch(max_backward_fused<T, 3>);
-    if (g.P == 5) return launch(max_backward_fused<T, 5>);
-    return launch(max_backward_fused<T, 0>);
+    const int rows = rows_backward_requested();
+    if (rows >= 0 && (g.P == 3 || g.P == 5) && g.W <= 32) {
+      const int64_t smem = rows_backward_smem_bytes(g, sizeof(T), rows == 1);
+      constexpr int threads = kRowWarps * 32;
+      if (g.P == 3) return rows ? launch(max_backward_rows<T, 3, true>, threads, smem)
+                                : launch(max_backward_rows<T, 3, false>, threads, smem);
+      return rows ? launch(max_backward_rows<T, 5, true>, threads, smem)
+                  : launch(max_backward_rows<T, 5, false>, threads, smem);
+    }
+    if (g.P == 3) return launch(max_backward_fused<T, 3>, kThreads, fused_smem);
+    if (g.P == 5) return launch(max_backward_fused<T, 5>, kThreads, fused_smem);
+    return launch(max_backward_fused<T, 0>, kThreads, fused_smem);
   }
   const int blocks = blocks_for(total);
   max_coef_kernel<T><<<blocks, kThreads, 0, stream>>>(g, grad, a, b, index, ma, sa, mb, sb, coef);
