@@ -805,6 +805,18 @@ def emulate_volume_centre_fused(G, V, ma, sa, mb, sb, P, R, eps):
 ROW_WARPS = 8  # kRowWarps of ncc_max_backward.cu
 
 
+def _row_bands(Hm):
+    """max_backward_rows' bands: warp y's output rows r0 .. r1 - 1 (empty past the plane), as (r0, r1)."""
+    band = -(-Hm // ROW_WARPS)
+    return [(warp * band, min(Hm, warp * band + band)) for warp in range(ROW_WARPS)]
+
+
+def _band_owns_row(u, h, r0, r1, Hm):
+    """Whether row u of grad_a gets contributions from the band r0 .. r1 - 1 only (max_backward_rows
+    stores it plainly; elsewhere every band that reaches it adds atomically)."""
+    return max(u - h, 0) >= r0 and min(u + h, Hm - 1) < r1
+
+
 def grad_coef(g, cov, mu_a, s_a, mu_b, s_b, nm1, eps):
     """ncc_grad_coef (csrc/ncc_grad_coef.h) on arrays: (al_a, be_a, c_a, al_b, be_b, c_b)."""
     siga, sigb = s_a + eps, s_b + eps
@@ -847,11 +859,8 @@ def emulate_max_backward_rows(A, B, G, I, P=PATCH, R=ROWS, eps=EPS, global_b=Fal
     n, nm1 = float(P * P), float(P * P - 1)
     lane = np.arange(32)
     on = lane < Wm
-    band = -(-Hm // ROW_WARPS)
     ii, jj = np.meshgrid(np.arange(P), np.arange(P), indexing="ij")
-    for warp in range(ROW_WARPS):
-        r0 = warp * band
-        r1 = min(Hm, r0 + band)
+    for r0, r1 in _row_bands(Hm):
         n_out = r1 - r0
         steps = n_out + P - 1 if n_out > 0 else 0
         win = np.zeros((P, P, 32))  # [slot][column j][lane]
@@ -885,8 +894,7 @@ def emulate_max_backward_rows(A, B, G, I, P=PATCH, R=ROWS, eps=EPS, global_b=Fal
                 win[s, j] = 0.0
             u = r - h
             if 0 <= u < Hm:
-                own = max(u - h, 0) >= r0 and min(u + h, Hm - 1) < r1
-                if own:
+                if _band_owns_row(u, h, r0, r1, Hm):
                     GA[u] = total[:Wm]
                     stores[u] += 1
                 else:
@@ -931,7 +939,6 @@ def shared_atomic_rounds(G, I, P, R, kernel, W=None, threads=256):
                     warp_atomic(gb0 + (qr + R2 + i) * Wp + qc + j)
     elif kernel == "rows":
         gb0 = (rows_a + rows_b) * Wp + Hm * Wm
-        band = -(-Hm // ROW_WARPS)
         for r in range(Hm):
             w = np.flatnonzero(G[r] != 0)
             idx = I[r, w]
@@ -939,10 +946,9 @@ def shared_atomic_rounds(G, I, P, R, kernel, W=None, threads=256):
             for i in range(P):
                 for j in range(P):
                     warp_atomic(gb0 + (qr + R2 + i) * Wp + qc + j)
-        for warp in range(ROW_WARPS):  # the flushes added atomically: rows other bands reach too
-            r0, r1 = warp * band, min(Hm, warp * band + band)
+        for r0, r1 in _row_bands(Hm):  # the flushes added atomically: rows other bands reach too
             for u in range(max(r0 - h, 0), min(r1 + h, Hm)):
-                if not (max(u - h, 0) >= r0 and min(u + h, Hm - 1) < r1):
+                if not _band_owns_row(u, h, r0, r1, Hm):
                     warp_atomic(u * Wm + np.arange(Wm))
     else:
         raise ValueError(f"shared_atomic_rounds: kernel must be 'fused' or 'rows', got {kernel!r}")
