@@ -135,11 +135,21 @@ def test_kill_9_during_snapshots_leaves_only_complete_ones(world, tmp_path):
     cmd = [sys.executable, str(ROOT / "tools" / "train.py"), "--solver", STAGE1, "--data", str(world["db"]),
            "--batch-pairs", "2", "--workers", "1", "--max-iter", "1000", "--test-interval", "0",
            "--snapshot-every", "1", "--snapshot-prefix", str(prefix), "--device", "cpu"]
-    for delay in (4.0, 5.3, 6.1):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    # The kills are timed from the first snapshot's log line, not from the start: how long the start
+    # takes depends on the machine (over 6 s on a loaded CI runner), so fixed delays could kill
+    # every run before its first snapshot.
+    for delay in (0.0, 0.23, 1.37):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        for line in proc.stdout:  # the solver's log
+            if "Snapshotting solver state" in line:
+                break
+        else:
+            proc.wait()
+            pytest.fail(f"the training ended (status {proc.returncode}) before its first snapshot")
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
     states = sorted(tmp_path.glob("k_iter_*.solverstate"), key=lambda p: int(p.stem.split("_")[-1]))
     assert states, "no snapshot was written before the kills"
     for state in states:
