@@ -227,7 +227,6 @@ def test_a_stopped_run_is_not_a_result_and_resumes(tmp_path, run_tool):
     import signal
     import subprocess
     import sys
-    import time
 
     from conftest import ROOT
 
@@ -241,12 +240,17 @@ def test_a_stopped_run_is_not_a_result_and_resumes(tmp_path, run_tool):
     out = tmp_path / "out"
     proc = subprocess.Popen(command(out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = out / "split00" / "stage1_cls+high"
-    deadline = time.time() + 120
-    while not list(folder.glob("*.lock")) + list(folder.glob(".*.lock")) and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)  # inside the training loop
+    # The signal is sent once the solver has said it is solving (its handlers are installed by
+    # then), not after a fixed wait: a slow machine may take longer than any fixed wait to start.
+    head = []
+    for line in proc.stdout:
+        head.append(line)
+        if "Solving MSP-CNN" in line:
+            break
+    assert list(folder.glob(".*.lock")), "".join(head)[-3000:]
     os.kill(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
+    stdout = "".join(head) + stdout
     assert proc.returncode == 130, stderr[-3000:]
     assert "stage 1 stopped by SIGTERM" in stderr and "Traceback" not in stderr
     assert "the same command resumes it" in stderr
