@@ -149,6 +149,29 @@ def test_volume_gradient_matches_reference(device):
     torch.testing.assert_close(gb.cpu(), rb, atol=1e-11, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("patch,search_rows", [(3, 3), (5, 5), (5, 1), (7, 3)])
+@pytest.mark.parametrize("W", [17, 28, 33])
+def test_volume_gradient_at_wide_rows(dtype, patch, search_rows, W):
+    """The CPU volume backward at rows wider than its register blocks (2 vectors: 8 doubles or 16
+    floats with AVX2, twice that with AVX-512; rows padded to a multiple, 28 is pool1's width), for
+    the blocked patches (3, 5) and the plain loops (7), against the reference's autograd in float64.
+    Float32 within F32_GRAD_RTOL of the largest gradient (random maps, no near-flat patches)."""
+    torch.manual_seed(W + 10 * patch + search_rows)
+    a, b = maps((2, 2, 11, W), "cpu")
+    vol = ncc_volume(a.to(dtype), b.to(dtype), patch, search_rows)
+    g = torch.randn(vol.shape, dtype=torch.float64)
+    x, y = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+    ga, gb = torch.autograd.grad(ncc_volume(x, y, patch, search_rows), (x, y), g.to(dtype))
+    a64, b64 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ra, rb = torch.autograd.grad(ncc_volume_reference(a64, b64, patch, search_rows), (a64, b64), g)
+    for got, want in ((ga, ra), (gb, rb)):
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, want, atol=1e-11, rtol=0)
+        else:
+            assert (got.double() - want).abs().max() <= F32_GRAD_RTOL * want.abs().max()
+
+
 # ---------------------------------------------------------------------------
 # Edge cases
 # ---------------------------------------------------------------------------

@@ -588,19 +588,74 @@ void max_backward_plane(const NccGeometry& g, const scalar_t* grad,
     }
 }
 
-// Sum of f over the patch centres c (rows c0 .. c0 + rows - 1, columns
-// 0 .. W - 1 of a centre grid) whose patch covers map pixel (u, v).
-inline double centre_box(const std::vector<double>& f, int64_t row0,
-                         int64_t rows, int64_t W, int64_t h, int64_t u,
-                         int64_t v) {
-  const int64_t r0 = std::max<int64_t>(u - h, row0);
-  const int64_t r1 = std::min<int64_t>(u + h, row0 + rows - 1);
-  const int64_t w0 = std::max<int64_t>(v - h, 0);
-  const int64_t w1 = std::min<int64_t>(v + h, W - 1);
-  double s = 0.0;
-  for (int64_t r = r0; r <= r1; ++r)
-    for (int64_t w = w0; w <= w1; ++w) s += f[(r - row0) * W + w];
-  return s;
+// The P shifted products of a K x Wv matrix M (rows padded to Wv, a multiple
+// of 2 L) with a sequence s: out[j][x] = sum_{k < K} M[k][x] s[k + j], for
+// j < P, x < Wv, the terms added in increasing k. Register-blocked: P x 2
+// vectors of accumulators, each pair of vectors of M loaded once for all P
+// shifts. (The volume backward's T1 terms; P is 3 or 5 here, see below.)
+template <typename T, int P>
+void shifted_products(const T* __restrict__ M, int64_t K, int64_t Wv, const T* __restrict__ s,
+                      T* __restrict__ out) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = Simd<T>::L;
+  for (int64_t c = 0; c < Wv; c += 2 * L) {
+    V acc[P][2];
+    for (int j = 0; j < P; ++j) acc[j][0] = acc[j][1] = V{};
+    for (int64_t k = 0; k < K; ++k) {
+      const V m0 = loadu<V>(M + k * Wv + c), m1 = loadu<V>(M + k * Wv + c + L);
+      for (int j = 0; j < P; ++j) {
+        const T sv = s[k + j];
+        acc[j][0] += m0 * sv;
+        acc[j][1] += m1 * sv;
+      }
+    }
+    for (int j = 0; j < P; ++j) {
+      storeu(out + j * Wv + c, acc[j][0]);
+      storeu(out + j * Wv + c + L, acc[j][1]);
+    }
+  }
+}
+
+// The same for any P (the columns x < W only), as plain loops.
+template <typename T>
+void shifted_products_any(const T* __restrict__ M, int64_t K, int64_t Wv, int64_t W, int64_t P,
+                          const T* __restrict__ s, T* __restrict__ out) {
+  for (int64_t j = 0; j < P; ++j) {
+    T* __restrict__ o = out + j * Wv;
+    std::fill(o, o + W, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T sv = s[k + j];
+      const T* __restrict__ m = M + k * Wv;
+      for (int64_t x = 0; x < W; ++x) o[x] += m[x] * sv;
+    }
+  }
+}
+
+// For every map pixel (u, v), u < H, the sum of f over the patch centres
+// (rows row0 .. row0 + rows - 1, columns 0 .. W - 1 of a centre grid) whose
+// patch covers it, into out (H x W): the box of P x P centres around the
+// pixel, clipped to the grid. Separable: sums along each centre row first,
+// then down the columns (at most P terms each, in double).
+inline void centre_boxes(const std::vector<double>& f, int64_t row0, int64_t rows,
+                         int64_t W, int64_t h, int64_t H, std::vector<double>& rowsum,
+                         std::vector<double>& out) {
+  rowsum.resize(rows * W);
+  out.resize(H * W);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t v = 0; v < W; ++v) {
+      double s = 0.0;
+      for (int64_t w = std::max<int64_t>(v - h, 0); w <= std::min<int64_t>(v + h, W - 1); ++w)
+        s += f[r * W + w];
+      rowsum[r * W + v] = s;
+    }
+  for (int64_t u = 0; u < H; ++u) {
+    double* __restrict__ o = out.data() + u * W;
+    std::fill(o, o + W, 0.0);
+    for (int64_t r = std::max<int64_t>(u - h, row0); r <= std::min<int64_t>(u + h, row0 + rows - 1); ++r) {
+      const double* __restrict__ src = rowsum.data() + (r - row0) * W;
+      for (int64_t v = 0; v < W; ++v) o[v] += src[v];
+    }
+  }
 }
 
 // Backward pass of ncc_volume for one plane, with the same decomposition as
@@ -633,28 +688,53 @@ void volume_backward_plane(const NccGeometry& g, const scalar_t* grad,
       t1b((BR + 2 * h) * Wp, scalar_t(0));
   std::vector<double> gnA(HW, 0.0), t3a(HW, 0.0), gnB(BR * W, 0.0),
       t3b(BR * W, 0.0);
-  std::vector<scalar_t> g1(H * WW), vsum(WW);
+  // G1 is kept transposed, g1t[r][col][w], so that the loops below run along
+  // contiguous memory: its rows are written as the incoming gradient is read
+  // (by w), and the T1 sums are products of a matrix's rows with shifts of a
+  // map row (shifted_products). Rows padded with zeros to Wv.
+  using V = typename Simd<scalar_t>::V;
+  const int64_t L2 = 2 * Simd<scalar_t>::L, Wv = (W + L2 - 1) / L2 * L2, WWv = W * Wv;
+  std::vector<scalar_t> g1t(H * WWv, scalar_t(0)), vsum_t(WWv), vsum(WWv, scalar_t(0)),
+      t1a_rows(P * Wv), t1b_rows(P * Wv);
+  auto products = [&](const scalar_t* M, const scalar_t* seq, scalar_t* out) {
+    if (P == 5)
+      shifted_products<scalar_t, 5>(M, W, Wv, seq, out);
+    else if (P == 3)
+      shifted_products<scalar_t, 3>(M, W, Wv, seq, out);
+    else
+      shifted_products_any<scalar_t>(M, W, Wv, W, P, seq, out);
+  };
 
   for (int64_t k = 0; k < R; ++k) {
     const int64_t d = k - R2;
     // G1_r(w, col) = g * ka(r, w) * kb(r + d, col), and the per-centre sums.
-    for (int64_t r = 0; r < H; ++r) {
-      const int64_t qrow = (r + d + R2) * W;
-      for (int64_t col = 0; col < W; ++col) {
-        const scalar_t* gp = grad + (k * W + col) * HW + r * W;
-        const scalar_t* vp = volume + (k * W + col) * HW + r * W;
+    // Candidate by candidate (col outer), so that the incoming gradient and the
+    // volume, H x W contiguous values per candidate, are read in order.
+    for (int64_t col = 0; col < W; ++col) {
+      for (int64_t r = 0; r < H; ++r) {
+        const int64_t qrow = (r + d + R2) * W;
+        const scalar_t* __restrict__ kar = ka.data() + r * W;
+        const double* __restrict__ mar = st.ma.data() + r * W;
+        double* __restrict__ gnar = gnA.data() + r * W;
+        double* __restrict__ t3ar = t3a.data() + r * W;
+        const scalar_t* __restrict__ gp = grad + (k * W + col) * HW + r * W;
+        const scalar_t* __restrict__ vp = volume + (k * W + col) * HW + r * W;
+        scalar_t* __restrict__ g1r = g1t.data() + r * WWv + col * Wv;
         const scalar_t kbq = kb[qrow + col];
         const double mbq = st.mb[qrow + col];
+        // The two sums over w in double, in vector lanes (the order of a
+        // double sum of W terms moves it by about 1e-16 of its size).
         double gn_q = 0.0, t3_q = 0.0;
+#pragma omp simd reduction(+ : gn_q, t3_q)
         for (int64_t w = 0; w < W; ++w) {
           const scalar_t gv = gp[w];
-          const scalar_t g1v = gv * ka[r * W + w] * kbq;
-          g1[r * WW + w * W + col] = g1v;
+          const scalar_t g1v = gv * kar[w] * kbq;
+          g1r[w] = g1v;
           const double gn = double(gv) * double(vp[w]);
-          gnA[r * W + w] += gn;
+          gnar[w] += gn;
           gn_q += gn;
-          t3a[r * W + w] += double(g1v) * mbq;
-          t3_q += double(g1v) * st.ma[r * W + w];
+          t3ar[w] += double(g1v) * mbq;
+          t3_q += double(g1v) * mar[w];
         }
         gnB[qrow + col] += gn_q;
         t3b[qrow + col] += t3_q;
@@ -665,28 +745,32 @@ void volume_backward_plane(const NccGeometry& g, const scalar_t* grad,
       if (u + d < 0 || u + d >= H) continue;  // b row u + d is padding
       const int64_t r0 = std::max<int64_t>(u - h, 0);
       const int64_t r1 = std::min<int64_t>(u + h, H - 1);
-      scalar_t* __restrict__ vs = vsum.data();
-      std::copy(g1.data() + r0 * WW, g1.data() + (r0 + 1) * WW, vs);
+      scalar_t* __restrict__ vt = vsum_t.data();  // V_u transposed: vt[col][w]
+      std::copy(g1t.data() + r0 * WWv, g1t.data() + (r0 + 1) * WWv, vt);
       for (int64_t r = r0 + 1; r <= r1; ++r) {
-        const scalar_t* __restrict__ src = g1.data() + r * WW;
-        for (int64_t e = 0; e < WW; ++e) vs[e] += src[e];
+        const scalar_t* __restrict__ src = g1t.data() + r * WWv;
+        for (int64_t e = 0; e < WWv; e += Simd<scalar_t>::L)
+          storeu(vt + e, loadu<V>(vt + e) + loadu<V>(src + e));
       }
+      scalar_t* __restrict__ vs = vsum.data();  // and as it is: vs[w][col]
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t col = 0; col < W; ++col) vs[w * Wv + col] = vt[col * Wv + w];
       const scalar_t* arow = apad.data() + (u + h) * Wp;
       const scalar_t* brow = bpad.data() + (u + d + R2 + h) * Wp;
       scalar_t* ta = t1a.data() + (u + h) * Wp;
-      scalar_t* __restrict__ tb = t1b.data() + (u + d + R2 + h) * Wp;
-      for (int64_t w = 0; w < W; ++w) {
-        const scalar_t* __restrict__ vr = vs + w * W;
-        for (int64_t j = 0; j < P; ++j) {
-          const scalar_t* __restrict__ bj = brow + j;
-          scalar_t acc = 0;
-          for (int64_t col = 0; col < W; ++col) acc += vr[col] * bj[col];
-          ta[w + j] += acc;
-          const scalar_t av = arow[w + j];
-          scalar_t* __restrict__ tbj = tb + j;
-          for (int64_t col = 0; col < W; ++col) tbj[col] += av * vr[col];
+      scalar_t* tb = t1b.data() + (u + d + R2 + h) * Wp;
+      // T1a(w + j) += sum_col V(w, col) b(col + j); T1b(col + j) += sum_w a(w + j) V(w, col):
+      // for every j, each into its own row (sums into the accumulator at
+      // offsets j and j + 1 directly would overlap unaligned, and a load that
+      // overlaps the previous store in part waits for it), then added in the
+      // order of j.
+      products(vt, brow, t1a_rows.data());
+      products(vs, arow, t1b_rows.data());
+      for (int64_t j = 0; j < P; ++j)
+        for (int64_t x = 0; x < W; ++x) {
+          ta[j + x] += t1a_rows[j * Wv + x];
+          tb[j + x] += t1b_rows[j * Wv + x];
         }
-      }
     }
   }
 
@@ -702,17 +786,19 @@ void volume_backward_plane(const NccGeometry& g, const scalar_t* grad,
     Hb[i] = gnB[i] * double(kb[i]) * inv_s / nm1;
     Hbmb[i] = Hb[i] * st.mb[i];
   }
+  std::vector<double> rowsum, bt3a, bHa, bHama, bt3b, bHb, bHbmb;
+  centre_boxes(t3a, 0, H, W, h, H, rowsum, bt3a);
+  centre_boxes(Ha, 0, H, W, h, H, rowsum, bHa);
+  centre_boxes(Hama, 0, H, W, h, H, rowsum, bHama);
+  centre_boxes(t3b, -R2, BR, W, h, H, rowsum, bt3b);
+  centre_boxes(Hb, -R2, BR, W, h, H, rowsum, bHb);
+  centre_boxes(Hbmb, -R2, BR, W, h, H, rowsum, bHbmb);
   for (int64_t u = 0; u < H; ++u) {
     for (int64_t v = 0; v < W; ++v) {
-      const double xa = double(a[u * W + v]), xb = double(b[u * W + v]);
-      grad_a[u * W + v] = scalar_t(
-          double(t1a[(u + h) * Wp + v + h]) - centre_box(t3a, 0, H, W, h, u, v) -
-          xa * centre_box(Ha, 0, H, W, h, u, v) + centre_box(Hama, 0, H, W, h, u, v));
-      grad_b[u * W + v] = scalar_t(
-          double(t1b[(u + R2 + h) * Wp + v + h]) -
-          centre_box(t3b, -R2, BR, W, h, u, v) -
-          xb * centre_box(Hb, -R2, BR, W, h, u, v) +
-          centre_box(Hbmb, -R2, BR, W, h, u, v));
+      const int64_t i = u * W + v;
+      const double xa = double(a[i]), xb = double(b[i]);
+      grad_a[i] = scalar_t(double(t1a[(u + h) * Wp + v + h]) - bt3a[i] - xa * bHa[i] + bHama[i]);
+      grad_b[i] = scalar_t(double(t1b[(u + R2 + h) * Wp + v + h]) - bt3b[i] - xb * bHb[i] + bHbmb[i]);
     }
   }
 }
