@@ -620,66 +620,57 @@ void shifted_products(const T* __restrict__ M, int64_t K, int64_t Wv, const T* _
   }
 }
 
-// dst[c][r] = src[r][c] for r, c < n, both n x n with row stride n. With AVX
-// in 8 x 8 (float) or 4 x 4 (double) blocks in registers, n a multiple of
-// the block; else element by element.
+#if defined(__AVX__)
+// One block of transpose_square in registers: d[c][r] = s[r][c], r, c < 8
+// (float: pairs of rows interleaved, then quadruples within 128-bit lanes,
+// then the 128-bit halves of rows i and i + 4 swapped) or < 4 (double), row
+// stride n for both.
+inline void transpose_block(const float* __restrict__ s, float* __restrict__ d, int64_t n) {
+  __m256 x[8], t[8];
+  for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(s + i * n);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    x[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    x[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    x[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    x[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(d + i * n, _mm256_permute2f128_ps(x[i], x[i + 4], 0x20));
+    _mm256_storeu_ps(d + (i + 4) * n, _mm256_permute2f128_ps(x[i], x[i + 4], 0x31));
+  }
+}
+inline void transpose_block(const double* __restrict__ s, double* __restrict__ d, int64_t n) {
+  const __m256d x0 = _mm256_loadu_pd(s), x1 = _mm256_loadu_pd(s + n),
+                x2 = _mm256_loadu_pd(s + 2 * n), x3 = _mm256_loadu_pd(s + 3 * n);
+  const __m256d t0 = _mm256_unpacklo_pd(x0, x1), t1 = _mm256_unpackhi_pd(x0, x1),
+                t2 = _mm256_unpacklo_pd(x2, x3), t3 = _mm256_unpackhi_pd(x2, x3);
+  _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
+  _mm256_storeu_pd(d + n, _mm256_permute2f128_pd(t1, t3, 0x20));
+  _mm256_storeu_pd(d + 2 * n, _mm256_permute2f128_pd(t0, t2, 0x31));
+  _mm256_storeu_pd(d + 3 * n, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+#endif
+
+// dst[c][r] = src[r][c] for r, c < n, both n x n with row stride n: with AVX
+// in blocks of 32 bytes square (8 x 8 floats, 4 x 4 doubles) in registers
+// where n is a multiple of the block, else element by element.
 template <typename T>
 void transpose_square(const T* __restrict__ src, T* __restrict__ dst, int64_t n) {
+#if defined(__AVX__)
+  constexpr int64_t B = 32 / sizeof(T);
+  if (n % B == 0) {
+    for (int64_t r0 = 0; r0 < n; r0 += B)
+      for (int64_t c0 = 0; c0 < n; c0 += B) transpose_block(src + r0 * n + c0, dst + c0 * n + r0, n);
+    return;
+  }
+#endif
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < n; ++c) dst[c * n + r] = src[r * n + c];
 }
-#if defined(__AVX__)
-template <>
-void transpose_square<float>(const float* __restrict__ src, float* __restrict__ dst, int64_t n) {
-  if (n % 8) {
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = 0; c < n; ++c) dst[c * n + r] = src[r * n + c];
-    return;
-  }
-  for (int64_t r0 = 0; r0 < n; r0 += 8)
-    for (int64_t c0 = 0; c0 < n; c0 += 8) {
-      const float* s = src + r0 * n + c0;
-      __m256 x[8], t[8];
-      for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(s + i * n);
-      for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
-        t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
-      }
-      for (int i = 0; i < 8; i += 4) {  // then quadruples, within 128-bit lanes
-        x[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        x[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-        x[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-        x[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-      }
-      float* d = dst + c0 * n + r0;
-      for (int i = 0; i < 4; ++i) {  // then the 128-bit halves of rows i and i + 4
-        _mm256_storeu_ps(d + i * n, _mm256_permute2f128_ps(x[i], x[i + 4], 0x20));
-        _mm256_storeu_ps(d + (i + 4) * n, _mm256_permute2f128_ps(x[i], x[i + 4], 0x31));
-      }
-    }
-}
-template <>
-void transpose_square<double>(const double* __restrict__ src, double* __restrict__ dst, int64_t n) {
-  if (n % 4) {
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t c = 0; c < n; ++c) dst[c * n + r] = src[r * n + c];
-    return;
-  }
-  for (int64_t r0 = 0; r0 < n; r0 += 4)
-    for (int64_t c0 = 0; c0 < n; c0 += 4) {
-      const double* s = src + r0 * n + c0;
-      const __m256d x0 = _mm256_loadu_pd(s), x1 = _mm256_loadu_pd(s + n),
-                    x2 = _mm256_loadu_pd(s + 2 * n), x3 = _mm256_loadu_pd(s + 3 * n);
-      const __m256d t0 = _mm256_unpacklo_pd(x0, x1), t1 = _mm256_unpackhi_pd(x0, x1),
-                    t2 = _mm256_unpacklo_pd(x2, x3), t3 = _mm256_unpackhi_pd(x2, x3);
-      double* d = dst + c0 * n + r0;
-      _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
-      _mm256_storeu_pd(d + n, _mm256_permute2f128_pd(t1, t3, 0x20));
-      _mm256_storeu_pd(d + 2 * n, _mm256_permute2f128_pd(t0, t2, 0x31));
-      _mm256_storeu_pd(d + 3 * n, _mm256_permute2f128_pd(t1, t3, 0x31));
-    }
-}
-#endif
 
 // The same for any P (the columns x < W only), as plain loops.
 template <typename T>
