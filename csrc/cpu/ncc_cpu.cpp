@@ -620,6 +620,21 @@ void shifted_products(const T* __restrict__ M, int64_t K, int64_t Wv, const T* _
   }
 }
 
+// The same for any P (the columns x < W only), as plain loops.
+template <typename T>
+void shifted_products_any(const T* __restrict__ M, int64_t K, int64_t Wv, int64_t W, int64_t P,
+                          const T* __restrict__ s, T* __restrict__ out) {
+  for (int64_t j = 0; j < P; ++j) {
+    T* __restrict__ o = out + j * Wv;
+    std::fill(o, o + W, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T sv = s[k + j];
+      const T* __restrict__ m = M + k * Wv;
+      for (int64_t x = 0; x < W; ++x) o[x] += m[x] * sv;
+    }
+  }
+}
+
 #if defined(__AVX__)
 // One block of transpose_square in registers: d[c][r] = s[r][c], r, c < 8
 // (float: pairs of rows interleaved, then quadruples within 128-bit lanes,
@@ -670,21 +685,6 @@ void transpose_square(const T* __restrict__ src, T* __restrict__ dst, int64_t n)
 #endif
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < n; ++c) dst[c * n + r] = src[r * n + c];
-}
-
-// The same for any P (the columns x < W only), as plain loops.
-template <typename T>
-void shifted_products_any(const T* __restrict__ M, int64_t K, int64_t Wv, int64_t W, int64_t P,
-                          const T* __restrict__ s, T* __restrict__ out) {
-  for (int64_t j = 0; j < P; ++j) {
-    T* __restrict__ o = out + j * Wv;
-    std::fill(o, o + W, T(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const T sv = s[k + j];
-      const T* __restrict__ m = M + k * Wv;
-      for (int64_t x = 0; x < W; ++x) o[x] += m[x] * sv;
-    }
-  }
 }
 
 // For every map pixel (u, v), u < H, the sum of f over the patch centres
