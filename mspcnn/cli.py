@@ -12,7 +12,7 @@ import sys
 import traceback
 
 __all__ = ["run", "EXPECTED", "format_duration", "claim_folder", "lock_file", "FolderInUse",
-           "add_input_size_argument"]
+           "add_input_size_argument", "add_device_argument", "check_device"]
 
 try:  # lmdb is a dependency, but the guard must work even where it is broken
     import lmdb
@@ -135,3 +135,42 @@ def add_input_size_argument(parser, help=None, default=(144, 56)):
                         ".caffemodel does not record it: give the size the weights were trained at, e.g. 64x24 "
                         "for those of run_pipeline.py --input-size 64x24); image files are resized to it "
                         "scaled by [1]'s 160/144 and 64/56 before the centre crop")
+
+
+def check_device(text):
+    """``text`` if it names a device this process can use: ``cpu``, ``cuda`` or ``cuda:N`` with N
+    below the number of CUDA devices PyTorch sees; else ValueError saying why."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{text!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return text
+    if device.type != "cuda":
+        raise ValueError(f"{text}: only cpu and cuda devices are supported")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"{text}: no CUDA device is visible to PyTorch")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{text}: PyTorch sees {count} CUDA device{'s' if count > 1 else ''} "
+                         f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    return text
+
+
+def add_device_argument(parser):
+    """``--device`` (default: cuda when PyTorch sees a GPU, else cpu), checked by check_device while
+    the arguments are parsed: a device that is not there is argparse's error (exit 2) before any work."""
+    import argparse
+
+    import torch
+
+    def device(text):
+        try:
+            return check_device(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when PyTorch sees a GPU)")

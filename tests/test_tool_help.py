@@ -1,5 +1,6 @@
 """Every command-line program answers --help with exit status 0 and a usage line (argparse
 formats each option's help text only then, so a stray '%' in one is found here, not by a user)."""
+import os
 import pathlib
 import subprocess
 import sys
@@ -16,3 +17,50 @@ def test_help(tool):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage:" in r.stdout
+
+
+DEVICE_TOOLS = ("train.py", "evaluate.py", "build_index.py", "query.py", "reproduce.py", "run_pipeline.py",
+                "sweep_stage2.py")
+
+
+@pytest.mark.parametrize("name", DEVICE_TOOLS)
+def test_a_device_that_is_not_there_is_refused_before_any_work(name, tmp_path):
+    """Every tool that takes --device checks it while parsing its arguments (mspcnn.cli.add_device_argument):
+    one line naming the value, exit status 2, nothing read or written. (run_pipeline.py used to generate
+    and convert its dataset first, minutes of work, then stop at stage 1 on PyTorch's message.)"""
+    import torch
+
+    cases = [("foo", "'foo' is not a device: give cpu, cuda or cuda:N")]
+    if name == "run_pipeline.py" and not torch.cuda.is_available():  # the check itself: test_check_device_...
+        cases.append(("cuda:0", "cuda:0: no CUDA device is visible to PyTorch"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for device, message in cases:
+        out = tmp_path / "out"  # run in an empty folder: any default output folder would show
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / name), "--device", device, "--out", str(out)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not any(tmp_path.iterdir())
+
+
+def test_check_device_names_what_is_wrong(monkeypatch):
+    import torch
+
+    from mspcnn.cli import check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"'cuda:x' is not a device"):
+        check_device("cuda:x")
+    with pytest.raises(ValueError, match=r"mps: only cpu and cuda devices are supported"):
+        check_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda") == "cuda" and check_device("cuda:1") == "cuda:1"
+    with pytest.raises(ValueError, match=r"cuda:2: PyTorch sees 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"cuda:1: PyTorch sees 1 CUDA device \(cuda:0\)"):
+        check_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"cuda: no CUDA device is visible to PyTorch"):
+        check_device("cuda")

@@ -12,10 +12,8 @@ import json
 import os
 import sys
 
-import torch
-
 from mspcnn.caffe.io import CaffeFormatError
-from mspcnn.cli import add_input_size_argument, run
+from mspcnn.cli import add_device_argument, add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.evaluation import db_size_note, extract_features
@@ -29,8 +27,7 @@ def main(argv=None):
     p.add_argument("--weights", required=True, help="a .caffemodel (a training snapshot or deploy weights)")
     p.add_argument("--db", required=True, help="an LMDB written by tools/convert_dataset.py")
     p.add_argument("--out", required=True, help="the index file to write")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-               help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    add_device_argument(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--faiss", choices=("flat", "hnsw", "ivf"),
                    help="also build a FAISS index (optional package faiss-cpu): flat = exact, hnsw or ivf = "
@@ -45,8 +42,6 @@ def main(argv=None):
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if os.path.isdir(args.out):
         p.error(f"--out {args.out} is a folder; give a file name")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device is visible")
     try:
         db = DatumDB(args.db)
         backbone = feature_model(args.weights, args.device, args.allow_partial, input_size=args.input_size)

@@ -31,7 +31,7 @@ import sys
 import torch
 
 from mspcnn.caffe.io import atomic_write
-from mspcnn.cli import add_input_size_argument, run
+from mspcnn.cli import add_device_argument, add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.evaluation import PROTOCOLS, evaluate_features, folder_features, protocol_of
 from mspcnn.model import feature_model
@@ -46,8 +46,7 @@ def main(argv=None):
                help="auto (default: from the dataset), market1501 or single-shot")
     p.add_argument("--repeats", type=int, default=100, help="gallery draws of the single-shot protocol")
     p.add_argument("--seed", type=int, default=0, help="seed of the single-shot gallery draws")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-               help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    add_device_argument(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--json", help="write the metrics and the CMC curve here")
     p.add_argument("--cmc", help="draw the CMC curve to this PNG")
@@ -62,8 +61,6 @@ def main(argv=None):
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if args.repeats < 1 or args.batch_size < 1:
         p.error("--repeats and --batch-size must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device is visible")
     if not os.path.isdir(args.data):
         p.error(f"--data {args.data}: no such folder")
     try:

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError
-from mspcnn.cli import add_input_size_argument, run
+from mspcnn.cli import add_device_argument, add_input_size_argument, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.transformer import feature_transformer, read_image_for
@@ -35,8 +35,7 @@ def main(argv=None):
     p.add_argument("--out", default="ranking.png", help="the ranking picture to write (default ranking.png)")
     p.add_argument("--query-ids", type=int, nargs="*",
                help="the identity of each query image, to colour right and wrong matches")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    add_device_argument(p)
     p.add_argument("--effort", type=int, help="search effort of an approximate FAISS index (HNSW's efSearch, "
                    "IVF's nprobe; default: FAISS's)")
     p.add_argument("--allow-partial", action="store_true",
@@ -49,8 +48,6 @@ def main(argv=None):
         p.error("--query-ids needs one identity per image")
     if args.top < 1:
         p.error("--top must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device is visible")
     try:
         index = load_index(args.index)
         gallery = DatumDB(index["db"])

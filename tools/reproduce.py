@@ -69,7 +69,7 @@ import torch
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
-from mspcnn.cli import add_input_size_argument, claim_folder, run
+from mspcnn.cli import add_device_argument, add_input_size_argument, claim_folder, run
 from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_threads_argument,
                             add_workers_argument, configure_threads)
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
@@ -372,8 +372,7 @@ def main(argv=None):
     p.add_argument("--lr2", type=float, help="stage 2: base_lr (default: the solver's, or --base-lr)")
     p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction, both stages "
                    "(default: the net's 0.999; the cpu recipe's 0.986)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-               help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    add_device_argument(p)
     add_tf32_argument(p)
     add_cuda_graphs_argument(p)
     p.add_argument("--convert-only", action="store_true",

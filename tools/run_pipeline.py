@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError, atomic_write, write_prototxt
-from mspcnn.cli import add_input_size_argument, claim_folder, run
+from mspcnn.cli import add_device_argument, add_input_size_argument, claim_folder, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_market1501
 from mspcnn.data.transformer import image_size_for
@@ -121,8 +121,7 @@ def main(argv=None):
                             "goes with the pixels: an iteration at 64x24 takes about a third of one at 144x56",
                             default=(64, 24))
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset, training and chance level (default 0)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    add_device_argument(p)
     p.add_argument("--bn-maf", type=float, help="BatchNorm's moving_average_fraction (default: scaled with the "
                    "schedule, 1 - 1/(9%% of the forward passes); the net's own is 0.999 for [1]'s long runs)")
     p.add_argument("--per-query", action="store_true",

@@ -31,12 +31,10 @@ import os
 import sys
 import time
 
-import torch
-
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
-from mspcnn.cli import run
+from mspcnn.cli import add_device_argument, run
 from mspcnn.runtime import add_threads_argument, add_workers_argument, configure_threads
 from mspcnn.engine import TrainingError, solve
 from mspcnn.paths import PROTOTXT_DIR
@@ -109,8 +107,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, help="stage-2 iterations (default: the solver's max_iter)")
     p.add_argument("--batch-pairs", type=int, default=16, help="pairs per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every configuration")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-               help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    add_device_argument(p)
     add_workers_argument(p)
     p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction (default: the "
                    "net's; 0.986 for the CPU recipe, as tools/reproduce.py --recipe cpu)")

@@ -32,10 +32,8 @@
 import argparse
 import sys
 
-import torch
-
 from mspcnn.caffe.io import CaffeFormatError
-from mspcnn.cli import add_input_size_argument, run
+from mspcnn.cli import add_device_argument, add_input_size_argument, run
 from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_threads_argument,
                             add_workers_argument, configure_threads)
 from mspcnn.engine import SIGNAL_EFFECTS, TrainingError, solve
@@ -49,8 +47,7 @@ def parse_args(argv=None):
     start = p.add_mutually_exclusive_group()
     start.add_argument("--weights", help="initial weights (.caffemodel), e.g. stage 1's result")
     start.add_argument("--snapshot", help="resume from this .solverstate")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda (default: cuda when PyTorch sees a GPU)")
+    add_device_argument(p)
     p.add_argument("--max-iter", type=int, help="overrides the solver's max_iter")
     p.add_argument("--base-lr", type=float, help="overrides the solver's base_lr (e.g. for small batches)")
     p.add_argument("--iter-size", type=int, help="overrides the solver's iter_size (forward/backward passes per "
