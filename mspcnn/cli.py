@@ -7,12 +7,13 @@ reported in one line with exit status 2; Ctrl-C exits with 130. Anything else is
 reported in one line too, with exit status 1, and ``MSPCNN_DEBUG=1`` shows its traceback.
 """
 import atexit
+import math
 import os
 import sys
 import traceback
 
 __all__ = ["run", "EXPECTED", "format_duration", "claim_folder", "lock_file", "FolderInUse",
-           "add_input_size_argument", "add_device_argument", "check_device"]
+           "add_input_size_argument", "add_device_argument", "check_device", "check_numbers"]
 
 try:  # lmdb is a dependency, but the guard must work even where it is broken
     import lmdb
@@ -174,3 +175,16 @@ def add_device_argument(parser):
 
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when PyTorch sees a GPU)")
+
+
+def check_numbers(*checks):
+    """Each check is (option, value, minimum): ValueError naming the first option whose value is not
+    a finite number at least ``minimum`` (None: any finite number). Values of None (options not
+    given) pass. Tools call it before any work, so that a NaN learning rate does not stop a run
+    after its data are converted and its first stage trained."""
+    for name, value, minimum in checks:
+        if value is None:
+            continue
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise ValueError(f"{name} must be a finite number" + (f" >= {minimum:g}" if minimum is not None else "")
+                             + f", got {value}")

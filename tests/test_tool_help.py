@@ -64,3 +64,28 @@ def test_check_device_names_what_is_wrong(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"cuda: no CUDA device is visible to PyTorch"):
         check_device("cuda")
+
+
+@pytest.mark.parametrize("name,args,message", [
+    ("run_pipeline.py", ["--base-lr", "nan"], "--base-lr must be a finite number >= 0, got nan"),
+    ("run_pipeline.py", ["--stage2-lr", "-0.1"], "--stage2-lr must be a finite number >= 0, got -0.1"),
+    ("run_pipeline.py", ["--bn-maf", "1"], "--bn-maf must be in [0, 1), got 1.0"),
+    ("reproduce.py", ["cuhk01-100", "{tmp}", "--lr2", "inf"], "--lr2 must be a finite number >= 0, got inf"),
+    ("reproduce.py", ["cuhk01-100", "{tmp}", "--w-low", "-1"], "--w-low must be a finite number >= 0, got -1.0"),
+    ("reproduce.py", ["cuhk01-100", "{tmp}", "--neg-ceiling", "nan"], "--neg-ceiling must be a finite number, got nan"),
+    ("sweep_stage2.py", ["--set", "lr=0.01,nan"], "--set lr must be a finite number >= 0, got nan"),
+    ("sweep_stage2.py", ["--set", "pos_floor=-inf"], "--set pos_floor must be a finite number, got -inf"),
+])
+def test_a_bad_learning_rate_or_loss_setting_is_refused_before_any_work(name, args, message, tmp_path):
+    """Learning rates, the NCC loss's weight and thresholds and BatchNorm's averaging fraction are
+    checked before any data are generated, converted or trained on (stage 2's settings are used only
+    after stage 1, which takes hours with the paper's recipe): exit 2, the option named."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / name), *(a.format(tmp=raw) for a in args),
+                        "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"] and not any(raw.iterdir())

@@ -69,7 +69,7 @@ import torch
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
-from mspcnn.cli import add_device_argument, add_input_size_argument, claim_folder, run
+from mspcnn.cli import add_device_argument, add_input_size_argument, check_numbers, claim_folder, run
 from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_threads_argument,
                             add_workers_argument, configure_threads)
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
@@ -413,6 +413,11 @@ def main(argv=None):
         args.bn_maf = recipe["bn_maf"]
     if args.bn_maf is not None and not 0 <= args.bn_maf < 1:
         p.error(f"--bn-maf must be in [0, 1), got {args.bn_maf}")
+    try:  # stage 2's settings too: they are used only after stage 1 has trained
+        check_numbers(("--base-lr", args.base_lr, 0), ("--lr2", args.lr2, 0), ("--w-low", args.w_low, 0),
+                      ("--pos-floor", args.pos_floor, None), ("--neg-ceiling", args.neg_ceiling, None))
+    except ValueError as exc:
+        p.error(str(exc))
     n_splits = min(args.splits or SPLITS[args.dataset], SPLITS[args.dataset])
     if args.ablation:
         configs = ABLATION

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mspcnn.caffe.io import CaffeFormatError, atomic_write, write_prototxt
-from mspcnn.cli import add_device_argument, add_input_size_argument, claim_folder, run
+from mspcnn.cli import add_device_argument, add_input_size_argument, check_numbers, claim_folder, run
 from mspcnn.runtime import add_threads_argument, configure_threads
 from mspcnn.data.datasets import convert_market1501
 from mspcnn.data.transformer import image_size_for
@@ -131,6 +131,12 @@ def main(argv=None):
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
     if min(args.train_ids, args.test_ids, args.iters1, args.batch_pairs) < 2 or args.iters2 < 0 or args.iter_size < 1:
         p.error("--train-ids, --test-ids, --iters1 and --batch-pairs must be >= 2, --iters2 >= 0, --iter-size >= 1")
+    try:
+        check_numbers(("--base-lr", args.base_lr, 0), ("--stage2-lr", args.stage2_lr, 0))
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.bn_maf is not None and not 0 <= args.bn_maf < 1:
+        p.error(f"--bn-maf must be in [0, 1), got {args.bn_maf}")
     input_size = args.input_size
     start = time.time()
     raw, db, runs = (os.path.join(args.out, d) for d in ("raw", "db", "snapshots"))

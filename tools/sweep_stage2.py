@@ -34,7 +34,7 @@ import time
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
-from mspcnn.cli import add_device_argument, run
+from mspcnn.cli import add_device_argument, check_numbers, run
 from mspcnn.runtime import add_threads_argument, add_workers_argument, configure_threads
 from mspcnn.engine import TrainingError, solve
 from mspcnn.paths import PROTOTXT_DIR
@@ -53,6 +53,10 @@ def parse_set(text):
         raise argparse.ArgumentTypeError(f"--set {text!r}: values must be numbers") from None
     if not vals:
         raise argparse.ArgumentTypeError(f"--set {text!r}: no values")
+    try:  # a loss weight and a learning rate are >= 0; the thresholds any finite number
+        check_numbers(*((f"--set {name}", v, 0 if name in ("w_low", "lr") else None) for v in vals))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return name, vals
 
 
