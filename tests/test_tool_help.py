@@ -73,12 +73,13 @@ def test_check_device_names_what_is_wrong(monkeypatch):
     ("reproduce.py", ["cuhk01-100", "{tmp}", "--lr2", "inf"], "--lr2 must be a finite number >= 0, got inf"),
     ("reproduce.py", ["cuhk01-100", "{tmp}", "--w-low", "-1"], "--w-low must be a finite number >= 0, got -1.0"),
     ("reproduce.py", ["cuhk01-100", "{tmp}", "--neg-ceiling", "nan"], "--neg-ceiling must be a finite number, got nan"),
+    ("reproduce.py", ["cuhk01-100", "{tmp}", "--time-limit", "nan"], "--time-limit must be positive, got nan"),
     ("sweep_stage2.py", ["--set", "lr=0.01,nan"], "--set lr must be a finite number >= 0, got nan"),
     ("sweep_stage2.py", ["--set", "pos_floor=-inf"], "--set pos_floor must be a finite number, got -inf"),
 ])
 def test_a_bad_learning_rate_or_loss_setting_is_refused_before_any_work(name, args, message, tmp_path):
-    """Learning rates, the NCC loss's weight and thresholds and BatchNorm's averaging fraction are
-    checked before any data are generated, converted or trained on (stage 2's settings are used only
+    """Learning rates, the NCC loss's weight and thresholds, BatchNorm's averaging fraction and
+    reproduce.py's time limit are checked before any data are generated, converted or trained on (stage 2's settings are used only
     after stage 1, which takes hours with the paper's recipe): exit 2, the option named."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     raw = tmp_path / "raw"

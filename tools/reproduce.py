@@ -400,7 +400,7 @@ def main(argv=None):
                             "trains and evaluates the net at it (not the paper's setting: for studies)")
     add_threads_argument(p)
     args = p.parse_args(argv)
-    if args.time_limit is not None and args.time_limit <= 0:
+    if args.time_limit is not None and not args.time_limit > 0:  # NaN too
         p.error(f"--time-limit must be positive, got {args.time_limit}")
     args.stop_at = None if args.time_limit is None else time.time() + args.time_limit
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
