@@ -1,5 +1,6 @@
 """Every command-line program answers --help with exit status 0 and a usage line (argparse
-formats each option's help text only then, so a stray '%' in one is found here, not by a user)."""
+formats each option's help text only then, so a stray '%' in one is found here, not by a user), and
+refuses a bad --device or training setting while it parses its arguments, before any work."""
 import os
 import pathlib
 import subprocess
@@ -19,6 +20,11 @@ def test_help(tool):
     assert "usage:" in r.stdout
 
 
+def tool_env():
+    """The environment of a tool run outside the repository: the package importable from it."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 DEVICE_TOOLS = ("train.py", "evaluate.py", "build_index.py", "query.py", "reproduce.py", "run_pipeline.py",
                 "sweep_stage2.py")
 
@@ -31,13 +37,13 @@ def test_a_device_that_is_not_there_is_refused_before_any_work(name, tmp_path):
     import torch
 
     cases = [("foo", "'foo' is not a device: give cpu, cuda or cuda:N")]
-    if name == "run_pipeline.py" and not torch.cuda.is_available():  # the check itself: test_check_device_...
+    # One tool for a missing GPU; the messages themselves: test_check_device_names_what_is_wrong.
+    if name == "run_pipeline.py" and not torch.cuda.is_available():
         cases.append(("cuda:0", "cuda:0: no CUDA device is visible to PyTorch"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for device, message in cases:
         out = tmp_path / "out"  # run in an empty folder: any default output folder would show
         r = subprocess.run([sys.executable, str(ROOT / "tools" / name), "--device", device, "--out", str(out)],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                           cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert not any(tmp_path.iterdir())
@@ -79,14 +85,14 @@ def test_check_device_names_what_is_wrong(monkeypatch):
 ])
 def test_a_bad_learning_rate_or_loss_setting_is_refused_before_any_work(name, args, message, tmp_path):
     """Learning rates, the NCC loss's weight and thresholds, BatchNorm's averaging fraction and
-    reproduce.py's time limit are checked before any data are generated, converted or trained on (stage 2's settings are used only
-    after stage 1, which takes hours with the paper's recipe): exit 2, the option named."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    reproduce.py's time limit are checked before any data are generated, converted or trained on
+    (stage 2's settings are used only after stage 1, which takes hours with the paper's recipe):
+    exit 2, the option named."""
     raw = tmp_path / "raw"
     raw.mkdir()
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, str(ROOT / "tools" / name), *(a.format(tmp=raw) for a in args),
-                        "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                        "--out", str(out)], cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"] and not any(raw.iterdir())
