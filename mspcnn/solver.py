@@ -32,6 +32,7 @@ import torch
 
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
+from mspcnn.cli import check_numbers
 
 __all__ = ["learning_rate", "SGDSolver", "KNOWN_POLICIES", "check_solver"]
 
@@ -82,10 +83,7 @@ def check_solver(sp):
             if required:
                 raise ValueError(f"{name} is not set")
             return
-        value = getattr(sp, name)
-        if not math.isfinite(value) or (minimum is not None and value < minimum):
-            raise ValueError(f"{name} must be a finite number" + (f" >= {minimum}" if minimum is not None else "")
-                             + f", got {value}")
+        check_numbers((name, getattr(sp, name), minimum))
 
     finite("base_lr", 0, required=True)
     finite("momentum", 0)
