@@ -19,6 +19,51 @@ def fabricate_cuhk01(root):
             cv2.imwrite(str(campus / f"{pid:04d}{k:03d}.png"), img)
 
 
+def test_cpu_recipes_scale_the_papers_schedule():
+    """The CPU recipes' solvers follow [1]'s CUHK01 solvers by the rules their files state: stage 1's
+    stepdecr stepsize is [1]'s 200 scaled by max_iter / 5500 (the rate reaches its floor at the same
+    share of the run), min_lr is [1]'s 0.0005 scaled with base_lr, stage 2 keeps [1]'s poly policy and
+    power, and each recipe's BatchNorm window is 9% of stage 1's forward passes, as [1]'s (1000 of
+    11,000); cpu64 is cpu with five times the iterations of both stages."""
+    from conftest import load_tool
+    from mspcnn.caffe import io as cio
+    from mspcnn.caffe import proto
+
+    reproduce = load_tool("reproduce")
+    read = lambda path: cio.read_prototxt(path, proto.SolverParameter)  # noqa: E731
+    paper1, paper2 = map(read, reproduce.solver_files("cuhk01-100", "paper"))
+    solvers = {}
+    for recipe in ("cpu", "cpu64"):
+        s1, s2 = solvers[recipe] = tuple(map(read, reproduce.solver_files("cuhk01-486", recipe)))
+        assert (s1.lr_policy, s1.gamma, s2.lr_policy, s2.power) == (paper1.lr_policy, paper1.gamma,
+                                                                    paper2.lr_policy, paper2.power)
+        assert s1.stepsize == round(paper1.stepsize * s1.max_iter / paper1.max_iter), recipe
+        assert s1.min_lr == pytest.approx(paper1.min_lr * s1.base_lr / paper1.base_lr), recipe
+        window = 1 / (1 - reproduce.RECIPES[recipe]["bn_maf"])
+        assert window == pytest.approx(0.09 * s1.max_iter * s1.iter_size, rel=0.02), recipe
+        assert reproduce.RECIPES[recipe]["batch"] == 16
+    (c1, c2), (f1, f2) = solvers["cpu"], solvers["cpu64"]
+    assert (f1.max_iter, f2.max_iter) == (5 * c1.max_iter, 5 * c2.max_iter)
+    assert (f1.base_lr, f2.base_lr) == (c1.base_lr, c2.base_lr)
+    assert reproduce.RECIPES["cpu64"]["input_size"] == (64, 24) and "input_size" not in reproduce.RECIPES["cpu"]
+
+
+def test_cpu64_recipe_converts_at_its_input_size(tmp_path, run_tool):
+    """--recipe cpu64 converts the images for its 64 x 24 input (stored at 71 x 27) unless --input-size
+    says otherwise; the paper's datasets other than CUHK01 are refused."""
+    from mspcnn.data.lmdb_io import DatumDB
+
+    fabricate_cuhk01(tmp_path / "raw")
+    for extra, shape in (([], (3, 71, 27)), (["--input-size", "144x56"], (3, 160, 64))):
+        out = tmp_path / f"out{shape[1]}"
+        proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--recipe", "cpu64", "--out", out,
+                        "--splits", "1", "--val-ids", "2", "--convert-only", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+        assert DatumDB(str(out / "split00" / "db" / "probe.lmdb"))[0][0].shape == shape
+    bad = run_tool("reproduce.py", "market1501", tmp_path / "raw", "--recipe", "cpu64", "--out", tmp_path / "m")
+    assert bad.returncode == 2 and "--recipe cpu64: only for cuhk01" in bad.stderr
+
+
 @pytest.mark.slow
 def test_reproduce_cuhk01_two_splits(tmp_path, run_tool):
     fabricate_cuhk01(tmp_path / "raw")

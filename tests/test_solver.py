@@ -215,7 +215,7 @@ def test_every_shipped_solver_file_is_usable():
     from mspcnn.train_net import read_train_net
 
     files = sorted(folder.glob("solver_*.prototxt"))
-    assert len(files) == 8
+    assert len(files) == 10
     for path in files:
         sp = cio.read_prototxt(path, proto.SolverParameter)
         net = read_train_net(sp, str(path))  # the net it names is one mspcnn trains

@@ -3,7 +3,7 @@
 all splits, and a table beside the paper's numbers and the chance level (docs/method.md, section 5).
 
     python tools/reproduce.py {cuhk03-labeled,cuhk03-detected,cuhk01-100,cuhk01-486,market1501}
-                              RAW_DIR [--out runs/reproduce] [--name results] [--recipe paper|cpu]
+                              RAW_DIR [--out runs/reproduce] [--name results] [--recipe paper|cpu|cpu64]
                               [--splits N] [--seeds 0 1 2] [--ablation | --loss-sets NAME ...]
                               [--w-low W] [--pos-floor F] [--neg-ceiling C] [--lr2 R]
                               [--device cuda] [--iters1 N] [--iters2 N] [--batch-pairs N] [--base-lr R]
@@ -16,8 +16,10 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
 * Recipes: `paper` trains with [1]'s solver settings (prototxt_equiv/solver_<dataset>_stage{1,2}
   .prototxt; CUHK03: solver_stage{1,2}) and the net's batch of 50 pairs; `cpu` (CUHK01 only) is the
   shortened recipe of solver_cuhk01_cpu_stage{1,2}.prototxt, about 33 minutes a run on 2 idle cores,
-  whose files state every shortening and why. --iters1/--iters2/--batch-pairs/--base-lr override
-  either for shorter runs. Training is mspcnn.engine.solve (what tools/train.py runs) with the net
+  whose files state every shortening and why; `cpu64` (CUHK01 only) is that recipe at a 64 x 24
+  input (not the paper's) with five times the iterations, which take about the same time
+  (solver_cuhk01_cpu64_stage{1,2}.prototxt). --iters1/--iters2/--batch-pairs/--base-lr override
+  any of them for shorter runs. Training is mspcnn.engine.solve (what tools/train.py runs) with the net
   the solvers name.
 * Loss sets (the paper's Table 5): cls; cls+high; cls+low; all. Default: all (the full model);
   --ablation runs the four; --loss-sets chooses (e.g. `--loss-sets cls+high all`, the paired
@@ -35,7 +37,8 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   --out reuses it when its manifest (solver, net, options, data and weights, by SHA-256) matches,
   and says so. A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a snapshot and
   stage{1,2}.partial.json: the same command resumes it from there when its inputs match.
-* --input-size HxW: the network's input (default [1]'s 144 x 56, the paper's setting). Another size
+* --input-size HxW: the network's input (default [1]'s 144 x 56, the paper's setting; the cpu64
+  recipe's 64 x 24). Another size
   (a study of resolution, e.g. 64x24 as the main job) converts the images at it scaled by 160/144
   and 64/56, trains and evaluates at it, and names it in the table and the JSON.
 * --tf32: TF32 tensor cores for training on a GPU (never the default; features stay float32).
@@ -94,8 +97,12 @@ ABLATION = [("cls", (1, 0, 0)), ("cls+high", (1, 1, 0)), ("cls+low", (1, 0, 1)),
 # cpu: 16 pairs (see solver_cuhk01_cpu_stage1.prototxt) and BatchNorm's moving-average window
 # scaled with the schedule: [1] averages over about 1/(1 - 0.999) = 1000 of its 11,000 forward
 # passes (9%); 9% of this recipe's 800 is 73 passes, moving_average_fraction 1 - 1/73 = 0.986.
+# cpu64: the cpu recipe at a 64 x 24 input with five times the iterations (see
+# solver_cuhk01_cpu64_stage1.prototxt); 9% of 4000 passes is 360: 1 - 1/360 = 0.9972.
+# input_size: the recipe's default for --input-size (else [1]'s 144 x 56).
 RECIPES = {"paper": {"batch": None, "bn_maf": None},
-           "cpu": {"batch": 16, "bn_maf": 0.986, "datasets": ("cuhk01",)}}
+           "cpu": {"batch": 16, "bn_maf": 0.986, "datasets": ("cuhk01",)},
+           "cpu64": {"batch": 16, "bn_maf": 0.9972, "datasets": ("cuhk01",), "input_size": (64, 24)}}
 STAGE2_OPTIONS = (("w_low", "wlow"), ("pos_floor", "pf"), ("neg_ceiling", "nc"), ("lr2", "lr"))
 
 
@@ -112,9 +119,9 @@ def convert(dataset, raw, out, split, val_ids=None, input_size=CROP):
 
 def solver_files(dataset, recipe="paper"):
     name = dataset.split("-")[0]
-    if recipe == "cpu":
-        return (PROTOTXT_DIR / f"solver_{name}_cpu_stage1.prototxt",
-                PROTOTXT_DIR / f"solver_{name}_cpu_stage2.prototxt")
+    if recipe != "paper":
+        return (PROTOTXT_DIR / f"solver_{name}_{recipe}_stage1.prototxt",
+                PROTOTXT_DIR / f"solver_{name}_{recipe}_stage2.prototxt")
     if name == "cuhk03":
         return PROTOTXT_DIR / "solver_stage1.prototxt", PROTOTXT_DIR / "solver_stage2.prototxt"
     return (PROTOTXT_DIR / f"solver_{name}_stage1.prototxt", PROTOTXT_DIR / f"solver_{name}_stage2.prototxt")
@@ -361,7 +368,8 @@ def main(argv=None):
     p.add_argument("--out", default="runs/reproduce", help="output folder (default runs/reproduce)")
     p.add_argument("--name", default="results", help="name of the results JSON and curves (default results)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
-                   help="paper: [1]'s solver settings (default); cpu: the shortened CUHK01 recipe")
+                   help="paper: [1]'s solver settings (default); cpu: the shortened CUHK01 recipe; cpu64: "
+                   "the cpu recipe at a 64x24 input with five times the iterations, in about the same time")
     p.add_argument("--splits", type=int, help="the first N splits (default: all of the dataset's)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--ablation", action="store_true", help="the four loss sets of Table 5")
@@ -371,7 +379,7 @@ def main(argv=None):
     p.add_argument("--neg-ceiling", type=float, help="stage 2: NCCLoss neg_ceiling (default: the net's)")
     p.add_argument("--lr2", type=float, help="stage 2: base_lr (default: the solver's, or --base-lr)")
     p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction, both stages "
-                   "(default: the net's 0.999; the cpu recipe's 0.986)")
+                   "(default: the net's 0.999; the cpu recipe's 0.986, cpu64's 0.9972)")
     add_device_argument(p)
     add_tf32_argument(p)
     add_cuda_graphs_argument(p)
@@ -396,8 +404,9 @@ def main(argv=None):
                         "(the seeds then vary stage 2 only; default: each seed trains its own stage 1)")
     p.add_argument("--val-ids", type=int, help="identities held out for validation (converter default)")
     add_input_size_argument(p, help="the network's input, height x width (default 144x56, [1]'s and the "
-                            "paper's); another size converts the images at it scaled by 160/144 and 64/56 and "
-                            "trains and evaluates the net at it (not the paper's setting: for studies)")
+                            "paper's; the cpu64 recipe's 64x24); another size converts the images at it scaled by "
+                            "160/144 and 64/56 and trains and evaluates the net at it (not the paper's setting: "
+                            "for studies)", default=None)
     add_threads_argument(p)
     args = p.parse_args(argv)
     if args.time_limit is not None and not args.time_limit > 0:  # NaN too
@@ -409,6 +418,8 @@ def main(argv=None):
         p.error(f"--recipe {args.recipe}: only for {', '.join(recipe['datasets'])}")
     if args.batch_pairs is None:
         args.batch_pairs = recipe["batch"]
+    if args.input_size is None:
+        args.input_size = recipe.get("input_size", CROP)
     if args.bn_maf is None:
         args.bn_maf = recipe["bn_maf"]
     if args.bn_maf is not None and not 0 <= args.bn_maf < 1:
