@@ -29,13 +29,34 @@ def test_the_whole_benchmark_converts(converted):
     assert {cam for _, _, cam in records} == {1, 2}
     out, summary = converted
     assert summary == {"train": (3284, 821), "val": (200, 50), "probe": (200, 100), "gallery": (200, 100)}
+    check_split(out, summary)
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["images"] == 3284
+
+
+def check_split(out, summary):
+    """The split's identities disjoint between training, validation and test, the probes of camera A
+    and the gallery of camera B over the same test identities, training labels 0 .. n - 1."""
     splits = {s: json.loads((out / f"{s}.json").read_text())["records"] for s in summary}
     ids = {s: {r["id"] for r in rows} for s, rows in splits.items()}
     assert not ids["train"] & ids["val"] and not ids["train"] & ids["probe"] and not ids["val"] & ids["probe"]
     assert ids["probe"] == ids["gallery"]
     assert {r["camera"] for r in splits["probe"]} == {1} and {r["camera"] for r in splits["gallery"]} == {2}
-    assert sorted({r["label"] for r in splits["train"]}) == list(range(821))
-    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["images"] == 3284
+    assert sorted({r["label"] for r in splits["train"]}) == list(range(summary["train"][1]))
+    return ids
+
+
+def test_the_486_protocol_converts(tmp_path):
+    """CUHK01-486 (the paper's second CUHK01 row): 486 test identities, 485 for training of which 50
+    are held out for validation; two splits draw different test identities."""
+    from mspcnn.data.datasets import convert_cuhk01
+
+    tests = []
+    for split in (0, 1):
+        out = tmp_path / f"split{split}"
+        summary = convert_cuhk01(CAMPUS, out, test_ids=486, split=split, val_ids=50, progress=False)
+        assert summary == {"train": (1740, 435), "val": (200, 50), "probe": (972, 486), "gallery": (972, 486)}
+        tests.append(check_split(out, summary)["probe"])
+    assert tests[0] != tests[1]
 
 
 @pytest.mark.slow
