@@ -15,7 +15,8 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   (--val-ids, `val`) serve every choice made during training; test identities never do.
 * Recipes: `paper` trains with [1]'s solver settings (prototxt_equiv/solver_<dataset>_stage{1,2}
   .prototxt; CUHK03: solver_stage{1,2}) and the net's batch of 50 pairs; `cpu` (CUHK01 only) is the
-  shortened recipe of solver_cuhk01_cpu_stage{1,2}.prototxt, about 33 minutes a run on 2 idle cores,
+  shortened recipe of solver_cuhk01_cpu_stage{1,2}.prototxt, about 33 minutes a run on 2 idle cores
+  with AVX-512 (3.5-4 times as long on 2 AVX2 cores),
   whose files state every shortening and why; `cpu64` (CUHK01 only) is that recipe at a 64 x 24
   input (not the paper's) with five times the iterations, which take about the same time
   (solver_cuhk01_cpu64_stage{1,2}.prototxt). --iters1/--iters2/--batch-pairs/--base-lr override
