@@ -7,7 +7,8 @@
 #      its own stage 1 (seed 0's from A is reused) and both loss sets start stage 2 from it, the
 #      paired test of the NCC loss with a spread that includes stage 1's. (A cheaper variant,
 #      --stage1-seed 0, shares one stage 1 and varies stage 2's seed only.)
-# About 3 h on 2 idle cores (A 40 min, B 45, C 95: step C measured 94 min), longer on a busy machine.
+# About 3 h on 2 idle cores with AVX-512 (A 40 min, B 45, C 95: step C measured 94 min), 3.5-4 times as
+# long on 2 AVX2 cores, longer on a busy machine.
 # Usage: [STEPS="A B C"] [THREADS=auto|N] bash tools/study_cuhk01_cpu.sh RAW_DIR [OUT]   (STEPS: the steps to run;
 # B resumes: finished configurations in OUT/sweep/sweep.json are reused)
 set -euo pipefail
