@@ -29,8 +29,10 @@ def test_cpu_recipes_scale_the_papers_schedule():
     from mspcnn.caffe import io as cio
     from mspcnn.caffe import proto
 
+    def read(path):
+        return cio.read_prototxt(path, proto.SolverParameter)
+
     reproduce = load_tool("reproduce")
-    read = lambda path: cio.read_prototxt(path, proto.SolverParameter)  # noqa: E731
     paper1, paper2 = map(read, reproduce.solver_files("cuhk01-100", "paper"))
     solvers = {}
     for recipe in ("cpu", "cpu64"):

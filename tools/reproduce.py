@@ -16,12 +16,11 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
 * Recipes: `paper` trains with [1]'s solver settings (prototxt_equiv/solver_<dataset>_stage{1,2}
   .prototxt; CUHK03: solver_stage{1,2}) and the net's batch of 50 pairs; `cpu` (CUHK01 only) is the
   shortened recipe of solver_cuhk01_cpu_stage{1,2}.prototxt, about 33 minutes a run on 2 idle cores
-  with AVX-512 (3.5-4 times as long on 2 AVX2 cores),
-  whose files state every shortening and why; `cpu64` (CUHK01 only) is that recipe at a 64 x 24
-  input (not the paper's) with five times the iterations, which take about the same time
-  (solver_cuhk01_cpu64_stage{1,2}.prototxt). --iters1/--iters2/--batch-pairs/--base-lr override
-  any of them for shorter runs. Training is mspcnn.engine.solve (what tools/train.py runs) with the net
-  the solvers name.
+  with AVX-512 (3.5-4 times as long on 2 AVX2 cores), whose files state every shortening and why;
+  `cpu64` (CUHK01 only) is that recipe at a 64 x 24 input (not the paper's) with five times the
+  iterations, which take about the same time (solver_cuhk01_cpu64_stage{1,2}.prototxt).
+  --iters1/--iters2/--batch-pairs/--base-lr override any of them for shorter runs. Training is
+  mspcnn.engine.solve (what tools/train.py runs) with the net the solvers name.
 * Loss sets (the paper's Table 5): cls; cls+high; cls+low; all. Default: all (the full model);
   --ablation runs the four; --loss-sets chooses (e.g. `--loss-sets cls+high all`, the paired
   comparison of the NCC loss). Each sets the loss weights of the net (0 turns a loss off). Every
