@@ -2,6 +2,7 @@
 single-shot CMC) with minimal training."""
 import json
 import re
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -64,6 +65,37 @@ def test_cpu64_recipe_converts_at_its_input_size(tmp_path, run_tool):
         assert DatumDB(str(out / "split00" / "db" / "probe.lmdb"))[0][0].shape == shape
     bad = run_tool("reproduce.py", "market1501", tmp_path / "raw", "--recipe", "cpu64", "--out", tmp_path / "m")
     assert bad.returncode == 2 and "--recipe cpu64: only for cuhk01" in bad.stderr
+
+
+def test_manifests_hash_what_the_prototxt_files_say(tmp_path):
+    """A stage's manifest (the record that lets a later invocation reuse or resume it) hashes the
+    solver and the net by their parsed content: an edit of comments or layout keeps it, a changed
+    value (the solver's base_lr, a layer's parameter) does not."""
+    from conftest import load_tool
+
+    reproduce = load_tool("reproduce")
+    stage1, _ = reproduce.solver_files("cuhk01-100", "cpu64")
+    net = reproduce.resolve_net_path(reproduce.cio.read_prototxt(stage1, reproduce.proto.SolverParameter).net,
+                                     str(stage1))
+    args = reproduce.argparse.Namespace(input_size=reproduce.CROP, batch_pairs=16, device="cpu", tf32=False)
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "train.json").write_text("{}")
+
+    def inputs(solver, net_path):
+        return reproduce.stage_inputs(args, solver, net_path, db, {"random_seed": 0}, [1, 1])
+
+    solver_text, net_text = stage1.read_text(), Path(net).read_text()
+    reworded = tmp_path / "reworded_solver.prototxt"
+    reworded.write_text("# another header\n" + re.sub(r"#.*", "", solver_text).replace(":", " :"))
+    renet = tmp_path / "reworded_net.prototxt"
+    renet.write_text("# a comment\n" + net_text.replace("\n", "\n\n"))
+    assert inputs(reworded, renet) == inputs(stage1, net)
+    changed = tmp_path / "changed_solver.prototxt"
+    changed.write_text(re.sub(r"base_lr: *[0-9.e-]+", "base_lr: 0.049", solver_text))
+    assert changed.read_text() != solver_text and inputs(changed, net)["solver"] != inputs(stage1, net)["solver"]
+    renet.write_text(net_text.replace("num_output: 32", "num_output: 31", 1))
+    assert renet.read_text() != net_text and inputs(stage1, renet)["net"] != inputs(stage1, net)["net"]
 
 
 @pytest.mark.slow

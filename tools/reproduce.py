@@ -34,8 +34,8 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   BatchNorm's moving_average_fraction in both stages' nets the same way (the cpu recipe's 0.986
   scales [1]'s averaging window with its shorter schedule).
 * Stage 1 is trained once per split, seed and cls/high weights: a later invocation with the same
-  --out reuses it when its manifest (solver, net, options, data and weights, by SHA-256) matches,
-  and says so. A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a snapshot and
+  --out reuses it when its manifest (solver, net, options, data and weights, by SHA-256; the
+  solver and net by what they say, so an edit of their comments keeps it) matches, and says so. A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a snapshot and
   stage{1,2}.partial.json: the same command resumes it from there when its inputs match.
 * --input-size HxW: the network's input (default [1]'s 144 x 56, the paper's setting; the cpu64
   recipe's 64 x 24). Another size
@@ -156,6 +156,14 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def prototxt_sha256(path, message_type):
+    """SHA-256 of what a prototxt file says rather than of its bytes: the parsed message, serialised
+    deterministically. An edit of its comments or layout keeps a manifest (and a stopped run's record)
+    valid; a changed value does not."""
+    message = cio.read_prototxt(path, message_type)
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
 def run_tag(args, uses_low):
     """The suffix naming a run's stage-2 settings: '_lr0.005' for --lr2, and for a loss set with the
     NCC loss '_wlow2_pf0.3_nc0.8' for --w-low/--pos-floor/--neg-ceiling; '' for the defaults."""
@@ -214,14 +222,17 @@ def resume_point(partial, inputs, where, stage):
 
 
 def stage_inputs(args, solver, net, db, overrides, loss_weights, **extra):
-    """What a stage's result depends on, by SHA-256 where a file: the solver, the net that trains
-    (``net``, or the one the solver names), the training records, the loss weights, the solver
-    overrides (the snapshot prefix aside), the batch, the device and the arithmetic; plus ``extra``.
-    Stage 1's manifest and the records to resume either stage from."""
+    """What a stage's result depends on: the solver and the net that trains (``net``, or the one the
+    solver names) by what they say (:func:`prototxt_sha256`: comments aside), the training records
+    by SHA-256, the loss weights, the solver overrides (the snapshot prefix aside), the batch, the
+    device and the arithmetic; plus ``extra``. Stage 1's manifest and the records to resume either
+    stage from."""
     sp = cio.read_prototxt(solver, proto.SolverParameter)
     if tuple(args.input_size) != CROP:  # (recorded only when not [1]'s, so earlier records stay valid)
         extra = dict(extra, input_size=list(args.input_size))
-    return {**extra, "solver": sha256(solver), "net": sha256(net or resolve_net_path(sp.net, str(solver))),
+    net = net or resolve_net_path(sp.net, str(solver))
+    return {**extra, "solver": prototxt_sha256(solver, proto.SolverParameter),
+            "net": prototxt_sha256(net, proto.NetParameter),
             "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights),
             "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
             "batch_pairs": args.batch_pairs, "device": args.device, "tf32": args.tf32}
