@@ -67,6 +67,26 @@ def test_cpu64_recipe_converts_at_its_input_size(tmp_path, run_tool):
     assert bad.returncode == 2 and "--recipe cpu64: only for cuhk01" in bad.stderr
 
 
+def test_a_split_converted_again_with_other_options_is_announced(tmp_path, run_tool):
+    """Converting a split into an --out folder that holds it converted with other options (here
+    another --val-ids) says what changed, since the stages trained there are then not reused; the
+    same options again say nothing."""
+    fabricate_cuhk01(tmp_path / "raw")
+    out = tmp_path / "out"
+
+    def convert(val_ids):
+        proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--splits", "1",
+                        "--val-ids", str(val_ids), "--convert-only", "--input-size", "64x24")
+        assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+        return proc.stdout
+
+    assert "note:" not in convert(4)
+    note = convert(6)
+    assert "converted with other options" in note and "val images 16 -> 24" in note
+    assert "train images 104 -> 96" in note and "probe" not in note
+    assert "note:" not in convert(6)
+
+
 def test_manifests_hash_what_the_prototxt_files_say(tmp_path):
     """A stage's manifest (the record that lets a later invocation reuse or resume it) hashes the
     solver and the net by their parsed content: an edit of comments or layout keeps it, a changed

@@ -117,6 +117,18 @@ def convert(dataset, raw, out, split, val_ids=None, input_size=CROP):
     return convert_market1501(raw, out, progress=False, **kw)
 
 
+def converted_options(db):
+    """The options and the splits' sizes a converted folder's manifest records (None when there is
+    no readable manifest): what tells one conversion of a split from another."""
+    try:
+        with open(os.path.join(db, "manifest.json")) as f:
+            manifest = json.load(f)
+        return {**manifest.get("options", {}),
+                **{f"{k} images": v.get("images") for k, v in manifest.get("splits", {}).items()}}
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def solver_files(dataset, recipe="paper"):
     name = dataset.split("-")[0]
     if recipe != "paper":
@@ -468,11 +480,18 @@ def main(argv=None):
     for split in range(n_splits):
         db = os.path.join(args.out, f"split{split:02d}", "db")
         print(f"== split {split + 1}/{n_splits}: converting", flush=True)
+        before = converted_options(db)
         try:
             convert(args.dataset, args.raw_dir, db, split, args.val_ids, args.input_size)
         except (FileNotFoundError, ValueError, ImportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        after = converted_options(db)
+        if before is not None and before != after:
+            changed = ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in sorted(set(before) | set(after))
+                                if before.get(k) != after.get(k))
+            print(f"   note: {db} held this split converted with other options ({changed}): the stages "
+                  "trained on those records are not reused (their manifests name the records)", flush=True)
         if args.convert_only:
             continue
         for seed in seeds:
