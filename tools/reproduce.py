@@ -35,7 +35,8 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   scales [1]'s averaging window with its shorter schedule).
 * Stage 1 is trained once per split, seed and cls/high weights: a later invocation with the same
   --out reuses it when its manifest (solver, net, options, data and weights, by SHA-256; the
-  solver and net by what they say, so an edit of their comments keeps it) matches, and says so. A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a snapshot and
+  solver and net by what they say, so an edit of their comments keeps it) matches, and says so.
+  A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a snapshot and
   stage{1,2}.partial.json: the same command resumes it from there when its inputs match.
 * --input-size HxW: the network's input (default [1]'s 144 x 56, the paper's setting; the cpu64
   recipe's 64 x 24). Another size
