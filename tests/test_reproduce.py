@@ -91,13 +91,16 @@ def test_manifests_hash_what_the_prototxt_files_say(tmp_path):
     """A stage's manifest (the record that lets a later invocation reuse or resume it) hashes the
     solver and the net by their parsed content: an edit of comments or layout keeps it, a changed
     value (the solver's base_lr, a layer's parameter) does not."""
+    from argparse import Namespace
+
     from conftest import load_tool
+    from mspcnn.caffe import io as cio
+    from mspcnn.caffe import proto
 
     reproduce = load_tool("reproduce")
     stage1, _ = reproduce.solver_files("cuhk01-100", "cpu64")
-    net = reproduce.resolve_net_path(reproduce.cio.read_prototxt(stage1, reproduce.proto.SolverParameter).net,
-                                     str(stage1))
-    args = reproduce.argparse.Namespace(input_size=reproduce.CROP, batch_pairs=16, device="cpu", tf32=False)
+    net = reproduce.resolve_net_path(cio.read_prototxt(stage1, proto.SolverParameter).net, str(stage1))
+    args = Namespace(input_size=reproduce.CROP, batch_pairs=16, device="cpu", tf32=False)
     db = tmp_path / "db"
     db.mkdir()
     (db / "train.json").write_text("{}")
