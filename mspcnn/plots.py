@@ -57,14 +57,37 @@ def _panel(img, box, series, title, ylabel, x_max, y_range, percent=False):
     cv2.rectangle(img, (x0, y0), (x1, y1), (0, 0, 0), 1)
     cv2.putText(img, title, (x0, y0 - 10), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, ylabel, (x0 + 5, y0 + 15), font, 0.4, (80, 80, 80), 1, cv2.LINE_AA)
-    for k, (name, (xs, ys)) in enumerate(series.items()):
+    lines = [np.array([(x(a), y(b)) for a, b in zip(xs, ys) if np.isfinite(b)], np.int32)
+             for xs, ys in series.values()]
+    width = max(cv2.getTextSize(name, font, 0.4, 1)[0][0] for name in series) + 10
+    legend_top = _legend_top(lines, (x1 - width, x1), (y0 + 4, y1 - 4), 16 * len(series) + 6)
+    for k, (name, pts) in enumerate(zip(series, lines)):
         color = COLORS[k % len(COLORS)]
-        pts = np.array([(x(a), y(b)) for a, b in zip(xs, ys) if np.isfinite(b)], np.int32)
         if len(pts) > 1:
             cv2.polylines(img, [pts], False, color, 2, cv2.LINE_AA)
         for p in pts if len(pts) <= 40 else []:
             cv2.circle(img, tuple(int(c) for c in p), 3, color, -1, cv2.LINE_AA)
-        cv2.putText(img, name, (x1 - 230, y0 + 18 + 16 * k), font, 0.4, color, 1, cv2.LINE_AA)
+        cv2.putText(img, name, (x1 - width, legend_top + 14 + 16 * k), font, 0.4, color, 1, cv2.LINE_AA)
+
+
+def _legend_top(lines, x_range, y_range, height):
+    """The top edge of a legend ``height`` pixels tall in the panel's right-hand corner that the
+    curves (``lines``, arrays of (x, y) pixels) cross less: the top corner (``y_range[0]``) or the
+    bottom one; the top on a tie. A curve counts at every pixel column of the legend's width, its
+    height there interpolated between its points."""
+    (left, right), (top, bottom) = x_range, y_range
+    cols = np.arange(left, right + 1)
+    hits = {top: 0, bottom - height: 0}
+    for pts in lines:
+        if len(pts) == 0:
+            continue
+        order = np.argsort(pts[:, 0], kind="stable")
+        xs, ys = pts[order, 0], pts[order, 1]
+        inside = cols[(cols >= xs[0]) & (cols <= xs[-1])]
+        at = np.interp(inside, xs, ys)
+        for edge in hits:
+            hits[edge] += int(((at >= edge) & (at <= edge + height)).sum())
+    return min(hits, key=lambda edge: (hits[edge], edge))
 
 
 def draw_curves(path, loss, score, title="learning curve", xlabel="iteration", score_label="rank-1",

@@ -73,6 +73,30 @@ def test_learning_curves(tmp_path):
         draw_curves(tmp_path / "d.png", {}, {})
 
 
+def test_a_panels_legend_takes_the_corner_its_curves_leave_free(tmp_path):
+    """The legend goes to the right-hand corner (top or bottom) that the curves cross less: below a
+    rising validation curve, above a falling loss, at the top when neither corner is crossed."""
+    from mspcnn.plots import _legend_top, draw_curves
+
+    rising = np.array([(x, 300 - x) for x in range(0, 301, 30)])  # pixel y grows downwards
+    falling = rising[:, ::-1].copy()
+    falling[:, 0] = rising[:, 0]
+    flat = np.array([(0, 150), (300, 150)])
+    assert _legend_top([rising], (200, 300), (0, 300), 40) == 260
+    assert _legend_top([falling], (200, 300), (0, 300), 40) == 0
+    assert _legend_top([flat], (200, 300), (0, 300), 40) == 0
+    it = np.arange(0, 200, 20)
+    draw_curves(tmp_path / "c.png", {"seed 0": (it, 6 - it / 50)}, {"seed 0": (it, 0.1 + it / 250)})
+    img = cv2.imread(str(tmp_path / "c.png")).astype(int)
+    blue = (np.abs(img - np.array([200, 80, 30])).sum(2) < 60)
+    text = slice(720 - 20 - 40, 720 - 20 - 10)  # where "seed 0" stands, right-aligned in a panel
+    upper, lower = blue[40:370, text], blue[390:680, text]  # the loss panel, the validation panel
+    # The curves leave the loss panel's top right and the validation panel's bottom right free: what
+    # is blue there is the legend.
+    assert upper[:30].sum() > 20 and upper[-30:].sum() == 0
+    assert lower[-30:].sum() > 20 and lower[:30].sum() < 20
+
+
 def test_ranking_enlarges_small_images_and_wraps_the_legend(tmp_path):
     """Small images (a net trained at 64 x 24) are enlarged by a whole factor, pixels repeated;
     a legend longer than the picture is wrapped onto more lines instead of being cut."""
