@@ -169,11 +169,10 @@ def sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def prototxt_sha256(path, message_type):
-    """SHA-256 of what a prototxt file says rather than of its bytes: the parsed message, serialised
-    deterministically. An edit of its comments or layout keeps a manifest (and a stopped run's record)
-    valid; a changed value does not."""
-    message = cio.read_prototxt(path, message_type)
+def message_sha256(message):
+    """SHA-256 of what a parsed prototxt says rather than of its file's bytes: the message, serialised
+    deterministically. An edit of the file's comments or layout keeps a manifest (and a stopped run's
+    record) valid; a changed value does not."""
     return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
 
 
@@ -236,16 +235,15 @@ def resume_point(partial, inputs, where, stage):
 
 def stage_inputs(args, solver, net, db, overrides, loss_weights, **extra):
     """What a stage's result depends on: the solver and the net that trains (``net``, or the one the
-    solver names) by what they say (:func:`prototxt_sha256`: comments aside), the training records
+    solver names) by what they say (:func:`message_sha256`: comments aside), the training records
     by SHA-256, the loss weights, the solver overrides (the snapshot prefix aside), the batch, the
     device and the arithmetic; plus ``extra``. Stage 1's manifest and the records to resume either
     stage from."""
     sp = cio.read_prototxt(solver, proto.SolverParameter)
     if tuple(args.input_size) != CROP:  # (recorded only when not [1]'s, so earlier records stay valid)
         extra = dict(extra, input_size=list(args.input_size))
-    net = net or resolve_net_path(sp.net, str(solver))
-    return {**extra, "solver": prototxt_sha256(solver, proto.SolverParameter),
-            "net": prototxt_sha256(net, proto.NetParameter),
+    net = cio.read_prototxt(net or resolve_net_path(sp.net, str(solver)), proto.NetParameter)
+    return {**extra, "solver": message_sha256(sp), "net": message_sha256(net),
             "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights),
             "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
             "batch_pairs": args.batch_pairs, "device": args.device, "tf32": args.tf32}
