@@ -32,3 +32,37 @@ def test_bad_input(tmp_path, run_tool):
     (tmp_path / "bad.json").write_text("{")
     proc = run_tool("results_tables.py", tmp_path / "bad.json")
     assert proc.returncode == 2 and "not a readable JSON file" in proc.stderr
+
+
+def test_files_of_one_experiment_are_pooled_and_others_are_not(tmp_path, run_tool):
+    first = record({"cls+high": [0.20, 0.22, 0.24], "all": [0.21, 0.22, 0.27]})
+    second = record({"cls+high": [0.30, 0.32], "all": [0.29, 0.33]})
+    for runs in second["ours"].values():  # seeds 3 and 4
+        for r in runs["runs"]:
+            r["seed"] += 3
+    for r in (first, second):
+        r["args"] = {"input_size": [64, 24], "val_ids": 50, "pos_floor": 0.3}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(second))
+    proc = run_tool("results_tables.py", a, b)
+    assert proc.returncode == 0, proc.stderr
+    # each file's own paired effect, then all five runs together
+    assert "all − cls+high, rank-1, 3 paired run(s): +1.0, +0.0, +3.0;" in proc.stdout
+    assert "all − cls+high, rank-1, 2 paired run(s): -1.0, +1.0;" in proc.stdout
+    pooled = proc.stdout.split("Pooled: the runs of the 2 files together")[1]
+    assert "| cls+high | 5 | 25.6 ± 5.2 |" in pooled and "| all | 5 | 26.4 ± 5.0 |" in pooled
+    assert "all − cls+high, rank-1, 5 paired run(s): +1.0, +0.0, +3.0, -1.0, +1.0; mean +0.8 ± 1.5 points" in pooled
+    assert "the other ranks: rank5 +0.0 ± 0.0" in pooled
+
+    b.write_text(json.dumps(first))  # the same runs twice: counted once would be wrong, twice worse
+    proc = run_tool("results_tables.py", a, b)
+    assert proc.returncode == 0 and "Pooled" not in proc.stdout
+    assert "Not pooled: the run split 0, seed 0, stage-1 seed None, cls+high is in both" in proc.stdout
+
+    second["args"]["pos_floor"] = -1.0  # another setting of the NCC loss: another experiment
+    second["recipe"] = "cpu64"
+    b.write_text(json.dumps(second))
+    proc = run_tool("results_tables.py", a, b)
+    assert proc.returncode == 0 and "Pooled" not in proc.stdout
+    assert "Not pooled: different settings: recipe 'cpu' in" in proc.stdout and "pos_floor 0.3 in" in proc.stdout

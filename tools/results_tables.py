@@ -8,9 +8,13 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   (and mAP where measured), in %, beside the chance level and the paper's figure.
 * Per run: the validation rank-1 at the end of stage 1 and of stage 2, and the test rank-1 of each
   loss set; the paired effect of the NCC loss (all - cls+high, cls+low - cls) per run and its mean,
-  sample standard deviation and 95% t-interval.
-* Several JSON files: their runs are listed one after another (each file's own summary is kept
-  separate; nothing is averaged across files).
+  sample standard deviation and 95% t-interval (rank-1; then the other ranks' means and intervals).
+* Several JSON files: each file's tables and paired effect, then the runs of all files pooled (the
+  loss sets' mean +- standard deviation and the paired effect over every run) when the files are
+  runs of one experiment: the same dataset, recipe and training settings (input size, validation
+  identities, the NCC loss's parameters, stage 2's rate, iterations, batch, TF32, gallery draws)
+  and no run twice (a run: split, seed, stage-1 seed and loss set). Otherwise it says why it does
+  not pool them.
 * --sweep: the sweep's configurations with their validation figures.
 Reads only; prints to standard output.
 """
@@ -18,10 +22,16 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
 from mspcnn.cli import run
 from mspcnn.evaluation import NCC_PAIRS, paired_summary
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
+# reproduce.py's options that change what a run computes: files pool only when they agree on these
+# (the device and the validation interval do not change the recipe; TF32 changes the arithmetic).
+SETTINGS = ("input_size", "val_ids", "w_low", "pos_floor", "neg_ceiling", "lr2", "bn_maf", "iters1",
+            "iters2", "batch_pairs", "base_lr", "tf32", "repeats")
 
 
 def load(path):
@@ -38,11 +48,12 @@ def fmt(mean, sd=None):
     return f"{mean:.1f}" if sd is None else f"{mean:.1f} ± {sd:.1f}"
 
 
-def summary_table(record, name):
-    ours = record.get("ours") or {}
+def summary_table(record, name, ours=None):
+    """The loss sets' table; ``ours`` (default: the record's own) as reproduce.py writes it."""
+    ours = ours if ours is not None else record.get("ours") or {}
     if not ours:
         raise ValueError(f"{name}: no finished runs (\"ours\" is empty)")
-    keys = [k for k in KEYS if k in next(iter(ours.values()))["mean"]]
+    keys = [k for k in KEYS if all(k in entry["mean"] for entry in ours.values())]
     lines = ["| loss set | runs | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for loss_set, entry in ours.items():
         n = entry["n"]
@@ -89,7 +100,53 @@ def paired_lines(all_runs):
             text += (f"; mean {e['mean']:+.1f} ± {e['std']:.1f} points, 95% interval "
                      f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
         lines.append(text)
+        others = []
+        for k in KEYS[1:]:
+            runs = [sets for sets in all_runs if with_low in sets and without in sets]
+            if len(runs) < 2 or not all(k in sets[with_low] and k in sets[without] for sets in runs):
+                continue
+            e = paired_summary([100 * (sets[with_low][k] - sets[without][k]) for sets in runs])
+            others.append(f"{k} {e['mean']:+.1f} ± {e['std']:.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
+        if others:
+            lines.append(f"{with_low} − {without}, the other ranks: " + ", ".join(others))
     return lines
+
+
+def settings(record):
+    """What a file's runs were trained and measured with, for the pooling check."""
+    args = record.get("args") or {}
+    out = {"dataset": record.get("dataset"), "recipe": record.get("recipe")}
+    out.update({k: args.get(k) for k in SETTINGS})
+    out["tf32"] = bool(out["tf32"])  # absent in files written before the option existed: off
+    return out
+
+
+def pool(records):
+    """The runs of several files as one "ours" ({loss set: n, mean, std, runs}, in % as reproduce.py
+    writes it) and their rows by run; or a ValueError saying why they are not one experiment."""
+    (first, s0), *rest = [(path, settings(r)) for path, r in records]
+    for path, s in rest:
+        differ = [f"{k} {s0[k]!r} in {first}, {s[k]!r} in {path}" for k in s0 if s[k] != s0[k]]
+        if differ:
+            raise ValueError("different settings: " + "; ".join(differ))
+    seen, ours, rows = {}, {}, {}
+    for path, record in records:
+        for loss_set, entry in record["ours"].items():
+            for r in entry["runs"]:
+                key = (r["split"], r["seed"], r.get("stage1_seed"), loss_set)
+                if key in seen:
+                    raise ValueError(f"the run split {key[0]}, seed {key[1]}, stage-1 seed {key[2]}, {loss_set} "
+                                     f"is in both {seen[key]} and {path}")
+                seen[key] = path
+                ours.setdefault(loss_set, []).append(r)
+                rows.setdefault(key[:3], {})[loss_set] = r
+    for loss_set, runs in ours.items():
+        keys = [k for k in KEYS if all(k in r for r in runs)]
+        values = {k: [100 * r[k] for r in runs] for k in keys}
+        ours[loss_set] = {"n": len(runs), "runs": runs,
+                          "mean": {k: float(np.mean(v)) for k, v in values.items()},
+                          "std": {k: float(np.std(v, ddof=1)) if len(v) > 1 else None for k, v in values.items()}}
+    return ours, list(rows.values())
 
 
 def main(argv=None):
@@ -98,7 +155,6 @@ def main(argv=None):
     p.add_argument("--sweep", help="a sweep.json of tools/sweep_stage2.py")
     args = p.parse_args(argv)
     records = [(path, load(path)) for path in args.results]
-    all_runs = []
     for path, record in records:
         print(f"{path}: {record.get('dataset')}, recipe {record.get('recipe')}, in %\n")
         print("\n".join(summary_table(record, path)) + "\n")
@@ -116,10 +172,20 @@ def main(argv=None):
                 cells.append(" / ".join("–" if v is None else f"{v:.1f}" for v in (v1, v2))
                              + f", **{100 * row[s]['rank1']:.1f}**")
             print(f"| {split} | {seed} | " + " | ".join(cells) + " |")
-            all_runs.append(row)
         print()
-    for line in paired_lines(all_runs):
-        print(line)
+        for line in paired_lines(list(runs.values())):
+            print(line)
+        print()
+    if len(records) > 1:
+        try:
+            ours, rows = pool(records)
+        except ValueError as exc:
+            print(f"Not pooled: {exc}.")
+        else:
+            print(f"Pooled: the runs of the {len(records)} files together, in %\n")
+            print("\n".join(summary_table(records[0][1], "pooled", ours)) + "\n")
+            for line in paired_lines(rows):
+                print(line)
     if args.sweep:
         sweep = load(args.sweep)
         print(f"\n{args.sweep}: validation identities only, one seed ({sweep.get('seed')})\n")
