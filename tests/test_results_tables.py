@@ -32,6 +32,12 @@ def test_bad_input(tmp_path, run_tool):
     (tmp_path / "bad.json").write_text("{")
     proc = run_tool("results_tables.py", tmp_path / "bad.json")
     assert proc.returncode == 2 and "not a readable JSON file" in proc.stderr
+    (tmp_path / "list.json").write_text("[1, 2]")  # JSON, but not reproduce.py's
+    proc = run_tool("results_tables.py", tmp_path / "list.json")
+    assert proc.returncode == 2 and "list.json: not a results JSON of tools/reproduce.py" in proc.stderr
+    (tmp_path / "cut.json").write_text('{"ours": {"all": {"n": 1}}}')
+    proc = run_tool("results_tables.py", tmp_path / "cut.json")
+    assert proc.returncode == 2 and "cut.json: \"ours\" / 'all': needs" in proc.stderr
 
 
 def test_files_of_one_experiment_are_pooled_and_others_are_not(tmp_path, run_tool):

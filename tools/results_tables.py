@@ -44,6 +44,22 @@ def load(path):
         raise ValueError(f"{path}: not a readable JSON file ({exc})") from None
 
 
+def load_results(path):
+    """A results JSON of reproduce.py, checked for what the tables read (ValueError naming the file
+    and the entry otherwise)."""
+    record = load(path)
+    if not isinstance(record, dict) or not isinstance(record.get("ours"), dict):
+        raise ValueError(f"{path}: not a results JSON of tools/reproduce.py (no \"ours\" object)")
+    for loss_set, entry in record["ours"].items():
+        where = f"{path}: \"ours\" / {loss_set!r}"
+        if not isinstance(entry, dict) or not all(k in entry for k in ("n", "mean", "std", "runs")):
+            raise ValueError(f"{where}: needs \"n\", \"mean\", \"std\" and \"runs\"")
+        for r in entry["runs"]:
+            if not isinstance(r, dict) or not all(k in r for k in ("split", "seed", "rank1")):
+                raise ValueError(f"{where}: a run without \"split\", \"seed\" or \"rank1\": {r!r}")
+    return record
+
+
 def fmt(mean, sd=None):
     return f"{mean:.1f}" if sd is None else f"{mean:.1f} ± {sd:.1f}"
 
@@ -154,7 +170,7 @@ def main(argv=None):
     p.add_argument("results", nargs="+", help="results JSON files of tools/reproduce.py")
     p.add_argument("--sweep", help="a sweep.json of tools/sweep_stage2.py")
     args = p.parse_args(argv)
-    records = [(path, load(path)) for path in args.results]
+    records = [(path, load_results(path)) for path in args.results]
     for path, record in records:
         print(f"{path}: {record.get('dataset')}, recipe {record.get('recipe')}, in %\n")
         print("\n".join(summary_table(record, path)) + "\n")
