@@ -38,6 +38,10 @@ def test_bad_input(tmp_path, run_tool):
     (tmp_path / "cut.json").write_text('{"ours": {"all": {"n": 1}}}')
     proc = run_tool("results_tables.py", tmp_path / "cut.json")
     assert proc.returncode == 2 and "cut.json: \"ours\" / 'all': needs" in proc.stderr
+    good = tmp_path / "r.json"
+    good.write_text(json.dumps(record({"all": [0.2]})))
+    proc = run_tool("results_tables.py", good, "--sweep", tmp_path / "cut.json")  # not a sweep: nothing printed
+    assert proc.returncode == 2 and "cut.json: not a sweep.json" in proc.stderr and proc.stdout == ""
 
 
 def test_files_of_one_experiment_are_pooled_and_others_are_not(tmp_path, run_tool):

@@ -128,6 +128,17 @@ def paired_lines(all_runs):
     return lines
 
 
+def load_sweep(path):
+    """A sweep.json of sweep_stage2.py, checked for what the table reads."""
+    sweep = load(path)
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("runs"), list) or not all(
+            isinstance(r, dict) and all(k in r for k in ("name", "val", "loss", "seconds"))
+            and isinstance(r["val"], dict) and all(k in r["val"] for k in ("rank1", "mAP")) for r in sweep["runs"]):
+        raise ValueError(f"{path}: not a sweep.json of tools/sweep_stage2.py (\"runs\", each with \"name\", "
+                         "\"val\" (rank1, mAP), \"loss\" and \"seconds\")")
+    return sweep
+
+
 def settings(record):
     """What a file's runs were trained and measured with, for the pooling check."""
     args = record.get("args") or {}
@@ -171,6 +182,7 @@ def main(argv=None):
     p.add_argument("--sweep", help="a sweep.json of tools/sweep_stage2.py")
     args = p.parse_args(argv)
     records = [(path, load_results(path)) for path in args.results]
+    sweep = load_sweep(args.sweep) if args.sweep else None  # both checked before anything is printed
     for path, record in records:
         print(f"{path}: {record.get('dataset')}, recipe {record.get('recipe')}, in %\n")
         print("\n".join(summary_table(record, path)) + "\n")
@@ -202,8 +214,7 @@ def main(argv=None):
             print("\n".join(summary_table(records[0][1], "pooled", ours)) + "\n")
             for line in paired_lines(rows):
                 print(line)
-    if args.sweep:
-        sweep = load(args.sweep)
+    if sweep:
         print(f"\n{args.sweep}: validation identities only, one seed ({sweep.get('seed')})\n")
         print("| configuration | val rank-1 | val mAP | final training loss | seconds |")
         print("|---|---:|---:|---:|---:|")
