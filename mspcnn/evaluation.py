@@ -5,8 +5,9 @@
   tools/convert_dataset.py;
 * :func:`protocol_of` and :func:`evaluate_features`: that folder evaluated with its dataset's
   protocol, through the pure metrics of :mod:`mspcnn.metrics`;
-* :data:`NCC_PAIRS` and :func:`paired_summary`: the paired comparison of the NCC loss over runs
-  (tools/reproduce.py, tools/results_tables.py).
+* :func:`run_summary`: a loss set's figures over its runs; :data:`NCC_PAIRS` and
+  :func:`paired_summary`: the paired comparison of the NCC loss over runs (tools/reproduce.py,
+  tools/results_tables.py).
 """
 import json
 import os
@@ -24,13 +25,22 @@ from mspcnn.metrics import (euclidean_distances, market_ranking_stats, market_ra
 from mspcnn.reranking import k_reciprocal_distances
 
 __all__ = ["extract_features", "folder_features", "db_size_note", "protocol_of", "evaluate_features", "PROTOCOLS",
-           "NCC_PAIRS", "paired_summary"]
+           "NCC_PAIRS", "paired_summary", "run_summary"]
 
 PROTOCOLS = ("market1501", "single-shot")
 
 # The loss sets of the paper's Table 5 that differ by the NCC loss alone: (with it, without it). Each
 # pair starts stage 2 from the same stage-1 weights (same split and seed).
 NCC_PAIRS = (("cls+low", "cls"), ("all", "cls+high"))
+
+
+def run_summary(runs, keys):
+    """A loss set's figures over its runs (each a dict of fractions), as the results JSON keeps
+    them: {"mean", "std" (sample; 0 for a single run), "n", "runs"}, the figures of ``keys`` in %."""
+    values = {k: [r[k] for r in runs] for k in keys}
+    ddof = 1 if len(runs) > 1 else 0
+    return {"mean": {k: 100 * float(np.mean(v)) for k, v in values.items()},
+            "std": {k: 100 * float(np.std(v, ddof=ddof)) for k, v in values.items()}, "n": len(runs), "runs": runs}
 
 
 def paired_summary(differences, level=0.95):

@@ -79,7 +79,7 @@ from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_thr
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.data.transformer import CROP, image_size_for
 from mspcnn.engine import TrainingError, solve
-from mspcnn.evaluation import NCC_PAIRS, evaluate_features, folder_features, paired_summary
+from mspcnn.evaluation import NCC_PAIRS, evaluate_features, folder_features, paired_summary, run_summary
 from mspcnn.metrics import euclidean_distances, market1501_official
 from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
@@ -333,13 +333,7 @@ def write_results(args, n_splits, seeds, results, chance, histories):
     """Mean and spread (in %) of every loss set over its finished runs; writes OUT/<name>.json
     atomically and returns the summary."""
     keys = ["rank1", "rank5", "rank10", "rank20"] + (["mAP"] if args.dataset == "market1501" else [])
-    summary = {}
-    for name, rows in results.items():
-        if rows:
-            ddof = 1 if len(rows) > 1 else 0
-            summary[name] = {"mean": {k: 100 * float(np.mean([r[k] for r in rows])) for k in keys},
-                             "std": {k: 100 * float(np.std([r[k] for r in rows], ddof=ddof)) for k in keys},
-                             "n": len(rows), "runs": rows}
+    summary = {name: run_summary(rows, keys) for name, rows in results.items() if rows}
     record = {"dataset": args.dataset, "recipe": args.recipe, "splits": n_splits, "seeds": seeds,
               "paper": PAPER[args.dataset], "ours": summary, "paired": paired_differences(summary, keys),
               "chance": {k: 100 * v for k, v in chance.items()} if chance else None,

@@ -22,10 +22,8 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 from mspcnn.cli import run
-from mspcnn.evaluation import NCC_PAIRS, paired_summary
+from mspcnn.evaluation import NCC_PAIRS, paired_summary, run_summary
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # reproduce.py's options that change what a run computes: files pool only when they agree on these
@@ -106,10 +104,10 @@ def per_run_rows(record):
 def paired_lines(all_runs):
     lines = []
     for with_low, without in NCC_PAIRS:
-        d = [100 * (sets[with_low]["rank1"] - sets[without]["rank1"]) for sets in all_runs
-             if with_low in sets and without in sets]
-        if not d:
+        runs = [sets for sets in all_runs if with_low in sets and without in sets]
+        if not runs:
             continue
+        d = [100 * (sets[with_low]["rank1"] - sets[without]["rank1"]) for sets in runs]
         text = f"{with_low} − {without}, rank-1, {len(d)} paired run(s): " + ", ".join(f"{x:+.1f}" for x in d)
         e = paired_summary(d)
         if e["std"] is not None:
@@ -118,7 +116,6 @@ def paired_lines(all_runs):
         lines.append(text)
         others = []
         for k in KEYS[1:]:
-            runs = [sets for sets in all_runs if with_low in sets and without in sets]
             if len(runs) < 2 or not all(k in sets[with_low] and k in sets[without] for sets in runs):
                 continue
             e = paired_summary([100 * (sets[with_low][k] - sets[without][k]) for sets in runs])
@@ -167,12 +164,8 @@ def pool(records):
                 seen[key] = path
                 ours.setdefault(loss_set, []).append(r)
                 rows.setdefault(key[:3], {})[loss_set] = r
-    for loss_set, runs in ours.items():
-        keys = [k for k in KEYS if all(k in r for r in runs)]
-        values = {k: [100 * r[k] for r in runs] for k in keys}
-        ours[loss_set] = {"n": len(runs), "runs": runs,
-                          "mean": {k: float(np.mean(v)) for k, v in values.items()},
-                          "std": {k: float(np.std(v, ddof=1)) if len(v) > 1 else None for k, v in values.items()}}
+    ours = {loss_set: run_summary(runs, [k for k in KEYS if all(k in r for r in runs)])
+            for loss_set, runs in ours.items()}
     return ours, list(rows.values())
 
 
