@@ -76,3 +76,35 @@ def test_files_of_one_experiment_are_pooled_and_others_are_not(tmp_path, run_too
     proc = run_tool("results_tables.py", a, b)
     assert proc.returncode == 0 and "Pooled" not in proc.stdout
     assert "Not pooled: different settings: recipe 'cpu' in" in proc.stdout and "pos_floor 0.3 in" in proc.stdout
+
+
+def test_own_stage1_keeps_the_runs_with_their_own_stage_1(tmp_path, run_tool):
+    # seeds 0 and 1 of one stage 1 (seed 0), as reproduce.py --stage1-seed 0 --seeds 0 1 writes them
+    shared = record({"cls+high": [0.20, 0.22], "all": [0.21, 0.25]})
+    for entry in shared["ours"].values():
+        for r in entry["runs"]:
+            r["stage1_seed"] = 0
+    later = record({"cls+high": [0.9, 0.30], "all": [0.9, 0.32]})  # seed 1 with its own stage 1
+    for entry in later["ours"].values():
+        entry["runs"] = entry["runs"][1:]
+        entry["runs"][0]["stage1_seed"] = 1
+    only_shared = record({"all": [0.5, 0.5]})
+    for r in only_shared["ours"]["all"]["runs"]:
+        r["seed"] += 2
+        r["stage1_seed"] = 0
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    for path, rec in ((a, shared), (b, later), (c, only_shared)):
+        path.write_text(json.dumps(rec))
+    proc = run_tool("results_tables.py", a, b, c, "--own-stage1")
+    assert proc.returncode == 0, proc.stderr
+    assert "c.json: left out, no run has a stage 1 trained with its own seed" in proc.stdout
+    first = proc.stdout.split("a.json:")[1].split("b.json:")[0]
+    assert "| all | 1 | 21.0 |" in first  # seed 1 of stage 1 seed 0 is not counted, and the mean is redone
+    pooled = proc.stdout.split("Pooled: the runs of the 2 files together")[1]
+    assert "| cls+high | 2 | 25.0 ± 7.1 |" in pooled
+    assert "all − cls+high, rank-1, 2 paired run(s): +1.0, +2.0;" in pooled
+    # without the option every run counts, and the file of shared stage 1s pools too
+    proc = run_tool("results_tables.py", a, b, c)
+    assert proc.returncode == 0 and "Pooled: the runs of the 3 files together" in proc.stdout
+    proc = run_tool("results_tables.py", c, "--own-stage1")
+    assert proc.returncode == 2 and "none of the files has a run" in proc.stderr and "Traceback" not in proc.stderr

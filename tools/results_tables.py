@@ -15,6 +15,11 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   identities, the NCC loss's parameters, stage 2's rate, iterations, batch, TF32, gallery draws)
   and no run twice (a run: split, seed, stage-1 seed and loss set). Otherwise it says why it does
   not pool them.
+* --own-stage1: only the runs whose stage 1 was trained with their own seed (stage-1 seed = seed;
+  runs written before --stage1-seed existed record none and always were), so that a loss set's spread
+  and the paired effect include stage 1's seed-to-seed spread. Runs that share one stage 1 across
+  stage-2 seeds (reproduce.py --stage1-seed) are left out, except the one whose seed is that stage
+  1's.
 * --sweep: the sweep's configurations with their validation figures.
 Reads only; prints to standard output.
 """
@@ -56,6 +61,17 @@ def load_results(path):
             if not isinstance(r, dict) or not all(k in r for k in ("split", "seed", "rank1")):
                 raise ValueError(f"{where}: a run without \"split\", \"seed\" or \"rank1\": {r!r}")
     return record
+
+
+def own_stage1(record):
+    """The record with only the runs whose stage 1 was trained with their own seed, and each loss
+    set's mean and spread recomputed over them (a loss set left with no run is dropped)."""
+    ours = {}
+    for loss_set, entry in record["ours"].items():
+        runs = [r for r in entry["runs"] if r.get("stage1_seed", r["seed"]) == r["seed"]]
+        if runs:
+            ours[loss_set] = run_summary(runs, [k for k in KEYS if all(k in r for r in runs)])
+    return {**record, "ours": ours}
 
 
 def fmt(mean, sd=None):
@@ -173,8 +189,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="results JSON files of tools/reproduce.py")
     p.add_argument("--sweep", help="a sweep.json of tools/sweep_stage2.py")
+    p.add_argument("--own-stage1", action="store_true",
+                   help="only the runs whose stage 1 was trained with their own seed (stage-1 seed = seed)")
     args = p.parse_args(argv)
     records = [(path, load_results(path)) for path in args.results]
+    if args.own_stage1:
+        records = [(path, own_stage1(record)) for path, record in records]
+        for path, record in records:
+            if not record["ours"]:
+                print(f"{path}: left out, no run has a stage 1 trained with its own seed "
+                      "(its runs share the stage 1 of another seed: --stage1-seed)\n")
+        records = [(path, record) for path, record in records if record["ours"]]
+        if not records:
+            raise ValueError("--own-stage1: none of the files has a run whose stage 1 was trained with its own seed")
     sweep = load_sweep(args.sweep) if args.sweep else None  # both checked before anything is printed
     for path, record in records:
         print(f"{path}: {record.get('dataset')}, recipe {record.get('recipe')}, in %\n")
