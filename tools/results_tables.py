@@ -193,16 +193,16 @@ def main(argv=None):
                    help="only the runs whose stage 1 was trained with their own seed (stage-1 seed = seed)")
     args = p.parse_args(argv)
     records = [(path, load_results(path)) for path in args.results]
+    sweep = load_sweep(args.sweep) if args.sweep else None  # all checked before anything is printed
     if args.own_stage1:
         records = [(path, own_stage1(record)) for path, record in records]
-        for path, record in records:
-            if not record["ours"]:
-                print(f"{path}: left out, no run has a stage 1 trained with its own seed "
-                      "(its runs share the stage 1 of another seed: --stage1-seed)\n")
+        left_out = [path for path, record in records if not record["ours"]]
         records = [(path, record) for path, record in records if record["ours"]]
         if not records:
             raise ValueError("--own-stage1: none of the files has a run whose stage 1 was trained with its own seed")
-    sweep = load_sweep(args.sweep) if args.sweep else None  # both checked before anything is printed
+        for path in left_out:
+            print(f"{path}: left out, no run has a stage 1 trained with its own seed "
+                  "(its runs share the stage 1 of another seed: --stage1-seed)\n")
     for path, record in records:
         print(f"{path}: {record.get('dataset')}, recipe {record.get('recipe')}, in %\n")
         print("\n".join(summary_table(record, path)) + "\n")
