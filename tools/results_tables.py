@@ -63,6 +63,11 @@ def load_results(path):
     return record
 
 
+def summary(runs):
+    """run_summary over the figures every run has (mAP only where all measured it)."""
+    return run_summary(runs, [k for k in KEYS if all(k in r for r in runs)])
+
+
 def own_stage1(record):
     """The record with only the runs whose stage 1 was trained with their own seed, and each loss
     set's mean and spread recomputed over them (a loss set left with no run is dropped)."""
@@ -70,7 +75,7 @@ def own_stage1(record):
     for loss_set, entry in record["ours"].items():
         runs = [r for r in entry["runs"] if r.get("stage1_seed", r["seed"]) == r["seed"]]
         if runs:
-            ours[loss_set] = run_summary(runs, [k for k in KEYS if all(k in r for r in runs)])
+            ours[loss_set] = summary(runs)
     return {**record, "ours": ours}
 
 
@@ -180,8 +185,7 @@ def pool(records):
                 seen[key] = path
                 ours.setdefault(loss_set, []).append(r)
                 rows.setdefault(key[:3], {})[loss_set] = r
-    ours = {loss_set: run_summary(runs, [k for k in KEYS if all(k in r for r in runs)])
-            for loss_set, runs in ours.items()}
+    ours = {loss_set: summary(runs) for loss_set, runs in ours.items()}
     return ours, list(rows.values())
 
 
