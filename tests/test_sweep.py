@@ -77,3 +77,27 @@ def test_a_stopped_configuration_is_not_recorded(tiny_market_db, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "w_low1: stopped by SIGTERM" in stderr and "Traceback" not in stderr
     assert not (out / "sweep.json").exists()
+
+
+def test_sweep_at_another_input_size(tiny_market_db, tmp_path, run_tool):
+    """--input-size trains and scores every configuration at that input (the cpu64 recipe's 64 x 24),
+    records it with the configuration, and a sweep without it does not reuse that configuration."""
+    stage1 = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, batch_pairs=2, workers=1,
+                   input_size=(64, 24), log=lambda *a: None,
+                   overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")})
+    out = tmp_path / "sweep"
+    common = ["--data", tiny_market_db, "--weights", stage1.weights, "--solver",
+              PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2", "--device", "cpu",
+              "--set", "w_low=1", "--out", out]
+    proc = run_tool("sweep_stage2.py", *common, "--input-size", "64x24")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "input 64 x 24" in proc.stdout + proc.stderr
+    run = json.loads((out / "sweep.json").read_text())["runs"][0]
+    assert run["settings"]["input_size"] == [64, 24] and 0 <= run["val"]["rank1"] <= 1
+    again = run_tool("sweep_stage2.py", *common, "--input-size", "64x24")
+    assert again.returncode == 0 and "reused from" in again.stdout
+    default = run_tool("sweep_stage2.py", *common)  # [1]'s 144 x 56: another setting, trained again
+    assert "reused from" not in default.stdout and "== [1/1] w_low1\n" in default.stdout, default.stdout[-2000:]
+    assert default.returncode == 0, default.stderr[-3000:]
+    bad = run_tool("sweep_stage2.py", *common, "--input-size", "10x10")
+    assert bad.returncode == 2 and "--input-size" in bad.stderr and "Traceback" not in bad.stderr

@@ -7,6 +7,7 @@ from one set of stage-1 weights, scored on the validation identities only.
                                  --set w_low=1,0,0.5,2 --set pos_floor=-1,0.3 [--set neg_ceiling=1,0.6]
                                  [--set lr=0.0016,0.005] [--mode one-at-a-time|grid] [--iters N]
                                  [--batch-pairs 16] [--seed 0] [--device cpu] [--out runs/sweep]
+                                 [--input-size 64x24 --bn-maf 0.9972]   # the cpu64 recipe's stage 2
 
 Each configuration edits a copy of the net the solver names (NCCLoss loss_weight, pos_floor,
 neg_ceiling; written to OUT/<config>/net.prototxt) and the solver's base_lr, trains stage 2 from
@@ -19,7 +20,7 @@ the NCC loss (the same iterations and rate), the reference the NCC loss has to b
 Writes OUT/sweep.json (every configuration, its validation figures and learning curve) after each
 run, and prints a table with the best configuration by validation rank-1 (then mAP). Run again with
 the same --out, it resumes: a configuration already in OUT/sweep.json is reused (and says so) when
-the data, weights, solver, seed, iterations, batch and BatchNorm setting recorded with it match and
+the data, weights, solver, seed, iterations, batch, input size and BatchNorm setting recorded with it match and
 its weights and net file are there unchanged; any other is trained again. One seed per
 configuration: differences of a few points are within the noise of 200 validation queries and of
 the training seed; the table says how many queries the figures rest on.
@@ -34,7 +35,7 @@ import time
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
-from mspcnn.cli import add_device_argument, check_numbers, run
+from mspcnn.cli import add_device_argument, add_input_size_argument, check_numbers, run
 from mspcnn.runtime import add_threads_argument, add_workers_argument, configure_threads
 from mspcnn.engine import TrainingError, solve
 from mspcnn.paths import PROTOTXT_DIR
@@ -115,6 +116,9 @@ def main(argv=None):
     add_workers_argument(p)
     p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction (default: the "
                    "net's; 0.986 for the CPU recipe, as tools/reproduce.py --recipe cpu)")
+    add_input_size_argument(p, default=None, help="the network's input, height x width (default: the net's "
+                            "Input layer's, [1]'s 144x56); the size the data were converted for and the stage-1 "
+                            "weights trained at, e.g. 64x24 for tools/reproduce.py --recipe cpu64")
     p.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     add_threads_argument(p)
     args = p.parse_args(argv)
@@ -141,6 +145,8 @@ def main(argv=None):
     iters = args.iters or sp.max_iter
     settings = {"data": args.data, "weights": args.weights, "solver": args.solver, "seed": args.seed,
                 "iters": iters, "batch_pairs": args.batch_pairs, "bn_maf": args.bn_maf}
+    if args.input_size is not None:  # (recorded only when given, so earlier sweeps stay reusable)
+        settings["input_size"] = list(args.input_size)
     done = previous_runs(os.path.join(args.out, "sweep.json"), settings)
     rows, start = [], time.time()
     for k, config in enumerate(configs):
@@ -172,7 +178,7 @@ def main(argv=None):
         print(f"== [{k + 1}/{len(configs)}] {name}", flush=True)
         try:
             result = solve(sp, args.data, weights=args.weights, device=args.device, net=net_path,
-                           batch_pairs=args.batch_pairs, workers=args.workers,
+                           batch_pairs=args.batch_pairs, workers=args.workers, input_size=args.input_size,
                            overrides={"max_iter": iters, "base_lr": config.get("lr"), "random_seed": args.seed,
                                       "snapshot": iters, "snapshot_prefix": os.path.join(folder, "stage2"),
                                       "test_interval": iters, "test_initialization": False})
