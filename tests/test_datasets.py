@@ -230,7 +230,11 @@ def test_pair_loader_process_failures_are_reported(train_db, die):
 
 
 CTRL_C_SCRIPT = """
-import json, sys, time
+import json, signal, sys, time
+# Python turns SIGINT into KeyboardInterrupt only when it starts with SIGINT's default action; a
+# process started in the background by a shell without job control (as a CI job may be) inherits
+# SIGINT ignored, and would sleep on. The test is of a program in a terminal: give it that handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import DataTransformer
@@ -270,9 +274,15 @@ def test_ctrl_c_reaches_the_parent_not_the_worker_processes(train_db, tmp_path):
     """A terminal's Ctrl-C goes to the whole process group: the workers ignore it (no traceback from each),
     the parent's KeyboardInterrupt closes the loader, and no worker is left."""
     import signal
+    import subprocess
     proc, _ = _start_loader_script(train_db)
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # leave no process behind, and say what the script wrote
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the loader script did not stop within 60 s of SIGINT; it wrote {out!r}, {err[-3000:]!r}")
     assert proc.returncode == 0 and out == "closed\n" and "Traceback" not in err, err
     assert not session_members(proc.pid)
 
