@@ -101,3 +101,57 @@ def test_sweep_at_another_input_size(tiny_market_db, tmp_path, run_tool):
     assert default.returncode == 0, default.stderr[-3000:]
     bad = run_tool("sweep_stage2.py", *common, "--input-size", "10x10")
     assert bad.returncode == 2 and "--input-size" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sweep_scored_on_the_last_validation_points(tiny_market_db, tmp_path, run_tool):
+    """--val-every N --score-last K: each configuration's score is the mean of its last K validation
+    points, the best is chosen by it, validation leaves the weights unchanged, and results_tables
+    shows the score; a K without that many points is refused before anything trains."""
+    import hashlib
+
+    stage1 = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, batch_pairs=2, workers=1,
+                   overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")},
+                   log=lambda *a: None)
+    common = ["--data", tiny_market_db, "--weights", stage1.weights, "--solver",
+              PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "3", "--batch-pairs", "2", "--device", "cpu",
+              "--set", "w_low=1,0"]
+    proc = run_tool("sweep_stage2.py", *common, "--val-every", "1", "--score-last", "2", "--out", tmp_path / "k2")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    sweep = json.loads((tmp_path / "k2" / "sweep.json").read_text())
+    assert sweep["score_last"] == 2
+    for r in sweep["runs"]:
+        points = [h for h in r["history"] if h["kind"] == "test"]
+        assert [p["iteration"] for p in points] == [1, 2, 3] and r["settings"]["val_every"] == 1
+        assert r["score"]["iterations"] == [2, 3] and r["val"] == {k: points[-1][k] for k in r["val"]}
+        assert r["score"]["rank1"] == pytest.approx((points[1]["rank1"] + points[2]["rank1"]) / 2)
+        assert r["score"]["mAP"] == pytest.approx((points[1]["mAP"] + points[2]["mAP"]) / 2)
+    best = max(sweep["runs"], key=lambda r: (r["score"]["rank1"], r["score"]["mAP"]))
+    assert sweep["best"] == best["name"] and "score: the mean of the last 2 validation points" in proc.stdout
+
+    # validating at every iteration trains the same weights as validating only at the end
+    plain = run_tool("sweep_stage2.py", *common, "--out", tmp_path / "k1")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    once = json.loads((tmp_path / "k1" / "sweep.json").read_text())
+    digest = [[hashlib.sha256(open(r["weights"], "rb").read()).hexdigest() for r in s["runs"]] for s in (sweep, once)]
+    assert digest[0] == digest[1]
+    assert [r["score"]["iterations"] for r in once["runs"]] == [[3], [3]] and "score rank-1" not in plain.stdout
+
+    table = run_tool("results_tables.py", tmp_path / "k2" / "reproduce_none.json", "--sweep",
+                     tmp_path / "k2" / "sweep.json")
+    assert table.returncode == 2  # no reproduce results file: refused, nothing printed
+    from conftest import ROOT
+    res = next((ROOT / "docs" / "results").glob("cuhk01_cpu64_seed0.json"))
+    table = run_tool("results_tables.py", res, "--sweep", tmp_path / "k2" / "sweep.json")
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert "mean of the last 2 validation points, iterations 2-3" in table.stdout
+    assert f"| {best['name']} (chosen) | " in table.stdout
+    row = next(line for line in table.stdout.splitlines() if line.startswith(f"| {best['name']} (chosen)"))
+    assert f"| {100 * best['score']['rank1']:.1f} | {100 * best['score']['mAP']:.1f} |" in row
+
+    for bad, says in ((["--score-last", "2"], "needs that many validation points"),
+                      (["--val-every", "2"], "must divide"),
+                      (["--val-every", "3", "--score-last", "2"], "needs that many validation points"),
+                      (["--score-last", "0"], "at least 1")):
+        proc = run_tool("sweep_stage2.py", *common, *bad, "--out", tmp_path / "bad")
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "bad" / "sweep.json").exists()

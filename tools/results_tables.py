@@ -20,7 +20,8 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   and the paired effect include stage 1's seed-to-seed spread. Runs that share one stage 1 across
   stage-2 seeds (reproduce.py --stage1-seed) are left out, except the one whose seed is that stage
   1's.
-* --sweep: the sweep's configurations with their validation figures.
+* --sweep: the sweep's configurations with their validation figures (and, for a sweep scored with
+  --score-last K, the mean of each configuration's last K validation points, which chose).
 Reads only; prints to standard output.
 """
 import argparse
@@ -240,11 +241,18 @@ def main(argv=None):
                 print(line)
     if sweep:
         print(f"\n{args.sweep}: validation identities only, one seed ({sweep.get('seed')})\n")
-        print("| configuration | val rank-1 | val mAP | final training loss | seconds |")
-        print("|---|---:|---:|---:|---:|")
+        last = sweep.get("score_last", 1)
+        scored = last > 1 and all(isinstance(r.get("score"), dict) for r in sweep["runs"])
+        if scored:  # chosen by the mean of the last points: show it beside the final point
+            its = sweep["runs"][0]["score"].get("iterations") or ["?"]
+            print(f"(chosen by the mean of the last {last} validation points, iterations {its[0]}-{its[-1]})\n")
+        extra = " mean of last points: rank-1 | mAP |" if scored else ""
+        print("| configuration | val rank-1 | val mAP |" + extra + " final training loss | seconds |")
+        print("|---|---:|---:|" + ("---:|---:|" if scored else "") + "---:|---:|")
         for r in sweep["runs"]:
             mark = " (chosen)" if r["name"] == sweep.get("best") else ""
-            print(f"| {r['name']}{mark} | {100 * r['val']['rank1']:.1f} | {100 * r['val']['mAP']:.1f} | "
+            cells = f" {100 * r['score']['rank1']:.1f} | {100 * r['score']['mAP']:.1f} |" if scored else ""
+            print(f"| {r['name']}{mark} | {100 * r['val']['rank1']:.1f} | {100 * r['val']['mAP']:.1f} |{cells} "
                   f"{r['loss']:.3f} | {r['seconds']:.0f} |")
     return 0
 

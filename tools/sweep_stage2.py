@@ -7,20 +7,27 @@ from one set of stage-1 weights, scored on the validation identities only.
                                  --set w_low=1,0,0.5,2 --set pos_floor=-1,0.3 [--set neg_ceiling=1,0.6]
                                  [--set lr=0.0016,0.005] [--mode one-at-a-time|grid] [--iters N]
                                  [--batch-pairs 16] [--seed 0] [--device cpu] [--out runs/sweep]
+                                 [--val-every N --score-last K]  # score the mean of the last K points
                                  [--input-size 64x24 --bn-maf 0.9972]   # the cpu64 recipe's stage 2
 
 Each configuration edits a copy of the net the solver names (NCCLoss loss_weight, pos_floor,
 neg_ceiling; written to OUT/<config>/net.prototxt) and the solver's base_lr, trains stage 2 from
 --weights with mspcnn.engine.solve, and scores the result on DB_DIR's `val` split (identities held
 out from training; cross-camera rank-1 and mAP of L2-normalised fc7_bn features). The test
-identities are never read. The first value of each --set is the baseline: `one-at-a-time` (default)
+identities are never read. By default it validates once, at the end. Validation on a few hundred
+queries swings by several points between neighbouring checkpoints, so one point can choose by
+chance: with --val-every N it also validates every N iterations, and with --score-last K a
+configuration's score is the mean rank-1 (and mAP, the tie-break) of its last K validation points;
+the best configuration is chosen by that score. Validation does not change training (the weights
+are the same with and without --val-every). The first value of each --set is the baseline: `one-at-a-time` (default)
 varies one parameter at a time from it, `grid` tries every combination. w_low=0 is stage 2 without
 the NCC loss (the same iterations and rate), the reference the NCC loss has to beat.
 
 Writes OUT/sweep.json (every configuration, its validation figures and learning curve) after each
 run, and prints a table with the best configuration by validation rank-1 (then mAP). Run again with
 the same --out, it resumes: a configuration already in OUT/sweep.json is reused (and says so) when
-the data, weights, solver, seed, iterations, batch, input size and BatchNorm setting recorded with it match and
+the data, weights, solver, seed, iterations, batch, input size, BatchNorm setting and validation
+interval recorded with it match and
 its weights and net file are there unchanged; any other is trained again. One seed per
 configuration: differences of a few points are within the noise of 200 validation queries and of
 the training seed; the table says how many queries the figures rest on.
@@ -86,12 +93,28 @@ def previous_runs(path, settings):
         return {}
 
 
+def score(row, last):
+    """A run's score: the mean rank-1 and mAP of its last ``last`` validation points (in its history;
+    the final one, ``row["val"]``, when the history holds none), with the iterations they came from."""
+    points = [h for h in row.get("history", ()) if h.get("kind") == "test" and h.get("queries")]
+    points = points[-last:] if points else [row["val"]]
+    if len(points) < last:
+        raise ValueError(f"{row['name']}: {len(points)} validation point(s), fewer than --score-last {last}")
+    return {"rank1": sum(p["rank1"] for p in points) / len(points),
+            "mAP": sum(p["mAP"] for p in points) / len(points),
+            "iterations": [p["iteration"] for p in points]}
+
+
 def write_sweep(args, sets, rows):
-    """OUT/sweep.json with the rows so far; returns the best row (validation rank-1, then mAP)."""
-    best = max(rows, key=lambda r: (r["val"]["rank1"], r["val"]["mAP"]))
+    """OUT/sweep.json with the rows so far, each with its score (the mean of its last
+    ``args.score_last`` validation points); returns the best row (score's rank-1, then its mAP)."""
+    for r in rows:
+        r["score"] = score(r, args.score_last)
+    best = max(rows, key=lambda r: (r["score"]["rank1"], r["score"]["mAP"]))
     atomic_write(os.path.join(args.out, "sweep.json"), json.dumps(
         {"data": args.data, "weights": args.weights, "solver": args.solver, "mode": args.mode,
-         "seed": args.seed, "sets": sets, "runs": rows, "best": best["name"]}, indent=1), mode="w")
+         "seed": args.seed, "sets": sets, "score_last": args.score_last, "runs": rows, "best": best["name"]},
+        indent=1), mode="w")
     return best
 
 
@@ -119,6 +142,10 @@ def main(argv=None):
     add_input_size_argument(p, default=None, help="the network's input, height x width (default: the net's "
                             "Input layer's, [1]'s 144x56); the size the data were converted for and the stage-1 "
                             "weights trained at, e.g. 64x24 for tools/reproduce.py --recipe cpu64")
+    p.add_argument("--val-every", type=int, help="also validate every N iterations (default: only at the end); "
+                   "the points --score-last averages")
+    p.add_argument("--score-last", type=int, default=1, help="score a configuration by the mean of its last K "
+                   "validation points (default 1: the final one); needs --val-every with K points")
     p.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     add_threads_argument(p)
     args = p.parse_args(argv)
@@ -128,6 +155,8 @@ def main(argv=None):
         p.error("--set: a parameter is given twice")
     if args.iters is not None and args.iters < 1 or args.batch_pairs < 1:
         p.error("--iters and --batch-pairs must be at least 1")
+    if args.val_every is not None and args.val_every < 1 or args.score_last < 1:
+        p.error("--val-every and --score-last must be at least 1")
     if args.bn_maf is not None and not 0 <= args.bn_maf < 1:
         p.error(f"--bn-maf must be in [0, 1), got {args.bn_maf}")
     if not os.path.isfile(os.path.join(args.data, "val.json")):
@@ -143,10 +172,17 @@ def main(argv=None):
         return 2
     configs = configurations(sets, args.mode)
     iters = args.iters or sp.max_iter
+    if args.val_every is not None and iters % args.val_every:
+        p.error(f"--val-every {args.val_every} must divide the {iters} iterations (so the last point is the end)")
+    if args.score_last > 1 and (args.val_every is None or iters // args.val_every < args.score_last):
+        p.error(f"--score-last {args.score_last} needs that many validation points: --val-every N with "
+                f"N <= {iters // args.score_last} ({iters} iterations)")
     settings = {"data": args.data, "weights": args.weights, "solver": args.solver, "seed": args.seed,
                 "iters": iters, "batch_pairs": args.batch_pairs, "bn_maf": args.bn_maf}
     if args.input_size is not None:  # (recorded only when given, so earlier sweeps stay reusable)
         settings["input_size"] = list(args.input_size)
+    if args.val_every is not None:  # (the same; a run with the points can be rescored with another K)
+        settings["val_every"] = args.val_every
     done = previous_runs(os.path.join(args.out, "sweep.json"), settings)
     rows, start = [], time.time()
     for k, config in enumerate(configs):
@@ -170,7 +206,7 @@ def main(argv=None):
         if old is not None and old["config"] == config and os.path.isfile(old["weights"]) \
                 and os.path.isfile(net_path) and cio.read_net(net_path) == net:
             print(f"== [{k + 1}/{len(configs)}] {name}: reused from {args.out}/sweep.json "
-                  f"(val rank-1 {100 * old['val']['rank1']:.1f}%)", flush=True)
+                  f"(final val rank-1 {100 * old['val']['rank1']:.1f}%)", flush=True)
             rows.append(old)
             best = write_sweep(args, sets, rows)
             continue
@@ -181,7 +217,8 @@ def main(argv=None):
                            batch_pairs=args.batch_pairs, workers=args.workers, input_size=args.input_size,
                            overrides={"max_iter": iters, "base_lr": config.get("lr"), "random_seed": args.seed,
                                       "snapshot": iters, "snapshot_prefix": os.path.join(folder, "stage2"),
-                                      "test_interval": iters, "test_initialization": False})
+                                      "test_interval": args.val_every or iters,
+                                      "test_initialization": False})
         except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -196,10 +233,18 @@ def main(argv=None):
     print(f"\nstage-2 sweep, {len(rows)} configurations, {time.time() - start:.0f} s; validation identities "
           f"only ({rows[0]['val']['queries']} queries), one training seed")
     width = max(len("configuration"), *(len(r["name"]) for r in rows)) + 2
-    print(f"{'configuration':<{width}}{'val rank-1':>12}{'val mAP':>10}{'final loss':>12}")
+    scored = args.score_last > 1
+    head = f"{'configuration':<{width}}{'val rank-1':>12}{'val mAP':>10}"
+    if scored:
+        its = rows[0]["score"]["iterations"]
+        print(f"score: the mean of the last {args.score_last} validation points (iterations {its[0]}-{its[-1]})")
+        head += f"{'score rank-1':>14}{'score mAP':>11}"
+    print(head + f"{'final loss':>12}")
     for r in rows:
-        mark = "  <- best" if r is best else ""
-        print(f"{r['name']:<{width}}{100 * r['val']['rank1']:>11.1f}%{100 * r['val']['mAP']:>9.1f}%{r['loss']:>12.4f}{mark}")
+        line = f"{r['name']:<{width}}{100 * r['val']['rank1']:>11.1f}%{100 * r['val']['mAP']:>9.1f}%"
+        if scored:
+            line += f"{100 * r['score']['rank1']:>13.1f}%{100 * r['score']['mAP']:>10.1f}%"
+        print(line + f"{r['loss']:>12.4f}" + ("  <- best" if r is best else ""))
     return 0
 
 
