@@ -14,23 +14,24 @@ Each configuration edits a copy of the net the solver names (NCCLoss loss_weight
 neg_ceiling; written to OUT/<config>/net.prototxt) and the solver's base_lr, trains stage 2 from
 --weights with mspcnn.engine.solve, and scores the result on DB_DIR's `val` split (identities held
 out from training; cross-camera rank-1 and mAP of L2-normalised fc7_bn features). The test
-identities are never read. By default it validates once, at the end. Validation on a few hundred
-queries swings by several points between neighbouring checkpoints, so one point can choose by
-chance: with --val-every N it also validates every N iterations, and with --score-last K a
-configuration's score is the mean rank-1 (and mAP, the tie-break) of its last K validation points;
-the best configuration is chosen by that score. Validation does not change training (the weights
-are the same with and without --val-every). The first value of each --set is the baseline: `one-at-a-time` (default)
-varies one parameter at a time from it, `grid` tries every combination. w_low=0 is stage 2 without
-the NCC loss (the same iterations and rate), the reference the NCC loss has to beat.
+identities are never read. The first value of each --set is the baseline: `one-at-a-time`
+(default) varies one parameter at a time from it, `grid` tries every combination. w_low=0 is stage
+2 without the NCC loss (the same iterations and rate), the reference the NCC loss has to beat.
+
+By default each configuration is validated once, at its end. Validation on a few hundred queries
+swings by several points between neighbouring checkpoints, so one point can choose by chance: with
+--val-every N it also validates every N iterations, and with --score-last K a configuration's
+score is the mean rank-1 (and mAP, the tie-break) of its last K validation points. Validation does
+not change training (the weights are the same with and without --val-every).
 
 Writes OUT/sweep.json (every configuration, its validation figures and learning curve) after each
-run, and prints a table with the best configuration by validation rank-1 (then mAP). Run again with
-the same --out, it resumes: a configuration already in OUT/sweep.json is reused (and says so) when
-the data, weights, solver, seed, iterations, batch, input size, BatchNorm setting and validation
-interval recorded with it match and
-its weights and net file are there unchanged; any other is trained again. One seed per
-configuration: differences of a few points are within the noise of 200 validation queries and of
-the training seed; the table says how many queries the figures rest on.
+run, and prints a table with the best configuration by its score (validation rank-1, then mAP).
+Run again with the same --out, it resumes: a configuration already in OUT/sweep.json is reused (and
+says so) when the data, weights, solver, seed, iterations, batch, input size, BatchNorm setting and
+validation interval recorded with it match and its weights and net file are there unchanged; any
+other is trained again. One seed per configuration: differences of a few points are within the
+noise of 200 validation queries and of the training seed; the table says how many queries the
+figures rest on.
 """
 import argparse
 import itertools
