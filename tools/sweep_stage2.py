@@ -143,9 +143,9 @@ def main(argv=None):
     add_input_size_argument(p, default=None, help="the network's input, height x width (default: the net's "
                             "Input layer's, [1]'s 144x56); the size the data were converted for and the stage-1 "
                             "weights trained at, e.g. 64x24 for tools/reproduce.py --recipe cpu64")
-    p.add_argument("--val-every", type=int, help="also validate every N iterations (default: only at the end); "
+    p.add_argument("--val-every", type=int, metavar="N", help="also validate every N iterations (default: only at the end); "
                    "the points --score-last averages")
-    p.add_argument("--score-last", type=int, default=1, help="score a configuration by the mean of its last K "
+    p.add_argument("--score-last", type=int, default=1, metavar="K", help="score a configuration by the mean of its last K "
                    "validation points (default 1: the final one); needs --val-every with K points")
     p.add_argument("--out", default="runs/sweep", help="output folder (default runs/sweep)")
     add_threads_argument(p)
