@@ -11,10 +11,14 @@ from mspcnn.paths import PROTOTXT_DIR
 pytestmark = pytest.mark.slow
 
 
+def one_iteration_stage1(db, tmp_path, **kwargs):
+    """Stage-1 weights for a sweep to start from: one iteration on DB, saved under TMP_PATH/s1."""
+    return solve(PROTOTXT_DIR / "solver_stage1.prototxt", db, batch_pairs=2, workers=1, log=lambda *a: None,
+                 overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")}, **kwargs)
+
+
 def test_sweep_one_at_a_time(tiny_market_db, tmp_path, run_tool):
-    stage1 = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, batch_pairs=2, workers=1,
-                   overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")},
-                   log=lambda *a: None)
+    stage1 = one_iteration_stage1(tiny_market_db, tmp_path)
     out = tmp_path / "sweep"
     proc = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", stage1.weights,
                     "--solver", PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2",
@@ -62,9 +66,7 @@ def test_a_stopped_configuration_is_not_recorded(tiny_market_db, tmp_path):
 
     from conftest import ROOT
 
-    stage1 = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, batch_pairs=2, workers=1,
-                   overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")},
-                   log=lambda *a: None)
+    stage1 = one_iteration_stage1(tiny_market_db, tmp_path)
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(ROOT / "tools" / "sweep_stage2.py"), "--data", str(tiny_market_db), "--weights",
            stage1.weights, "--solver", str(PROTOTXT_DIR / "solver_stage2.prototxt"), "--iters", "100000",
@@ -82,9 +84,7 @@ def test_a_stopped_configuration_is_not_recorded(tiny_market_db, tmp_path):
 def test_sweep_at_another_input_size(tiny_market_db, tmp_path, run_tool):
     """--input-size trains and scores every configuration at that input (the cpu64 recipe's 64 x 24),
     records it with the configuration, and a sweep without it does not reuse that configuration."""
-    stage1 = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, batch_pairs=2, workers=1,
-                   input_size=(64, 24), log=lambda *a: None,
-                   overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")})
+    stage1 = one_iteration_stage1(tiny_market_db, tmp_path, input_size=(64, 24))
     out = tmp_path / "sweep"
     common = ["--data", tiny_market_db, "--weights", stage1.weights, "--solver",
               PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2", "--device", "cpu",
@@ -109,9 +109,7 @@ def test_sweep_scored_on_the_last_validation_points(tiny_market_db, tmp_path, ru
     shows the score; a K without that many points is refused before anything trains."""
     import hashlib
 
-    stage1 = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, batch_pairs=2, workers=1,
-                   overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")},
-                   log=lambda *a: None)
+    stage1 = one_iteration_stage1(tiny_market_db, tmp_path)
     common = ["--data", tiny_market_db, "--weights", stage1.weights, "--solver",
               PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "3", "--batch-pairs", "2", "--device", "cpu",
               "--set", "w_low=1,0"]
@@ -140,8 +138,8 @@ def test_sweep_scored_on_the_last_validation_points(tiny_market_db, tmp_path, ru
                      tmp_path / "k2" / "sweep.json")
     assert table.returncode == 2  # no reproduce results file: refused, nothing printed
     from conftest import ROOT
-    res = next((ROOT / "docs" / "results").glob("cuhk01_cpu64_seed0.json"))
-    table = run_tool("results_tables.py", res, "--sweep", tmp_path / "k2" / "sweep.json")
+    table = run_tool("results_tables.py", ROOT / "docs" / "results" / "cuhk01_cpu64_seed0.json", "--sweep",
+                     tmp_path / "k2" / "sweep.json")
     assert table.returncode == 0, table.stderr[-2000:]
     assert "mean of the last 2 validation points, iterations 2-3" in table.stdout
     assert f"| {best['name']} (chosen) | " in table.stdout

@@ -95,10 +95,9 @@ def previous_runs(path, settings):
 
 
 def score(row, last):
-    """A run's score: the mean rank-1 and mAP of its last ``last`` validation points (in its history;
-    the final one, ``row["val"]``, when the history holds none), with the iterations they came from."""
-    points = [h for h in row.get("history", ()) if h.get("kind") == "test" and h.get("queries")]
-    points = points[-last:] if points else [row["val"]]
+    """A run's score: the mean rank-1 and mAP of the last ``last`` scored validation points of its
+    history (the final one is ``row["val"]``), with the iterations they came from."""
+    points = [h for h in row["history"] if h["kind"] == "test" and h["queries"]][-last:]
     if len(points) < last:
         raise ValueError(f"{row['name']}: {len(points)} validation point(s), fewer than --score-last {last}")
     return {"rank1": sum(p["rank1"] for p in points) / len(points),
