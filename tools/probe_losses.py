@@ -272,13 +272,14 @@ def main(argv=None):
     sampler = PairSampler(labels, [r["camera"] for r in rows], seed=args.seed)
     loader = PairLoader(db, labels, sampler, args.batch_pairs, train_transformer(args.seed, train_net.input_size),
                         workers=1)
-    batches = []
+    batches, stream = [], loader.stream(0)
     try:
-        for _, _, batch in loader.stream(0):
+        for _, _, batch in stream:
             batches.append(batch)
             if len(batches) == args.batches:
                 break
     finally:
+        stream.close()
         loader.close()
 
     results, first, previous, start = [], None, None, time.time()
