@@ -116,5 +116,16 @@ def test_probe_bad_input(tiny_market_db, two_checkpoints, run_tool, tmp_path):
     proc = run_tool("probe_losses.py", "--data", tmp_path, "--weights", w1,
                     "--solver", PROTOTXT_DIR / "solver_stage2.prototxt")
     assert proc.returncode == 2 and "train.json" in proc.stderr
+    from mspcnn.caffe import io as cio
+    from mspcnn.train_net import solver_net
+
+    net = solver_net(PROTOTXT_DIR / "solver_stage2.prototxt")
+    kept = [lp for lp in net.layer if lp.name != "loss_high"]
+    del net.layer[:]
+    net.layer.extend(kept)
+    cio.write_prototxt(net, tmp_path / "no_high.prototxt")
+    proc = run_tool("probe_losses.py", "--data", tiny_market_db, "--weights", w1,
+                    "--solver", PROTOTXT_DIR / "solver_stage2.prototxt", "--net", tmp_path / "no_high.prototxt")
+    assert proc.returncode == 2 and "no loss_high layer" in proc.stderr, proc.stderr
     proc = run_tool("probe_losses.py", "--data", tiny_market_db, "--weights", w1, "--batches", "0")
     assert proc.returncode == 2 and "--batches" in proc.stderr

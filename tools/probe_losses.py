@@ -147,9 +147,9 @@ def probe(model, batches, groups, weight_decay, seed):
                 k = int(rows.sum())
                 losses[term] = (ncc_loss(a[rows], b[rows], batch["sim"][rows], **p) * (k / len(rows)) if k
                                 else a.sum() * 0.0)
-            parts = float((losses["low_pos"] + losses["low_neg"]).detach())
-            if abs(parts - float(losses["low"])) > 1e-5 * max(1.0, abs(float(losses["low"]))):
-                raise RuntimeError(f"the NCC loss's two shares add up to {parts}, not to its value {float(losses['low'])}")
+            parts, whole = float((losses["low_pos"] + losses["low_neg"]).detach()), float(losses["low"].detach())
+            if abs(parts - whole) > 1e-5 * max(1.0, abs(whole)):
+                raise RuntimeError(f"the NCC loss's two shares add up to {parts}, not to its value {whole}")
             for k, term in enumerate(TERMS):
                 values[term].append(float(losses[term].detach()))
                 weight = getattr(model, f"w_{term.split('_')[0]}")
@@ -252,6 +252,10 @@ def main(argv=None):
     if "loss_low" not in train_net.layers:
         raise NetDefinitionError(f"{train_net.source}: no NCCLoss layer (loss_low) in the training net; give the "
                                  "stage-2 solver or --net with it")
+    lacking = [name for name in ("loss_cls", "loss_high") if name not in train_net.layers]
+    if lacking:
+        raise NetDefinitionError(f"{train_net.source}: the training net has no {' or '.join(lacking)} layer; the "
+                                 "probe compares the NCC loss with MSP-CNN's other two losses")
     if args.input_size is not None:
         train_net.input_size = check_input_size(args.input_size)
     rows = _read_records(args.data, "train")
