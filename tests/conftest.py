@@ -41,6 +41,16 @@ def _run_tool(name, *args):
                           text=True, cwd=ROOT)
 
 
+def one_iteration_stage1(db, tmp_path, **kwargs):
+    """Stage-1 weights to start stage 2 from: one iteration on DB (2 pairs), saved under TMP_PATH/s1;
+    the SolveResult (``.weights``)."""
+    from mspcnn.engine import solve
+    from mspcnn.paths import PROTOTXT_DIR
+
+    return solve(PROTOTXT_DIR / "solver_stage1.prototxt", db, batch_pairs=2, workers=1, log=lambda *a: None,
+                 overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")}, **kwargs)
+
+
 @pytest.fixture
 def run_tool():
     """``run_tool(name, *args)``: a command-line tool's CompletedProcess (see _run_tool)."""

@@ -6,23 +6,14 @@ import math
 import numpy as np
 import pytest
 
+from conftest import load_tool, one_iteration_stage1
+
 from mspcnn.engine import solve
 from mspcnn.paths import PROTOTXT_DIR
 
 
-def load_tool():
-    import importlib.util
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("probe_losses", ROOT / "tools" / "probe_losses.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def test_roc_auc_counts_pairs_and_ties():
-    tool = load_tool()
+    tool = load_tool("probe_losses")
     rng = np.random.default_rng(0)
     pos, neg = rng.integers(0, 5, 30).astype(float), rng.integers(0, 5, 50).astype(float)
     brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
@@ -34,7 +25,7 @@ def test_roc_auc_counts_pairs_and_ties():
 def test_signal_norm_takes_the_noise_out():
     import torch
 
-    tool = load_tool()
+    tool = load_tool("probe_losses")
     g = torch.tensor([3.0, 4.0], dtype=torch.float64)
     # the same gradient every batch: no noise, the signal is the mean
     assert tool.signal_norm(g, [5.0] * 4) == pytest.approx(5.0)
@@ -54,10 +45,9 @@ def test_signal_norm_takes_the_noise_out():
 def two_checkpoints(tiny_market_db, tmp_path_factory):
     """Stage-1 weights after one iteration, and stage-2 weights one iteration (with the NCC loss) later."""
     tmp = tmp_path_factory.mktemp("probe")
-    quiet = dict(batch_pairs=2, workers=1, log=lambda *a: None)
-    s1 = solve(PROTOTXT_DIR / "solver_stage1.prototxt", tiny_market_db, **quiet,
-               overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp / "s1")})
-    s2 = solve(PROTOTXT_DIR / "solver_stage2.prototxt", tiny_market_db, weights=s1.weights, **quiet,
+    s1 = one_iteration_stage1(tiny_market_db, tmp)
+    s2 = solve(PROTOTXT_DIR / "solver_stage2.prototxt", tiny_market_db, weights=s1.weights, batch_pairs=2,
+               workers=1, log=lambda *a: None,
                overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp / "s2"), "base_lr": 0.05})
     return tmp, s1.weights, s2.weights
 

@@ -5,16 +5,11 @@ import re
 
 import pytest
 
-from mspcnn.engine import solve
+from conftest import one_iteration_stage1
+
 from mspcnn.paths import PROTOTXT_DIR
 
 pytestmark = pytest.mark.slow
-
-
-def one_iteration_stage1(db, tmp_path, **kwargs):
-    """Stage-1 weights for a sweep to start from: one iteration on DB, saved under TMP_PATH/s1."""
-    return solve(PROTOTXT_DIR / "solver_stage1.prototxt", db, batch_pairs=2, workers=1, log=lambda *a: None,
-                 overrides={"max_iter": 1, "test_interval": 0, "snapshot_prefix": str(tmp_path / "s1")}, **kwargs)
 
 
 def test_sweep_one_at_a_time(tiny_market_db, tmp_path, run_tool):
