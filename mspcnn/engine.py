@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ from mspcnn.model import check_input_size, training_arithmetic
 from mspcnn.solver import SGDSolver, check_solver
 from mspcnn.train_net import read_train_net
 
-__all__ = ["solve", "SolveResult", "TrainingError", "SIGNAL_EFFECTS", "glog", "format_duration"]
+__all__ = ["solve", "SolveResult", "TrainingError", "TrainingData", "open_training_data", "SIGNAL_EFFECTS", "glog", "format_duration"]
 
 SIGNAL_EFFECTS = ("stop", "snapshot", "none")
 LOSS_NAMES = (("loss_cls", "cls"), ("loss_high", "high"), ("loss_low", "low"))
@@ -111,6 +112,47 @@ def _read_records(data, split):
         if not isinstance(r, dict) or not all(isinstance(r.get(k), int) for k in ("label", "camera", "id")):
             raise TrainingError(f"{path}: record {i} lacks an integer label, camera or id")
     return rows
+
+
+class TrainingData(NamedTuple):
+    """A converted folder's training split, opened and checked by :func:`open_training_data`."""
+
+    rows: list  # train.json's records: dicts with integer label, camera and id
+    labels: list  # rows' labels, 0 .. classes - 1
+    db: DatumDB  # train.lmdb, one record per row, in the same order
+    image_size: tuple  # (height, width) of the stored images
+
+
+def open_training_data(data, train_net, batch_pairs=1):
+    """Open the training split of a folder written by tools/convert_dataset.py and check it fits the net.
+
+    Checks, each a :class:`TrainingError` naming the file: train.lmdb and train.json exist; train.json
+    holds records with integer label, camera and id; no label is negative; the two hold the same
+    number of records, at least ``batch_pairs``; the stored images are at least the net's input
+    (``train_net.input_size``; they are cropped to it, never enlarged). Used by :func:`solve` and by
+    the tools that read training pairs outside it (tools/probe_losses.py), so that every reader
+    refuses the same folders with the same messages.
+
+    Returns a :class:`TrainingData`.
+    """
+    missing = [os.path.join(data, f) for f in ("train.lmdb", "train.json") if not os.path.exists(os.path.join(data, f))]
+    if missing:
+        raise TrainingError(f"data: {', '.join(path + ' not found' for path in missing)} (run tools/convert_dataset.py)")
+    rows = _read_records(data, "train")
+    labels = [r["label"] for r in rows]
+    if min(labels) < 0:
+        raise TrainingError(f"{os.path.join(data, 'train.json')}: negative label {min(labels)}")
+    db = DatumDB(os.path.join(data, "train.lmdb"))
+    if len(db) != len(rows):
+        raise TrainingError(f"{data}: train.lmdb has {len(db)} records, train.json {len(rows)}")
+    if len(rows) < batch_pairs:
+        raise TrainingError(f"{data}: {len(rows)} training images, fewer than the batch of {batch_pairs} pairs")
+    stored, wanted = tuple(np.shape(db[0][0])[1:]), train_net.input_size
+    if len(stored) != 2 or stored[0] < wanted[0] or stored[1] < wanted[1]:
+        raise TrainingError(f"{data}: the training images are {' x '.join(map(str, stored))}, smaller than the "
+                            f"net's input {wanted[0]} x {wanted[1]} (the Input layer of {train_net.source}); "
+                            "convert the images at a larger size or give the net a smaller input")
+    return TrainingData(rows, labels, db, stored)
 
 
 def _install_signals(effects, requests):
@@ -211,10 +253,6 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
     for what, path in (("weights", weights), ("snapshot", snapshot)):
         if path is not None and not os.path.isfile(path):
             raise TrainingError(f"{what}: file not found: {path}")
-    for f in ("train.lmdb", "train.json"):
-        if not os.path.exists(os.path.join(data, f)):
-            raise TrainingError(f"data: {os.path.join(data, f)} not found (run tools/convert_dataset.py)")
-
     train_net = read_train_net(sp, solver_path, net=net)
     if loss_weights:
         train_net.set_loss_weights(loss_weights)
@@ -230,21 +268,9 @@ def solve(solver, data, *, weights=None, snapshot=None, device="cpu", overrides=
         raise TrainingError(f"cuda_graphs: CUDA graphs need a GPU (device cuda), not {device}")
     if not isinstance(workers, int) or workers < 1:
         raise TrainingError(f"workers must be an integer >= 1, got {workers!r}")
-    rows = _read_records(data, "train")
-    labels = [r["label"] for r in rows]
-    if min(labels) < 0:
-        raise TrainingError(f"{os.path.join(data, 'train.json')}: negative label {min(labels)}")
+    rows, labels, db, stored = open_training_data(data, train_net, batch_pairs)
     num_classes = max(labels) + 1
-    db = DatumDB(os.path.join(data, "train.lmdb"))
-    if len(db) != len(rows):
-        raise TrainingError(f"{data}: train.lmdb has {len(db)} records, train.json {len(rows)}")
-    if len(rows) < batch_pairs:
-        raise TrainingError(f"{data}: {len(rows)} training images, fewer than the batch of {batch_pairs} pairs")
-    stored, wanted = tuple(np.shape(db[0][0])[1:]), train_net.input_size
-    if len(stored) != 2 or stored[0] < wanted[0] or stored[1] < wanted[1]:
-        raise TrainingError(f"{data}: the training images are {' x '.join(map(str, stored))}, smaller than the "
-                            f"net's input {wanted[0]} x {wanted[1]} (the Input layer of {train_net.source}); "
-                            "convert the images at a larger size or give the net a smaller input")
+    wanted = train_net.input_size
     val = None
     if os.path.exists(os.path.join(data, "val.lmdb")):
         val_rows = _read_records(data, "val")

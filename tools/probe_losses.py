@@ -49,10 +49,9 @@ from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
 from mspcnn.cli import add_input_size_argument, check_numbers, format_duration, run
-from mspcnn.data.lmdb_io import DatumDB
 from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import train_transformer
-from mspcnn.engine import TrainingError, _read_records
+from mspcnn.engine import open_training_data
 from mspcnn.losses import ncc_loss
 from mspcnn.model import check_input_size
 from mspcnn.ops import ncc_max
@@ -242,9 +241,6 @@ def main(argv=None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--weights: file not found: {path}")
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
-    for f in ("train.json", "train.lmdb"):
-        if not os.path.exists(os.path.join(args.data, f)):
-            raise FileNotFoundError(f"--data: {os.path.join(args.data, f)} not found (run tools/convert_dataset.py)")
     if not os.path.isfile(args.solver):
         raise FileNotFoundError(f"--solver: file not found: {args.solver}")
     sp = cio.read_prototxt(args.solver, proto.SolverParameter)
@@ -258,15 +254,7 @@ def main(argv=None):
                                  "probe compares the NCC loss with MSP-CNN's other two losses")
     if args.input_size is not None:
         train_net.input_size = check_input_size(args.input_size)
-    rows = _read_records(args.data, "train")
-    labels = [r["label"] for r in rows]
-    db = DatumDB(os.path.join(args.data, "train.lmdb"))
-    if len(db) != len(rows):
-        raise TrainingError(f"{args.data}: train.lmdb has {len(db)} records, train.json {len(rows)}")
-    stored = tuple(np.shape(db[0][0])[1:])
-    if stored[0] < train_net.input_size[0] or stored[1] < train_net.input_size[1]:
-        raise TrainingError(f"{args.data}: the training images are {stored[0]} x {stored[1]}, smaller than the "
-                            f"net's input {train_net.input_size[0]} x {train_net.input_size[1]} (--input-size)")
+    rows, labels, db, _ = open_training_data(args.data, train_net, args.batch_pairs)
     model = train_net.build(max(labels) + 1, generator=torch.Generator().manual_seed(0))
     model.use_low = True
     model.pair_branches = False  # two passes, so that pool1's hook sees each branch
