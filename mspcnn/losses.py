@@ -10,11 +10,35 @@ import torch
 from mspcnn.defaults import NCC_EPS, NCC_NEG_CEILING, NCC_PATCH, NCC_POS_FLOOR, NCC_SEARCH_ROWS
 from mspcnn.ops import ncc_max
 
-__all__ = ["ncc_loss"]
+__all__ = ["ncc_loss", "ncc_loss_shares"]
+
+
+def _ncc_costs(a, b, similar, patch, search_rows, eps, pos_floor, neg_ceiling):
+    """Every patch's cost (N x C x H x W) and which pairs are positive (N booleans)."""
+    if similar.shape != a.shape[:1]:
+        raise ValueError(f"ncc_loss: `similar` must have shape [{a.shape[0]}], got "
+                         f"{list(similar.shape)}")
+    s, _ = ncc_max(a, b, patch, search_rows, eps)
+    pos = similar.trunc() != 0
+    pos_cost = torch.where(s >= pos_floor, 1.0 - s, torch.zeros_like(s))
+    neg_cost = torch.where(s <= neg_ceiling, s.clamp(min=0), torch.zeros_like(s))
+    return torch.where(pos.view(-1, 1, 1, 1), pos_cost, neg_cost), pos
+
+
+def _pair_weights(pos):
+    """Each pair's weight in the balanced loss: 1 / (2 x its kind's count), or 1 / N when the batch
+    holds only one kind of pair."""
+    pos = pos.cpu()
+    n_pos = int(pos.sum())
+    n_neg = pos.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return torch.full(pos.shape, 1.0 / pos.numel(), dtype=torch.float64)
+    half = torch.tensor([0.5 / n_neg, 0.5 / n_pos], dtype=torch.float64)
+    return half[pos.long()]
 
 
 def ncc_loss(a, b, similar, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS,
-             pos_floor=NCC_POS_FLOOR, neg_ceiling=NCC_NEG_CEILING):
+             pos_floor=NCC_POS_FLOOR, neg_ceiling=NCC_NEG_CEILING, balance_pairs=False):
     """Low-level similarity loss on feature maps ``a``, ``b`` (N x C x H x W).
 
     With s = ncc_max(a, b) (the best wide-search NCC of every patch of ``a``):
@@ -26,12 +50,31 @@ def ncc_loss(a, b, similar, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NC
     The defaults (pos_floor -1, neg_ceiling 1) keep every patch: thresholds
     are chosen by a measured sweep. ``similar`` is an N-vector (float or int;
     truncated like Caffe's labels). The gradient flows through the selected
-    candidate of each patch (ncc_max)."""
-    if similar.shape != a.shape[:1]:
-        raise ValueError(f"ncc_loss: `similar` must have shape [{a.shape[0]}], got "
-                         f"{list(similar.shape)}")
-    s, _ = ncc_max(a, b, patch, search_rows, eps)
-    pos = (similar.trunc() != 0).view(-1, 1, 1, 1)
-    pos_cost = torch.where(s >= pos_floor, 1.0 - s, torch.zeros_like(s))
-    neg_cost = torch.where(s <= neg_ceiling, s.clamp(min=0), torch.zeros_like(s))
-    return torch.where(pos, pos_cost, neg_cost).mean()
+    candidate of each patch (ncc_max).
+
+    ``balance_pairs`` (off by default; a reconstruction choice, not the
+    paper's) weighs the two kinds of pair equally: half the mean cost of the
+    positive pairs plus half that of the negative pairs (each pair's cost its
+    mean over C, H, W), instead of the mean over all pairs, where the negative
+    pairs, twice as many, weigh twice as much. A batch with one kind of pair
+    only gets the plain mean."""
+    cost, pos = _ncc_costs(a, b, similar, patch, search_rows, eps, pos_floor, neg_ceiling)
+    if not balance_pairs:
+        return cost.mean()
+    weights = _pair_weights(pos).to(cost.device, cost.dtype)
+    return (cost.mean(dim=(1, 2, 3)) * weights).sum()
+
+
+def ncc_loss_shares(a, b, similar, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS,
+                    pos_floor=NCC_POS_FLOOR, neg_ceiling=NCC_NEG_CEILING, balance_pairs=False):
+    """The positive pairs' and the negative pairs' shares of :func:`ncc_loss` (same arguments).
+
+    Two scalars that add up to ncc_loss (to rounding), each differentiable: the share of a
+    kind of pair is the sum of its pairs' mean costs times their weights in the loss (1 / N, or
+    with ``balance_pairs`` 1 / (2 x the kind's count)). A kind absent from the batch has share 0.
+    Used by tools/probe_losses.py to see what each kind of pair asks of the network."""
+    cost, pos = _ncc_costs(a, b, similar, patch, search_rows, eps, pos_floor, neg_ceiling)
+    weights = _pair_weights(pos) if balance_pairs else torch.full(pos.shape, 1.0 / pos.numel(), dtype=torch.float64)
+    per_pair = cost.mean(dim=(1, 2, 3)) * weights.to(cost.device, cost.dtype)
+    zero = per_pair.sum() * 0.0
+    return (per_pair[pos].sum() if pos.any() else zero), (per_pair[~pos].sum() if (~pos).any() else zero)

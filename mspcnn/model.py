@@ -489,7 +489,7 @@ class MSPCNN(nn.Module):
     * ``high``: ContrastiveLoss (margin ``margin``) on the L2-normalised fc7_bn features,
       ``similar`` the pair labels (1 same identity, 0 not);
     * ``low``: the NCC loss on the pool1 maps (``use_low``: stage 2), with ``ncc_params`` (patch,
-      search_rows, eps, pos_floor, neg_ceiling);
+      search_rows, eps, pos_floor, neg_ceiling, balance_pairs);
     * ``total``: the weighted sum (weights ``w_cls``, ``w_high``, ``w_low``).
 
     BatchNorm: each branch normalises with its own batch statistics and keeps its own running
@@ -557,7 +557,8 @@ class MSPCNN(nn.Module):
         self.softmax_ignore_label = lossp.ignore_label if _has(lossp, "ignore_label") else None
         npar = defs["loss_low"].ncc_loss_param
         self.ncc_params = dict(patch=int(npar.patch), search_rows=int(npar.search_rows), eps=float(npar.eps),
-                               pos_floor=float(npar.pos_floor), neg_ceiling=float(npar.neg_ceiling))
+                               pos_floor=float(npar.pos_floor), neg_ceiling=float(npar.neg_ceiling),
+                               balance_pairs=bool(npar.balance_pairs))
         self.use_low = ("loss_low" in active and layer_params is not None) if use_low is None else use_low
         self.merge_bn_batches = merge_bn_batches
         # Both branches in one interleaved pass (PairedBranches): None = on GPUs (the same function;

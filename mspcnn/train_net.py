@@ -66,7 +66,7 @@ _ALLOWED = {
                         "loss_param.normalize", "softmax_param.axis", "softmax_param.engine"},
     "ContrastiveLoss": {"loss_weight", "contrastive_loss_param.margin", "contrastive_loss_param.legacy_version"},
     "NCCLoss": {"loss_weight"} | {"ncc_loss_param." + f for f in (
-        "patch", "search_rows", "eps", "pos_floor", "neg_ceiling")},
+        "patch", "search_rows", "eps", "pos_floor", "neg_ceiling", "balance_pairs")},
 }
 _BLOBS = {"Convolution": 2, "InnerProduct": 2, "Scale": 2, "BatchNorm": 3}
 
@@ -402,8 +402,8 @@ def solver_net(solver_path):
 
 def edit_net(net, bn_maf=None, ncc=None, input_size=None):
     """Edit a NetParameter in place, as a user edits the prototxt: ``bn_maf`` sets every BatchNorm's
-    moving_average_fraction; ``ncc`` ({"w_low", "pos_floor", "neg_ceiling"}, None values skipped)
-    sets the NCCLoss layer's loss weight and thresholds; ``input_size`` (height, width) sets the
+    moving_average_fraction; ``ncc`` ({"w_low", "pos_floor", "neg_ceiling", "balance_pairs"}, None
+    values skipped) sets the NCCLoss layer's loss weight, thresholds and pair weighting; ``input_size`` (height, width) sets the
     images' shape in the Input layer (the size the net trains at). Returns ``net``."""
     if input_size is not None:
         input_size = check_input_size(input_size)
@@ -430,4 +430,9 @@ def edit_net(net, bn_maf=None, ncc=None, input_size=None):
         for key in ("pos_floor", "neg_ceiling"):
             if key in ncc:
                 setattr(layer.ncc_loss_param, key, float(ncc[key]))
+        if "balance_pairs" in ncc:
+            value = ncc["balance_pairs"]
+            if value not in (0, 1, True, False):
+                raise ValueError(f"balance_pairs must be 0 or 1 (false or true), got {value!r}")
+            layer.ncc_loss_param.balance_pairs = bool(value)
     return net

@@ -49,6 +49,23 @@ def test_sweep_bad_input(tiny_market_db, tmp_path, run_tool):
     assert proc.returncode == 2 and "expected NAME=V1,V2" in proc.stderr
     proc = run_tool("sweep_stage2.py", "--data", tmp_path, "--weights", tmp_path / "x", "--set", "w_low=1")
     assert proc.returncode == 2 and "no val split" in proc.stderr
+    proc = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", tmp_path / "x",
+                    "--set", "balance_pairs=0,0.5")
+    assert proc.returncode == 2 and "balance_pairs is 0 (off) or 1 (on)" in proc.stderr
+
+
+def test_sweep_balance_pairs(tiny_market_db, tmp_path, run_tool):
+    """--set balance_pairs=1 writes it into the configuration's net, which trains with it."""
+    stage1 = one_iteration_stage1(tiny_market_db, tmp_path)
+    out = tmp_path / "sweep"
+    proc = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", stage1.weights,
+                    "--solver", PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2",
+                    "--device", "cpu", "--set", "w_low=10", "--set", "balance_pairs=1", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert [r["name"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ["w_low10_balance_pairs1"]
+    net = (out / "w_low10_balance_pairs1" / "net.prototxt").read_text()
+    assert re.search(r'name: "loss_low".*?loss_weight: 10.*?balance_pairs: true', net, re.S)
+    assert "Train net output #2: loss_low" in proc.stdout and "(* 10 = " in proc.stdout
 
 
 def test_a_stopped_configuration_is_not_recorded(tiny_market_db, tmp_path):

@@ -33,7 +33,7 @@ def edit(text, old, new):
 EDITS = [('top: "loss_high" loss_weight: 1 contrastive_loss_param { margin: 1 }',
           'top: "loss_high" loss_weight: 0.5 contrastive_loss_param { margin: 0.6 }'),
          ("ncc_loss_param { patch: 5 search_rows: 5 eps: 0.01 pos_floor: -1 neg_ceiling: 1 }",
-          "ncc_loss_param { patch: 3 search_rows: 3 eps: 0.05 pos_floor: 0.1 neg_ceiling: 0.8 }"),
+          "ncc_loss_param { patch: 3 search_rows: 3 eps: 0.05 pos_floor: 0.1 neg_ceiling: 0.8 balance_pairs: true }"),
          ('top: "loss_low" loss_weight: 1', 'top: "loss_low" loss_weight: 2'),
          ("dropout_param { dropout_ratio: 0.5 }", "dropout_param { dropout_ratio: 0.3 }")]
 
@@ -56,7 +56,10 @@ def test_an_edited_net_trains_as_caffe_would(tmp_path):
     model = train_net.build(1367, generator=torch.Generator().manual_seed(0))
     assert (model.w_high, model.w_low, model.backbone.dropout_ratio) == pytest.approx((0.5, 2.0, 0.3))
     assert model.margin == pytest.approx(0.6) and model.use_low
+    balance = model.ncc_params.pop("balance_pairs")
     assert model.ncc_params == pytest.approx(dict(patch=3, search_rows=3, eps=0.05, pos_floor=0.1, neg_ceiling=0.8))
+    assert balance is True
+    model.ncc_params["balance_pairs"] = balance
 
     weights = tmp_path / "w.caffemodel"
     cio.write_caffemodel(layer_blobs_to_net(model.layer_blobs(), model.describe()), weights)
@@ -167,6 +170,19 @@ def test_what_mspcnn_cannot_train_is_an_error_naming_file_and_line(tmp_path, nam
     path.write_text(edit(SHIPPED, *change))
     with pytest.raises(NetDefinitionError, match=re.escape(str(path)) + ".*" + message):
         read_train_net(solver(), net=path)
+
+
+def test_edit_net_sets_the_ncc_loss_parameters():
+    """edit_net's ``ncc`` edits: the loss weight, the thresholds and balance_pairs reach the model
+    built from the written file; None leaves a value as it is; balance_pairs is 0 or 1."""
+    from mspcnn.train_net import edit_net, solver_net
+
+    net = edit_net(solver_net(STAGE2), ncc={"w_low": 10, "neg_ceiling": 0.6, "pos_floor": None, "balance_pairs": 1})
+    layer = next(lp for lp in net.layer if lp.type == "NCCLoss")
+    assert list(layer.loss_weight) == [10.0] and layer.ncc_loss_param.balance_pairs is True
+    assert layer.ncc_loss_param.neg_ceiling == pytest.approx(0.6) and layer.ncc_loss_param.pos_floor == -1
+    with pytest.raises(ValueError, match="balance_pairs must be 0 or 1"):
+        edit_net(solver_net(STAGE2), ncc={"balance_pairs": 0.5})
 
 
 def test_the_input_layer_sets_the_size_the_net_trains_at(tiny_market_db, tmp_path):

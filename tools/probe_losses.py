@@ -52,7 +52,7 @@ from mspcnn.cli import add_input_size_argument, check_numbers, format_duration, 
 from mspcnn.data.pairs import PairLoader, PairSampler
 from mspcnn.data.transformer import train_transformer
 from mspcnn.engine import open_training_data
-from mspcnn.losses import ncc_loss
+from mspcnn.losses import ncc_loss_shares
 from mspcnn.model import check_input_size
 from mspcnn.ops import ncc_max
 from mspcnn.paths import PROTOTXT_DIR
@@ -139,13 +139,8 @@ def probe(model, batches, groups, weight_decay, seed):
             per_pair = s.mean(dim=(1, 2, 3))
             pair_pos += per_pair[pos].tolist()
             pair_neg += per_pair[~pos].tolist()
-            # The NCC loss is a mean over every patch of the batch: its positive pairs' share and its
-            # negative pairs' share add up to it.
-            share = {"low_pos": pos, "low_neg": ~pos}
-            for term, rows in share.items():
-                k = int(rows.sum())
-                losses[term] = (ncc_loss(a[rows], b[rows], batch["sim"][rows], **p) * (k / len(rows)) if k
-                                else a.sum() * 0.0)
+            # The NCC loss's positive pairs' share and its negative pairs' share add up to it.
+            losses["low_pos"], losses["low_neg"] = ncc_loss_shares(a, b, batch["sim"], **p)
             parts, whole = float((losses["low_pos"] + losses["low_neg"]).detach()), float(losses["low"].detach())
             if abs(parts - whole) > 1e-5 * max(1.0, abs(whole)):
                 raise RuntimeError(f"the NCC loss's two shares add up to {parts}, not to its value {whole}")

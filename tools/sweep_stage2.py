@@ -5,13 +5,14 @@ from one set of stage-1 weights, scored on the validation identities only.
     python tools/sweep_stage2.py --data DB_DIR --weights STAGE1.caffemodel
                                  [--solver prototxt_equiv/solver_cuhk01_cpu_stage2.prototxt]
                                  --set w_low=1,0,0.5,2 --set pos_floor=-1,0.3 [--set neg_ceiling=1,0.6]
+                                 [--set balance_pairs=0,1]
                                  [--set lr=0.0016,0.005] [--mode one-at-a-time|grid] [--iters N]
                                  [--batch-pairs 16] [--seed 0] [--device cpu] [--out runs/sweep]
                                  [--val-every N --score-last K]  # score the mean of the last K points
                                  [--input-size 64x24 --bn-maf 0.9972]   # the cpu64 recipe's stage 2
 
 Each configuration edits a copy of the net the solver names (NCCLoss loss_weight, pos_floor,
-neg_ceiling; written to OUT/<config>/net.prototxt) and the solver's base_lr, trains stage 2 from
+neg_ceiling, balance_pairs; written to OUT/<config>/net.prototxt) and the solver's base_lr, trains stage 2 from
 --weights with mspcnn.engine.solve, and scores the result on DB_DIR's `val` split (identities held
 out from training; cross-camera rank-1 and mAP of L2-normalised fc7_bn features). The test
 identities are never read. The first value of each --set is the baseline: `one-at-a-time`
@@ -47,9 +48,9 @@ from mspcnn.cli import add_device_argument, add_input_size_argument, check_numbe
 from mspcnn.runtime import add_threads_argument, add_workers_argument, configure_threads
 from mspcnn.engine import TrainingError, solve
 from mspcnn.paths import PROTOTXT_DIR
-from mspcnn.train_net import NetDefinitionError, resolve_net_path
+from mspcnn.train_net import NetDefinitionError, edit_net, resolve_net_path
 
-PARAMS = ("w_low", "pos_floor", "neg_ceiling", "lr")
+PARAMS = ("w_low", "pos_floor", "neg_ceiling", "balance_pairs", "lr")
 
 
 def parse_set(text):
@@ -62,6 +63,8 @@ def parse_set(text):
         raise argparse.ArgumentTypeError(f"--set {text!r}: values must be numbers") from None
     if not vals:
         raise argparse.ArgumentTypeError(f"--set {text!r}: no values")
+    if name == "balance_pairs" and any(v not in (0, 1) for v in vals):
+        raise argparse.ArgumentTypeError(f"--set {text!r}: balance_pairs is 0 (off) or 1 (on)")
     try:  # a loss weight and a learning rate are >= 0; the thresholds any finite number
         check_numbers(*((f"--set {name}", v, 0 if name in ("w_low", "lr") else None) for v in vals))
     except ValueError as exc:
@@ -129,7 +132,8 @@ def main(argv=None):
     p.add_argument("--solver", default=str(PROTOTXT_DIR / "solver_cuhk01_cpu_stage2.prototxt"),
                    help="the stage-2 solver (default: the CUHK01 CPU recipe's)")
     p.add_argument("--set", dest="sets", action="append", type=parse_set, required=True,
-                   help="PARAM=V1,V2,... (w_low, pos_floor, neg_ceiling, lr); the first value is the baseline")
+                   help="PARAM=V1,V2,... (w_low, pos_floor, neg_ceiling, balance_pairs 0 or 1, lr); the first value "
+                   "is the baseline")
     p.add_argument("--mode", choices=("one-at-a-time", "grid"), default="one-at-a-time",
                help="one-at-a-time (default) or grid")
     p.add_argument("--iters", type=int, help="stage-2 iterations (default: the solver's max_iter)")
@@ -190,16 +194,7 @@ def main(argv=None):
         folder = os.path.join(args.out, name)
         net = proto.NetParameter()
         net.CopyFrom(base_net)
-        layer = next(lp for lp in net.layer if lp.type == "NCCLoss")
-        if args.bn_maf is not None:
-            for lp in net.layer:
-                if lp.type == "BatchNorm":
-                    lp.batch_norm_param.moving_average_fraction = args.bn_maf
-        if "w_low" in config:
-            layer.loss_weight[:] = [config["w_low"]]
-        for key in ("pos_floor", "neg_ceiling"):
-            if key in config:
-                setattr(layer.ncc_loss_param, key, config[key])
+        edit_net(net, bn_maf=args.bn_maf, ncc={key: config.get(key) for key in PARAMS if key != "lr"})
         os.makedirs(folder, exist_ok=True)
         net_path = os.path.join(folder, "net.prototxt")
         old = done.get(name)

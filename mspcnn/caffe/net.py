@@ -391,7 +391,8 @@ class CaffeNet(nn.Module):
 
             p = lp.ncc_loss_param
             return [ncc_loss(x, bottoms[1], bottoms[2], patch=p.patch, search_rows=p.search_rows,
-                             eps=p.eps, pos_floor=p.pos_floor, neg_ceiling=p.neg_ceiling)]
+                             eps=p.eps, pos_floor=p.pos_floor, neg_ceiling=p.neg_ceiling,
+                             balance_pairs=p.balance_pairs)]
         raise NetDefinitionError(f"layer {lp.name!r}: type {t!r} has no forward")  # unreachable
 
     def loss(self, blobs):

@@ -323,6 +323,9 @@ _MESSAGES = {
         ("optional", "float", "eps", 3, repr(_defaults.NCC_EPS)),
         ("optional", "float", "pos_floor", 4, repr(_defaults.NCC_POS_FLOOR)),
         ("optional", "float", "neg_ceiling", 5, repr(_defaults.NCC_NEG_CEILING)),
+        # Weigh positive and negative pairs equally (mspcnn.losses.ncc_loss); off: the mean over
+        # every pair, the reconstruction of docs/method.md.
+        ("optional", "bool", "balance_pairs", 6, "false"),
     ],
 }
 
