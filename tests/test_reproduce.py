@@ -227,12 +227,12 @@ def test_stage2_settings_curves_and_stage1_reuse(tmp_path, run_tool):
     first = run_tool("reproduce.py", *common, "--iters1", "2", "--name", "defaults")
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
     second = run_tool("reproduce.py", *common, "--iters1", "2", "--name", "edited", "--w-low", "2",
-                      "--pos-floor", "0.3", "--lr2", "0.005")
+                      "--pos-floor", "0.3", "--balance-pairs", "--lr2", "0.005")
     assert second.returncode == 0, second.stderr[-3000:] + second.stdout[-3000:]
     assert "stage1 reused from" in second.stdout and ": stage1\n" not in second.stdout
     assert "+-" not in second.stdout.split("recipe paper")[1]  # one run per loss set: no spread column
-    net = (out / "split00" / "all_wlow2_pf0.3_lr0.005" / "stage2_net.prototxt").read_text()
-    assert re.search(r'name: "loss_low".*?loss_weight: 2\b.*?pos_floor: 0\.3', net, re.S)
+    net = (out / "split00" / "all_wlow2_pf0.3_bal1_lr0.005" / "stage2_net.prototxt").read_text()
+    assert re.search(r'name: "loss_low".*?loss_weight: 2\b.*?pos_floor: 0\.3.*?balance_pairs: true', net, re.S)
     assert (out / "split00" / "cls+high_lr0.005" / "stage2_iter_2.caffemodel").exists()
     assert not (out / "split00" / "cls+high_lr0.005" / "stage2_net.prototxt").exists()
     result = json.loads((out / "edited.json").read_text())

@@ -104,7 +104,8 @@ ABLATION = [("cls", (1, 0, 0)), ("cls+high", (1, 1, 0)), ("cls+low", (1, 0, 1)),
 RECIPES = {"paper": {"batch": None, "bn_maf": None},
            "cpu": {"batch": 16, "bn_maf": 0.986, "datasets": ("cuhk01",)},
            "cpu64": {"batch": 16, "bn_maf": 0.9972, "datasets": ("cuhk01",), "input_size": (64, 24)}}
-STAGE2_OPTIONS = (("w_low", "wlow"), ("pos_floor", "pf"), ("neg_ceiling", "nc"), ("lr2", "lr"))
+STAGE2_OPTIONS = (("w_low", "wlow"), ("pos_floor", "pf"), ("neg_ceiling", "nc"), ("balance_pairs", "bal"),
+                  ("lr2", "lr"))
 
 
 def convert(dataset, raw, out, split, val_ids=None, input_size=CROP):
@@ -178,7 +179,8 @@ def message_sha256(message):
 
 def run_tag(args, uses_low):
     """The suffix naming a run's stage-2 settings: '_lr0.005' for --lr2, and for a loss set with the
-    NCC loss '_wlow2_pf0.3_nc0.8' for --w-low/--pos-floor/--neg-ceiling; '' for the defaults."""
+    NCC loss '_wlow2_pf0.3_nc0.8_bal1' for --w-low/--pos-floor/--neg-ceiling/--balance-pairs; '' for the
+    defaults."""
     return "".join(f"_{short}{getattr(args, key):g}" for key, short in STAGE2_OPTIONS
                    if getattr(args, key) is not None and (uses_low or key == "lr2"))
 
@@ -314,7 +316,8 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
         return weights, history
     run = os.path.join(split_dir, name + tag)
     print(f"== {where}: stage2", flush=True)
-    ncc = {k: getattr(args, k) for k in ("w_low", "pos_floor", "neg_ceiling")} if loss_weights[2] else None
+    ncc = ({k: getattr(args, k) for k in ("w_low", "pos_floor", "neg_ceiling", "balance_pairs")}
+           if loss_weights[2] else None)
     net = prepare_net(stage2, run, "stage2_net.prototxt", bn_maf=args.bn_maf, ncc=ncc)
     overrides = {"snapshot_prefix": os.path.join(run, "stage2"), "test_interval": args.test_interval,
                  "base_lr": args.lr2 if args.lr2 is not None else args.base_lr, "random_seed": seed,
@@ -393,6 +396,8 @@ def main(argv=None):
     p.add_argument("--w-low", type=float, help="stage 2: the NCC loss weight (default: the net's)")
     p.add_argument("--pos-floor", type=float, help="stage 2: NCCLoss pos_floor (default: the net's)")
     p.add_argument("--neg-ceiling", type=float, help="stage 2: NCCLoss neg_ceiling (default: the net's)")
+    p.add_argument("--balance-pairs", action="store_const", const=1, help="stage 2: NCCLoss balance_pairs: "
+                   "positive and negative pairs weigh the same in the NCC loss (default: the net's, off)")
     p.add_argument("--lr2", type=float, help="stage 2: base_lr (default: the solver's, or --base-lr)")
     p.add_argument("--bn-maf", type=float, help="every BatchNorm's moving_average_fraction, both stages "
                    "(default: the net's 0.999; the cpu recipe's 0.986, cpu64's 0.9972)")
