@@ -54,7 +54,8 @@ from mspcnn.model import check_input_size, training_arithmetic
 from mspcnn.solver import SGDSolver, check_solver
 from mspcnn.train_net import read_train_net
 
-__all__ = ["solve", "SolveResult", "TrainingError", "TrainingData", "open_training_data", "SIGNAL_EFFECTS", "glog", "format_duration"]
+__all__ = ["solve", "SolveResult", "TrainingError", "TrainingData", "open_training_data", "SIGNAL_EFFECTS", "glog",
+           "format_duration"]
 
 SIGNAL_EFFECTS = ("stop", "snapshot", "none")
 LOSS_NAMES = (("loss_cls", "cls"), ("loss_high", "high"), ("loss_low", "low"))

@@ -25,16 +25,17 @@ def _ncc_costs(a, b, similar, patch, search_rows, eps, pos_floor, neg_ceiling):
     return torch.where(pos.view(-1, 1, 1, 1), pos_cost, neg_cost), pos
 
 
-def _pair_weights(pos):
-    """Each pair's weight in the balanced loss: 1 / (2 x its kind's count), or 1 / N when the batch
-    holds only one kind of pair."""
-    pos = pos.cpu()
-    n_pos = int(pos.sum())
-    n_neg = pos.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return torch.full(pos.shape, 1.0 / pos.numel(), dtype=torch.float64)
-    half = torch.tensor([0.5 / n_neg, 0.5 / n_pos], dtype=torch.float64)
-    return half[pos.long()]
+def _pair_weights(pos, balance_pairs, dtype):
+    """Each pair's weight in the loss: 1 / N; with ``balance_pairs`` 1 / (2 x its kind's count), or
+    1 / N when the batch holds only one kind of pair. Computed on pos's device without reading the
+    counts back (no host synchronisation: the loss can be captured in a CUDA graph)."""
+    n = pos.numel()
+    if not balance_pairs:
+        return torch.full(pos.shape, 1.0 / max(n, 1), dtype=dtype, device=pos.device)
+    n_pos = pos.sum().to(dtype)
+    n_neg = n - n_pos
+    balanced = torch.where(pos, 0.5 / n_pos.clamp(min=1), 0.5 / n_neg.clamp(min=1))
+    return torch.where((n_pos > 0) & (n_neg > 0), balanced, torch.full_like(balanced, 1.0 / max(n, 1)))
 
 
 def ncc_loss(a, b, similar, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS,
@@ -61,8 +62,7 @@ def ncc_loss(a, b, similar, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NC
     cost, pos = _ncc_costs(a, b, similar, patch, search_rows, eps, pos_floor, neg_ceiling)
     if not balance_pairs:
         return cost.mean()
-    weights = _pair_weights(pos).to(cost.device, cost.dtype)
-    return (cost.mean(dim=(1, 2, 3)) * weights).sum()
+    return (cost.mean(dim=(1, 2, 3)) * _pair_weights(pos, True, cost.dtype)).sum()
 
 
 def ncc_loss_shares(a, b, similar, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS, eps=NCC_EPS,
@@ -74,7 +74,5 @@ def ncc_loss_shares(a, b, similar, patch=NCC_PATCH, search_rows=NCC_SEARCH_ROWS,
     with ``balance_pairs`` 1 / (2 x the kind's count)). A kind absent from the batch has share 0.
     Used by tools/probe_losses.py to see what each kind of pair asks of the network."""
     cost, pos = _ncc_costs(a, b, similar, patch, search_rows, eps, pos_floor, neg_ceiling)
-    weights = _pair_weights(pos) if balance_pairs else torch.full(pos.shape, 1.0 / pos.numel(), dtype=torch.float64)
-    per_pair = cost.mean(dim=(1, 2, 3)) * weights.to(cost.device, cost.dtype)
-    zero = per_pair.sum() * 0.0
-    return (per_pair[pos].sum() if pos.any() else zero), (per_pair[~pos].sum() if (~pos).any() else zero)
+    per_pair = cost.mean(dim=(1, 2, 3)) * _pair_weights(pos, balance_pairs, cost.dtype)
+    return (per_pair * pos).sum(), (per_pair * ~pos).sum()

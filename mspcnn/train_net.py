@@ -403,8 +403,9 @@ def solver_net(solver_path):
 def edit_net(net, bn_maf=None, ncc=None, input_size=None):
     """Edit a NetParameter in place, as a user edits the prototxt: ``bn_maf`` sets every BatchNorm's
     moving_average_fraction; ``ncc`` ({"w_low", "pos_floor", "neg_ceiling", "balance_pairs"}, None
-    values skipped) sets the NCCLoss layer's loss weight, thresholds and pair weighting; ``input_size`` (height, width) sets the
-    images' shape in the Input layer (the size the net trains at). Returns ``net``."""
+    values skipped) sets the NCCLoss layer's loss weight, thresholds and pair weighting;
+    ``input_size`` (height, width) sets the images' shape in the Input layer (the size the net trains
+    at). Returns ``net``."""
     if input_size is not None:
         input_size = check_input_size(input_size)
         layer = next((lp for lp in net.layer if lp.type == "Input"), None)
