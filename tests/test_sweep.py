@@ -12,12 +12,17 @@ from mspcnn.paths import PROTOTXT_DIR
 pytestmark = pytest.mark.slow
 
 
+def tiny_sweep(run_tool, db, weights, out, *sets):
+    """sweep_stage2.py on the tiny dataset: one iteration of 2 pairs per configuration, on the CPU."""
+    return run_tool("sweep_stage2.py", "--data", db, "--weights", weights, "--solver",
+                    PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2", "--device", "cpu",
+                    *sets, "--out", out)
+
+
 def test_sweep_one_at_a_time(tiny_market_db, tmp_path, run_tool):
     stage1 = one_iteration_stage1(tiny_market_db, tmp_path)
     out = tmp_path / "sweep"
-    proc = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", stage1.weights,
-                    "--solver", PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2",
-                    "--device", "cpu", "--set", "w_low=1,0", "--set", "pos_floor=-1,0.3", "--out", out)
+    proc = tiny_sweep(run_tool, tiny_market_db, stage1.weights, out, "--set", "w_low=1,0", "--set", "pos_floor=-1,0.3")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     result = json.loads((out / "sweep.json").read_text())
     names = [r["name"] for r in result["runs"]]
@@ -30,9 +35,8 @@ def test_sweep_one_at_a_time(tiny_market_db, tmp_path, run_tool):
 
     # a second run with the same --out resumes: the finished configurations are reused, a new value
     # is trained, and a changed setting (--iters) trains everything again
-    again = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", stage1.weights,
-                     "--solver", PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2",
-                     "--device", "cpu", "--set", "w_low=1,0,2", "--set", "pos_floor=-1,0.3", "--out", out)
+    again = tiny_sweep(run_tool, tiny_market_db, stage1.weights, out,
+                       "--set", "w_low=1,0,2", "--set", "pos_floor=-1,0.3")
     assert again.returncode == 0, again.stderr[-3000:] + again.stdout[-3000:]
     assert again.stdout.count("reused from") == 3 and "== [3/4] w_low2_pos_floor-1\n" in again.stdout
     resumed = json.loads((out / "sweep.json").read_text())
@@ -58,9 +62,7 @@ def test_sweep_balance_pairs(tiny_market_db, tmp_path, run_tool):
     """--set balance_pairs=1 writes it into the configuration's net, which trains with it."""
     stage1 = one_iteration_stage1(tiny_market_db, tmp_path)
     out = tmp_path / "sweep"
-    proc = run_tool("sweep_stage2.py", "--data", tiny_market_db, "--weights", stage1.weights,
-                    "--solver", PROTOTXT_DIR / "solver_stage2.prototxt", "--iters", "1", "--batch-pairs", "2",
-                    "--device", "cpu", "--set", "w_low=10", "--set", "balance_pairs=1", "--out", out)
+    proc = tiny_sweep(run_tool, tiny_market_db, stage1.weights, out, "--set", "w_low=10", "--set", "balance_pairs=1")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert [r["name"] for r in json.loads((out / "sweep.json").read_text())["runs"]] == ["w_low10_balance_pairs1"]
     net = (out / "w_low10_balance_pairs1" / "net.prototxt").read_text()
