@@ -56,10 +56,9 @@ def test_an_edited_net_trains_as_caffe_would(tmp_path):
     model = train_net.build(1367, generator=torch.Generator().manual_seed(0))
     assert (model.w_high, model.w_low, model.backbone.dropout_ratio) == pytest.approx((0.5, 2.0, 0.3))
     assert model.margin == pytest.approx(0.6) and model.use_low
-    balance = model.ncc_params.pop("balance_pairs")
-    assert model.ncc_params == pytest.approx(dict(patch=3, search_rows=3, eps=0.05, pos_floor=0.1, neg_ceiling=0.8))
-    assert balance is True
-    model.ncc_params["balance_pairs"] = balance
+    ncc_params = dict(model.ncc_params)
+    assert ncc_params.pop("balance_pairs") is True
+    assert ncc_params == pytest.approx(dict(patch=3, search_rows=3, eps=0.05, pos_floor=0.1, neg_ceiling=0.8))
 
     weights = tmp_path / "w.caffemodel"
     cio.write_caffemodel(layer_blobs_to_net(model.layer_blobs(), model.describe()), weights)
@@ -173,8 +172,8 @@ def test_what_mspcnn_cannot_train_is_an_error_naming_file_and_line(tmp_path, nam
 
 
 def test_edit_net_sets_the_ncc_loss_parameters():
-    """edit_net's ``ncc`` edits: the loss weight, the thresholds and balance_pairs reach the model
-    built from the written file; None leaves a value as it is; balance_pairs is 0 or 1."""
+    """edit_net's ``ncc`` edits: the loss weight, the thresholds and balance_pairs reach the NCCLoss
+    layer; None leaves a value as it is; balance_pairs is 0 or 1."""
     from mspcnn.train_net import edit_net, solver_net
 
     net = edit_net(solver_net(STAGE2), ncc={"w_low": 10, "neg_ceiling": 0.6, "pos_floor": None, "balance_pairs": 1})

@@ -316,8 +316,7 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
         return weights, history
     run = os.path.join(split_dir, name + tag)
     print(f"== {where}: stage2", flush=True)
-    ncc = ({k: getattr(args, k) for k in ("w_low", "pos_floor", "neg_ceiling", "balance_pairs")}
-           if loss_weights[2] else None)
+    ncc = {k: getattr(args, k) for k, _ in STAGE2_OPTIONS if k != "lr2"} if loss_weights[2] else None
     net = prepare_net(stage2, run, "stage2_net.prototxt", bn_maf=args.bn_maf, ncc=ncc)
     overrides = {"snapshot_prefix": os.path.join(run, "stage2"), "test_interval": args.test_interval,
                  "base_lr": args.lr2 if args.lr2 is not None else args.base_lr, "random_seed": seed,

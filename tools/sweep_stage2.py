@@ -12,10 +12,10 @@ from one set of stage-1 weights, scored on the validation identities only.
                                  [--input-size 64x24 --bn-maf 0.9972]   # the cpu64 recipe's stage 2
 
 Each configuration edits a copy of the net the solver names (NCCLoss loss_weight, pos_floor,
-neg_ceiling, balance_pairs; written to OUT/<config>/net.prototxt) and the solver's base_lr, trains stage 2 from
---weights with mspcnn.engine.solve, and scores the result on DB_DIR's `val` split (identities held
-out from training; cross-camera rank-1 and mAP of L2-normalised fc7_bn features). The test
-identities are never read. The first value of each --set is the baseline: `one-at-a-time`
+neg_ceiling, balance_pairs; written to OUT/<config>/net.prototxt) and the solver's base_lr, trains
+stage 2 from --weights with mspcnn.engine.solve, and scores the result on DB_DIR's `val` split
+(identities held out from training; cross-camera rank-1 and mAP of L2-normalised fc7_bn features).
+The test identities are never read. The first value of each --set is the baseline: `one-at-a-time`
 (default) varies one parameter at a time from it, `grid` tries every combination. w_low=0 is stage
 2 without the NCC loss (the same iterations and rate), the reference the NCC loss has to beat.
 
