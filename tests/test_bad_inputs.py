@@ -94,6 +94,9 @@ def cases():
         ("reproduce.py", ["cuhk01-100", "{base}/none"], "none"),
         ("reproduce.py", ["market1501", "{folder}", "--recipe", "cpu"], "--recipe cpu: only for cuhk01"),
         ("reproduce.py", ["cuhk01-100", "{folder}", "--splits", "0"], "--splits must be at least 1"),
+        ("reproduce.py", ["cuhk01-100", "{folder}", "--stage1-scale", "0"], "--stage1-scale must be positive"),
+        ("reproduce.py", ["cuhk01-100", "{folder}", "--stage1-scale", "2", "--iters1", "5"],
+         "--stage1-scale and --iters1 both set"),
         ("sweep_stage2.py", ["--data", "{db}", "--weights", "{garbage}", "--set", "w_low=1,0", "--iters", "1"],
          "garbage.bin"),
         # benchmarks and the demo

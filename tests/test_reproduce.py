@@ -51,6 +51,19 @@ def test_cpu_recipes_scale_the_papers_schedule():
     assert reproduce.RECIPES["cpu64"]["input_size"] == (64, 24) and "input_size" not in reproduce.RECIPES["cpu"]
 
 
+def test_stage1_scale_stretches_the_schedule():
+    """--stage1-scale K: stage 1's max_iter (and final snapshot) and stepsize times K, rounded, at
+    least 1; a poly solver (no stepsize) gets only its length; nothing else changes."""
+    from conftest import load_tool
+
+    reproduce = load_tool("reproduce")
+    s1, s2 = reproduce.solver_files("cuhk01-486", "cpu64")
+    assert reproduce.stretched_schedule(s1, 2) == {"max_iter": 8000, "snapshot": 8000, "stepsize": 290}
+    assert reproduce.stretched_schedule(s1, 1.5) == {"max_iter": 6000, "snapshot": 6000, "stepsize": 218}
+    assert reproduce.stretched_schedule(s1, 1e-6) == {"max_iter": 1, "snapshot": 1, "stepsize": 1}
+    assert reproduce.stretched_schedule(s2, 0.5) == {"max_iter": 625, "snapshot": 625}
+
+
 def test_cpu64_recipe_converts_at_its_input_size(tmp_path, run_tool):
     """--recipe cpu64 converts the images for its 64 x 24 input (stored at 71 x 27) unless --input-size
     says otherwise; the paper's datasets other than CUHK01 are refused."""
@@ -188,6 +201,27 @@ def test_ablation_over_seeds(tmp_path, run_tool):
         assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
     seeds3 = (out / "split00" / "seed3" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
     assert seeds3 != (out / "split00" / "seed4" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
+
+
+@pytest.mark.slow
+def test_stage1_scale_trains_a_stretched_stage1(tmp_path, run_tool):
+    """--stage1-scale 0.0025 on the cpu recipe: stage 1 trains 800 x 0.0025 = 2 iterations with
+    stepsize 1 (29 x 0.0025 rounded up to 1), recorded in its manifest; stage 2 keeps --iters2; the
+    run is tagged _s1x0.0025 and the JSON records the scale."""
+    fabricate_cuhk01(tmp_path / "raw")
+    out = tmp_path / "out"
+    proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--recipe", "cpu", "--splits",
+                    "1", "--stage1-scale", "0.0025", "--iters2", "1", "--batch-pairs", "2", "--input-size",
+                    "64x24", "--device", "cpu", "--val-ids", "2", "--repeats", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "recipe cpu, input 64 x 24, stage 1 x 0.0025" in proc.stdout
+    manifest = json.loads((out / "split00" / "stage1_cls+high" / "stage1.manifest.json").read_text())
+    assert manifest["iterations"] == 2
+    assert {k: manifest["inputs"]["overrides"][k] for k in ("max_iter", "snapshot", "stepsize")} == {
+        "max_iter": 2, "snapshot": 2, "stepsize": 1}
+    assert (out / "split00" / "all_s1x0.0025" / "stage2_iter_1.caffemodel").is_file()
+    result = json.loads((out / "results.json").read_text())
+    assert result["args"]["stage1_scale"] == 0.0025 and len(result["ours"]["all"]["runs"]) == 1
 
 
 @pytest.mark.slow

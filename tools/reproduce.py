@@ -6,8 +6,8 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
                               RAW_DIR [--out runs/reproduce] [--name results] [--recipe paper|cpu|cpu64]
                               [--splits N] [--seeds 0 1 2] [--ablation | --loss-sets NAME ...]
                               [--w-low W] [--pos-floor F] [--neg-ceiling C] [--lr2 R]
-                              [--device cuda] [--iters1 N] [--iters2 N] [--batch-pairs N] [--base-lr R]
-                              [--test-interval N] [--repeats 100] [--val-ids N] [--workers N]
+                              [--device cuda] [--iters1 N | --stage1-scale K] [--iters2 N] [--batch-pairs N]
+                              [--base-lr R] [--test-interval N] [--repeats 100] [--val-ids N] [--workers N]
                               [--tf32] [--cuda-graphs] [--time-limit SECONDS] [--convert-only] [--input-size 144x56]
 
 * Splits: CUHK03 the 20 official test sets, CUHK01 10 seeded random splits, Market-1501 its one
@@ -19,8 +19,10 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   with AVX-512 (3.5-4 times as long on 2 AVX2 cores), whose files state every shortening and why;
   `cpu64` (CUHK01 only) is that recipe at a 64 x 24 input (not the paper's) with five times the
   iterations, which take about the same time (solver_cuhk01_cpu64_stage{1,2}.prototxt).
-  --iters1/--iters2/--batch-pairs/--base-lr override any of them for shorter runs. Training is
-  mspcnn.engine.solve (what tools/train.py runs) with the net the solvers name.
+  --iters1/--iters2/--batch-pairs/--base-lr override any of them for shorter runs; --stage1-scale K
+  trains stage 1 K times as long with its schedule stretched alike (max_iter and stepsize times K; a
+  study of the schedule's length, runs tagged _s1xK). Training is mspcnn.engine.solve (what
+  tools/train.py runs) with the net the solvers name.
 * Loss sets (the paper's Table 5): cls; cls+high; cls+low; all. Default: all (the full model);
   --ablation runs the four; --loss-sets chooses (e.g. `--loss-sets cls+high all`, the paired
   comparison of the NCC loss). Each sets the loss weights of the net (0 turns a loss off). Every
@@ -269,12 +271,26 @@ def run_stage(args, solver, db, partial, inputs, where, stage, loss_weights, wei
     return result, list(before) + list(result.history), state
 
 
+def stretched_schedule(solver, scale):
+    """Solver overrides that train SCALE times as long with the same shape of learning-rate schedule:
+    max_iter (and the final snapshot) and, for the step policies, stepsize, each times SCALE
+    (rounded, at least 1). The rest (base_lr, min_lr, gamma, the BatchNorm window) stays."""
+    sp = cio.read_prototxt(solver, proto.SolverParameter)
+    iters = max(1, round(sp.max_iter * scale))
+    out = {"max_iter": iters, "snapshot": iters}
+    if sp.HasField("stepsize"):
+        out["stepsize"] = max(1, round(sp.stepsize * scale))
+    return out
+
+
 def train_stage1(args, db, folder, loss_weights, seed, solver, where):
     """Stage 1 from scratch into FOLDER, or the stage 1 already there when its manifest matches.
     Returns (weights, history, iterations)."""
     overrides = {"snapshot_prefix": os.path.join(folder, "stage1"), "base_lr": args.base_lr,
                  "random_seed": seed, "max_iter": args.iters1, "snapshot": args.iters1,
                  "test_interval": args.test_interval}
+    if args.stage1_scale is not None:  # (the key only when set: earlier manifests stay valid)
+        overrides.update(stretched_schedule(solver, args.stage1_scale))
     net = prepare_net(solver, folder, "stage1_net.prototxt", bn_maf=args.bn_maf)
     manifest = stage_inputs(args, solver, net, db, overrides, loss_weights[:2])
     path = os.path.join(folder, "stage1.manifest.json")
@@ -411,6 +427,10 @@ def main(argv=None):
                         "iteration, with a snapshot), as SIGTERM would; the same command resumes it")
     p.add_argument("--iters1", type=int, help="stage 1 iterations (default: the solver's max_iter)")
     p.add_argument("--iters2", type=int, help="stage 2 iterations (default: the solver's; 0: none)")
+    p.add_argument("--stage1-scale", type=float, metavar="K",
+                   help="train stage 1 K times as long with the same schedule: its max_iter and stepsize times K "
+                        "(base and floor rates, BatchNorm's window and stage 2 unchanged); runs tagged _s1xK. "
+                        "A study of the schedule's length; not with --iters1")
     p.add_argument("--batch-pairs", type=int, help="pairs per forward pass (default: the recipe's)")
     add_workers_argument(p)
     p.add_argument("--base-lr", type=float, help="base_lr of both stages (default: the solvers')")
@@ -461,6 +481,11 @@ def main(argv=None):
                         ("--batch-pairs", args.batch_pairs), ("--workers", args.workers)):
         if value is not None and value < 1:
             p.error(f"{name} must be at least 1, got {value}")
+    if args.stage1_scale is not None:
+        if not args.stage1_scale > 0:  # NaN too
+            p.error(f"--stage1-scale must be positive, got {args.stage1_scale}")
+        if args.iters1 is not None:
+            p.error("--stage1-scale and --iters1 both set stage 1's length: give one")
     if args.iters2 is not None and args.iters2 < 0 or args.test_interval < 0:
         p.error("--iters2 and --test-interval must be >= 0")
     if args.cuda_graphs and not str(args.device).startswith("cuda"):
@@ -495,6 +520,8 @@ def main(argv=None):
             split_dir = os.path.join(args.out, f"split{split:02d}", *([] if seed is None else [f"seed{seed}"]))
             for name, weights3 in configs:
                 tag = run_tag(args, uses_low=bool(weights3[2]))
+                if args.stage1_scale is not None:
+                    tag += f"_s1x{args.stage1_scale:g}"
                 if args.stage1_seed is not None:
                     tag += f"_stage1seed{args.stage1_seed}"
                 where = f"split {split + 1}" + ("" if seed is None else f", seed {seed}") + f", {name}{tag}"
@@ -527,6 +554,7 @@ def main(argv=None):
     paper, keys = PAPER[args.dataset], list(next(iter(summary.values()))["mean"])
     runs = n_splits * len(seeds)
     size = "" if tuple(args.input_size) == CROP else f", input {args.input_size[0]} x {args.input_size[1]}"
+    size += "" if args.stage1_scale is None else f", stage 1 x {args.stage1_scale:g}"
     print(f"\n{args.dataset}, recipe {args.recipe}{size}, {n_splits} split(s) x {len(seeds)} seed(s), "
           f"{time.time() - start:.0f} s; in %" + ("; mean +- sample standard deviation over the runs"
                                                   if runs > 1 else ""))

@@ -35,7 +35,7 @@ KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # reproduce.py's options that change what a run computes: files pool only when they agree on these
 # (the device and the validation interval do not change the recipe; TF32 changes the arithmetic).
 SETTINGS = ("input_size", "val_ids", "w_low", "pos_floor", "neg_ceiling", "balance_pairs", "lr2", "bn_maf",
-            "iters1", "iters2", "batch_pairs", "base_lr", "tf32", "repeats")
+            "iters1", "stage1_scale", "iters2", "batch_pairs", "base_lr", "tf32", "repeats")
 
 
 def load(path):
