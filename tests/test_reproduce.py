@@ -165,7 +165,7 @@ def test_reproduce_at_another_input_size(tmp_path, run_tool):
     assert DatumDB(str(out / "split00" / "db" / "probe.lmdb"))[0][0].shape == (3, 71, 27)
     result = json.loads((out / "results.json").read_text())
     assert result["args"]["input_size"] == [64, 24] and len(result["ours"]["all"]["runs"]) == 1
-    manifest = json.loads((out / "split00" / "stage1_cls+high" / "stage1.manifest.json").read_text())
+    manifest = json.loads((out / "split00" / "stage1_cls+high_s1x0.0025" / "stage1.manifest.json").read_text())
     assert manifest["inputs"]["input_size"] == [64, 24]
 
 
@@ -207,7 +207,8 @@ def test_ablation_over_seeds(tmp_path, run_tool):
 def test_stage1_scale_trains_a_stretched_stage1(tmp_path, run_tool):
     """--stage1-scale 0.0025 on the cpu recipe: stage 1 trains 800 x 0.0025 = 2 iterations with
     stepsize 1 (29 x 0.0025 rounded up to 1), recorded in its manifest; stage 2 keeps --iters2; the
-    run is tagged _s1x0.0025 and the JSON records the scale."""
+    run and its stage-1 folder are tagged _s1x0.0025 (a stage 1 of the recipe's length in the same
+    folder is not overwritten) and the JSON records the scale."""
     fabricate_cuhk01(tmp_path / "raw")
     out = tmp_path / "out"
     proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", out, "--recipe", "cpu", "--splits",
@@ -215,10 +216,11 @@ def test_stage1_scale_trains_a_stretched_stage1(tmp_path, run_tool):
                     "64x24", "--device", "cpu", "--val-ids", "2", "--repeats", "2")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "recipe cpu, input 64 x 24, stage 1 x 0.0025" in proc.stdout
-    manifest = json.loads((out / "split00" / "stage1_cls+high" / "stage1.manifest.json").read_text())
+    manifest = json.loads((out / "split00" / "stage1_cls+high_s1x0.0025" / "stage1.manifest.json").read_text())
     assert manifest["iterations"] == 2
     assert {k: manifest["inputs"]["overrides"][k] for k in ("max_iter", "snapshot", "stepsize")} == {
         "max_iter": 2, "snapshot": 2, "stepsize": 1}
+    assert not (out / "split00" / "stage1_cls+high").exists()  # the recipe-length stage 1's folder
     assert (out / "split00" / "all_s1x0.0025" / "stage2_iter_1.caffemodel").is_file()
     result = json.loads((out / "results.json").read_text())
     assert result["args"]["stage1_scale"] == 0.0025 and len(result["ours"]["all"]["runs"]) == 1

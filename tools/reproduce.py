@@ -321,6 +321,8 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
     """Stage 1 (or its reuse), then stage 2 from its weights; returns (final weights, history), the
     history's iterations counted from the start of stage 1. Raises what mspcnn.engine.solve raises."""
     key = "cls" if loss_weights[1] == 0 else "cls+high"
+    if args.stage1_scale is not None:  # its own folder: a stage 1 of the recipe's length beside it stays
+        key += f"_s1x{args.stage1_scale:g}"
     if args.stage1_seed is not None:  # one stage 1 for every seed; only stage 2's seed varies
         folder = os.path.join(os.path.dirname(split_dir), f"seed{args.stage1_seed}", f"stage1_{key}")
         seed1 = args.stage1_seed
