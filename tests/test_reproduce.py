@@ -165,7 +165,7 @@ def test_reproduce_at_another_input_size(tmp_path, run_tool):
     assert DatumDB(str(out / "split00" / "db" / "probe.lmdb"))[0][0].shape == (3, 71, 27)
     result = json.loads((out / "results.json").read_text())
     assert result["args"]["input_size"] == [64, 24] and len(result["ours"]["all"]["runs"]) == 1
-    manifest = json.loads((out / "split00" / "stage1_cls+high_s1x0.0025" / "stage1.manifest.json").read_text())
+    manifest = json.loads((out / "split00" / "stage1_cls+high" / "stage1.manifest.json").read_text())
     assert manifest["inputs"]["input_size"] == [64, 24]
 
 
