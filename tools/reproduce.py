@@ -283,6 +283,11 @@ def stretched_schedule(solver, scale):
     return out
 
 
+def scale_tag(args):
+    """The suffix naming a stretched stage 1 (--stage1-scale K): '_s1xK', or '' without one."""
+    return "" if args.stage1_scale is None else f"_s1x{args.stage1_scale:g}"
+
+
 def train_stage1(args, db, folder, loss_weights, seed, solver, where):
     """Stage 1 from scratch into FOLDER, or the stage 1 already there when its manifest matches.
     Returns (weights, history, iterations)."""
@@ -320,9 +325,8 @@ def train_stage1(args, db, folder, loss_weights, seed, solver, where):
 def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, stage2, where, tag):
     """Stage 1 (or its reuse), then stage 2 from its weights; returns (final weights, history), the
     history's iterations counted from the start of stage 1. Raises what mspcnn.engine.solve raises."""
-    key = "cls" if loss_weights[1] == 0 else "cls+high"
-    if args.stage1_scale is not None:  # its own folder: a stage 1 of the recipe's length beside it stays
-        key += f"_s1x{args.stage1_scale:g}"
+    # A stretched stage 1 has its own folder: a stage 1 of the recipe's length beside it stays.
+    key = ("cls" if loss_weights[1] == 0 else "cls+high") + scale_tag(args)
     if args.stage1_seed is not None:  # one stage 1 for every seed; only stage 2's seed varies
         folder = os.path.join(os.path.dirname(split_dir), f"seed{args.stage1_seed}", f"stage1_{key}")
         seed1 = args.stage1_seed
@@ -521,9 +525,7 @@ def main(argv=None):
         for seed in seeds:
             split_dir = os.path.join(args.out, f"split{split:02d}", *([] if seed is None else [f"seed{seed}"]))
             for name, weights3 in configs:
-                tag = run_tag(args, uses_low=bool(weights3[2]))
-                if args.stage1_scale is not None:
-                    tag += f"_s1x{args.stage1_scale:g}"
+                tag = run_tag(args, uses_low=bool(weights3[2])) + scale_tag(args)
                 if args.stage1_seed is not None:
                     tag += f"_stage1seed{args.stage1_seed}"
                 where = f"split {split + 1}" + ("" if seed is None else f", seed {seed}") + f", {name}{tag}"
