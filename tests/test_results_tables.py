@@ -20,6 +20,7 @@ def test_tables_and_paired_effect(tmp_path, run_tool):
     path.write_text(json.dumps(record({"cls+high": [0.20, 0.22, 0.24], "all": [0.21, 0.22, 0.27]})))
     proc = run_tool("results_tables.py", path)
     assert proc.returncode == 0, proc.stderr
+    assert f"{path}: cuhk01-100, recipe cpu, in %" in proc.stdout  # nothing set away from the recipe
     assert "| all | 3 | 23.3 ± " in proc.stdout and "| paper (all) | | 79.3 |" in proc.stdout
     assert "25.0 / 30.0, **27.0**" in proc.stdout  # validation at the end of each stage, test rank-1
     assert "all − cls+high, rank-1, 3 paired run(s): +1.0, +0.0, +3.0; mean +1.3 ± 1.5 points" in proc.stdout
@@ -60,7 +61,9 @@ def test_files_of_one_experiment_are_pooled_and_others_are_not(tmp_path, run_too
     # each file's own paired effect, then all five runs together
     assert "all − cls+high, rank-1, 3 paired run(s): +1.0, +0.0, +3.0;" in proc.stdout
     assert "all − cls+high, rank-1, 2 paired run(s): -1.0, +1.0;" in proc.stdout
-    pooled = proc.stdout.split("Pooled: the runs of the 2 files together")[1]
+    # the headings name what the runs set away from the recipe
+    assert f"{a}: cuhk01-100, recipe cpu, pos_floor 0.3, in %" in proc.stdout
+    pooled = proc.stdout.split("Pooled: the runs of the 2 files together (cuhk01-100, recipe cpu, pos_floor 0.3)")[1]
     assert "| cls+high | 5 | 25.6 ± 5.2 |" in pooled and "| all | 5 | 26.4 ± 5.0 |" in pooled
     assert "all − cls+high, rank-1, 5 paired run(s): +1.0, +0.0, +3.0, -1.0, +1.0; mean +0.8 ± 1.5 points" in pooled
     assert "the other ranks: rank5 +0.0 ± 0.0" in pooled
@@ -108,3 +111,15 @@ def test_own_stage1_keeps_the_runs_with_their_own_stage_1(tmp_path, run_tool):
     assert proc.returncode == 0 and "Pooled: the runs of the 3 files together" in proc.stdout
     proc = run_tool("results_tables.py", c, "--own-stage1")
     assert proc.returncode == 2 and "none of the files has a run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_heading_names_the_stretched_stage1(tmp_path, run_tool):
+    """A run of reproduce.py --stage1-scale 2 (and TF32) says so in its heading: files at another scale
+    are another experiment (not pooled), and the table must not read as the recipe's."""
+    r = record({"all": [0.44]})
+    r["args"] = {"stage1_scale": 2.0, "tf32": True, "iters1": None}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(r))
+    proc = run_tool("results_tables.py", path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{path}: cuhk01-100, recipe cpu, stage 1 x 2, TF32, in %" in proc.stdout

@@ -4,6 +4,8 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 
     python tools/results_tables.py RESULTS.json [RESULTS2.json ...] [--sweep SWEEP.json]
 
+* Each file's heading: the dataset, the recipe and what its runs set away from the recipe
+  (--stage1-scale, --iters1/2, rates, the NCC loss's parameters, TF32).
 * Loss sets: mean +- sample standard deviation over the runs (splits x seeds) of rank-1/5/10/20
   (and mAP where measured), in %, beside the chance level and the paper's figure.
 * Per run: the validation rank-1 at the end of stage 1 and of stage 2, and the test rank-1 of each
@@ -167,6 +169,20 @@ def settings(record):
     return out
 
 
+# The settings a run sets away from its recipe when given (None: the recipe's), named in the headings.
+OVERRIDES = {"stage1_scale": "stage 1 x {:g}", "iters1": "stage 1 {} iterations", "iters2": "stage 2 {} iterations",
+             "base_lr": "base lr {:g}", "lr2": "stage 2 lr {:g}", "w_low": "w_low {:g}", "pos_floor": "pos_floor {:g}",
+             "neg_ceiling": "neg_ceiling {:g}", "balance_pairs": "balance_pairs {}"}
+
+
+def heading(record):
+    """'cuhk01-486, recipe cpu64' and the settings its runs set away from the recipe, e.g. ', stage 1 x 2'."""
+    args = record.get("args") or {}
+    given = [fmt.format(args[k]) for k, fmt in OVERRIDES.items() if args.get(k) is not None]
+    given += ["TF32"] if args.get("tf32") else []
+    return ", ".join([f"{record.get('dataset')}, recipe {record.get('recipe')}"] + given)
+
+
 def pool(records):
     """The runs of several files as one "ours" ({loss set: n, mean, std, runs}, in % as reproduce.py
     writes it) and their rows by run; or a ValueError saying why they are not one experiment."""
@@ -209,7 +225,7 @@ def main(argv=None):
             print(f"{path}: left out, no run has a stage 1 trained with its own seed "
                   "(its runs share the stage 1 of another seed: --stage1-seed)\n")
     for path, record in records:
-        print(f"{path}: {record.get('dataset')}, recipe {record.get('recipe')}, in %\n")
+        print(f"{path}: {heading(record)}, in %\n")
         print("\n".join(summary_table(record, path)) + "\n")
         runs, val = per_run_rows(record)
         sets = list(record["ours"])
@@ -235,7 +251,7 @@ def main(argv=None):
         except ValueError as exc:
             print(f"Not pooled: {exc}.")
         else:
-            print(f"Pooled: the runs of the {len(records)} files together, in %\n")
+            print(f"Pooled: the runs of the {len(records)} files together ({heading(records[0][1])}), in %\n")
             print("\n".join(summary_table(records[0][1], "pooled", ours)) + "\n")
             for line in paired_lines(rows):
                 print(line)
