@@ -288,6 +288,14 @@ def scale_tag(args):
     return "" if args.stage1_scale is None else f"_s1x{args.stage1_scale:g}"
 
 
+def described(args):
+    """'cuhk01-486, recipe cpu64' and what the run changes of it: ', input 64 x 24' when not [1]'s
+    crop, ', stage 1 x K' with --stage1-scale (the results table's and the curves' titles)."""
+    size = "" if tuple(args.input_size) == CROP else f", input {args.input_size[0]} x {args.input_size[1]}"
+    size += "" if args.stage1_scale is None else f", stage 1 x {args.stage1_scale:g}"
+    return f"{args.dataset}, recipe {args.recipe}{size}"
+
+
 def train_stage1(args, db, folder, loss_weights, seed, solver, where):
     """Stage 1 from scratch into FOLDER, or the stage 1 already there when its manifest matches.
     Returns (weights, history, iterations)."""
@@ -398,7 +406,7 @@ def draw(args, histories):
             score[label] = ([h["iteration"] for h in tests], [h["rank1"] for h in tests])
     if loss or score:
         draw_curves(os.path.join(args.out, f"{args.name}_curves.png"), loss, score,
-                    title=f"{args.dataset}, recipe {args.recipe}: stage 1 then stage 2")
+                    title=f"{described(args)}: stage 1 then stage 2")
 
 
 def main(argv=None):
@@ -557,9 +565,7 @@ def main(argv=None):
     summary = write_results(args, n_splits, seeds, results, chance, histories)
     paper, keys = PAPER[args.dataset], list(next(iter(summary.values()))["mean"])
     runs = n_splits * len(seeds)
-    size = "" if tuple(args.input_size) == CROP else f", input {args.input_size[0]} x {args.input_size[1]}"
-    size += "" if args.stage1_scale is None else f", stage 1 x {args.stage1_scale:g}"
-    print(f"\n{args.dataset}, recipe {args.recipe}{size}, {n_splits} split(s) x {len(seeds)} seed(s), "
+    print(f"\n{described(args)}, {n_splits} split(s) x {len(seeds)} seed(s), "
           f"{time.time() - start:.0f} s; in %" + ("; mean +- sample standard deviation over the runs"
                                                   if runs > 1 else ""))
     print(f"{'':<22}" + "".join(f"{k:>16}" for k in keys))
