@@ -123,3 +123,8 @@ def test_heading_names_the_stretched_stage1(tmp_path, run_tool):
     proc = run_tool("results_tables.py", path)
     assert proc.returncode == 0, proc.stderr
     assert f"{path}: cuhk01-100, recipe cpu, stage 1 x 2, TF32, in %" in proc.stdout
+    r["args"]["stage1_scale"] = "2x"  # not a number (edited by hand): shown as it is, never a traceback
+    path.write_text(json.dumps(r))
+    proc = run_tool("results_tables.py", path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{path}: cuhk01-100, recipe cpu, stage 1 x 2x, TF32, in %" in proc.stdout

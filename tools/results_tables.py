@@ -178,7 +178,9 @@ OVERRIDES = {"stage1_scale": "stage 1 x {:g}", "iters1": "stage 1 {} iterations"
 def heading(record):
     """'cuhk01-486, recipe cpu64' and the settings its runs set away from the recipe, e.g. ', stage 1 x 2'."""
     args = record.get("args") or {}
-    given = [fmt.format(args[k]) for k, fmt in OVERRIDES.items() if args.get(k) is not None]
+    # A value that is not a number (a hand-edited file) is shown as it is, not refused: the heading only reports.
+    given = [(fmt if isinstance(args[k], (int, float)) else fmt.replace("{:g}", "{}")).format(args[k])
+             for k, fmt in OVERRIDES.items() if args.get(k) is not None]
     given += ["TF32"] if args.get("tf32") else []
     return ", ".join([f"{record.get('dataset')}, recipe {record.get('recipe')}"] + given)
 
