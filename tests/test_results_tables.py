@@ -128,3 +128,44 @@ def test_heading_names_the_stretched_stage1(tmp_path, run_tool):
     proc = run_tool("results_tables.py", path)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert f"{path}: cuhk01-100, recipe cpu, stage 1 x 2x, TF32, in %" in proc.stdout
+
+
+def test_against_pairs_the_same_runs_under_other_settings(tmp_path, run_tool):
+    """--against: the paired difference of a setting (here stage 1 x 2) over the runs both groups have,
+    matched by split, seed, stage-1 seed and loss set; runs without a partner are named, not paired."""
+    longer = record({"all": [0.44, 0.43, 0.45]})
+    longer["args"] = {"stage1_scale": 2.0}
+    recipe = record({"all": [0.39, 0.37], "cls+high": [0.38]})
+    for entry in recipe["ours"].values():
+        for r in entry["runs"]:
+            r["stage1_seed"] = r["seed"]  # recorded in newer files, absent in older ones: both pair
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(longer))
+    b.write_text(json.dumps(recipe))
+    proc = run_tool("results_tables.py", a, "--against", b)
+    assert proc.returncode == 0, proc.stderr
+    section = proc.stdout.split("Against: (cuhk01-100, recipe cpu, stage 1 x 2) − (cuhk01-100, recipe cpu)")[1]
+    assert "settings that differ: stage1_scale 2.0 against the recipe's" in section
+    assert "| all | 0 | 0 | 0 | 44.0 | 39.0 | +5.0 |" in section and "| all | 0 | 1 | 1 | 43.0 | 37.0 | +6.0 |" in section
+    assert "all: difference in rank-1, 2 paired run(s): +5.0, +6.0; mean +5.5 ± 0.7 points, 95% interval [-0.9, +11.9]" \
+        in section
+    assert "all: the other ranks: rank5 +0.0 ± 0.0" in section
+    assert "Without a partner, left out: all split 0 seed 2 stage-1 seed 2 (the files); " \
+           "cls+high split 0 seed 0 stage-1 seed 0 (--against)" in section
+
+    other = record({"all": [0.5]})
+    other["dataset"] = "cuhk01-486"  # another test set: nothing to pair, and nothing printed
+    b.write_text(json.dumps(other))
+    proc = run_tool("results_tables.py", a, "--against", b)
+    assert proc.returncode == 2 and "the test differs (dataset 'cuhk01-100' against 'cuhk01-486')" in proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    apart = record({"all": [0.5]})
+    apart["ours"]["all"]["runs"][0]["seed"] = 7
+    b.write_text(json.dumps(apart))
+    proc = run_tool("results_tables.py", a, "--against", b)
+    assert proc.returncode == 2 and "no run of the files has a partner" in proc.stderr
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(recipe))
+    b.write_text(json.dumps(recipe))  # the same runs twice in the baseline
+    proc = run_tool("results_tables.py", a, "--against", b, c)
+    assert proc.returncode == 2 and "the --against files are not one experiment: the run split 0, seed 0" in proc.stderr

@@ -2,7 +2,8 @@
 """Markdown tables from the results JSON of tools/reproduce.py (and optionally a sweep.json of
 tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 
-    python tools/results_tables.py RESULTS.json [RESULTS2.json ...] [--sweep SWEEP.json]
+    python tools/results_tables.py RESULTS.json [RESULTS2.json ...] [--sweep SWEEP.json] [--own-stage1]
+                                   [--against BASELINE.json ...]
 
 * Each file's heading: the dataset, the recipe and what its runs set away from the recipe
   (--stage1-scale, --iters1/2, rates, the NCC loss's parameters, TF32).
@@ -22,6 +23,11 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   and the paired effect include stage 1's seed-to-seed spread. Runs that share one stage 1 across
   stage-2 seeds (reproduce.py --stage1-seed) are left out, except the one whose seed is that stage
   1's.
+* --against BASELINE.json ...: the same runs under other settings (e.g. the recipe's, against files of
+  --stage1-scale 2): each group pooled as above, then the paired difference (files − baseline) run by
+  run, matched by split, seed, stage-1 seed and loss set, with its mean, sample standard deviation
+  and 95% t-interval (rank-1, then the other ranks), the settings that differ, and the runs without
+  a partner. Both groups must be runs on the same test (dataset, gallery draws).
 * --sweep: the sweep's configurations with their validation figures (and, for a sweep scored with
   --score-last K, the mean of each configuration's last K validation points, which chose).
 Reads only; prints to standard output.
@@ -205,7 +211,68 @@ def pool(records):
                 ours.setdefault(loss_set, []).append(r)
                 rows.setdefault(key[:3], {})[loss_set] = r
     ours = {loss_set: summary(runs) for loss_set, runs in ours.items()}
-    return ours, list(rows.values())
+    return ours, rows
+
+
+def against_lines(group, baseline):
+    """The paired effect of what differs between two groups of files (each [(path, record)], each one
+    experiment): group − baseline, run by run, matched by split, seed, stage-1 seed (its seed when
+    not recorded) and loss set, e.g. --stage1-scale 2 against the recipe over the same seeds. Raises
+    ValueError when a group is not one experiment, the datasets or gallery draws differ, or no run
+    has a partner."""
+    sides = []
+    for name, records in (("the files", group), ("the --against files", baseline)):
+        try:
+            sides.append(pool(records)[1])
+        except ValueError as exc:
+            raise ValueError(f"--against: {name} are not one experiment: {exc}") from None
+    s_group, s_base = settings(group[0][1]), settings(baseline[0][1])
+    for k in ("dataset", "repeats"):
+        if s_group[k] != s_base[k]:
+            raise ValueError(f"--against: the test differs ({k} {s_group[k]!r} against {s_base[k]!r}): "
+                             "runs on another test cannot be paired")
+    def by_run(rows):
+        return {(split, seed, seed if stage1 is None else stage1, loss_set): run
+                for (split, seed, stage1), sets in rows.items() for loss_set, run in sets.items()}
+    mine, theirs = by_run(sides[0]), by_run(sides[1])
+    common = sorted(set(mine) & set(theirs), key=lambda k: (k[3], k[0], k[1], k[2]))
+    if not common:
+        raise ValueError("--against: no run of the files has a partner in the --against files (runs are paired "
+                         "by split, seed, stage-1 seed and loss set)")
+    def shown(value):
+        return "the recipe's" if value is None else repr(value)
+    differ = [f"{k} {shown(s_group[k])} against {shown(s_base[k])}" for k in s_group if s_group[k] != s_base[k]]
+    lines = [f"Against: ({heading(group[0][1])}) − ({heading(baseline[0][1])}), paired by split, seed, stage-1 seed "
+             f"and loss set; settings that differ: {'; '.join(differ) or 'none'}", "",
+             "| loss set | split | seed | stage-1 seed | rank-1 | against | difference |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for key in common:
+        a, b = 100 * mine[key]["rank1"], 100 * theirs[key]["rank1"]
+        lines.append(f"| {key[3]} | {key[0]} | {key[1]} | {key[2]} | {a:.1f} | {b:.1f} | {a - b:+.1f} |")
+    lines.append("")
+    for loss_set in dict.fromkeys(k[3] for k in common):
+        keys = [k for k in common if k[3] == loss_set]
+        d = [100 * (mine[k]["rank1"] - theirs[k]["rank1"]) for k in keys]
+        text = f"{loss_set}: difference in rank-1, {len(d)} paired run(s): " + ", ".join(f"{x:+.1f}" for x in d)
+        e = paired_summary(d)
+        if e["std"] is not None:
+            text += (f"; mean {e['mean']:+.1f} ± {e['std']:.1f} points, 95% interval "
+                     f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
+        lines.append(text)
+        others = []
+        for k in KEYS[1:]:
+            if len(keys) < 2 or not all(k in mine[r] and k in theirs[r] for r in keys):
+                continue
+            e = paired_summary([100 * (mine[r][k] - theirs[r][k]) for r in keys])
+            others.append(f"{k} {e['mean']:+.1f} ± {e['std']:.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
+        if others:
+            lines.append(f"{loss_set}: the other ranks: " + ", ".join(others))
+    alone = [f"{k[3]} split {k[0]} seed {k[1]} stage-1 seed {k[2]} ({side})"
+             for side, own, other in (("the files", mine, theirs), ("--against", theirs, mine))
+             for k in sorted(own, key=str) if k not in other]
+    if alone:
+        lines.append("Without a partner, left out: " + "; ".join(alone))
+    return lines
 
 
 def main(argv=None):
@@ -214,8 +281,11 @@ def main(argv=None):
     p.add_argument("--sweep", help="a sweep.json of tools/sweep_stage2.py")
     p.add_argument("--own-stage1", action="store_true",
                    help="only the runs whose stage 1 was trained with their own seed (stage-1 seed = seed)")
+    p.add_argument("--against", nargs="+", metavar="BASELINE.json",
+                   help="results JSON files of the same runs under other settings: the paired difference, run by run")
     args = p.parse_args(argv)
     records = [(path, load_results(path)) for path in args.results]
+    baseline = [(path, load_results(path)) for path in args.against or []]
     sweep = load_sweep(args.sweep) if args.sweep else None  # all checked before anything is printed
     if args.own_stage1:
         records = [(path, own_stage1(record)) for path, record in records]
@@ -223,9 +293,15 @@ def main(argv=None):
         records = [(path, record) for path, record in records if record["ours"]]
         if not records:
             raise ValueError("--own-stage1: none of the files has a run whose stage 1 was trained with its own seed")
-        for path in left_out:
-            print(f"{path}: left out, no run has a stage 1 trained with its own seed "
-                  "(its runs share the stage 1 of another seed: --stage1-seed)\n")
+        baseline = [(path, own_stage1(record)) for path, record in baseline]
+        baseline = [(path, record) for path, record in baseline if record["ours"]]
+        if args.against and not baseline:
+            raise ValueError("--own-stage1: none of the --against files has a run whose stage 1 was trained "
+                             "with its own seed")
+    against = against_lines(records, baseline) if baseline else None  # checked before anything is printed
+    for path in left_out if args.own_stage1 else []:
+        print(f"{path}: left out, no run has a stage 1 trained with its own seed "
+              "(its runs share the stage 1 of another seed: --stage1-seed)\n")
     for path, record in records:
         print(f"{path}: {heading(record)}, in %\n")
         print("\n".join(summary_table(record, path)) + "\n")
@@ -255,8 +331,11 @@ def main(argv=None):
         else:
             print(f"Pooled: the runs of the {len(records)} files together ({heading(records[0][1])}), in %\n")
             print("\n".join(summary_table(records[0][1], "pooled", ours)) + "\n")
-            for line in paired_lines(rows):
+            for line in paired_lines(list(rows.values())):
                 print(line)
+    if against:
+        print()
+        print("\n".join(against))
     if sweep:
         print(f"\n{args.sweep}: validation identities only, one seed ({sweep.get('seed')})\n")
         last = sweep.get("score_last", 1)
