@@ -131,27 +131,32 @@ def per_run_rows(record):
     return runs, val
 
 
+def effect_lines(label, pairs):
+    """The paired effect of ``pairs`` [(run, partner)]: each rank-1 difference (run − partner), their
+    mean, sample standard deviation and 95% t-interval, then the other ranks' (two pairs or more)."""
+    d = [100 * (a["rank1"] - b["rank1"]) for a, b in pairs]
+    text = f"{label}, rank-1, {len(d)} paired run(s): " + ", ".join(f"{x:+.1f}" for x in d)
+    e = paired_summary(d)
+    if e["std"] is not None:
+        text += (f"; mean {e['mean']:+.1f} ± {e['std']:.1f} points, 95% interval "
+                 f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
+    lines, others = [text], []
+    for k in KEYS[1:]:
+        if len(pairs) < 2 or not all(k in a and k in b for a, b in pairs):
+            continue
+        e = paired_summary([100 * (a[k] - b[k]) for a, b in pairs])
+        others.append(f"{k} {e['mean']:+.1f} ± {e['std']:.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
+    if others:
+        lines.append(f"{label}, the other ranks: " + ", ".join(others))
+    return lines
+
+
 def paired_lines(all_runs):
     lines = []
     for with_low, without in NCC_PAIRS:
-        runs = [sets for sets in all_runs if with_low in sets and without in sets]
-        if not runs:
-            continue
-        d = [100 * (sets[with_low]["rank1"] - sets[without]["rank1"]) for sets in runs]
-        text = f"{with_low} − {without}, rank-1, {len(d)} paired run(s): " + ", ".join(f"{x:+.1f}" for x in d)
-        e = paired_summary(d)
-        if e["std"] is not None:
-            text += (f"; mean {e['mean']:+.1f} ± {e['std']:.1f} points, 95% interval "
-                     f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
-        lines.append(text)
-        others = []
-        for k in KEYS[1:]:
-            if len(runs) < 2 or not all(k in sets[with_low] and k in sets[without] for sets in runs):
-                continue
-            e = paired_summary([100 * (sets[with_low][k] - sets[without][k]) for sets in runs])
-            others.append(f"{k} {e['mean']:+.1f} ± {e['std']:.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
-        if others:
-            lines.append(f"{with_low} − {without}, the other ranks: " + ", ".join(others))
+        pairs = [(sets[with_low], sets[without]) for sets in all_runs if with_low in sets and without in sets]
+        if pairs:
+            lines += effect_lines(f"{with_low} − {without}", pairs)
     return lines
 
 
@@ -231,10 +236,17 @@ def against_lines(group, baseline):
         if s_group[k] != s_base[k]:
             raise ValueError(f"--against: the test differs ({k} {s_group[k]!r} against {s_base[k]!r}): "
                              "runs on another test cannot be paired")
-    def by_run(rows):
-        return {(split, seed, seed if stage1 is None else stage1, loss_set): run
-                for (split, seed, stage1), sets in rows.items() for loss_set, run in sets.items()}
-    mine, theirs = by_run(sides[0]), by_run(sides[1])
+    def by_run(rows, name):
+        runs = {}
+        for (split, seed, stage1), sets in rows.items():
+            for loss_set, run in sets.items():
+                key = (split, seed, seed if stage1 is None else stage1, loss_set)  # not recorded: its own seed's
+                if key in runs:
+                    raise ValueError(f"--against: {name} hold the run split {split}, seed {seed}, {loss_set} twice "
+                                     "(once without its stage-1 seed recorded)")
+                runs[key] = run
+        return runs
+    mine, theirs = by_run(sides[0], "the files"), by_run(sides[1], "the --against files")
     common = sorted(set(mine) & set(theirs), key=lambda k: (k[3], k[0], k[1], k[2]))
     if not common:
         raise ValueError("--against: no run of the files has a partner in the --against files (runs are paired "
@@ -251,22 +263,7 @@ def against_lines(group, baseline):
         lines.append(f"| {key[3]} | {key[0]} | {key[1]} | {key[2]} | {a:.1f} | {b:.1f} | {a - b:+.1f} |")
     lines.append("")
     for loss_set in dict.fromkeys(k[3] for k in common):
-        keys = [k for k in common if k[3] == loss_set]
-        d = [100 * (mine[k]["rank1"] - theirs[k]["rank1"]) for k in keys]
-        text = f"{loss_set}: difference in rank-1, {len(d)} paired run(s): " + ", ".join(f"{x:+.1f}" for x in d)
-        e = paired_summary(d)
-        if e["std"] is not None:
-            text += (f"; mean {e['mean']:+.1f} ± {e['std']:.1f} points, 95% interval "
-                     f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
-        lines.append(text)
-        others = []
-        for k in KEYS[1:]:
-            if len(keys) < 2 or not all(k in mine[r] and k in theirs[r] for r in keys):
-                continue
-            e = paired_summary([100 * (mine[r][k] - theirs[r][k]) for r in keys])
-            others.append(f"{k} {e['mean']:+.1f} ± {e['std']:.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
-        if others:
-            lines.append(f"{loss_set}: the other ranks: " + ", ".join(others))
+        lines += effect_lines(f"{loss_set}, files − against", [(mine[k], theirs[k]) for k in common if k[3] == loss_set])
     alone = [f"{k[3]} split {k[0]} seed {k[1]} stage-1 seed {k[2]} ({side})"
              for side, own, other in (("the files", mine, theirs), ("--against", theirs, mine))
              for k in sorted(own, key=str) if k not in other]
