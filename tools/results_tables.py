@@ -88,6 +88,16 @@ def own_stage1(record):
     return {**record, "ours": ours}
 
 
+def keep_own_stage1(records, name):
+    """own_stage1 of each (path, record), the records left with no run dropped: (kept, the dropped
+    paths); a ValueError naming ``name`` when none is left."""
+    records = [(path, own_stage1(record)) for path, record in records]
+    kept = [(path, record) for path, record in records if record["ours"]]
+    if not kept:
+        raise ValueError(f"--own-stage1: none of {name} has a run whose stage 1 was trained with its own seed")
+    return kept, [path for path, record in records if not record["ours"]]
+
+
 def fmt(mean, sd=None):
     return f"{mean:.1f}" if sd is None else f"{mean:.1f} ± {sd:.1f}"
 
@@ -284,19 +294,13 @@ def main(argv=None):
     records = [(path, load_results(path)) for path in args.results]
     baseline = [(path, load_results(path)) for path in args.against or []]
     sweep = load_sweep(args.sweep) if args.sweep else None  # all checked before anything is printed
+    left_out = []
     if args.own_stage1:
-        records = [(path, own_stage1(record)) for path, record in records]
-        left_out = [path for path, record in records if not record["ours"]]
-        records = [(path, record) for path, record in records if record["ours"]]
-        if not records:
-            raise ValueError("--own-stage1: none of the files has a run whose stage 1 was trained with its own seed")
-        baseline = [(path, own_stage1(record)) for path, record in baseline]
-        baseline = [(path, record) for path, record in baseline if record["ours"]]
-        if args.against and not baseline:
-            raise ValueError("--own-stage1: none of the --against files has a run whose stage 1 was trained "
-                             "with its own seed")
+        records, left_out = keep_own_stage1(records, "the files")
+        if baseline:
+            baseline, _ = keep_own_stage1(baseline, "the --against files")
     against = against_lines(records, baseline) if baseline else None  # checked before anything is printed
-    for path in left_out if args.own_stage1 else []:
+    for path in left_out:
         print(f"{path}: left out, no run has a stage 1 trained with its own seed "
               "(its runs share the stage 1 of another seed: --stage1-seed)\n")
     for path, record in records:
