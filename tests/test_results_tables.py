@@ -71,7 +71,15 @@ def test_files_of_one_experiment_are_pooled_and_others_are_not(tmp_path, run_too
     b.write_text(json.dumps(first))  # the same runs twice: counted once would be wrong, twice worse
     proc = run_tool("results_tables.py", a, b)
     assert proc.returncode == 0 and "Pooled" not in proc.stdout
-    assert "Not pooled: the run split 0, seed 0, stage-1 seed None, cls+high is in both" in proc.stdout
+    assert "Not pooled: the run split 0, seed 0, stage-1 seed 0, cls+high is in both" in proc.stdout
+    newer = json.loads(json.dumps(first))  # the same runs again, written after the stage-1 seed was recorded
+    for entry in newer["ours"].values():
+        for r in entry["runs"]:
+            r["stage1_seed"] = r["seed"]  # what the older file leaves unsaid: one run, not two
+    b.write_text(json.dumps(newer))
+    proc = run_tool("results_tables.py", a, b)
+    assert proc.returncode == 0 and "Pooled" not in proc.stdout
+    assert "Not pooled: the run split 0, seed 0, stage-1 seed 0, cls+high is in both" in proc.stdout
 
     second["args"]["pos_floor"] = -1.0  # another setting of the NCC loss: another experiment
     second["recipe"] = "cpu64"
@@ -173,4 +181,5 @@ def test_against_pairs_the_same_runs_under_other_settings(tmp_path, run_tool):
     c.write_text(json.dumps(older))
     b.write_text(json.dumps(recipe))
     proc = run_tool("results_tables.py", a, "--against", b, c)
-    assert proc.returncode == 2 and "the --against files hold the run split 0, seed 0, all twice" in proc.stderr
+    assert proc.returncode == 2 and "the --against files are not one experiment: the run split 0, seed 0, " \
+        "stage-1 seed 0, all is in both" in proc.stderr

@@ -218,7 +218,9 @@ def pool(records):
     for path, record in records:
         for loss_set, entry in record["ours"].items():
             for r in entry["runs"]:
-                key = (r["split"], r["seed"], r.get("stage1_seed"), loss_set)
+                # Files written before the stage-1 seed was recorded trained stage 1 with the run's own seed:
+                # keyed by it, such a run and a newer record of the same run are one run, not two.
+                key = (r["split"], r["seed"], r.get("stage1_seed", r["seed"]), loss_set)
                 if key in seen:
                     raise ValueError(f"the run split {key[0]}, seed {key[1]}, stage-1 seed {key[2]}, {loss_set} "
                                      f"is in both {seen[key]} and {path}")
@@ -232,9 +234,9 @@ def pool(records):
 def against_lines(group, baseline):
     """The paired effect of what differs between two groups of files (each [(path, record)], each one
     experiment): group − baseline, run by run, matched by split, seed, stage-1 seed (its seed when
-    not recorded) and loss set, e.g. --stage1-scale 2 against the recipe over the same seeds. Raises
-    ValueError when a group is not one experiment, the datasets or gallery draws differ, or no run
-    has a partner."""
+    not recorded, as pool keys it) and loss set, e.g. --stage1-scale 2 against the recipe over the
+    same seeds. Raises ValueError when a group is not one experiment, the datasets or gallery draws
+    differ, or no run has a partner."""
     sides = []
     for name, records in (("the files", group), ("the --against files", baseline)):
         try:
@@ -246,17 +248,8 @@ def against_lines(group, baseline):
         if s_group[k] != s_base[k]:
             raise ValueError(f"--against: the test differs ({k} {s_group[k]!r} against {s_base[k]!r}): "
                              "runs on another test cannot be paired")
-    def by_run(rows, name):
-        runs = {}
-        for (split, seed, stage1), sets in rows.items():
-            for loss_set, run in sets.items():
-                key = (split, seed, seed if stage1 is None else stage1, loss_set)  # not recorded: its own seed's
-                if key in runs:
-                    raise ValueError(f"--against: {name} hold the run split {split}, seed {seed}, {loss_set} twice "
-                                     "(once without its stage-1 seed recorded)")
-                runs[key] = run
-        return runs
-    mine, theirs = by_run(sides[0], "the files"), by_run(sides[1], "the --against files")
+    mine, theirs = ({(*run, loss_set): r for run, sets in rows.items() for loss_set, r in sets.items()}
+                    for rows in sides)
     common = sorted(set(mine) & set(theirs), key=lambda k: (k[3], k[0], k[1], k[2]))
     if not common:
         raise ValueError("--against: no run of the files has a partner in the --against files (runs are paired "
