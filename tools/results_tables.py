@@ -77,12 +77,19 @@ def summary(runs):
     return run_summary(runs, [k for k in KEYS if all(k in r for r in runs)])
 
 
+def stage1_seed(run):
+    """The seed a run's stage 1 was trained with. Files written before it was recorded trained stage 1
+    with the run's own seed, so a run without it reads as its own seed's (and an older and a newer
+    record of one run are the same run)."""
+    return run.get("stage1_seed", run["seed"])
+
+
 def own_stage1(record):
     """The record with only the runs whose stage 1 was trained with their own seed, and each loss
     set's mean and spread recomputed over them (a loss set left with no run is dropped)."""
     ours = {}
     for loss_set, entry in record["ours"].items():
-        runs = [r for r in entry["runs"] if r.get("stage1_seed", r["seed"]) == r["seed"]]
+        runs = [r for r in entry["runs"] if stage1_seed(r) == r["seed"]]
         if runs:
             ours[loss_set] = summary(runs)
     return {**record, "ours": ours}
@@ -218,9 +225,7 @@ def pool(records):
     for path, record in records:
         for loss_set, entry in record["ours"].items():
             for r in entry["runs"]:
-                # Files written before the stage-1 seed was recorded trained stage 1 with the run's own seed:
-                # keyed by it, such a run and a newer record of the same run are one run, not two.
-                key = (r["split"], r["seed"], r.get("stage1_seed", r["seed"]), loss_set)
+                key = (r["split"], r["seed"], stage1_seed(r), loss_set)
                 if key in seen:
                     raise ValueError(f"the run split {key[0]}, seed {key[1]}, stage-1 seed {key[2]}, {loss_set} "
                                      f"is in both {seen[key]} and {path}")
@@ -233,8 +238,8 @@ def pool(records):
 
 def against_lines(group, baseline):
     """The paired effect of what differs between two groups of files (each [(path, record)], each one
-    experiment): group − baseline, run by run, matched by split, seed, stage-1 seed (its seed when
-    not recorded, as pool keys it) and loss set, e.g. --stage1-scale 2 against the recipe over the
+    experiment): group − baseline, run by run, matched by split, seed, stage-1 seed (``stage1_seed``,
+    as pool keys it) and loss set, e.g. --stage1-scale 2 against the recipe over the
     same seeds. Raises ValueError when a group is not one experiment, the datasets or gallery draws
     differ, or no run has a partner."""
     sides = []
