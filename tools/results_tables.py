@@ -3,7 +3,7 @@
 tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 
     python tools/results_tables.py RESULTS.json [RESULTS2.json ...] [--sweep SWEEP.json] [--own-stage1]
-                                   [--against BASELINE.json ...]
+                                   [--against BASELINE.json ...] [--curves]
 
 * Each file's heading: the dataset, the recipe and what its runs set away from the recipe
   (--stage1-scale, --iters1/2, rates, the NCC loss's parameters, TF32).
@@ -28,12 +28,16 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   run, matched by split, seed, stage-1 seed and loss set, with its mean, sample standard deviation
   and 95% t-interval (rank-1, then the other ranks), the settings that differ, and the runs without
   a partner. Both groups must be runs on the same test (dataset, gallery draws).
+* --curves: each file's learning curves: validation rank-1 at each tenth of stage 1 (the nearest
+  validation point), the mean of each stage's last three validation points and stage 1's last
+  logged training loss, so that runs of different lengths are compared at the same share.
 * --sweep: the sweep's configurations with their validation figures (and, for a sweep scored with
   --score-last K, the mean of each configuration's last K validation points, which chose).
 Reads only; prints to standard output.
 """
 import argparse
 import json
+import math
 import sys
 
 from mspcnn.cli import run
@@ -280,6 +284,60 @@ def against_lines(group, baseline):
     return lines
 
 
+TENTHS = [i / 10 for i in range(1, 11)]
+
+
+def curve_rows(path, record):
+    """Per learning curve of the file: (label, validation rank-1 in % at each tenth of stage 1 as
+    [(iteration, value) or None], the mean of each stage's last three validation points (None: no
+    point), stage 1's last logged training loss (None: none)). The point for a tenth is the
+    validation point nearest to that share of stage 1's length; None where none lies closer than
+    half a tenth to it (a validation interval too coarse for the table). ValueError naming the file and the
+    curve for a curve that lacks what this reads."""
+    curves = record.get("learning_curves")
+    if not isinstance(curves, dict) or not curves:
+        raise ValueError(f"{path}: --curves: the file has no \"learning_curves\"")
+    number = (int, float)
+    rows = []
+    for label, history in curves.items():
+        if not isinstance(history, list) or not all(
+                isinstance(h, dict) and h.get("kind") in ("test", "train") and h.get("stage") in (1, 2)
+                and isinstance(h.get("iteration"), number)
+                and isinstance(h.get("rank1" if h["kind"] == "test" else "loss"), number) for h in history):
+            raise ValueError(f"{path}: learning curve {label!r}: each point needs \"kind\" (test or train), "
+                             "\"stage\" (1 or 2), \"iteration\", and \"rank1\" (test) or \"loss\" (train)")
+        val = {stage: [h for h in history if h["kind"] == "test" and h["stage"] == stage
+                       and not math.isnan(h["rank1"])] for stage in (1, 2)}
+        length = max((h["iteration"] for h in history if h["stage"] == 1), default=0)
+        at = []
+        for share in TENTHS:
+            near = min(val[1], key=lambda h: abs(h["iteration"] - share * length), default=None)
+            ok = near is not None and abs(near["iteration"] - share * length) < length / 20
+            at.append((near["iteration"], 100 * near["rank1"]) if ok else None)
+        last3 = [100 * sum(h["rank1"] for h in val[s][-3:]) / len(val[s][-3:]) if val[s] else None for s in (1, 2)]
+        train1 = [h for h in history if h["kind"] == "train" and h["stage"] == 1]
+        rows.append((label, at, last3, train1[-1]["loss"] if train1 else None))
+    return rows
+
+
+def curve_lines(path, record):
+    """The --curves table of one file (curve_rows as Markdown)."""
+    def cell(v, digits=1):
+        return "–" if v is None else f"{v:.{digits}f}"
+    lines = ["Validation rank-1 (%) at each tenth of stage 1 (the nearest validation point; – where none lies "
+             "closer than half a tenth), the mean of each stage's last three validation points, and stage 1's last "
+             "logged training loss (the solver's average_loss mean):", "",
+             "| curve | iterations | " + " | ".join(f"{t:.1f}" for t in TENTHS)
+             + " | last 3, stage 1 | last 3, stage 2 | final stage-1 loss |",
+             "|---|---|" + "---:|" * (len(TENTHS) + 3)]
+    for label, at, last3, loss in curve_rows(path, record):
+        its = [p[0] for p in at if p is not None]
+        span = f"{its[0]:,} ... {its[-1]:,}" if its else "–"
+        lines.append(f"| {label} | {span} | " + " | ".join(cell(p and p[1]) for p in at)
+                     + f" | {cell(last3[0])} | {cell(last3[1])} | {cell(loss, 2)} |")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="results JSON files of tools/reproduce.py")
@@ -288,6 +346,9 @@ def main(argv=None):
                    help="only the runs whose stage 1 was trained with their own seed (stage-1 seed = seed)")
     p.add_argument("--against", nargs="+", metavar="BASELINE.json",
                    help="results JSON files of the same runs under other settings: the paired difference, run by run")
+    p.add_argument("--curves", action="store_true",
+                   help="each file's learning curves: validation rank-1 at each tenth of stage 1, the mean of each "
+                        "stage's last three validation points, stage 1's final training loss")
     args = p.parse_args(argv)
     records = [(path, load_results(path)) for path in args.results]
     baseline = [(path, load_results(path)) for path in args.against or []]
@@ -298,6 +359,7 @@ def main(argv=None):
         if baseline:
             baseline, _ = keep_own_stage1(baseline, "the --against files")
     against = against_lines(records, baseline) if baseline else None  # checked before anything is printed
+    curves = {path: curve_lines(path, record) for path, record in records} if args.curves else {}
     for path in left_out:
         print(f"{path}: left out, no run has a stage 1 trained with its own seed "
               "(its runs share the stage 1 of another seed: --stage1-seed)\n")
@@ -322,6 +384,8 @@ def main(argv=None):
         for line in paired_lines(list(runs.values())):
             print(line)
         print()
+        if path in curves:
+            print("\n".join(curves[path]) + "\n")
     if len(records) > 1:
         try:
             ours, rows = pool(records)
