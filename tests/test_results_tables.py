@@ -206,6 +206,7 @@ def test_curves_at_each_tenth_of_stage_1(tmp_path, run_tool):
     assert ("| split 1, seed 1, all | 100 ... 800 | 10.0 | – | – | 10.0 | 10.0 | 10.0 | – | – | 10.0 | 10.0 | "
             "10.0 | – | – |") \
         in proc.stdout
+    assert 'curve "split 1" is split 0 of the tables above' in proc.stdout
     assert "| curve |" not in run_tool("results_tables.py", path).stdout  # only when asked
     rec["learning_curves"]["split 1, seed 1, all"] = [{"kind": "test", "stage": 1, "rank1": 0.1}]  # no iteration
     path.write_text(json.dumps(rec))

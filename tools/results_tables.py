@@ -326,7 +326,8 @@ def curve_lines(path, record):
         return "–" if v is None else f"{v:.{digits}f}"
     lines = ["Validation rank-1 (%) at each tenth of stage 1 (the nearest validation point; – where none lies "
              "closer than half a tenth), the mean of each stage's last three validation points, and stage 1's last "
-             "logged training loss (the solver's average_loss mean):", "",
+             "logged training loss (the solver's average_loss mean). Curves are named as reproduce.py's log names "
+             "them, splits counted from 1: curve \"split 1\" is split 0 of the tables above.", "",
              "| curve | iterations | " + " | ".join(f"{t:.1f}" for t in TENTHS)
              + " | last 3, stage 1 | last 3, stage 2 | final stage-1 loss |",
              "|---|---|" + "---:|" * (len(TENTHS) + 3)]
