@@ -27,6 +27,27 @@ def test_tables_and_paired_effect(tmp_path, run_tool):
     assert "95% interval [-2.5, +5.1]" in proc.stdout
 
 
+def test_digits_shows_effects_smaller_than_a_tenth(tmp_path, run_tool):
+    """--digits 2: paired differences of a few hundredths of a point, which one decimal rounds away."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record({"cls+high": [0.2, 0.22, 0.24], "all": [0.2003, 0.2199, 0.2405]})))
+    proc = run_tool("results_tables.py", path)
+    assert proc.returncode == 0, proc.stderr
+    assert "all − cls+high, rank-1, 3 paired run(s): +0.0, -0.0, +0.1; mean +0.0 ± 0.0 points" in proc.stdout
+    proc = run_tool("results_tables.py", path, "--digits", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "all − cls+high, rank-1, 3 paired run(s): +0.03, -0.01, +0.05; mean +0.02 ± 0.03 points" in proc.stdout
+    assert "the other ranks: rank5 +0.00 ± 0.00" in proc.stdout
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps(record({"all": [0.2, 0.22, 0.24]})))
+    proc = run_tool("results_tables.py", path, "--against", other, "--digits", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "| all | 0 | 2 | 2 | 24.05 | 24.00 | +0.05 |" in proc.stdout
+    for bad in ("-1", "5"):
+        proc = run_tool("results_tables.py", path, "--digits", bad)
+        assert proc.returncode == 2 and f"--digits must be 0 to 4, got {bad}" in proc.stderr and proc.stdout == ""
+
+
 def test_bad_input(tmp_path, run_tool):
     proc = run_tool("results_tables.py", tmp_path / "none.json")
     assert proc.returncode == 2 and "none.json: no such file" in proc.stderr and "Traceback" not in proc.stderr

@@ -3,7 +3,7 @@
 tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 
     python tools/results_tables.py RESULTS.json [RESULTS2.json ...] [--sweep SWEEP.json] [--own-stage1]
-                                   [--against BASELINE.json ...] [--curves]
+                                   [--against BASELINE.json ...] [--curves] [--digits N]
 
 * Each file's heading: the dataset, the recipe and what its runs set away from the recipe
   (--stage1-scale, --iters1/2, rates, the NCC loss's parameters, TF32).
@@ -31,6 +31,8 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 * --curves: each file's learning curves: validation rank-1 at each tenth of stage 1 (the nearest
   validation point), the mean of each stage's last three validation points and stage 1's last
   logged training loss, so that runs of different lengths are compared at the same share.
+* --digits N: decimals of the paired differences, their means, deviations and intervals (default 1;
+  2 shows effects of a tenth of a point or less, such as the NCC loss's, which 1 rounds to +0.0).
 * --sweep: the sweep's configurations with their validation figures (and, for a sweep scored with
   --score-last K, the mean of each configuration's last K validation points, which chose).
 Reads only; prints to standard output.
@@ -152,32 +154,34 @@ def per_run_rows(record):
     return runs, val
 
 
-def effect_lines(label, pairs):
+def effect_lines(label, pairs, digits=1):
     """The paired effect of ``pairs`` [(run, partner)]: each rank-1 difference (run − partner), their
-    mean, sample standard deviation and 95% t-interval, then the other ranks' (two pairs or more)."""
+    mean, sample standard deviation and 95% t-interval, then the other ranks' (two pairs or more);
+    figures in points to ``digits`` decimals."""
+    n = digits
     d = [100 * (a["rank1"] - b["rank1"]) for a, b in pairs]
-    text = f"{label}, rank-1, {len(d)} paired run(s): " + ", ".join(f"{x:+.1f}" for x in d)
+    text = f"{label}, rank-1, {len(d)} paired run(s): " + ", ".join(f"{x:+.{n}f}" for x in d)
     e = paired_summary(d)
     if e["std"] is not None:
-        text += (f"; mean {e['mean']:+.1f} ± {e['std']:.1f} points, 95% interval "
-                 f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
+        text += (f"; mean {e['mean']:+.{n}f} ± {e['std']:.{n}f} points, 95% interval "
+                 f"[{e['ci95'][0]:+.{n}f}, {e['ci95'][1]:+.{n}f}]")
     lines, others = [text], []
     for k in KEYS[1:]:
         if len(pairs) < 2 or not all(k in a and k in b for a, b in pairs):
             continue
         e = paired_summary([100 * (a[k] - b[k]) for a, b in pairs])
-        others.append(f"{k} {e['mean']:+.1f} ± {e['std']:.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]")
+        others.append(f"{k} {e['mean']:+.{n}f} ± {e['std']:.{n}f} [{e['ci95'][0]:+.{n}f}, {e['ci95'][1]:+.{n}f}]")
     if others:
         lines.append(f"{label}, the other ranks: " + ", ".join(others))
     return lines
 
 
-def paired_lines(all_runs):
+def paired_lines(all_runs, digits=1):
     lines = []
     for with_low, without in NCC_PAIRS:
         pairs = [(sets[with_low], sets[without]) for sets in all_runs if with_low in sets and without in sets]
         if pairs:
-            lines += effect_lines(f"{with_low} − {without}", pairs)
+            lines += effect_lines(f"{with_low} − {without}", pairs, digits)
     return lines
 
 
@@ -240,12 +244,12 @@ def pool(records):
     return ours, rows
 
 
-def against_lines(group, baseline):
+def against_lines(group, baseline, digits=1):
     """The paired effect of what differs between two groups of files (each [(path, record)], each one
     experiment): group − baseline, run by run, matched by split, seed, stage-1 seed (``stage1_seed``,
     as pool keys it) and loss set, e.g. --stage1-scale 2 against the recipe over the
     same seeds. Raises ValueError when a group is not one experiment, the datasets or gallery draws
-    differ, or no run has a partner."""
+    differ, or no run has a partner. Figures in points to ``digits`` decimals."""
     sides = []
     for name, records in (("the files", group), ("the --against files", baseline)):
         try:
@@ -272,10 +276,12 @@ def against_lines(group, baseline):
              "|---|---:|---:|---:|---:|---:|---:|"]
     for key in common:
         a, b = 100 * mine[key]["rank1"], 100 * theirs[key]["rank1"]
-        lines.append(f"| {key[3]} | {key[0]} | {key[1]} | {key[2]} | {a:.1f} | {b:.1f} | {a - b:+.1f} |")
+        lines.append(f"| {key[3]} | {key[0]} | {key[1]} | {key[2]} | {a:.{digits}f} | {b:.{digits}f} | "
+                     f"{a - b:+.{digits}f} |")
     lines.append("")
     for loss_set in dict.fromkeys(k[3] for k in common):
-        lines += effect_lines(f"{loss_set}, files − against", [(mine[k], theirs[k]) for k in common if k[3] == loss_set])
+        lines += effect_lines(f"{loss_set}, files − against",
+                              [(mine[k], theirs[k]) for k in common if k[3] == loss_set], digits)
     alone = [f"{k[3]} split {k[0]} seed {k[1]} stage-1 seed {k[2]} ({side})"
              for side, own, other in (("the files", mine, theirs), ("--against", theirs, mine))
              for k in sorted(own, key=str) if k not in other]
@@ -350,7 +356,11 @@ def main(argv=None):
     p.add_argument("--curves", action="store_true",
                    help="each file's learning curves: validation rank-1 at each tenth of stage 1, the mean of each "
                         "stage's last three validation points, stage 1's final training loss")
+    p.add_argument("--digits", type=int, default=1,
+                   help="decimals of the paired differences (default 1; 0 to 4; 2 for effects of a tenth of a point)")
     args = p.parse_args(argv)
+    if not 0 <= args.digits <= 4:
+        p.error(f"--digits must be 0 to 4, got {args.digits}")
     records = [(path, load_results(path)) for path in args.results]
     baseline = [(path, load_results(path)) for path in args.against or []]
     sweep = load_sweep(args.sweep) if args.sweep else None  # all checked before anything is printed
@@ -359,7 +369,7 @@ def main(argv=None):
         records, left_out = keep_own_stage1(records, "the files")
         if baseline:
             baseline, _ = keep_own_stage1(baseline, "the --against files")
-    against = against_lines(records, baseline) if baseline else None  # checked before anything is printed
+    against = against_lines(records, baseline, args.digits) if baseline else None  # checked before anything is printed
     curves = {path: curve_lines(path, record) for path, record in records} if args.curves else {}
     for path in left_out:
         print(f"{path}: left out, no run has a stage 1 trained with its own seed "
@@ -382,7 +392,7 @@ def main(argv=None):
                              + f", **{100 * row[s]['rank1']:.1f}**")
             print(f"| {split} | {seed} | " + " | ".join(cells) + " |")
         print()
-        for line in paired_lines(list(runs.values())):
+        for line in paired_lines(list(runs.values()), args.digits):
             print(line)
         print()
         if path in curves:
@@ -395,7 +405,7 @@ def main(argv=None):
         else:
             print(f"Pooled: the runs of the {len(records)} files together ({heading(records[0][1])}), in %\n")
             print("\n".join(summary_table(records[0][1], "pooled", ours)) + "\n")
-            for line in paired_lines(list(rows.values())):
+            for line in paired_lines(list(rows.values()), args.digits):
                 print(line)
     if against:
         print()
