@@ -209,9 +209,11 @@ def test_against_pairs_the_same_runs_under_other_settings(tmp_path, run_tool):
 def test_curves_at_each_tenth_of_stage_1(tmp_path, run_tool):
     rec = record({"all": [0.3]})
     stage1 = [{"kind": "test", "stage": 1, "iteration": 0, "rank1": float("nan")}]
-    stage1 += [{"kind": "test", "stage": 1, "iteration": it, "rank1": it / 2000} for it in range(100, 1001, 100)]
+    stage1 += [{"kind": "test", "stage": 1, "iteration": it, "rank1": it / 2000, "mAP": it / 1000}
+               for it in range(100, 1001, 100)]
     stage1 += [{"kind": "train", "stage": 1, "iteration": it, "loss": 2 - it / 1000} for it in (0, 500, 980)]
-    stage2 = [{"kind": "test", "stage": 2, "iteration": it, "rank1": r} for it, r in ((50, 0.4), (100, 0.6), (150, 0.8))]
+    stage2 = [{"kind": "test", "stage": 2, "iteration": it, "rank1": r, "mAP": m}
+              for it, r, m in ((50, 0.4, 0.5), (100, 0.6, float("nan")), (150, 0.8, 0.7))]
     coarse = [{"kind": "test", "stage": 1, "iteration": it, "rank1": 0.1} for it in range(100, 801, 100)]
     rec["learning_curves"] = {"split 1, seed 0, all": stage1 + stage2, "split 1, seed 1, all": coarse}
     path = tmp_path / "r.json"
@@ -219,13 +221,14 @@ def test_curves_at_each_tenth_of_stage_1(tmp_path, run_tool):
     proc = run_tool("results_tables.py", path, "--curves")
     assert proc.returncode == 0, proc.stderr
     # rank-1 = iteration / 2000 at every tenth; the last three of stage 1 (800-1000) average 45%,
-    # of stage 2 60%; stage 1's last logged loss 2 - 0.98
+    # of stage 2 60%; mAP = iteration / 1000: 90% over stage 1's last three; stage 2 has a NaN mAP
+    # among its last three, so none; stage 1's last logged loss 2 - 0.98
     assert ("| split 1, seed 0, all | 100 ... 1,000 | 5.0 | 10.0 | 15.0 | 20.0 | 25.0 | 30.0 | 35.0 | 40.0 | "
-            "45.0 | 50.0 | 45.0 | 60.0 | 1.02 |") in proc.stdout
+            "45.0 | 50.0 | 45.0 | 60.0 | 90.0 | – | 1.02 |") in proc.stdout
     # validation every 100 of 800 iterations: 160 (0.2) is as far from 200 as half a tenth, so no point
     # is shown there (nor at 0.3, 0.7, 0.8) rather than one point twice; no stage 2, no training loss
     assert ("| split 1, seed 1, all | 100 ... 800 | 10.0 | – | – | 10.0 | 10.0 | 10.0 | – | – | 10.0 | 10.0 | "
-            "10.0 | – | – |") \
+            "10.0 | – | – | – | – |") \
         in proc.stdout
     assert 'curve "split 1" is split 0 of the tables above' in proc.stdout
     assert "| curve |" not in run_tool("results_tables.py", path).stdout  # only when asked

@@ -29,8 +29,8 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   and 95% t-interval (rank-1, then the other ranks), the settings that differ, and the runs without
   a partner. Both groups must be runs on the same test (dataset, gallery draws).
 * --curves: each file's learning curves: validation rank-1 at each tenth of stage 1 (the nearest
-  validation point), the mean of each stage's last three validation points and stage 1's last
-  logged training loss, so that runs of different lengths are compared at the same share.
+  validation point), the mean of each stage's last three validation points (rank-1 and mAP) and
+  stage 1's last logged training loss, so that runs of different lengths are compared at the same share.
 * --digits N: decimals of the paired differences, their means, deviations and intervals (default 1;
   2 shows effects of a tenth of a point or less, such as the NCC loss's, which 1 rounds to +0.0).
 * --sweep: the sweep's configurations with their validation figures (and, for a sweep scored with
@@ -293,10 +293,20 @@ def against_lines(group, baseline, digits=1):
 TENTHS = [i / 10 for i in range(1, 11)]
 
 
+def mean_last3(points, key):
+    """The mean of points' last three values of key, in %; None without points or where one of
+    the three lacks a number there (NaN counts as none: a score before any statistics)."""
+    last = [h.get(key) for h in points[-3:]]
+    if not last or not all(isinstance(v, (int, float)) and not math.isnan(v) for v in last):
+        return None
+    return 100 * sum(last) / len(last)
+
+
 def curve_rows(path, record):
     """Per learning curve of the file: (label, validation rank-1 in % at each tenth of stage 1 as
-    [(iteration, value) or None], the mean of each stage's last three validation points (None: no
-    point), stage 1's last logged training loss (None: none)). The point for a tenth is the
+    [(iteration, value) or None], the mean of each stage's last three validation points' rank-1 and
+    their mAP in % (None: no point; for mAP also where one of the three has none), stage 1's last
+    logged training loss (None: none)). The point for a tenth is the
     validation point nearest to that share of stage 1's length; None where none lies closer than
     half a tenth to it (a validation interval too coarse for the table). ValueError naming the file and the
     curve for a curve that lacks what this reads."""
@@ -320,9 +330,10 @@ def curve_rows(path, record):
             near = min(val[1], key=lambda h: abs(h["iteration"] - share * length), default=None)
             ok = near is not None and abs(near["iteration"] - share * length) < length / 20
             at.append((near["iteration"], 100 * near["rank1"]) if ok else None)
-        last3 = [100 * sum(h["rank1"] for h in val[s][-3:]) / len(val[s][-3:]) if val[s] else None for s in (1, 2)]
+        last3 = [mean_last3(val[s], "rank1") for s in (1, 2)]
+        last3_map = [mean_last3(val[s], "mAP") for s in (1, 2)]
         train1 = [h for h in history if h["kind"] == "train" and h["stage"] == 1]
-        rows.append((label, at, last3, train1[-1]["loss"] if train1 else None))
+        rows.append((label, at, last3, last3_map, train1[-1]["loss"] if train1 else None))
     return rows
 
 
@@ -331,17 +342,19 @@ def curve_lines(path, record):
     def cell(v, digits=1):
         return "–" if v is None else f"{v:.{digits}f}"
     lines = ["Validation rank-1 (%) at each tenth of stage 1 (the nearest validation point; – where none lies "
-             "closer than half a tenth), the mean of each stage's last three validation points, and stage 1's last "
-             "logged training loss (the solver's average_loss mean). Curves are named as reproduce.py's log names "
+             "closer than half a tenth), the mean of each stage's last three validation points (rank-1, then mAP: all "
+             "images of the held-out identities as queries, so mAP moves in smaller steps than rank-1), and stage 1's "
+             "last logged training loss (the solver's average_loss mean). Curves are named as reproduce.py's log names "
              "them, splits counted from 1: curve \"split 1\" is split 0 of the tables above.", "",
              "| curve | iterations | " + " | ".join(f"{t:.1f}" for t in TENTHS)
-             + " | last 3, stage 1 | last 3, stage 2 | final stage-1 loss |",
-             "|---|---|" + "---:|" * (len(TENTHS) + 3)]
-    for label, at, last3, loss in curve_rows(path, record):
+             + " | last 3, stage 1 | last 3, stage 2 | mAP last 3, stage 1 | mAP last 3, stage 2 | final stage-1 loss |",
+             "|---|---|" + "---:|" * (len(TENTHS) + 5)]
+    for label, at, last3, last3_map, loss in curve_rows(path, record):
         its = [p[0] for p in at if p is not None]
         span = f"{its[0]:,} ... {its[-1]:,}" if its else "–"
         lines.append(f"| {label} | {span} | " + " | ".join(cell(p and p[1]) for p in at)
-                     + f" | {cell(last3[0])} | {cell(last3[1])} | {cell(loss, 2)} |")
+                     + f" | {cell(last3[0])} | {cell(last3[1])} | {cell(last3_map[0])} | {cell(last3_map[1])}"
+                     f" | {cell(loss, 2)} |")
     return lines
 
 
@@ -355,7 +368,7 @@ def main(argv=None):
                    help="results JSON files of the same runs under other settings: the paired difference, run by run")
     p.add_argument("--curves", action="store_true",
                    help="each file's learning curves: validation rank-1 at each tenth of stage 1, the mean of each "
-                        "stage's last three validation points, stage 1's final training loss")
+                        "stage's last three validation points (rank-1 and mAP), stage 1's final training loss")
     p.add_argument("--digits", type=int, default=1,
                    help="decimals of the paired differences (default 1; 0 to 4; 2 for effects of a tenth of a point)")
     args = p.parse_args(argv)
