@@ -347,7 +347,8 @@ def curve_lines(path, record):
              "last logged training loss (the solver's average_loss mean). Curves are named as reproduce.py's log names "
              "them, splits counted from 1: curve \"split 1\" is split 0 of the tables above.", "",
              "| curve | iterations | " + " | ".join(f"{t:.1f}" for t in TENTHS)
-             + " | last 3, stage 1 | last 3, stage 2 | mAP last 3, stage 1 | mAP last 3, stage 2 | final stage-1 loss |",
+             + " | last 3, stage 1 | last 3, stage 2 | mAP last 3, stage 1 | mAP last 3, stage 2"
+             " | final stage-1 loss |",
              "|---|---|" + "---:|" * (len(TENTHS) + 5)]
     for label, at, last3, last3_map, loss in curve_rows(path, record):
         its = [p[0] for p in at if p is not None]
