@@ -30,7 +30,8 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   a partner. Both groups must be runs on the same test (dataset, gallery draws).
 * --curves: each file's learning curves: validation rank-1 at each tenth of stage 1 (the nearest
   validation point), the mean of each stage's last three validation points (rank-1 and mAP) and
-  stage 1's last logged training loss, so that runs of different lengths are compared at the same share.
+  stage 1's last logged training loss, so that runs of different lengths are compared at the same
+  share.
 * --digits N: decimals of the paired differences, their means, deviations and intervals (default 1;
   2 shows effects of a tenth of a point or less, such as the NCC loss's, which 1 rounds to +0.0).
 * --sweep: the sweep's configurations with their validation figures (and, for a sweep scored with
@@ -306,10 +307,10 @@ def curve_rows(path, record):
     """Per learning curve of the file: (label, validation rank-1 in % at each tenth of stage 1 as
     [(iteration, value) or None], the mean of each stage's last three validation points' rank-1 and
     their mAP in % (None: no point; for mAP also where one of the three has none), stage 1's last
-    logged training loss (None: none)). The point for a tenth is the
-    validation point nearest to that share of stage 1's length; None where none lies closer than
-    half a tenth to it (a validation interval too coarse for the table). ValueError naming the file and the
-    curve for a curve that lacks what this reads."""
+    logged training loss (None: none)). The point for a tenth is the validation point nearest to
+    that share of stage 1's length; None where none lies closer than half a tenth to it (a
+    validation interval too coarse for the table). ValueError naming the file and the curve for a
+    curve that lacks what this reads."""
     curves = record.get("learning_curves")
     if not isinstance(curves, dict) or not curves:
         raise ValueError(f"{path}: --curves: the file has no \"learning_curves\"")
