@@ -148,6 +148,21 @@ def test_reproduce_cuhk01_two_splits(tmp_path, run_tool):
     ours = result["ours"]["all"]
     assert len(ours["runs"]) == 2 and 0 <= ours["mean"]["rank1"] <= 100
     assert ours["mean"]["rank20"] >= ours["mean"]["rank1"]
+    assert result["split_ids"] == [0, 1] and [r["split"] for r in ours["runs"]] == [0, 1]
+
+    # --split-ids: the second split alone, in another folder, is the same split trained the same way
+    alone = tmp_path / "alone"
+    proc = run_tool("reproduce.py", "cuhk01-100", tmp_path / "raw", "--out", alone, "--split-ids", "1", "--iters1",
+                    "2", "--iters2", "1", "--batch-pairs", "2", "--device", "cpu", "--val-ids", "2", "--repeats", "5")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "== split 2 (--split-ids 1; 1/1): converting" in proc.stdout
+    assert (alone / "split01").is_dir() and not (alone / "split00").exists()
+    second = json.loads((alone / "results.json").read_text())
+    assert second["splits"] == 1 and second["split_ids"] == [1]
+    (run,) = second["ours"]["all"]["runs"]
+    assert run["split"] == 1
+    assert {k: run[k] for k in ("rank1", "rank5", "rank10", "rank20")} == \
+        {k: ours["runs"][1][k] for k in ("rank1", "rank5", "rank10", "rank20")}
 
 
 @pytest.mark.slow

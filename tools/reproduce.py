@@ -4,14 +4,16 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
 
     python tools/reproduce.py {cuhk03-labeled,cuhk03-detected,cuhk01-100,cuhk01-486,market1501}
                               RAW_DIR [--out runs/reproduce] [--name results] [--recipe paper|cpu|cpu64]
-                              [--splits N] [--seeds 0 1 2] [--ablation | --loss-sets NAME ...]
+                              [--splits N | --split-ids I ...] [--seeds 0 1 2] [--ablation | --loss-sets NAME ...]
                               [--w-low W] [--pos-floor F] [--neg-ceiling C] [--lr2 R]
                               [--device cuda] [--iters1 N | --stage1-scale K] [--iters2 N] [--batch-pairs N]
                               [--base-lr R] [--test-interval N] [--repeats 100] [--val-ids N] [--workers N]
                               [--tf32] [--cuda-graphs] [--time-limit SECONDS] [--convert-only] [--input-size 144x56]
 
 * Splits: CUHK03 the 20 official test sets, CUHK01 10 seeded random splits, Market-1501 its one
-  split (--splits N takes the first N). Identities held out from the training identities
+  split. --splits N takes the first N; --split-ids I [I ...] takes these, counted from 0 as the
+  folders splitNN are (e.g. `--split-ids 3 4` on one machine and `5 6` on another, their JSON files
+  then pooled by tools/results_tables.py). Identities held out from the training identities
   (--val-ids, `val`) serve every choice made during training; test identities never do.
 * Recipes: `paper` trains with [1]'s solver settings (prototxt_equiv/solver_<dataset>_stage{1,2}
   .prototxt; CUHK03: solver_stage{1,2}) and the net's batch of 50 pairs; `cpu` (CUHK01 only) is the
@@ -361,12 +363,13 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
     return result.weights, history
 
 
-def write_results(args, n_splits, seeds, results, chance, histories):
+def write_results(args, split_ids, seeds, results, chance, histories):
     """Mean and spread (in %) of every loss set over its finished runs; writes OUT/<name>.json
     atomically and returns the summary."""
     keys = ["rank1", "rank5", "rank10", "rank20"] + (["mAP"] if args.dataset == "market1501" else [])
     summary = {name: run_summary(rows, keys) for name, rows in results.items() if rows}
-    record = {"dataset": args.dataset, "recipe": args.recipe, "splits": n_splits, "seeds": seeds,
+    record = {"dataset": args.dataset, "recipe": args.recipe, "splits": len(split_ids), "split_ids": split_ids,
+              "seeds": seeds,
               "paper": PAPER[args.dataset], "ours": summary, "paired": paired_differences(summary, keys),
               "chance": {k: 100 * v for k, v in chance.items()} if chance else None,
               "learning_curves": histories, "args": vars(args)}
@@ -418,7 +421,11 @@ def main(argv=None):
     p.add_argument("--recipe", choices=sorted(RECIPES), default="paper",
                    help="paper: [1]'s solver settings (default); cpu: the shortened CUHK01 recipe; cpu64: "
                    "the cpu recipe at a 64x24 input with five times the iterations, in about the same time")
-    p.add_argument("--splits", type=int, help="the first N splits (default: all of the dataset's)")
+    splits = p.add_mutually_exclusive_group()
+    splits.add_argument("--splits", type=int, help="the first N splits (default: all of the dataset's)")
+    splits.add_argument("--split-ids", type=int, nargs="+", metavar="I",
+                        help="these splits, counted from 0 as the folders splitNN are (e.g. 1 2: the second and "
+                             "third), so that splits can run apart and be pooled by tools/results_tables.py")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--ablation", action="store_true", help="the four loss sets of Table 5")
     group.add_argument("--loss-sets", nargs="+", choices=[n for n, _ in ABLATION], help="these loss sets")
@@ -483,7 +490,16 @@ def main(argv=None):
                       ("--pos-floor", args.pos_floor, None), ("--neg-ceiling", args.neg_ceiling, None))
     except ValueError as exc:
         p.error(str(exc))
-    n_splits = min(args.splits or SPLITS[args.dataset], SPLITS[args.dataset])
+    if args.split_ids is not None:
+        bad = [i for i in args.split_ids if not 0 <= i < SPLITS[args.dataset]]
+        if bad:
+            p.error(f"--split-ids: {args.dataset} has splits 0 to {SPLITS[args.dataset] - 1}, got {bad[0]}")
+        if len(set(args.split_ids)) != len(args.split_ids):
+            p.error("--split-ids: repeated split")
+        split_ids = list(args.split_ids)
+    else:
+        split_ids = list(range(min(args.splits or SPLITS[args.dataset], SPLITS[args.dataset])))
+    n_splits = len(split_ids)
     if args.ablation:
         configs = ABLATION
     elif args.loss_sets:
@@ -513,9 +529,10 @@ def main(argv=None):
     results = {name: [] for name, _ in configs}
     histories, chance = {}, None
     start = time.time()
-    for split in range(n_splits):
+    for count, split in enumerate(split_ids, 1):
         db = os.path.join(args.out, f"split{split:02d}", "db")
-        print(f"== split {split + 1}/{n_splits}: converting", flush=True)
+        print(f"== split {split + 1}/{n_splits}: converting" if args.split_ids is None else
+              f"== split {split + 1} (--split-ids {split}; {count}/{n_splits}): converting", flush=True)
         before = converted_options(db)
         try:
             convert(args.dataset, args.raw_dir, db, split, args.val_ids, args.input_size)
@@ -554,7 +571,7 @@ def main(argv=None):
                 results[name].append(dict(row, split=split, seed=seed, weights=weights,
                                           stage1_seed=seed if args.stage1_seed is None else args.stage1_seed))
                 histories[where] = history
-                write_results(args, n_splits, seeds, results, chance, histories)  # a crash loses nothing
+                write_results(args, split_ids, seeds, results, chance, histories)  # a crash loses nothing
                 draw(args, histories)
                 print(f"   {where}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in row.items()), flush=True)
@@ -562,7 +579,7 @@ def main(argv=None):
     if args.convert_only:
         print(f"converted {n_splits} split(s) into {args.out}", flush=True)
         return 0
-    summary = write_results(args, n_splits, seeds, results, chance, histories)
+    summary = write_results(args, split_ids, seeds, results, chance, histories)
     paper, keys = PAPER[args.dataset], list(next(iter(summary.values()))["mean"])
     runs = n_splits * len(seeds)
     print(f"\n{described(args)}, {n_splits} split(s) x {len(seeds)} seed(s), "
