@@ -241,3 +241,20 @@ def test_curves_at_each_tenth_of_stage_1(tmp_path, run_tool):
     path.write_text(json.dumps(rec))
     proc = run_tool("results_tables.py", path, "--curves")
     assert proc.returncode == 2 and "r.json: --curves: the file has no \"learning_curves\"" in proc.stderr
+
+
+def test_validation_of_split_0_is_not_split_9s(tmp_path, run_tool):
+    """Curves are named "split 1" ... "split 10" (counted from 1): split 0's row reads "split 1",
+    never "split 10", whichever comes last in the file."""
+    rec = record({"all": [0.2]})
+    rec["ours"]["all"]["runs"].append({"rank1": 0.3, "rank5": 0.5, "rank10": 0.7, "rank20": 0.9,
+                                       "split": 9, "seed": 0})
+    rec["ours"]["all"]["n"] = 2
+    rec["learning_curves"]["split 10, seed 0, all"] = [{"kind": "test", "stage": 1, "rank1": 0.4},
+                                                       {"kind": "test", "stage": 2, "rank1": 0.45}]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rec))
+    proc = run_tool("results_tables.py", path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| 0 | 0 | 25.0 / 30.0, **20.0** |" in proc.stdout
+    assert "| 9 | 0 | 40.0 / 45.0, **30.0** |" in proc.stdout

@@ -147,10 +147,13 @@ def per_run_rows(record):
         for r in entry["runs"]:
             runs.setdefault((r["split"], r["seed"]), {})[loss_set] = r
     for label, history in curves.items():
+        # reproduce.py's label: "split N[, seed S], LOSS_SET[_TAG]" (N counted from 1); its parts are
+        # compared whole, so that "split 1" is not taken for "split 10"
+        parts = label.split(", ")
         for (split, seed), sets in runs.items():
             for loss_set in sets:
-                if label.startswith(f"split {split + 1}") and (seed is None or f"seed {seed}," in label) \
-                        and label.split(", ")[-1].split("_")[0] == loss_set:
+                if parts[0] == f"split {split + 1}" and (seed is None or f"seed {seed}" in parts[1:-1]) \
+                        and parts[-1].split("_")[0] == loss_set:
                     val[(split, seed, loss_set)] = (last_val(history, 1), last_val(history, 2))
     return runs, val
 
