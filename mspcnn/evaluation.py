@@ -5,9 +5,9 @@
   tools/convert_dataset.py;
 * :func:`protocol_of` and :func:`evaluate_features`: that folder evaluated with its dataset's
   protocol, through the pure metrics of :mod:`mspcnn.metrics`;
-* :func:`run_summary`: a loss set's figures over its runs; :data:`NCC_PAIRS` and
-  :func:`paired_summary`: the paired comparison of the NCC loss over runs (tools/reproduce.py,
-  tools/results_tables.py).
+* :func:`run_summary`: a loss set's figures over its runs; :data:`NCC_PAIRS`, :data:`HIGH_PAIRS`
+  and :func:`paired_summary`: the paired comparison of the NCC loss, and of the high-level loss,
+  over runs (tools/reproduce.py, tools/results_tables.py).
 """
 import json
 import os
@@ -25,13 +25,17 @@ from mspcnn.metrics import (euclidean_distances, market_ranking_stats, market_ra
 from mspcnn.reranking import k_reciprocal_distances
 
 __all__ = ["extract_features", "folder_features", "db_size_note", "protocol_of", "evaluate_features", "PROTOCOLS",
-           "NCC_PAIRS", "paired_summary", "run_summary"]
+           "NCC_PAIRS", "HIGH_PAIRS", "paired_summary", "run_summary"]
 
 PROTOCOLS = ("market1501", "single-shot")
 
 # The loss sets of the paper's Table 5 that differ by the NCC loss alone: (with it, without it). Each
 # pair starts stage 2 from the same stage-1 weights (same split and seed).
 NCC_PAIRS = (("cls+low", "cls"), ("all", "cls+high"))
+# The loss sets that differ by the high-level (contrastive) loss alone: (with it, without it). That
+# loss trains in both stages, so a pair shares the split, the seed and the order of the training
+# pairs, but not the stage-1 weights.
+HIGH_PAIRS = (("cls+high", "cls"), ("all", "cls+low"))
 
 
 def run_summary(runs, keys):

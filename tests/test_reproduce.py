@@ -209,9 +209,12 @@ def test_ablation_over_seeds(tmp_path, run_tool):
     assert proc.stdout.count("stage1 reused from") == 4 and proc.stdout.count(": stage1\n") == 4
     paired = result["paired"]
     assert list(paired) == ["cls+low - cls", "all - cls+high"] and "the NCC loss, paired" in proc.stdout
-    for name, (a, b) in {"cls+low - cls": ("cls+low", "cls"), "all - cls+high": ("all", "cls+high")}.items():
+    high = result["paired_high"]
+    assert list(high) == ["cls+high - cls", "all - cls+low"] and "the high-level loss, paired" in proc.stdout
+    for name, (a, b) in {"cls+low - cls": ("cls+low", "cls"), "all - cls+high": ("all", "cls+high"),
+                         "cls+high - cls": ("cls+high", "cls"), "all - cls+low": ("all", "cls+low")}.items():
         diffs = [100 * (x["rank1"] - y["rank1"]) for x, y in zip(result["ours"][a]["runs"], result["ours"][b]["runs"])]
-        entry = paired[name]["rank1"]
+        entry = (paired if name in paired else high)[name]["rank1"]
         assert entry["mean"] == pytest.approx(sum(diffs) / 2)
         assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
     seeds3 = (out / "split00" / "seed3" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()

@@ -27,6 +27,20 @@ def test_tables_and_paired_effect(tmp_path, run_tool):
     assert "95% interval [-2.5, +5.1]" in proc.stdout
 
 
+def test_high_level_loss_paired_across_files(tmp_path, run_tool):
+    """cls+high − cls (the high-level loss's effect) from two files of one experiment, pooled; each
+    file alone has no pair, and the NCC loss's pairs are absent (no cls+low, no all)."""
+    high, cls = tmp_path / "high.json", tmp_path / "cls.json"
+    high.write_text(json.dumps(record({"cls+high": [0.20, 0.22, 0.24]})))
+    cls.write_text(json.dumps(record({"cls": [0.18, 0.23, 0.20]})))
+    proc = run_tool("results_tables.py", high, cls)
+    assert proc.returncode == 0, proc.stderr
+    head, pooled = proc.stdout.split("Pooled:")
+    assert "paired run(s)" not in head and "all − cls+high" not in pooled and "cls+low − cls" not in pooled
+    assert "cls+high − cls, rank-1, 3 paired run(s): +2.0, -1.0, +4.0; mean +1.7 ± 2.5 points" in pooled
+    assert "cls+high − cls, the other ranks: rank5 +0.0 ± 0.0" in pooled
+
+
 def test_digits_shows_effects_smaller_than_a_tenth(tmp_path, run_tool):
     """--digits 2: paired differences of a few hundredths of a point, which one decimal rounds away."""
     path = tmp_path / "r.json"

@@ -63,6 +63,9 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
 * Paired comparison: when cls+low and cls (or all and cls+high) both ran, the table is followed by
   their difference per split and seed (the NCC loss's effect: both start stage 2 from the same
   weights), its mean, sample standard deviation and 95% t-interval; also in the JSON ("paired").
+  Likewise cls+high − cls and all − cls+low, the high-level loss's effect (same split, seed and
+  order of training pairs; that loss trains in both stages, so stage 1 differs too; JSON
+  "paired_high").
 """
 import argparse
 import hashlib
@@ -83,7 +86,8 @@ from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_thr
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.data.transformer import CROP, image_size_for
 from mspcnn.engine import TrainingError, solve
-from mspcnn.evaluation import NCC_PAIRS, evaluate_features, folder_features, paired_summary, run_summary
+from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, evaluate_features, folder_features, paired_summary,
+                               run_summary)
 from mspcnn.metrics import euclidean_distances, market1501_official
 from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
@@ -371,22 +375,24 @@ def write_results(args, split_ids, seeds, results, chance, histories):
     record = {"dataset": args.dataset, "recipe": args.recipe, "splits": len(split_ids), "split_ids": split_ids,
               "seeds": seeds,
               "paper": PAPER[args.dataset], "ours": summary, "paired": paired_differences(summary, keys),
+              "paired_high": paired_differences(summary, keys, HIGH_PAIRS),
               "chance": {k: 100 * v for k, v in chance.items()} if chance else None,
               "learning_curves": histories, "args": vars(args)}
     atomic_write(os.path.join(args.out, f"{args.name}.json"), json.dumps(record, indent=1), mode="w")
     return summary
 
 
-def paired_differences(summary, keys):
-    """For each loss set with the NCC loss whose partner without it also ran: the difference
-    (with - without, in percentage points) per split and seed, its mean, sample standard deviation
-    and 95% confidence interval (Student's t over the pairs; none with fewer than 2 pairs)."""
+def paired_differences(summary, keys, pairs=NCC_PAIRS):
+    """For each loss set of ``pairs`` (with a loss, without it; the NCC loss's by default, or
+    HIGH_PAIRS) whose partner also ran: the difference (with - without, in percentage points) per
+    split and seed, its mean, sample standard deviation and 95% confidence interval (Student's t
+    over the pairs; none with fewer than 2 pairs)."""
     out = {}
-    for with_low, without in NCC_PAIRS:
-        if with_low not in summary or without not in summary:
+    for with_it, without in pairs:
+        if with_it not in summary or without not in summary:
             continue
         base = {(r["split"], r["seed"]): r for r in summary[without]["runs"]}
-        rows = [(r, base[(r["split"], r["seed"])]) for r in summary[with_low]["runs"]
+        rows = [(r, base[(r["split"], r["seed"])]) for r in summary[with_it]["runs"]
                 if (r["split"], r["seed"]) in base]
         if not rows:
             continue
@@ -394,7 +400,7 @@ def paired_differences(summary, keys):
                                            **{k: 100 * (a[k] - b[k]) for k in keys}} for a, b in rows]}
         for k in keys:
             entry[k] = paired_summary([100 * (a[k] - b[k]) for a, b in rows])
-        out[f"{with_low} - {without}"] = entry
+        out[f"{with_it} - {without}"] = entry
     return out
 
 
@@ -592,10 +598,14 @@ def main(argv=None):
         print(f"{'ours: ' + name + run_tag(args, name in ('cls+low', 'all')):<22}" + "".join(cells))
     print(f"{'chance':<22}" + "".join(f"{100 * chance[k]:>16.1f}" if k in chance else f"{'-':>16}" for k in keys))
     print(f"{'paper: all':<22}" + "".join(f"{paper[k]:>16.1f}" if k in paper else f"{'-':>16}" for k in keys))
-    paired = paired_differences(summary, keys)
-    if paired:
+    for pairs, what in ((NCC_PAIRS, "the NCC loss, paired (same stage-1 weights)"),
+                        (HIGH_PAIRS, "the high-level loss, paired (same split, seed and order of pairs; "
+                                     "stage 1 differs)")):
+        paired = paired_differences(summary, keys, pairs)
+        if not paired:
+            continue
         spread = any(entry["n"] > 1 for entry in paired.values())
-        print("\nthe NCC loss, paired (same stage-1 weights), in percentage points: mean"
+        print(f"\n{what}, in percentage points: mean"
               + (" +- sample standard deviation [95% interval]" if spread else ""))
         for name, entry in paired.items():
             cells = []

@@ -11,7 +11,9 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   (and mAP where measured), in %, beside the chance level and the paper's figure.
 * Per run: the validation rank-1 at the end of stage 1 and of stage 2, and the test rank-1 of each
   loss set; the paired effect of the NCC loss (all - cls+high, cls+low - cls) per run and its mean,
-  sample standard deviation and 95% t-interval (rank-1; then the other ranks' means and intervals).
+  sample standard deviation and 95% t-interval (rank-1; then the other ranks' means and intervals);
+  likewise the high-level loss's (cls+high - cls, all - cls+low: the same split, seed and order of
+  training pairs, but not the same stage 1, since that loss trains in both stages).
 * Several JSON files: each file's tables and paired effect, then the runs of all files pooled (the
   loss sets' mean +- standard deviation and the paired effect over every run) when the files are
   runs of one experiment: the same dataset, recipe and training settings (input size, validation
@@ -44,7 +46,7 @@ import math
 import sys
 
 from mspcnn.cli import run
-from mspcnn.evaluation import NCC_PAIRS, paired_summary, run_summary
+from mspcnn.evaluation import HIGH_PAIRS, NCC_PAIRS, paired_summary, run_summary
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # reproduce.py's options that change what a run computes: files pool only when they agree on these
@@ -181,11 +183,13 @@ def effect_lines(label, pairs, digits=1):
 
 
 def paired_lines(all_runs, digits=1):
+    """The paired effect of the NCC loss, then of the high-level loss, over ``all_runs`` [{loss set:
+    run}] (the runs of one split, seed and stage-1 seed each), where both loss sets of a pair ran."""
     lines = []
-    for with_low, without in NCC_PAIRS:
-        pairs = [(sets[with_low], sets[without]) for sets in all_runs if with_low in sets and without in sets]
+    for with_it, without in NCC_PAIRS + HIGH_PAIRS:
+        pairs = [(sets[with_it], sets[without]) for sets in all_runs if with_it in sets and without in sets]
         if pairs:
-            lines += effect_lines(f"{with_low} − {without}", pairs, digits)
+            lines += effect_lines(f"{with_it} − {without}", pairs, digits)
     return lines
 
 
