@@ -527,9 +527,11 @@ def _solve(sp, data, train_net, rows, labels, num_classes, db, val, batch_pairs,
     requests = []
     restore_signals = _install_signals({"SIGINT": sigint_effect, "SIGHUP": sighup_effect,
                                         "SIGTERM": sigterm_effect}, requests)
-    log("solver.cpp:48", f"Solving MSP-CNN ({'stage 2: ' if model.use_low else ''}"
-        f"{' + '.join(k for _, k, _ in terms_display)}), {len(labels)} training images of {num_classes} "
-        f"identities, batch {batch_pairs} pairs x iter_size {max(1, sp.iter_size)}"
+    # The net's loss terms; one at weight 0 (e.g. loss_high in a cls run) is logged but not trained.
+    terms = " + ".join(key if weight else f"{key} (weight 0)" for _, key, weight in terms_display)
+    log("solver.cpp:48", f"Solving MSP-CNN ({'stage 2: ' if model.use_low else ''}{terms}), "
+        f"{len(labels)} training images of {num_classes} identities, "
+        f"batch {batch_pairs} pairs x iter_size {max(1, sp.iter_size)}"
         + (f" x {group.world} workers" if group.world > 1 else "")
         + f", input {backbone.input_size[0]} x {backbone.input_size[1]}, device {device}"
         + (", deterministic algorithms" if deterministic else "") + (", channels-last" if channels_last else "")

@@ -124,6 +124,21 @@ def test_solve_trains_the_net_the_solver_names(tiny_market_db, tmp_path):
     w = {name: cio.read_caffemodel(runs[name][1].weights) for name in runs}
     fc7 = {name: [lp for lp in w[name].layer if lp.name == "fc7"][0].blobs[0].data[:50] for name in w}
     assert fc7["file"] == fc7["inline"] and fc7["file"] != fc7["shipped"]
+    assert "Solving MSP-CNN (cls + high), " in runs["shipped"][0]
+
+
+def test_the_header_names_a_loss_at_weight_0(tiny_market_db, tmp_path):
+    """A loss term the run gives weight 0 (tools/reproduce.py --loss-sets cls trains stage 1 with
+    loss_high at 0) is still computed and logged; the "Solving" line says it is at weight 0, so that
+    a cls run does not read as cls + high."""
+    lines = []
+    solve(STAGE1, tiny_market_db, batch_pairs=2, workers=1, loss_weights={"loss_high": 0},
+          overrides={"max_iter": 1, "display": 1, "test_interval": 0, "snapshot": 0,
+                     "snapshot_prefix": str(tmp_path / "s")},
+          log=lambda where, message: lines.append(message))
+    log = "\n".join(lines)
+    assert "Solving MSP-CNN (cls + high (weight 0)), " in log, log
+    assert re.search(r"loss_high = [\d.e+-]+ \(\* 0 = 0 loss\)", log), log
 
 
 BAD = [
