@@ -147,3 +147,34 @@ def test_chunked_features_equal_the_matrix_version():
     chunked = market_ranking_stats_chunked(q, g, q_ids, q_cams, g_ids, g_cams, 20, chunk=8)
     for key in full:
         np.testing.assert_array_equal(full[key], chunked[key], err_msg=key)
+
+
+def test_signed_rank_p_is_the_exact_wilcoxon_test():
+    """mspcnn.evaluation.signed_rank_p, the p-value tools/results_tables.py prints beside the
+    t-interval: scipy's exact test where the ranks are untied; with ties and zeros, the share of
+    every signing of the mean ranks (enumerated here) at least as far from the centre; its floor."""
+    import itertools
+
+    from scipy import stats
+
+    from mspcnn.evaluation import paired_summary, signed_rank_p
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 9, 14):
+        d = rng.normal(0.4, 1, n)
+        assert signed_rank_p(d) == pytest.approx(stats.wilcoxon(d, method="exact").pvalue, abs=1e-12)
+    for _ in range(20):
+        d = rng.integers(-3, 4, 9).astype(float)  # ties and zeros
+        nz = d[d != 0]
+        if not len(nz):
+            continue
+        ranks = stats.rankdata(np.abs(nz))
+        observed, centre = ranks[nz > 0].sum(), ranks.sum() / 2
+        totals = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product((0, 1), repeat=len(nz))]
+        expected = np.mean([abs(t - centre) >= abs(observed - centre) - 1e-9 for t in totals])
+        assert signed_rank_p(d) == pytest.approx(expected, abs=1e-12), d
+    assert signed_rank_p([6.09, 13.345, 4.94, 9.52, 7.895]) == 2 / 2 ** 5  # all of one sign: the floor
+    assert signed_rank_p([0.0, 0.0]) is None
+    e = paired_summary([6.09, 13.345, 4.94, 9.52, 7.895])
+    assert e["t_p"] == pytest.approx(stats.ttest_1samp([6.09, 13.345, 4.94, 9.52, 7.895], 0).pvalue, rel=1e-9)
+    assert paired_summary([1.0, 1.0])["t_p"] is None and paired_summary([1.0])["std"] is None

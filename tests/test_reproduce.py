@@ -217,6 +217,8 @@ def test_ablation_over_seeds(tmp_path, run_tool):
         entry = (paired if name in paired else high)[name]["rank1"]
         assert entry["mean"] == pytest.approx(sum(diffs) / 2)
         assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+        assert entry["signed_rank_p"] in (0.5, 1.0) or entry["signed_rank_p"] is None  # 2 pairs: 2 values
+    assert proc.stdout.count("signed-rank p") == 4  # the rank-1 tests of the four pairs
     seeds3 = (out / "split00" / "seed3" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
     assert seeds3 != (out / "split00" / "seed4" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
 

@@ -62,7 +62,9 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   seeds; OUT/<name>_curves.png plots training loss and validation rank-1 against the iteration.
 * Paired comparison: when cls+low and cls (or all and cls+high) both ran, the table is followed by
   their difference per split and seed (the NCC loss's effect: both start stage 2 from the same
-  weights), its mean, sample standard deviation and 95% t-interval; also in the JSON ("paired").
+  weights), its mean, sample standard deviation and 95% t-interval (and for rank-1 the two-sided
+  p-values of the t-test and of the exact Wilcoxon signed-rank test); also in the JSON ("paired",
+  with "t_p" and "signed_rank_p" for every figure).
   Likewise cls+high − cls and all − cls+low, the high-level loss's effect (same split, seed and
   order of training pairs; that loss trains in both stages, so stage 1 differs too; JSON
   "paired_high").
@@ -613,7 +615,11 @@ def main(argv=None):
                 e = entry[k]
                 cells.append(f"{k} {e['mean']:+.1f}" + ("" if e["std"] is None else
                              f" +- {e['std']:.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]"))
-            print(f"{name} ({entry['n']} pair(s)): " + "; ".join(cells))
+            e = entry[keys[0]]
+            tests = "" if e["std"] is None else (
+                f" ({keys[0]}: t-test p {'–' if e['t_p'] is None else format(e['t_p'], '.2g')}, signed-rank p "
+                f"{'–' if e['signed_rank_p'] is None else format(e['signed_rank_p'], '.2g')})")
+            print(f"{name} ({entry['n']} pair(s)): " + "; ".join(cells) + tests)
     return 0
 
 

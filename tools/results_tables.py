@@ -11,7 +11,9 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   (and mAP where measured), in %, beside the chance level and the paper's figure.
 * Per run: the validation rank-1 at the end of stage 1 and of stage 2, and the test rank-1 of each
   loss set; the paired effect of the NCC loss (all - cls+high, cls+low - cls) per run and its mean,
-  sample standard deviation and 95% t-interval (rank-1; then the other ranks' means and intervals);
+  sample standard deviation, 95% t-interval and two-sided p-values (t-test; Wilcoxon signed-rank
+  test, exact, which needs no normal differences but cannot go below 2/2^n with n pairs) for rank-1,
+  then the other ranks' means and intervals;
   likewise the high-level loss's (cls+high - cls, all - cls+low: the same split, seed and order of
   training pairs, but not the same stage 1, since that loss trains in both stages).
 * Several JSON files: each file's tables and paired effect, then the runs of all files pooled (the
@@ -28,7 +30,7 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 * --against BASELINE.json ...: the same runs under other settings (e.g. the recipe's, against files of
   --stage1-scale 2): each group pooled as above, then the paired difference (files − baseline) run by
   run, matched by split, seed, stage-1 seed and loss set, with its mean, sample standard deviation
-  and 95% t-interval (rank-1, then the other ranks), the settings that differ, and the runs without
+  95% t-interval and p-values (rank-1, then the other ranks), the settings that differ, and the runs without
   a partner. Both groups must be runs on the same test (dataset, gallery draws).
 * --curves: each file's learning curves: validation rank-1 at each tenth of stage 1 (the nearest
   validation point), the mean of each stage's last three validation points (rank-1 and mAP) and
@@ -160,17 +162,26 @@ def per_run_rows(record):
     return runs, val
 
 
+def p_values(e):
+    """The two-sided p-values of a paired_summary ``e``: the t-test's (none when the differences do
+    not vary) and the exact Wilcoxon signed-rank test's (none when every difference is 0)."""
+    t = "t-test p –" if e["t_p"] is None else f"t-test p {e['t_p']:.2g}"
+    w = "signed-rank p –" if e["signed_rank_p"] is None else f"signed-rank p {e['signed_rank_p']:.2g}"
+    return f"{t}, {w}"
+
+
 def effect_lines(label, pairs, digits=1):
     """The paired effect of ``pairs`` [(run, partner)]: each rank-1 difference (run − partner), their
-    mean, sample standard deviation and 95% t-interval, then the other ranks' (two pairs or more);
-    figures in points to ``digits`` decimals."""
+    mean, sample standard deviation, 95% t-interval and two-sided p-values (t-test, exact Wilcoxon
+    signed-rank test), then the other ranks' (two pairs or more); figures in points to ``digits``
+    decimals."""
     n = digits
     d = [100 * (a["rank1"] - b["rank1"]) for a, b in pairs]
     text = f"{label}, rank-1, {len(d)} paired run(s): " + ", ".join(f"{x:+.{n}f}" for x in d)
     e = paired_summary(d)
     if e["std"] is not None:
         text += (f"; mean {e['mean']:+.{n}f} ± {e['std']:.{n}f} points, 95% interval "
-                 f"[{e['ci95'][0]:+.{n}f}, {e['ci95'][1]:+.{n}f}]")
+                 f"[{e['ci95'][0]:+.{n}f}, {e['ci95'][1]:+.{n}f}]; {p_values(e)}")
     lines, others = [text], []
     for k in KEYS[1:]:
         if len(pairs) < 2 or not all(k in a and k in b for a, b in pairs):
