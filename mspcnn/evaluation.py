@@ -59,7 +59,9 @@ def signed_rank_p(differences):
 
     The test asks less of the data than the t-test (no normal differences) and cannot go below
     2/2^m: with 5 pairs all of one sign it gives 0.0625, the smallest possible."""
-    d = np.asarray(differences, dtype=np.float64)
+    # Rounded to 1e-9 first, so that equal differences computed from different values (e.g.
+    # 100 * (0.6 - 0.5) and 100 * (0.7 - 0.6)) stay tied, and a zero stays a zero.
+    d = np.round(np.asarray(differences, dtype=np.float64), 9)
     d = d[d != 0]
     m = len(d)
     if m == 0:

@@ -175,6 +175,11 @@ def test_signed_rank_p_is_the_exact_wilcoxon_test():
         assert signed_rank_p(d) == pytest.approx(expected, abs=1e-12), d
     assert signed_rank_p([6.09, 13.345, 4.94, 9.52, 7.895]) == 2 / 2 ** 5  # all of one sign: the floor
     assert signed_rank_p([0.0, 0.0]) is None
+    # differences equal but for float rounding are tied (and scipy's untied exact test then differs)
+    noisy = [10.000000000001, -9.999999999999, 5.0, 7.0, 1.0]
+    assert signed_rank_p(noisy) == signed_rank_p([10, -10, 5, 7, 1])
+    assert signed_rank_p(noisy) != pytest.approx(stats.wilcoxon(noisy, method="exact").pvalue)
+    assert signed_rank_p([1e-12, -1e-12]) is None
     e = paired_summary([6.09, 13.345, 4.94, 9.52, 7.895])
     assert e["t_p"] == pytest.approx(stats.ttest_1samp([6.09, 13.345, 4.94, 9.52, 7.895], 0).pvalue, rel=1e-9)
     assert paired_summary([1.0, 1.0])["t_p"] is None and paired_summary([1.0])["std"] is None

@@ -30,8 +30,8 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 * --against BASELINE.json ...: the same runs under other settings (e.g. the recipe's, against files of
   --stage1-scale 2): each group pooled as above, then the paired difference (files − baseline) run by
   run, matched by split, seed, stage-1 seed and loss set, with its mean, sample standard deviation
-  95% t-interval and p-values (rank-1, then the other ranks), the settings that differ, and the runs without
-  a partner. Both groups must be runs on the same test (dataset, gallery draws).
+  and 95% t-interval (rank-1 with its p-values, then the other ranks), the settings that differ, and
+  the runs without a partner. Both groups must be runs on the same test (dataset, gallery draws).
 * --curves: each file's learning curves: validation rank-1 at each tenth of stage 1 (the nearest
   validation point), the mean of each stage's last three validation points (rank-1 and mAP) and
   stage 1's last logged training loss, so that runs of different lengths are compared at the same
