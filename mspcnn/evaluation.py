@@ -25,7 +25,8 @@ from mspcnn.metrics import (euclidean_distances, market_ranking_stats, market_ra
 from mspcnn.reranking import k_reciprocal_distances
 
 __all__ = ["extract_features", "folder_features", "db_size_note", "protocol_of", "evaluate_features", "PROTOCOLS",
-           "NCC_PAIRS", "HIGH_PAIRS", "paired_summary", "signed_rank_p", "run_summary"]
+           "NCC_PAIRS", "HIGH_PAIRS", "paired_summary", "signed_rank_p", "p_values_text",
+           "run_summary"]
 
 PROTOCOLS = ("market1501", "single-shot")
 
@@ -86,7 +87,7 @@ def paired_summary(differences, level=0.95):
     (two-sided p of the Wilcoxon signed-rank test, see :func:`signed_rank_p`)}. std, the interval
     and t_p are None with fewer than 2 differences, and t_p also when they do not vary."""
     d = np.asarray(differences, dtype=np.float64)
-    rank_p = signed_rank_p(d) if len(d) else None
+    rank_p = signed_rank_p(d)  # (None for no difference)
     if len(d) < 2:
         return {"mean": float(d.mean()), "std": None, "ci95": None, "t_p": None, "signed_rank_p": rank_p}
     from scipy import stats
@@ -96,6 +97,14 @@ def paired_summary(differences, level=0.95):
     t_p = float(2 * stats.t.sf(abs(d.mean()) / (sd / np.sqrt(len(d))), len(d) - 1)) if sd > 0 else None
     return {"mean": float(d.mean()), "std": sd, "ci95": [float(d.mean()) - half, float(d.mean()) + half],
             "t_p": t_p, "signed_rank_p": rank_p}
+
+
+def p_values_text(summary):
+    """The two-sided p-values of a :func:`paired_summary` as the tools print them: "t-test p P,
+    signed-rank p Q" (two significant digits; "–" where there is none: no spread, or every
+    difference 0)."""
+    t, w = ("–" if summary[k] is None else f"{summary[k]:.2g}" for k in ("t_p", "signed_rank_p"))
+    return f"t-test p {t}, signed-rank p {w}"
 
 
 def _report(label, before, done, total, start):

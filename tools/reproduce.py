@@ -88,8 +88,8 @@ from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_thr
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.data.transformer import CROP, image_size_for
 from mspcnn.engine import TrainingError, solve
-from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, evaluate_features, folder_features, paired_summary,
-                               run_summary)
+from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, evaluate_features, folder_features, p_values_text,
+                               paired_summary, run_summary)
 from mspcnn.metrics import euclidean_distances, market1501_official
 from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
@@ -616,9 +616,7 @@ def main(argv=None):
                 cells.append(f"{k} {e['mean']:+.1f}" + ("" if e["std"] is None else
                              f" +- {e['std']:.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]"))
             e = entry[keys[0]]
-            tests = "" if e["std"] is None else (
-                f" ({keys[0]}: t-test p {'–' if e['t_p'] is None else format(e['t_p'], '.2g')}, signed-rank p "
-                f"{'–' if e['signed_rank_p'] is None else format(e['signed_rank_p'], '.2g')})")
+            tests = "" if e["std"] is None else f" ({keys[0]}: {p_values_text(e)})"
             print(f"{name} ({entry['n']} pair(s)): " + "; ".join(cells) + tests)
     return 0
 

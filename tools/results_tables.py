@@ -48,7 +48,7 @@ import math
 import sys
 
 from mspcnn.cli import run
-from mspcnn.evaluation import HIGH_PAIRS, NCC_PAIRS, paired_summary, run_summary
+from mspcnn.evaluation import HIGH_PAIRS, NCC_PAIRS, p_values_text, paired_summary, run_summary
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # reproduce.py's options that change what a run computes: files pool only when they agree on these
@@ -162,14 +162,6 @@ def per_run_rows(record):
     return runs, val
 
 
-def p_values(e):
-    """The two-sided p-values of a paired_summary ``e``: the t-test's (none when the differences do
-    not vary) and the exact Wilcoxon signed-rank test's (none when every difference is 0)."""
-    t = "t-test p –" if e["t_p"] is None else f"t-test p {e['t_p']:.2g}"
-    w = "signed-rank p –" if e["signed_rank_p"] is None else f"signed-rank p {e['signed_rank_p']:.2g}"
-    return f"{t}, {w}"
-
-
 def effect_lines(label, pairs, digits=1):
     """The paired effect of ``pairs`` [(run, partner)]: each rank-1 difference (run − partner), their
     mean, sample standard deviation, 95% t-interval and two-sided p-values (t-test, exact Wilcoxon
@@ -181,7 +173,7 @@ def effect_lines(label, pairs, digits=1):
     e = paired_summary(d)
     if e["std"] is not None:
         text += (f"; mean {e['mean']:+.{n}f} ± {e['std']:.{n}f} points, 95% interval "
-                 f"[{e['ci95'][0]:+.{n}f}, {e['ci95'][1]:+.{n}f}]; {p_values(e)}")
+                 f"[{e['ci95'][0]:+.{n}f}, {e['ci95'][1]:+.{n}f}]; {p_values_text(e)}")
     lines, others = [text], []
     for k in KEYS[1:]:
         if len(pairs) < 2 or not all(k in a and k in b for a, b in pairs):
