@@ -218,7 +218,14 @@ def test_ablation_over_seeds(tmp_path, run_tool):
         assert entry["mean"] == pytest.approx(sum(diffs) / 2)
         assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
         assert entry["signed_rank_p"] in (0.5, 1.0) or entry["signed_rank_p"] is None  # 2 pairs: 2 values
-    assert proc.stdout.count("signed-rank p") == 4  # the rank-1 tests of the four pairs
+    inter = result["interaction"]["(all - cls+high) - (cls+low - cls)"]
+    ours = {name: {(r["split"], r["seed"]): r["rank1"] for r in entry["runs"]} for name, entry in result["ours"].items()}
+    expected = [100 * ((ours["all"][key] - ours["cls+high"][key]) - (ours["cls+low"][key] - ours["cls"][key]))
+                for key in ((0, 3), (0, 4))]
+    assert [(r["split"], r["seed"]) for r in inter["runs"]] == [(0, 3), (0, 4)]
+    assert [r["rank1"] for r in inter["runs"]] == pytest.approx(expected)
+    assert inter["rank1"]["mean"] == pytest.approx(sum(expected) / 2) and "the two losses' interaction" in proc.stdout
+    assert proc.stdout.count("signed-rank p") == 5  # the rank-1 tests of the four pairs and the interaction
     seeds3 = (out / "split00" / "seed3" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
     assert seeds3 != (out / "split00" / "seed4" / "stage1_cls" / "stage1_iter_1.caffemodel").read_bytes()
 

@@ -41,6 +41,25 @@ def test_high_level_loss_paired_across_files(tmp_path, run_tool):
     assert "cls+high − cls, the other ranks: rank5 +0.0 ± 0.0" in pooled
 
 
+def test_interaction_where_all_four_loss_sets_ran(tmp_path, run_tool):
+    """The 2 x 2 ablation's interaction, (all − cls+high) − (cls+low − cls) per run, only over the
+    runs that have all four loss sets."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record({"cls": [0.20, 0.22, 0.24], "cls+low": [0.21, 0.22, 0.24],
+                                       "cls+high": [0.25, 0.30, 0.28], "all": [0.27, 0.30, 0.29]})))
+    proc = run_tool("results_tables.py", path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("interaction, (all − cls+high) − (cls+low − cls), rank-1, 3 paired run(s): +1.0, +0.0, +1.0; "
+            "mean +0.7 ± 0.6 points") in proc.stdout
+    assert "interaction, (all − cls+high) − (cls+low − cls), the other ranks: rank5 +0.0 ± 0.0" in proc.stdout
+    three = tmp_path / "three.json"  # no cls+low: the pairs that can be made, no interaction
+    three.write_text(json.dumps(record({"cls": [0.20, 0.22, 0.24], "cls+high": [0.25, 0.30, 0.28],
+                                        "all": [0.27, 0.30, 0.29]})))
+    proc = run_tool("results_tables.py", three)
+    assert proc.returncode == 0, proc.stderr
+    assert "cls+high − cls, rank-1, 3 paired run(s)" in proc.stdout and "interaction, (" not in proc.stdout
+
+
 def test_digits_shows_effects_smaller_than_a_tenth(tmp_path, run_tool):
     """--digits 2: paired differences of a few hundredths of a point, which one decimal rounds away."""
     path = tmp_path / "r.json"

@@ -67,7 +67,8 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   with "t_p" and "signed_rank_p" for every figure).
   Likewise cls+high − cls and all − cls+low, the high-level loss's effect (same split, seed and
   order of training pairs; that loss trains in both stages, so stage 1 differs too; JSON
-  "paired_high").
+  "paired_high"). Where all four loss sets ran (--ablation), their interaction, (all − cls+high) −
+  (cls+low − cls) per split and seed, 0 where the two losses' effects add up (JSON "interaction").
 """
 import argparse
 import hashlib
@@ -378,6 +379,7 @@ def write_results(args, split_ids, seeds, results, chance, histories):
               "seeds": seeds,
               "paper": PAPER[args.dataset], "ours": summary, "paired": paired_differences(summary, keys),
               "paired_high": paired_differences(summary, keys, HIGH_PAIRS),
+              "interaction": interaction_differences(summary, keys),
               "chance": {k: 100 * v for k, v in chance.items()} if chance else None,
               "learning_curves": histories, "args": vars(args)}
     atomic_write(os.path.join(args.out, f"{args.name}.json"), json.dumps(record, indent=1), mode="w")
@@ -404,6 +406,28 @@ def paired_differences(summary, keys, pairs=NCC_PAIRS):
             entry[k] = paired_summary([100 * (a[k] - b[k]) for a, b in rows])
         out[f"{with_it} - {without}"] = entry
     return out
+
+
+def interaction_differences(summary, keys):
+    """The two losses' interaction where all four loss sets ran: per split and seed, (all −
+    cls+high) − (cls+low − cls), the NCC loss's effect with the high-level loss less its effect
+    without (equally, the high-level loss's with the NCC loss less without), in percentage points;
+    then as :func:`paired_differences` its mean, spread, interval and p-values. {} where no split
+    and seed has all four."""
+    (low, plain), (both, high) = NCC_PAIRS
+    if not all(name in summary for name in (both, high, low, plain)):
+        return {}
+    runs = {name: {(r["split"], r["seed"]): r for r in summary[name]["runs"]} for name in (both, high, low, plain)}
+    common = [key for key in runs[both] if all(key in runs[name] for name in (high, low, plain))]
+    if not common:
+        return {}
+    rows = [{"split": key[0], "seed": key[1],
+             **{k: 100 * ((runs[both][key][k] - runs[high][key][k]) - (runs[low][key][k] - runs[plain][key][k]))
+                for k in keys}} for key in common]
+    entry = {"n": len(rows), "runs": rows}
+    for k in keys:
+        entry[k] = paired_summary([row[k] for row in rows])
+    return {f"({both} - {high}) - ({low} - {plain})": entry}
 
 
 def draw(args, histories):
@@ -600,10 +624,11 @@ def main(argv=None):
         print(f"{'ours: ' + name + run_tag(args, name in ('cls+low', 'all')):<22}" + "".join(cells))
     print(f"{'chance':<22}" + "".join(f"{100 * chance[k]:>16.1f}" if k in chance else f"{'-':>16}" for k in keys))
     print(f"{'paper: all':<22}" + "".join(f"{paper[k]:>16.1f}" if k in paper else f"{'-':>16}" for k in keys))
-    for pairs, what in ((NCC_PAIRS, "the NCC loss, paired (same stage-1 weights)"),
-                        (HIGH_PAIRS, "the high-level loss, paired (same split, seed and order of pairs; "
-                                     "stage 1 differs)")):
-        paired = paired_differences(summary, keys, pairs)
+    for paired, what in ((paired_differences(summary, keys), "the NCC loss, paired (same stage-1 weights)"),
+                         (paired_differences(summary, keys, HIGH_PAIRS),
+                          "the high-level loss, paired (same split, seed and order of pairs; stage 1 differs)"),
+                         (interaction_differences(summary, keys),
+                          "the two losses' interaction (0 where their effects add up)")):
         if not paired:
             continue
         spread = any(entry["n"] > 1 for entry in paired.values())

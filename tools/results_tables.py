@@ -16,6 +16,8 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   then the other ranks' means and intervals;
   likewise the high-level loss's (cls+high - cls, all - cls+low: the same split, seed and order of
   training pairs, but not the same stage 1, since that loss trains in both stages).
+  Over the runs with all four loss sets, the interaction of the two losses: (all - cls+high) -
+  (cls+low - cls) per run, 0 where their effects add up.
 * Several JSON files: each file's tables and paired effect, then the runs of all files pooled (the
   loss sets' mean +- standard deviation and the paired effect over every run) when the files are
   runs of one experiment: the same dataset, recipe and training settings (input size, validation
@@ -187,12 +189,23 @@ def effect_lines(label, pairs, digits=1):
 
 def paired_lines(all_runs, digits=1):
     """The paired effect of the NCC loss, then of the high-level loss, over ``all_runs`` [{loss set:
-    run}] (the runs of one split, seed and stage-1 seed each), where both loss sets of a pair ran."""
+    run}] (the runs of one split, seed and stage-1 seed each), where both loss sets of a pair ran;
+    then, over the runs with all four loss sets, the two losses' interaction."""
     lines = []
     for with_it, without in NCC_PAIRS + HIGH_PAIRS:
         pairs = [(sets[with_it], sets[without]) for sets in all_runs if with_it in sets and without in sets]
         if pairs:
             lines += effect_lines(f"{with_it} − {without}", pairs, digits)
+    # Where all four loss sets ran: does one loss change what the other does? The difference of the
+    # NCC loss's two effects, (all − cls+high) − (cls+low − cls), which is also the difference of
+    # the high-level loss's two, (all − cls+low) − (cls+high − cls): 0 when the effects add up.
+    (low, plain), (both, high) = NCC_PAIRS  # ("cls+low", "cls"), ("all", "cls+high")
+    factorial = [sets for sets in all_runs if all(s in sets for s in (both, high, low, plain))]
+    if factorial:
+        def effect(a, b):
+            return {k: a[k] - b[k] for k in KEYS if k in a and k in b}
+        pairs = [(effect(sets[both], sets[high]), effect(sets[low], sets[plain])) for sets in factorial]
+        lines += effect_lines(f"interaction, ({both} − {high}) − ({low} − {plain})", pairs, digits)
     return lines
 
 
