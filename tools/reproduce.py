@@ -386,6 +386,26 @@ def write_results(args, split_ids, seeds, results, chance, histories):
     return summary
 
 
+def matched_runs(summary, with_it, without):
+    """[(run, partner)]: the runs of loss set ``with_it`` and of ``without`` on the same split and
+    seed (none where either did not run)."""
+    if with_it not in summary or without not in summary:
+        return []
+    base = {(r["split"], r["seed"]): r for r in summary[without]["runs"]}
+    return [(r, base[(r["split"], r["seed"])]) for r in summary[with_it]["runs"] if (r["split"], r["seed"]) in base]
+
+
+def difference_entry(rows, keys):
+    """The JSON entry of paired ``rows`` [(run, partner)]: {"n", "runs" (split, seed and each
+    figure's difference run − partner, in percentage points), and per figure its
+    :func:`paired_summary`}."""
+    entry = {"n": len(rows), "runs": [{"split": a["split"], "seed": a["seed"],
+                                       **{k: 100 * (a[k] - b[k]) for k in keys}} for a, b in rows]}
+    for k in keys:
+        entry[k] = paired_summary([run[k] for run in entry["runs"]])
+    return entry
+
+
 def paired_differences(summary, keys, pairs=NCC_PAIRS):
     """For each loss set of ``pairs`` (with a loss, without it; the NCC loss's by default, or
     HIGH_PAIRS) whose partner also ran: the difference (with - without, in percentage points) per
@@ -393,18 +413,9 @@ def paired_differences(summary, keys, pairs=NCC_PAIRS):
     over the pairs; none with fewer than 2 pairs)."""
     out = {}
     for with_it, without in pairs:
-        if with_it not in summary or without not in summary:
-            continue
-        base = {(r["split"], r["seed"]): r for r in summary[without]["runs"]}
-        rows = [(r, base[(r["split"], r["seed"])]) for r in summary[with_it]["runs"]
-                if (r["split"], r["seed"]) in base]
-        if not rows:
-            continue
-        entry = {"n": len(rows), "runs": [{"split": a["split"], "seed": a["seed"],
-                                           **{k: 100 * (a[k] - b[k]) for k in keys}} for a, b in rows]}
-        for k in keys:
-            entry[k] = paired_summary([100 * (a[k] - b[k]) for a, b in rows])
-        out[f"{with_it} - {without}"] = entry
+        rows = matched_runs(summary, with_it, without)
+        if rows:
+            out[f"{with_it} - {without}"] = difference_entry(rows, keys)
     return out
 
 
@@ -415,19 +426,14 @@ def interaction_differences(summary, keys):
     then as :func:`paired_differences` its mean, spread, interval and p-values. {} where no split
     and seed has all four."""
     (low, plain), (both, high) = NCC_PAIRS
-    if not all(name in summary for name in (both, high, low, plain)):
-        return {}
-    runs = {name: {(r["split"], r["seed"]): r for r in summary[name]["runs"]} for name in (both, high, low, plain)}
-    common = [key for key in runs[both] if all(key in runs[name] for name in (high, low, plain))]
-    if not common:
-        return {}
-    rows = [{"split": key[0], "seed": key[1],
-             **{k: 100 * ((runs[both][key][k] - runs[high][key][k]) - (runs[low][key][k] - runs[plain][key][k]))
-                for k in keys}} for key in common]
-    entry = {"n": len(rows), "runs": rows}
-    for k in keys:
-        entry[k] = paired_summary([row[k] for row in rows])
-    return {f"({both} - {high}) - ({low} - {plain})": entry}
+
+    def effects(with_it, without):  # {(split, seed): the loss's effect on each figure, as fractions}
+        return {(a["split"], a["seed"]): {"split": a["split"], "seed": a["seed"], **{k: a[k] - b[k] for k in keys}}
+                for a, b in matched_runs(summary, with_it, without)}
+
+    with_high, without_high = effects(both, high), effects(low, plain)
+    rows = [(e, without_high[key]) for key, e in with_high.items() if key in without_high]
+    return {f"({both} - {high}) - ({low} - {plain})": difference_entry(rows, keys)} if rows else {}
 
 
 def draw(args, histories):
