@@ -143,6 +143,38 @@ def test_files_of_one_experiment_are_pooled_and_others_are_not(tmp_path, run_too
     assert "Not pooled: different settings: recipe 'cpu' in" in proc.stdout and "pos_floor 0.3 in" in proc.stdout
 
 
+def test_reruns_once_counts_a_reproduced_run_once(tmp_path, run_tool):
+    """A rerun of split 1 (the same figures, as a deterministic CPU rerun gives) beside the first
+    file: refused by default, counted once with --reruns-once; different figures are always refused."""
+    first = record({"cls": [0.20, 0.22], "cls+high": [0.25, 0.30]})
+    rerun = record({"cls": [0.22], "cls+low": [0.23]})
+    for runs in rerun["ours"].values():  # seed 1 of the first file, rerun with cls+low beside it
+        for r in runs["runs"]:
+            r["seed"], r["stage1_seed"], r["weights"] = 1, 1, "elsewhere/stage2.caffemodel"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(rerun))
+    proc = run_tool("results_tables.py", a, b)
+    assert proc.returncode == 0 and "Pooled" not in proc.stdout
+    assert f"Not pooled: the run split 0, seed 1, stage-1 seed 1, cls is in both {a} and {b}, with the same " \
+           "figures (a rerun that reproduced it? --reruns-once counts such a run once)." in proc.stdout
+    proc = run_tool("results_tables.py", a, b, "--reruns-once")
+    assert proc.returncode == 0, proc.stderr
+    pooled = proc.stdout.split("Pooled: the runs of the 2 files together")[1]
+    assert f"Counted once (--reruns-once; the same figures in both files): the run split 0, seed 1, " \
+           f"stage-1 seed 1, cls ({a}, {b})" in pooled
+    assert "| cls | 2 | 21.0 ± 1.4 |" in pooled  # two runs, not three
+    assert "cls+low − cls, rank-1, 1 paired run(s): +1.0" in pooled
+    assert "cls+high − cls, rank-1, 2 paired run(s): +5.0, +8.0" in pooled
+
+    rerun["ours"]["cls"]["runs"][0]["rank5"] = 0.51  # not the same run after all
+    b.write_text(json.dumps(rerun))
+    proc = run_tool("results_tables.py", a, b, "--reruns-once")
+    assert proc.returncode == 0 and "Pooled" not in proc.stdout
+    assert f"Not pooled: the run split 0, seed 1, stage-1 seed 1, cls is in both {a} and {b}, with different " \
+           "figures (rank5 0.5 against 0.51)." in proc.stdout
+
+
 def test_own_stage1_keeps_the_runs_with_their_own_stage_1(tmp_path, run_tool):
     # seeds 0 and 1 of one stage 1 (seed 0), as reproduce.py --stage1-seed 0 --seeds 0 1 writes them
     shared = record({"cls+high": [0.20, 0.22], "all": [0.21, 0.25]})

@@ -3,7 +3,7 @@
 tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 
     python tools/results_tables.py RESULTS.json [RESULTS2.json ...] [--sweep SWEEP.json] [--own-stage1]
-                                   [--against BASELINE.json ...] [--curves] [--digits N]
+                                   [--against BASELINE.json ...] [--curves] [--digits N] [--reruns-once]
 
 * Each file's heading: the dataset, the recipe and what its runs set away from the recipe
   (--stage1-scale, --iters1/2, rates, the NCC loss's parameters, TF32).
@@ -24,6 +24,10 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   identities, the NCC loss's parameters, stage 2's rate, iterations, batch, TF32, gallery draws)
   and no run twice (a run: split, seed, stage-1 seed and loss set). Otherwise it says why it does
   not pool them.
+* --reruns-once: a run in two files that record the same figures for it (a rerun that reproduced
+  it, as the same command on the same kind of CPU can) counts once in the pooled runs, and the
+  output names it; without it such files are not pooled, and a run with different figures in two
+  files never is.
 * --own-stage1: only the runs whose stage 1 was trained with their own seed (stage-1 seed = seed;
   runs written before --stage1-seed existed record none and always were), so that a loss set's spread
   and the paired effect include stage 1's seed-to-seed spread. Runs that share one stage 1 across
@@ -245,39 +249,60 @@ def heading(record):
     return ", ".join([f"{record.get('dataset')}, recipe {record.get('recipe')}"] + given)
 
 
-def pool(records):
+def differing_figures(a, b):
+    """The figures (each rank, mAP, the gallery draws...; the weights' path aside) in which two
+    records of one run (split, seed, stage-1 seed, loss set) differ, as "key A against B"; none
+    where a rerun reproduced it."""
+    keys = sorted((set(a) | set(b)) - {"weights", "stage1_seed"})
+    return [f"{k} {a.get(k)!r} against {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def pool(records, reruns_once=False):
     """The runs of several files as one "ours" ({loss set: n, mean, std, runs}, in % as reproduce.py
-    writes it) and their rows by run; or a ValueError saying why they are not one experiment."""
+    writes it), their rows by run and the runs counted once; or a ValueError saying why they are not
+    one experiment. A run in two files is refused, unless ``reruns_once`` and the two agree in every
+    figure (none in :func:`differing_figures`: a rerun that reproduced it, as the same command on the
+    same kind of CPU can): then it counts once, and the third value names it and the files."""
     (first, s0), *rest = [(path, settings(r)) for path, r in records]
     for path, s in rest:
         differ = [f"{k} {s0[k]!r} in {first}, {s[k]!r} in {path}" for k in s0 if s[k] != s0[k]]
         if differ:
             raise ValueError("different settings: " + "; ".join(differ))
-    seen, ours, rows = {}, {}, {}
+    seen, ours, rows, once = {}, {}, {}, []
     for path, record in records:
         for loss_set, entry in record["ours"].items():
             for r in entry["runs"]:
                 key = (r["split"], r["seed"], stage1_seed(r), loss_set)
                 if key in seen:
-                    raise ValueError(f"the run split {key[0]}, seed {key[1]}, stage-1 seed {key[2]}, {loss_set} "
-                                     f"is in both {seen[key]} and {path}")
-                seen[key] = path
+                    first_path, first_run = seen[key]
+                    what = f"the run split {key[0]}, seed {key[1]}, stage-1 seed {key[2]}, {loss_set}"
+                    differ = differing_figures(first_run, r)
+                    if differ:
+                        raise ValueError(f"{what} is in both {first_path} and {path}, with different figures "
+                                         f"({', '.join(differ)})")
+                    if not reruns_once:
+                        raise ValueError(f"{what} is in both {first_path} and {path}, with the same figures "
+                                         "(a rerun that reproduced it? --reruns-once counts such a run once)")
+                    once.append(f"{what} ({first_path}, {path})")
+                    continue
+                seen[key] = (path, r)
                 ours.setdefault(loss_set, []).append(r)
                 rows.setdefault(key[:3], {})[loss_set] = r
     ours = {loss_set: summary(runs) for loss_set, runs in ours.items()}
-    return ours, rows
+    return ours, rows, once
 
 
-def against_lines(group, baseline, digits=1):
+def against_lines(group, baseline, digits=1, reruns_once=False):
     """The paired effect of what differs between two groups of files (each [(path, record)], each one
     experiment): group − baseline, run by run, matched by split, seed, stage-1 seed (``stage1_seed``,
     as pool keys it) and loss set, e.g. --stage1-scale 2 against the recipe over the
     same seeds. Raises ValueError when a group is not one experiment, the datasets or gallery draws
-    differ, or no run has a partner. Figures in points to ``digits`` decimals."""
+    differ, or no run has a partner. Figures in points to ``digits`` decimals; ``reruns_once`` as
+    for :func:`pool`."""
     sides = []
     for name, records in (("the files", group), ("the --against files", baseline)):
         try:
-            sides.append(pool(records)[1])
+            sides.append(pool(records, reruns_once)[1])
         except ValueError as exc:
             raise ValueError(f"--against: {name} are not one experiment: {exc}") from None
     s_group, s_base = settings(group[0][1]), settings(baseline[0][1])
@@ -394,6 +419,9 @@ def main(argv=None):
     p.add_argument("--curves", action="store_true",
                    help="each file's learning curves: validation rank-1 at each tenth of stage 1, the mean of each "
                         "stage's last three validation points (rank-1 and mAP), stage 1's final training loss")
+    p.add_argument("--reruns-once", action="store_true",
+                   help="pool files that share a run when both record the same figures for it (a rerun that "
+                        "reproduced it), counting it once; without it such files are not pooled")
     p.add_argument("--digits", type=int, default=1,
                    help="decimals of the paired differences (default 1; 0 to 4; 2 for effects of a tenth of a point)")
     args = p.parse_args(argv)
@@ -407,7 +435,8 @@ def main(argv=None):
         records, left_out = keep_own_stage1(records, "the files")
         if baseline:
             baseline, _ = keep_own_stage1(baseline, "the --against files")
-    against = against_lines(records, baseline, args.digits) if baseline else None  # checked before anything is printed
+    # checked before anything is printed
+    against = against_lines(records, baseline, args.digits, args.reruns_once) if baseline else None
     curves = {path: curve_lines(path, record) for path, record in records} if args.curves else {}
     for path in left_out:
         print(f"{path}: left out, no run has a stage 1 trained with its own seed "
@@ -437,11 +466,13 @@ def main(argv=None):
             print("\n".join(curves[path]) + "\n")
     if len(records) > 1:
         try:
-            ours, rows = pool(records)
+            ours, rows, once = pool(records, args.reruns_once)
         except ValueError as exc:
             print(f"Not pooled: {exc}.")
         else:
             print(f"Pooled: the runs of the {len(records)} files together ({heading(records[0][1])}), in %\n")
+            if once:
+                print("Counted once (--reruns-once; the same figures in both files): " + "; ".join(once) + "\n")
             print("\n".join(summary_table(records[0][1], "pooled", ours)) + "\n")
             for line in paired_lines(list(rows.values()), args.digits):
                 print(line)
