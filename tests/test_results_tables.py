@@ -144,7 +144,7 @@ def test_files_of_one_experiment_are_pooled_and_others_are_not(tmp_path, run_too
 
 
 def test_reruns_once_counts_a_reproduced_run_once(tmp_path, run_tool):
-    """A rerun of split 1 (the same figures, as a deterministic CPU rerun gives) beside the first
+    """A rerun of seed 1 (the same figures, as a deterministic CPU rerun gives) beside the first
     file: refused by default, counted once with --reruns-once; different figures are always refused."""
     first = record({"cls": [0.20, 0.22], "cls+high": [0.25, 0.30]})
     rerun = record({"cls": [0.22], "cls+low": [0.23]})
