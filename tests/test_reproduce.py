@@ -51,6 +51,35 @@ def test_cpu_recipes_scale_the_papers_schedule():
     assert reproduce.RECIPES["cpu64"]["input_size"] == (64, 24) and "input_size" not in reproduce.RECIPES["cpu"]
 
 
+def test_a_finished_stage_is_reused_only_with_its_inputs_and_weights(tmp_path, capsys):
+    """finished_stage: a manifest is reused when its inputs match and its weights are there with the
+    SHA-256 it recorded; other inputs, changed or missing weights and an unreadable manifest mean
+    training (None), and the manifest is left as it is."""
+    from conftest import load_tool
+
+    reproduce = load_tool("reproduce")
+    weights = tmp_path / "stage2_iter_2.caffemodel"
+    weights.write_bytes(b"weights")
+    inputs = {"solver": "abc", "loss_weights": [1, 0, 1], "stage1_weights_sha256": "def"}
+    path = tmp_path / "stage2.manifest.json"
+    path.write_text(json.dumps({"inputs": inputs, "weights": str(weights),
+                                "weights_sha256": reproduce.sha256(weights), "iterations": 2, "history": []}))
+    found = reproduce.finished_stage(str(path), inputs, "split 1, cls+low", "stage2")
+    assert found["iterations"] == 2 and "split 1, cls+low: stage2 reused from" in capsys.readouterr().out
+    assert reproduce.finished_stage(str(path), dict(inputs, stage1_weights_sha256="xyz"), "w", "stage2") is None
+    weights.write_bytes(b"changed")
+    assert reproduce.finished_stage(str(path), inputs, "w", "stage2") is None
+    weights.unlink()
+    assert reproduce.finished_stage(str(path), inputs, "w", "stage2") is None
+    text = path.read_text()
+    assert json.loads(text)["inputs"] == inputs  # left as it was
+    for bad in ("{not json", "[1, 2]", json.dumps({"inputs": inputs, "weights": 3})):
+        path.write_text(bad)
+        assert reproduce.finished_stage(str(path), inputs, "w", "stage2") is None
+    assert reproduce.finished_stage(str(tmp_path / "none.json"), inputs, "w", "stage2") is None
+    assert "reused" not in capsys.readouterr().out
+
+
 def test_stage1_scale_stretches_the_schedule():
     """--stage1-scale K: stage 1's max_iter (and final snapshot) and stepsize times K, rounded, at
     least 1; a poly solver (no stepsize) gets only its length; nothing else changes."""
@@ -302,8 +331,18 @@ def test_stage2_settings_curves_and_stage1_reuse(tmp_path, run_tool):
     curves = result["learning_curves"]
     assert len(curves) == 2 and all(any(h["kind"] == "test" and h["stage"] == 2 for h in c) for c in curves.values())
     assert (out / "edited_curves.png").stat().st_size > 1000 and (out / "defaults.json").exists()
+    again = run_tool("reproduce.py", *common, "--iters1", "2", "--name", "again")
+    assert again.returncode == 0, again.stderr[-3000:] + again.stdout[-3000:]
+    # both stages of both runs finished before with these inputs: reused by their manifests, not trained,
+    # and evaluated again from the same weights to the same figures
+    assert again.stdout.count("stage2 reused from") == 2 and ": stage2\n" not in again.stdout
+    assert ": stage1\n" not in again.stdout
+    before, now = (json.loads((out / f"{name}.json").read_text())["ours"] for name in ("defaults", "again"))
+    assert now == before
     third = run_tool("reproduce.py", *common, "--iters1", "3", "--name", "longer", "--bn-maf", "0.99")
     assert third.returncode == 0 and third.stdout.count(": stage1\n") == 1  # retrained once, then reused
+    # stage 2 in the same folders, but from other stage-1 weights with another net: trained anew
+    assert third.stdout.count(": stage2\n") == 2 and "stage2 reused" not in third.stdout
     edited = (out / "split00" / "stage1_cls+high" / "stage1_net.prototxt").read_text()
     assert edited.count("moving_average_fraction: 0.99") == 80  # every BatchNorm of both branches
 

@@ -37,11 +37,15 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   (the net that trained) and the runs are named with a tag of the values. --bn-maf sets every
   BatchNorm's moving_average_fraction in both stages' nets the same way (the cpu recipe's 0.986
   scales [1]'s averaging window with its shorter schedule).
-* Stage 1 is trained once per split, seed and cls/high weights: a later invocation with the same
-  --out reuses it when its manifest (solver, net, options, data and weights, by SHA-256; the
-  solver and net by what they say, so an edit of their comments keeps it) matches, and says so.
-  A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a snapshot and
-  stage{1,2}.partial.json: the same command resumes it from there when its inputs match.
+* Stage 1 is trained once per split, seed and cls/high weights, stage 2 once per run: a later
+  invocation with the same --out reuses a finished stage when its manifest
+  (stage{1,2}.manifest.json: solver, net, options, data and weights, by SHA-256; the solver and
+  net by what they say, so an edit of their comments keeps it; for stage 2 also the stage-1
+  weights it started from) matches, and says so ("stage2 reused from ..."); the run is then
+  evaluated again from those weights. So a multi-split command stopped part way and run again
+  trains only what is unfinished. A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a
+  snapshot and stage{1,2}.partial.json: the same command resumes it from there when its inputs
+  match. To train a finished run again (e.g. to check that it reproduces), give another --out.
 * --input-size HxW: the network's input (default [1]'s 144 x 56, the paper's setting; the cpu64
   recipe's 64 x 24). Another size
   (a study of resolution, e.g. 64x24 as the main job) converts the images at it scaled by 160/144
@@ -89,8 +93,8 @@ from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_thr
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.data.transformer import CROP, image_size_for
 from mspcnn.engine import TrainingError, solve
-from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, evaluate_features, folder_features, p_values_text,
-                               paired_summary, run_summary)
+from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, evaluate_features, folder_features, interaction_pairs,
+                               loss_set_groups, matched_pairs, p_values_text, paired_summary, run_summary)
 from mspcnn.metrics import euclidean_distances, market1501_official
 from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
@@ -305,9 +309,50 @@ def described(args):
     return f"{args.dataset}, recipe {args.recipe}{size}"
 
 
+def finished_stage(path, inputs, where, stage):
+    """The record at PATH (a stage's manifest) of a finished stage with these inputs whose weights
+    are still there, unchanged (by SHA-256): {"weights", "history", "iterations", ...}, and says
+    so; else None (an unreadable or unmatched manifest is left as it is: the training that follows
+    overwrites it)."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(old, dict):
+        return None
+    weights = old.get("weights")
+    if (old.get("inputs") == inputs and isinstance(weights, str) and os.path.isfile(weights)
+            and sha256(weights) == old.get("weights_sha256")):
+        print(f"== {where}: {stage} reused from {weights} (manifest matches)", flush=True)
+        return old
+    return None
+
+
+def trained_stage(args, solver, db, folder, stage, inputs, where, loss_weights, weights=None, **kw):
+    """One stage (``stage``: "stage1" or "stage2") whose snapshots, manifest and resume record live
+    in FOLDER: the finished stage recorded there when its manifest matches ``inputs``
+    (:func:`finished_stage`), else trained (:func:`run_stage`, resuming a stopped run with the
+    same inputs) and then recorded in FOLDER/<stage>.manifest.json. An unfinished stage gets no
+    manifest (never reused), only the record to resume from. Returns (weights, the stage's
+    validation history, its iterations)."""
+    path = os.path.join(folder, f"{stage}.manifest.json")
+    old = finished_stage(path, inputs, where, stage)
+    if old is not None:
+        return old["weights"], old.get("history", []), old.get("iterations", 0)
+    result, history, state = run_stage(args, solver, db, os.path.join(folder, f"{stage}.partial.json"), inputs,
+                                       where, stage.replace("stage", "stage "), loss_weights, weights=weights,
+                                       announce=f"== {where}: {stage}", **kw)
+    record = {"inputs": inputs, "weights": result.weights, "weights_sha256": sha256(result.weights),
+              "iterations": result.iterations, "history": history, "seconds": result.seconds,
+              "resumed_from": state}
+    atomic_write(path, json.dumps(record, indent=1), mode="w")
+    return result.weights, history, result.iterations
+
+
 def train_stage1(args, db, folder, loss_weights, seed, solver, where):
-    """Stage 1 from scratch into FOLDER, or the stage 1 already there when its manifest matches.
-    Returns (weights, history, iterations)."""
+    """Stage 1 from scratch into FOLDER, or the stage 1 already there when its manifest matches
+    (:func:`trained_stage`). Returns (weights, history, iterations)."""
     overrides = {"snapshot_prefix": os.path.join(folder, "stage1"), "base_lr": args.base_lr,
                  "random_seed": seed, "max_iter": args.iters1, "snapshot": args.iters1,
                  "test_interval": args.test_interval}
@@ -315,28 +360,9 @@ def train_stage1(args, db, folder, loss_weights, seed, solver, where):
         overrides.update(stretched_schedule(solver, args.stage1_scale))
     net = prepare_net(solver, folder, "stage1_net.prototxt", bn_maf=args.bn_maf)
     manifest = stage_inputs(args, solver, net, db, overrides, loss_weights[:2])
-    path = os.path.join(folder, "stage1.manifest.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        weights = old.get("weights")
-        if (old.get("inputs") == manifest and weights and os.path.isfile(weights)
-                and sha256(weights) == old.get("weights_sha256")):
-            print(f"== {where}: stage1 reused from {weights} (manifest matches)", flush=True)
-            return weights, old.get("history", []), old.get("iterations", 0)
     w_cls, w_high, _ = loss_weights
-    # An unfinished stage 1 gets no manifest (never reused), only the record to resume from.
-    result, history, state = run_stage(args, solver, db, os.path.join(folder, "stage1.partial.json"), manifest,
-                                       where, "stage 1", {"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0},
-                                       announce=f"== {where}: stage1", overrides=overrides, net=net)
-    record = {"inputs": manifest, "weights": result.weights, "weights_sha256": sha256(result.weights),
-              "iterations": result.iterations, "history": history, "seconds": result.seconds,
-              "resumed_from": state}
-    atomic_write(path, json.dumps(record, indent=1), mode="w")
-    return result.weights, history, result.iterations
+    return trained_stage(args, solver, db, folder, "stage1", manifest, where,
+                         {"loss_cls": w_cls, "loss_high": w_high, "loss_low": 0}, overrides=overrides, net=net)
 
 
 def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, stage2, where, tag):
@@ -354,7 +380,6 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
     if args.iters2 == 0:
         return weights, history
     run = os.path.join(split_dir, name + tag)
-    print(f"== {where}: stage2", flush=True)
     ncc = {k: getattr(args, k) for k, _ in STAGE2_OPTIONS if k != "lr2"} if loss_weights[2] else None
     net = prepare_net(stage2, run, "stage2_net.prototxt", bn_maf=args.bn_maf, ncc=ncc)
     overrides = {"snapshot_prefix": os.path.join(run, "stage2"), "test_interval": args.test_interval,
@@ -363,11 +388,11 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
     w_cls, w_high, w_low = loss_weights
     weights_low = {"loss_low": w_low} if args.w_low is None or w_low == 0 else {}
     inputs = stage_inputs(args, stage2, net, db, overrides, loss_weights, stage1_weights_sha256=sha256(weights))
-    result, history2, _ = run_stage(args, stage2, db, os.path.join(run, "stage2.partial.json"), inputs, where,
-                                    "stage 2", {"loss_cls": w_cls, "loss_high": w_high, **weights_low},
-                                    weights=weights, overrides=overrides, net=net)
+    final, history2, _ = trained_stage(args, stage2, db, run, "stage2", inputs, where,
+                                       {"loss_cls": w_cls, "loss_high": w_high, **weights_low},
+                                       weights=weights, overrides=overrides, net=net)
     history += [dict(h, stage=2, iteration=h["iteration"] + offset) for h in history2]
-    return result.weights, history
+    return final, history
 
 
 def write_results(args, split_ids, seeds, results, chance, histories):
@@ -386,13 +411,11 @@ def write_results(args, split_ids, seeds, results, chance, histories):
     return summary
 
 
-def matched_runs(summary, with_it, without):
-    """[(run, partner)]: the runs of loss set ``with_it`` and of ``without`` on the same split and
-    seed (none where either did not run)."""
-    if with_it not in summary or without not in summary:
-        return []
-    base = {(r["split"], r["seed"]): r for r in summary[without]["runs"]}
-    return [(r, base[(r["split"], r["seed"])]) for r in summary[with_it]["runs"] if (r["split"], r["seed"]) in base]
+def run_groups(summary):
+    """The runs of a summary ({loss set: {"runs": [...]}}) grouped by split and seed
+    (:func:`mspcnn.evaluation.loss_set_groups`): [{loss set: run}], in the order they trained."""
+    return loss_set_groups(((name, r) for name, entry in summary.items() for r in entry["runs"]),
+                           lambda r: (r["split"], r["seed"]))
 
 
 def difference_entry(rows, keys):
@@ -411,9 +434,9 @@ def paired_differences(summary, keys, pairs=NCC_PAIRS):
     HIGH_PAIRS) whose partner also ran: the difference (with - without, in percentage points) per
     split and seed, its mean, sample standard deviation and 95% confidence interval (Student's t
     over the pairs; none with fewer than 2 pairs)."""
-    out = {}
+    out, groups = {}, run_groups(summary)
     for with_it, without in pairs:
-        rows = matched_runs(summary, with_it, without)
+        rows = matched_pairs(groups, with_it, without)
         if rows:
             out[f"{with_it} - {without}"] = difference_entry(rows, keys)
     return out
@@ -426,13 +449,7 @@ def interaction_differences(summary, keys):
     then as :func:`paired_differences` its mean, spread, interval and p-values. {} where no split
     and seed has all four."""
     (low, plain), (both, high) = NCC_PAIRS
-
-    def effects(with_it, without):  # {(split, seed): the loss's effect on each figure, as fractions}
-        return {(a["split"], a["seed"]): {"split": a["split"], "seed": a["seed"], **{k: a[k] - b[k] for k in keys}}
-                for a, b in matched_runs(summary, with_it, without)}
-
-    with_high, without_high = effects(both, high), effects(low, plain)
-    rows = [(e, without_high[key]) for key, e in with_high.items() if key in without_high]
+    rows = interaction_pairs(run_groups(summary), keys)
     return {f"({both} - {high}) - ({low} - {plain})": difference_entry(rows, keys)} if rows else {}
 
 
