@@ -5,9 +5,11 @@
   tools/convert_dataset.py;
 * :func:`protocol_of` and :func:`evaluate_features`: that folder evaluated with its dataset's
   protocol, through the pure metrics of :mod:`mspcnn.metrics`;
-* :func:`run_summary`: a loss set's figures over its runs; :data:`NCC_PAIRS`, :data:`HIGH_PAIRS`
-  and :func:`paired_summary` (with :func:`signed_rank_p`): the paired comparison of the NCC loss,
-  and of the high-level loss, over runs (tools/reproduce.py, tools/results_tables.py).
+* :func:`run_summary`: a loss set's figures over its runs; :data:`NCC_PAIRS`, :data:`HIGH_PAIRS`,
+  :func:`loss_set_groups`, :func:`matched_pairs`, :func:`interaction_pairs` and
+  :func:`paired_summary` (with :func:`signed_rank_p`): the paired comparison of the NCC loss, and
+  of the high-level loss, over runs, and the two losses' interaction (tools/reproduce.py and
+  tools/results_tables.py both pair runs with these).
 """
 import json
 import os
@@ -26,7 +28,7 @@ from mspcnn.reranking import k_reciprocal_distances
 
 __all__ = ["extract_features", "folder_features", "db_size_note", "protocol_of", "evaluate_features", "PROTOCOLS",
            "NCC_PAIRS", "HIGH_PAIRS", "paired_summary", "signed_rank_p", "p_values_text",
-           "run_summary"]
+           "run_summary", "loss_set_groups", "matched_pairs", "interaction_pairs"]
 
 PROTOCOLS = ("market1501", "single-shot")
 
@@ -46,6 +48,38 @@ def run_summary(runs, keys):
     ddof = 1 if len(runs) > 1 else 0
     return {"mean": {k: 100 * float(np.mean(v)) for k, v in values.items()},
             "std": {k: 100 * float(np.std(v, ddof=ddof)) for k, v in values.items()}, "n": len(runs), "runs": runs}
+
+
+def loss_set_groups(runs, key):
+    """The runs ``runs`` [(loss set, run)] grouped by ``key(run)`` (the run's split and seed, say:
+    what one training of each loss set shares): [{loss set: run}], the groups in the order their
+    key first comes, a later run of a loss set in a group replacing an earlier one."""
+    groups = {}
+    for loss_set, run in runs:
+        groups.setdefault(key(run), {})[loss_set] = run
+    return list(groups.values())
+
+
+def matched_pairs(groups, with_it, without):
+    """[(run, partner)]: the run of loss set ``with_it`` and that of ``without`` in each group of
+    :func:`loss_set_groups` that has both (in the groups' order); the pairs of a paired comparison."""
+    return [(g[with_it], g[without]) for g in groups if with_it in g and without in g]
+
+
+def interaction_pairs(groups, keys):
+    """Over the groups with all four loss sets of Table 5: [(the NCC loss's effect with the
+    high-level loss, its effect without)], each effect a dict of the run's "split" and "seed" and,
+    for each figure of ``keys`` both runs have, all − cls+high and cls+low − cls (as the runs
+    give them). The paired difference of the two, (all − cls+high) − (cls+low − cls), is the two
+    losses' interaction: 0 where their effects add up (it is also the high-level loss's effect
+    with the NCC loss less its effect without)."""
+    (low, plain), (both, high) = NCC_PAIRS
+
+    def effect(a, b):
+        return {"split": a.get("split"), "seed": a.get("seed"), **{k: a[k] - b[k] for k in keys if k in a and k in b}}
+
+    return [(effect(g[both], g[high]), effect(g[low], g[plain])) for g in groups
+            if all(s in g for s in (both, high, low, plain))]
 
 
 def signed_rank_p(differences):

@@ -183,3 +183,35 @@ def test_signed_rank_p_is_the_exact_wilcoxon_test():
     e = paired_summary([6.09, 13.345, 4.94, 9.52, 7.895])
     assert e["t_p"] == pytest.approx(stats.ttest_1samp([6.09, 13.345, 4.94, 9.52, 7.895], 0).pvalue, rel=1e-9)
     assert paired_summary([1.0, 1.0])["t_p"] is None and paired_summary([1.0])["std"] is None
+
+
+def test_runs_are_paired_by_their_group_and_the_interaction_is_the_difference_of_effects():
+    """loss_set_groups, matched_pairs and interaction_pairs, which reproduce.py and
+    results_tables.py both pair runs with: runs group by their key in the order keys first come;
+    a pair needs both loss sets in one group (a group without a partner is left out); the
+    interaction's two effects are all − cls+high and cls+low − cls of a group with all four, for
+    the figures both runs have."""
+    from mspcnn.evaluation import interaction_pairs, loss_set_groups, matched_pairs
+
+    def run(split, seed, rank1, **more):
+        return {"split": split, "seed": seed, "rank1": rank1, **more}
+
+    runs = [("cls", run(1, 0, 0.50, rank5=0.8)), ("cls", run(0, 0, 0.40, rank5=0.7)),
+            ("cls+high", run(1, 0, 0.58, rank5=0.85)), ("cls+high", run(0, 0, 0.49)),
+            ("cls+low", run(1, 0, 0.51, rank5=0.8)), ("all", run(1, 0, 0.575, rank5=0.86)),
+            ("all", run(2, 0, 0.6))]  # split 2 has no partner for anything
+    groups = loss_set_groups(runs, lambda r: (r["split"], r["seed"]))
+    assert [sorted(g) for g in groups] == [["all", "cls", "cls+high", "cls+low"], ["cls", "cls+high"], ["all"]]
+    pairs = matched_pairs(groups, "cls+high", "cls")
+    assert [(a["split"], a["rank1"], b["rank1"]) for a, b in pairs] == [(1, 0.58, 0.50), (0, 0.49, 0.40)]
+    assert matched_pairs(groups, "cls+low", "cls") == [(runs[4][1], runs[0][1])]
+    assert matched_pairs(groups, "all", "cls+low") == [(runs[5][1], runs[4][1])]
+    assert matched_pairs(groups, "cls+low", "missing") == []
+    (with_high, without_high), = interaction_pairs(groups, ("rank1", "rank5", "mAP"))
+    assert (with_high["split"], with_high["seed"]) == (1, 0) and "mAP" not in with_high
+    assert with_high["rank1"] == pytest.approx(0.575 - 0.58) and without_high["rank1"] == pytest.approx(0.51 - 0.50)
+    assert with_high["rank5"] == pytest.approx(0.86 - 0.85) and without_high["rank5"] == pytest.approx(0.0)
+    assert interaction_pairs(groups[1:], ("rank1",)) == []
+    # a later record of a loss set in a group replaces the earlier one
+    again = loss_set_groups(runs + [("cls", run(0, 0, 0.41))], lambda r: (r["split"], r["seed"]))
+    assert again[1]["cls"]["rank1"] == 0.41

@@ -54,7 +54,8 @@ import math
 import sys
 
 from mspcnn.cli import run
-from mspcnn.evaluation import HIGH_PAIRS, NCC_PAIRS, p_values_text, paired_summary, run_summary
+from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, interaction_pairs, matched_pairs, p_values_text,
+                               paired_summary, run_summary)
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # reproduce.py's options that change what a run computes: files pool only when they agree on these
@@ -197,18 +198,13 @@ def paired_lines(all_runs, digits=1):
     then, over the runs with all four loss sets, the two losses' interaction."""
     lines = []
     for with_it, without in NCC_PAIRS + HIGH_PAIRS:
-        pairs = [(sets[with_it], sets[without]) for sets in all_runs if with_it in sets and without in sets]
+        pairs = matched_pairs(all_runs, with_it, without)
         if pairs:
             lines += effect_lines(f"{with_it} − {without}", pairs, digits)
-    # Where all four loss sets ran: does one loss change what the other does? The difference of the
-    # NCC loss's two effects, (all − cls+high) − (cls+low − cls), which is also the difference of
-    # the high-level loss's two, (all − cls+low) − (cls+high − cls): 0 when the effects add up.
-    (low, plain), (both, high) = NCC_PAIRS  # ("cls+low", "cls"), ("all", "cls+high")
-    factorial = [sets for sets in all_runs if all(s in sets for s in (both, high, low, plain))]
-    if factorial:
-        def effect(a, b):
-            return {k: a[k] - b[k] for k in KEYS if k in a and k in b}
-        pairs = [(effect(sets[both], sets[high]), effect(sets[low], sets[plain])) for sets in factorial]
+    # Where all four loss sets ran: does one loss change what the other does? (0 when the effects add up.)
+    pairs = interaction_pairs(all_runs, KEYS)
+    if pairs:
+        (low, plain), (both, high) = NCC_PAIRS  # ("cls+low", "cls"), ("all", "cls+high")
         lines += effect_lines(f"interaction, ({both} − {high}) − ({low} − {plain})", pairs, digits)
     return lines
 
