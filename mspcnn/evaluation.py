@@ -52,12 +52,13 @@ def run_summary(runs, keys):
 
 def loss_set_groups(runs, key):
     """The runs ``runs`` [(loss set, run)] grouped by ``key(run)`` (the run's split and seed, say:
-    what one training of each loss set shares): [{loss set: run}], the groups in the order their
-    key first comes, a later run of a loss set in a group replacing an earlier one."""
+    what one training of each loss set shares): {key: {loss set: run}}, the groups in the order
+    their key first comes, a later run of a loss set in a group replacing an earlier one. Its
+    values are the groups :func:`matched_pairs` and :func:`interaction_pairs` take."""
     groups = {}
     for loss_set, run in runs:
         groups.setdefault(key(run), {})[loss_set] = run
-    return list(groups.values())
+    return groups
 
 
 def matched_pairs(groups, with_it, without):

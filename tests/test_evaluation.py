@@ -200,7 +200,9 @@ def test_runs_are_paired_by_their_group_and_the_interaction_is_the_difference_of
             ("cls+high", run(1, 0, 0.58, rank5=0.85)), ("cls+high", run(0, 0, 0.49)),
             ("cls+low", run(1, 0, 0.51, rank5=0.8)), ("all", run(1, 0, 0.575, rank5=0.86)),
             ("all", run(2, 0, 0.6))]  # split 2 has no partner for anything
-    groups = loss_set_groups(runs, lambda r: (r["split"], r["seed"]))
+    by_key = loss_set_groups(runs, lambda r: (r["split"], r["seed"]))
+    assert list(by_key) == [(1, 0), (0, 0), (2, 0)]
+    groups = list(by_key.values())
     assert [sorted(g) for g in groups] == [["all", "cls", "cls+high", "cls+low"], ["cls", "cls+high"], ["all"]]
     pairs = matched_pairs(groups, "cls+high", "cls")
     assert [(a["split"], a["rank1"], b["rank1"]) for a, b in pairs] == [(1, 0.58, 0.50), (0, 0.49, 0.40)]
@@ -214,4 +216,4 @@ def test_runs_are_paired_by_their_group_and_the_interaction_is_the_difference_of
     assert interaction_pairs(groups[1:], ("rank1",)) == []
     # a later record of a loss set in a group replaces the earlier one
     again = loss_set_groups(runs + [("cls", run(0, 0, 0.41))], lambda r: (r["split"], r["seed"]))
-    assert again[1]["cls"]["rank1"] == 0.41
+    assert again[(0, 0)]["cls"]["rank1"] == 0.41

@@ -414,8 +414,8 @@ def write_results(args, split_ids, seeds, results, chance, histories):
 def run_groups(summary):
     """The runs of a summary ({loss set: {"runs": [...]}}) grouped by split and seed
     (:func:`mspcnn.evaluation.loss_set_groups`): [{loss set: run}], in the order they trained."""
-    return loss_set_groups(((name, r) for name, entry in summary.items() for r in entry["runs"]),
-                           lambda r: (r["split"], r["seed"]))
+    return list(loss_set_groups(((name, r) for name, entry in summary.items() for r in entry["runs"]),
+                                lambda r: (r["split"], r["seed"])).values())
 
 
 def difference_entry(rows, keys):

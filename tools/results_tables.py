@@ -54,8 +54,8 @@ import math
 import sys
 
 from mspcnn.cli import run
-from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, interaction_pairs, matched_pairs, p_values_text,
-                               paired_summary, run_summary)
+from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, interaction_pairs, loss_set_groups, matched_pairs,
+                               p_values_text, paired_summary, run_summary)
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # reproduce.py's options that change what a run computes: files pool only when they agree on these
@@ -152,11 +152,10 @@ def last_val(history, stage):
 
 def per_run_rows(record):
     """{(split, seed): {loss set: run row}} and the validation rank-1 at the end of each stage."""
-    runs, val = {}, {}
+    runs = loss_set_groups(((loss_set, r) for loss_set, entry in record["ours"].items() for r in entry["runs"]),
+                           lambda r: (r["split"], r["seed"]))
+    val = {}
     curves = record.get("learning_curves") or {}
-    for loss_set, entry in record["ours"].items():
-        for r in entry["runs"]:
-            runs.setdefault((r["split"], r["seed"]), {})[loss_set] = r
     for label, history in curves.items():
         # reproduce.py's label: "split N[, seed S], LOSS_SET[_TAG]" (N counted from 1); its parts are
         # compared whole, so that "split 1" is not taken for "split 10"
