@@ -271,6 +271,29 @@ def test_against_pairs_the_same_runs_under_other_settings(tmp_path, run_tool):
         "stage-1 seed 0, all is in both" in proc.stderr
 
 
+def test_against_measures_how_a_setting_changes_a_loss_effect(tmp_path, run_tool):
+    """--against with cls and cls+high on both sides: (cls+high − cls) under the files' settings less
+    the same under the baseline's, run by run; no such line for a pair one side lacks."""
+    slower = record({"cls": [0.30, 0.28], "cls+high": [0.33, 0.35]})
+    slower["args"] = {"base_lr": 0.025}
+    recipe = record({"cls": [0.24, 0.20], "cls+high": [0.30, 0.34], "all": [0.31, 0.33]})
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(slower))
+    b.write_text(json.dumps(recipe))
+    proc = run_tool("results_tables.py", a, "--against", b)
+    assert proc.returncode == 0, proc.stderr
+    # seed 0: (33 − 30) − (30 − 24) = −3; seed 1: (35 − 28) − (34 − 20) = −7
+    assert "(cls+high − cls), files − against, rank-1, 2 paired run(s): -3.0, -7.0; mean -5.0 ± 2.8 points" \
+        in proc.stdout
+    assert "(cls+high − cls), files − against, the other ranks: rank5 +0.0 ± 0.0" in proc.stdout
+    assert "(all − cls+high), files" not in proc.stdout  # the files have no all run
+    b.write_text(json.dumps(record({"cls+high": [0.30, 0.34]})))  # the baseline has no cls
+    proc = run_tool("results_tables.py", a, "--against", b)
+    assert proc.returncode == 0, proc.stderr
+    assert "cls+high, files − against, rank-1, 2 paired run(s): +3.0, +1.0" in proc.stdout
+    assert "(cls+high − cls)" not in proc.stdout
+
+
 def test_curves_at_each_tenth_of_stage_1(tmp_path, run_tool):
     rec = record({"all": [0.3]})
     stage1 = [{"kind": "test", "stage": 1, "iteration": 0, "rank1": float("nan")}]

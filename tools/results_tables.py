@@ -287,13 +287,22 @@ def pool(records, reruns_once=False):
     return ours, rows, once
 
 
+def loss_effect(runs, run, with_it, without):
+    """A loss's effect on one run (split, seed, stage-1 seed) of ``runs`` {(*run, loss set): figures}:
+    the figures of ``with_it`` less those of ``without`` (each of KEYS both have)."""
+    a, b = runs[(*run, with_it)], runs[(*run, without)]
+    return {k: a[k] - b[k] for k in KEYS if k in a and k in b}
+
+
 def against_lines(group, baseline, digits=1, reruns_once=False):
     """The paired effect of what differs between two groups of files (each [(path, record)], each one
     experiment): group − baseline, run by run, matched by split, seed, stage-1 seed (``stage1_seed``,
     as pool keys it) and loss set, e.g. --stage1-scale 2 against the recipe over the
     same seeds. Raises ValueError when a group is not one experiment, the datasets or gallery draws
-    differ, or no run has a partner. Figures in points to ``digits`` decimals; ``reruns_once`` as
-    for :func:`pool`."""
+    differ, or no run has a partner. Then, where both loss sets of a pair (cls+high and cls, say) ran
+    on both sides, how the setting changes that loss's paired effect: (cls+high − cls) in the
+    files less (cls+high − cls) in the baseline, run by run. Figures in points to ``digits``
+    decimals; ``reruns_once`` as for :func:`pool`."""
     sides = []
     for name, records in (("the files", group), ("the --against files", baseline)):
         try:
@@ -326,6 +335,16 @@ def against_lines(group, baseline, digits=1, reruns_once=False):
     for loss_set in dict.fromkeys(k[3] for k in common):
         lines += effect_lines(f"{loss_set}, files − against",
                               [(mine[k], theirs[k]) for k in common if k[3] == loss_set], digits)
+    # Does the setting change what a loss does? A loss's paired effect (say cls+high − cls) under
+    # the files' settings less its effect under the baseline's, over the runs where both loss sets
+    # ran on both sides.
+    common_set = set(common)
+    for with_it, without in NCC_PAIRS + HIGH_PAIRS:
+        runs = [k[:3] for k in common if k[3] == with_it and (*k[:3], without) in common_set]
+        if runs:
+            lines += effect_lines(f"({with_it} − {without}), files − against",
+                                  [(loss_effect(mine, r, with_it, without), loss_effect(theirs, r, with_it, without))
+                                   for r in runs], digits)
     alone = [f"{k[3]} split {k[0]} seed {k[1]} stage-1 seed {k[2]} ({side})"
              for side, own, other in (("the files", mine, theirs), ("--against", theirs, mine))
              for k in sorted(own, key=str) if k not in other]
