@@ -6,10 +6,10 @@
 * :func:`protocol_of` and :func:`evaluate_features`: that folder evaluated with its dataset's
   protocol, through the pure metrics of :mod:`mspcnn.metrics`;
 * :func:`run_summary`: a loss set's figures over its runs; :data:`NCC_PAIRS`, :data:`HIGH_PAIRS`,
-  :func:`loss_set_groups`, :func:`matched_pairs`, :func:`interaction_pairs` and
-  :func:`paired_summary` (with :func:`signed_rank_p`): the paired comparison of the NCC loss, and
-  of the high-level loss, over runs, and the two losses' interaction (tools/reproduce.py and
-  tools/results_tables.py both pair runs with these).
+  :func:`loss_set_groups`, :func:`matched_pairs`, :func:`figure_differences`,
+  :func:`interaction_pairs` and :func:`paired_summary` (with :func:`signed_rank_p`): the paired
+  comparison of the NCC loss, and of the high-level loss, over runs, and the two losses'
+  interaction (tools/reproduce.py and tools/results_tables.py both pair runs with these).
 """
 import json
 import os
@@ -28,7 +28,7 @@ from mspcnn.reranking import k_reciprocal_distances
 
 __all__ = ["extract_features", "folder_features", "db_size_note", "protocol_of", "evaluate_features", "PROTOCOLS",
            "NCC_PAIRS", "HIGH_PAIRS", "paired_summary", "signed_rank_p", "p_values_text",
-           "run_summary", "loss_set_groups", "matched_pairs", "interaction_pairs"]
+           "run_summary", "loss_set_groups", "matched_pairs", "figure_differences", "interaction_pairs"]
 
 PROTOCOLS = ("market1501", "single-shot")
 
@@ -67,6 +67,12 @@ def matched_pairs(groups, with_it, without):
     return [(g[with_it], g[without]) for g in groups if with_it in g and without in g]
 
 
+def figure_differences(a, b, keys):
+    """The figures of run ``a`` less those of run ``b``, for each of ``keys`` both have (as the runs
+    give them): one run's paired effect, a loss's (a with it, b without) or a setting's."""
+    return {k: a[k] - b[k] for k in keys if k in a and k in b}
+
+
 def interaction_pairs(groups, keys):
     """Over the groups with all four loss sets of Table 5: [(the NCC loss's effect with the
     high-level loss, its effect without)], each effect a dict of the run's "split" and "seed" and,
@@ -77,7 +83,7 @@ def interaction_pairs(groups, keys):
     (low, plain), (both, high) = NCC_PAIRS
 
     def effect(a, b):
-        return {"split": a.get("split"), "seed": a.get("seed"), **{k: a[k] - b[k] for k in keys if k in a and k in b}}
+        return {"split": a.get("split"), "seed": a.get("seed"), **figure_differences(a, b, keys)}
 
     return [(effect(g[both], g[high]), effect(g[low], g[plain])) for g in groups
             if all(s in g for s in (both, high, low, plain))]

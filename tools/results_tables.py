@@ -54,8 +54,8 @@ import math
 import sys
 
 from mspcnn.cli import run
-from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, interaction_pairs, loss_set_groups, matched_pairs,
-                               p_values_text, paired_summary, run_summary)
+from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, figure_differences, interaction_pairs, loss_set_groups,
+                               matched_pairs, p_values_text, paired_summary, run_summary)
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # reproduce.py's options that change what a run computes: files pool only when they agree on these
@@ -289,9 +289,8 @@ def pool(records, reruns_once=False):
 
 def loss_effect(runs, run, with_it, without):
     """A loss's effect on one run (split, seed, stage-1 seed) of ``runs`` {(*run, loss set): figures}:
-    the figures of ``with_it`` less those of ``without`` (each of KEYS both have)."""
-    a, b = runs[(*run, with_it)], runs[(*run, without)]
-    return {k: a[k] - b[k] for k in KEYS if k in a and k in b}
+    the figures of ``with_it`` less those of ``without`` (:func:`figure_differences` over KEYS)."""
+    return figure_differences(runs[(*run, with_it)], runs[(*run, without)], KEYS)
 
 
 def against_lines(group, baseline, digits=1, reruns_once=False):
