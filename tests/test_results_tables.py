@@ -346,3 +346,45 @@ def test_validation_of_split_0_is_not_split_9s(tmp_path, run_tool):
     assert proc.returncode == 0, proc.stderr
     assert "| 0 | 0 | 25.0 / 30.0, **20.0** |" in proc.stdout
     assert "| 9 | 0 | 40.0 / 45.0, **30.0** |" in proc.stdout
+
+
+def test_validation_pairs_the_mean_of_stage_2s_last_three_points(tmp_path, run_tool):
+    """--validation: each run's figure is the mean of its stage 2's last three validation points
+    (rank-1, and mAP where all three have one), paired as the test's figures are, per file and
+    pooled; a run without stage-2 points has no partner on validation."""
+    def curve(r1s, maps):
+        return ([{"kind": "test", "stage": 1, "iteration": 100, "rank1": 0.9, "mAP": 0.9}]  # stage 1: not read
+                + [{"kind": "test", "stage": 2, "iteration": 100 * i, "rank1": r, "mAP": m}
+                   for i, (r, m) in enumerate(zip(r1s, maps), 1)])
+
+    rec = record({"cls": [0.20, 0.22], "cls+low": [0.21, 0.22]})
+    rec["learning_curves"] = {
+        # seed 0: cls+low's last three rank-1 average 0.5 above cls's (60.0 against 59.5), mAP 1.0
+        "split 1, seed 0, cls": curve([0.1, 0.595, 0.59, 0.60], [0.1, 0.40, 0.40, 0.40]),
+        "split 1, seed 0, cls+low": curve([0.9, 0.595, 0.60, 0.605], [0.9, 0.41, 0.41, 0.41]),
+        # seed 1: 1.5 below; the first point is not among the last three
+        "split 1, seed 1, cls": curve([0.0, 0.50, 0.50, 0.50], [0.0, 0.30, 0.30, float("nan")]),
+        "split 1, seed 1, cls+low": curve([1.0, 0.485, 0.485, 0.485], [1.0, 0.30, 0.30, 0.30])}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rec))
+    proc = run_tool("results_tables.py", path, "--validation", "--digits", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "validation, cls+low − cls, rank-1, 2 paired run(s): +0.50, -1.50; mean -0.50 ± 1.41 points" \
+        in proc.stdout
+    assert "validation, cls+low − cls, mAP" not in proc.stdout  # seed 1's cls has a NaN mAP among its last three
+    assert "cls+low − cls, rank-1, 2 paired run(s): +1.00, +0.00" in proc.stdout  # the test's, unchanged
+    assert "validation," not in run_tool("results_tables.py", path).stdout  # only when asked
+    # a second file with another split: pooled over both; a run without stage-2 points has no pair
+    rec2 = json.loads(json.dumps(rec))
+    for entry in rec2["ours"].values():
+        for r in entry["runs"]:
+            r["split"] = 1
+    rec2["learning_curves"] = {k.replace("split 1", "split 2"): v for k, v in rec["learning_curves"].items()}
+    rec2["learning_curves"]["split 2, seed 1, cls"] = [{"kind": "test", "stage": 1, "iteration": 100, "rank1": 0.5}]
+    path2 = tmp_path / "r2.json"
+    path2.write_text(json.dumps(rec2))
+    proc = run_tool("results_tables.py", path, path2, "--validation", "--digits", "2")
+    assert proc.returncode == 0, proc.stderr
+    pooled = proc.stdout.split("Pooled:")[1]
+    assert "validation, cls+low − cls, rank-1, 3 paired run(s): +0.50, -1.50, +0.50" in pooled
+    assert f"{path2}: " in proc.stdout and "validation, cls+low − cls, rank-1, 1 paired run(s): +0.50" in proc.stdout

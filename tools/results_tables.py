@@ -3,7 +3,8 @@
 tools/sweep_stage2.py), as docs/RESULTS.md shows them.
 
     python tools/results_tables.py RESULTS.json [RESULTS2.json ...] [--sweep SWEEP.json] [--own-stage1]
-                                   [--against BASELINE.json ...] [--curves] [--digits N] [--reruns-once]
+                                   [--against BASELINE.json ...] [--curves] [--validation] [--digits N]
+                                   [--reruns-once]
 
 * Each file's heading: the dataset, the recipe and what its runs set away from the recipe
   (--stage1-scale, --iters1/2, rates, the NCC loss's parameters, TF32).
@@ -44,6 +45,9 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   share.
 * --digits N: decimals of the paired differences, their means, deviations and intervals (default 1;
   2 shows effects of a tenth of a point or less, such as the NCC loss's, which 1 rounds to +0.0).
+* --validation: the same paired effects on validation identities, each run's figure the mean of
+  stage 2's last three validation points (rank-1, and mAP where all three have it), per file and
+  pooled: the end of training measured on held-out training identities, less noisy than one point.
 * --sweep: the sweep's configurations with their validation figures (and, for a sweep scored with
   --score-last K, the mean of each configuration's last K validation points, which chose).
 Reads only; prints to standard output.
@@ -150,13 +154,11 @@ def last_val(history, stage):
     return 100 * tests[-1]["rank1"] if tests else None
 
 
-def per_run_rows(record):
-    """{(split, seed): {loss set: run row}} and the validation rank-1 at the end of each stage."""
-    runs = loss_set_groups(((loss_set, r) for loss_set, entry in record["ours"].items() for r in entry["runs"]),
-                           lambda r: (r["split"], r["seed"]))
-    val = {}
-    curves = record.get("learning_curves") or {}
-    for label, history in curves.items():
+def run_curves(record, runs):
+    """{(split, seed, loss set): learning curve} for the runs ``runs`` ({(split, seed): {loss set:
+    run}}) whose curve the record holds."""
+    found = {}
+    for label, history in (record.get("learning_curves") or {}).items():
         # reproduce.py's label: "split N[, seed S], LOSS_SET[_TAG]" (N counted from 1); its parts are
         # compared whole, so that "split 1" is not taken for "split 10"
         parts = label.split(", ")
@@ -164,8 +166,48 @@ def per_run_rows(record):
             for loss_set in sets:
                 if parts[0] == f"split {split + 1}" and (seed is None or f"seed {seed}" in parts[1:-1]) \
                         and parts[-1].split("_")[0] == loss_set:
-                    val[(split, seed, loss_set)] = (last_val(history, 1), last_val(history, 2))
+                    found[(split, seed, loss_set)] = history
+    return found
+
+
+def per_run_rows(record):
+    """{(split, seed): {loss set: run row}} and the validation rank-1 at the end of each stage."""
+    runs = loss_set_groups(((loss_set, r) for loss_set, entry in record["ours"].items() for r in entry["runs"]),
+                           lambda r: (r["split"], r["seed"]))
+    val = {key: (last_val(history, 1), last_val(history, 2)) for key, history in run_curves(record, runs).items()}
     return runs, val
+
+
+def validation_runs(record):
+    """{(split, seed, stage-1 seed, loss set): run}, each run's validation figure where its learning
+    curve has stage-2 validation points: "rank1" (and "mAP" where the last three all have one) the
+    mean of stage 2's last three validation points, as a fraction like the test's figures, so that
+    the paired effects read them as they read the test's. Runs without a curve or without stage-2
+    points are left out."""
+    runs, _ = per_run_rows(record)
+    stage1 = {(r["split"], r["seed"], loss_set): stage1_seed(r)
+              for loss_set, entry in record["ours"].items() for r in entry["runs"]}
+    out = {}
+    for (split, seed, loss_set), history in run_curves(record, runs).items():
+        points = [h for h in history if isinstance(h, dict) and h.get("kind") == "test" and h.get("stage") == 2
+                  and isinstance(h.get("rank1"), (int, float)) and not math.isnan(h["rank1"])]
+        rank1, m_ap = mean_last3(points, "rank1"), mean_last3(points, "mAP")
+        if rank1 is None:
+            continue
+        run = {"split": split, "seed": seed, "rank1": rank1 / 100}
+        if m_ap is not None:
+            run["mAP"] = m_ap / 100
+        out[(split, seed, stage1[(split, seed, loss_set)], loss_set)] = run
+    return out
+
+
+def validation_lines(runs, digits=1):
+    """The paired effects (:func:`paired_lines`) on validation of ``runs`` (:func:`validation_runs`,
+    of one file or several pooled), each line marked "validation"."""
+    groups = {}
+    for key, run in runs.items():
+        groups.setdefault(key[:3], {})[key[3]] = run
+    return paired_lines(list(groups.values()), digits, prefix="validation, ")
 
 
 def effect_lines(label, pairs, digits=1):
@@ -187,24 +229,26 @@ def effect_lines(label, pairs, digits=1):
         e = paired_summary([100 * (a[k] - b[k]) for a, b in pairs])
         others.append(f"{k} {e['mean']:+.{n}f} ± {e['std']:.{n}f} [{e['ci95'][0]:+.{n}f}, {e['ci95'][1]:+.{n}f}]")
     if others:
-        lines.append(f"{label}, the other ranks: " + ", ".join(others))
+        what = "the other ranks" if any(o.startswith("rank") for o in others) else "mAP"
+        lines.append(f"{label}, {what}: " + ", ".join(others))
     return lines
 
 
-def paired_lines(all_runs, digits=1):
+def paired_lines(all_runs, digits=1, prefix=""):
     """The paired effect of the NCC loss, then of the high-level loss, over ``all_runs`` [{loss set:
     run}] (the runs of one split, seed and stage-1 seed each), where both loss sets of a pair ran;
-    then, over the runs with all four loss sets, the two losses' interaction."""
+    then, over the runs with all four loss sets, the two losses' interaction; each label after
+    ``prefix``."""
     lines = []
     for with_it, without in NCC_PAIRS + HIGH_PAIRS:
         pairs = matched_pairs(all_runs, with_it, without)
         if pairs:
-            lines += effect_lines(f"{with_it} − {without}", pairs, digits)
+            lines += effect_lines(f"{prefix}{with_it} − {without}", pairs, digits)
     # Where all four loss sets ran: does one loss change what the other does? (0 when the effects add up.)
     pairs = interaction_pairs(all_runs, KEYS)
     if pairs:
         (low, plain), (both, high) = NCC_PAIRS  # ("cls+low", "cls"), ("all", "cls+high")
-        lines += effect_lines(f"interaction, ({both} − {high}) − ({low} − {plain})", pairs, digits)
+        lines += effect_lines(f"{prefix}interaction, ({both} − {high}) − ({low} − {plain})", pairs, digits)
     return lines
 
 
@@ -353,6 +397,8 @@ def against_lines(group, baseline, digits=1, reruns_once=False):
 
 
 TENTHS = [i / 10 for i in range(1, 11)]
+VALIDATION_NOTE = ("On validation identities (--validation): each run's figure is the mean of stage 2's last "
+                   "three validation points, rank-1 and mAP (held-out training identities, not the test).")
 
 
 def mean_last3(points, key):
@@ -432,6 +478,9 @@ def main(argv=None):
     p.add_argument("--curves", action="store_true",
                    help="each file's learning curves: validation rank-1 at each tenth of stage 1, the mean of each "
                         "stage's last three validation points (rank-1 and mAP), stage 1's final training loss")
+    p.add_argument("--validation", action="store_true",
+                   help="the paired effects on validation identities too: the mean of stage 2's last three "
+                        "validation points (rank-1 and mAP) of each run, per file and pooled")
     p.add_argument("--reruns-once", action="store_true",
                    help="pool files that share a run when both record the same figures for it (a rerun that "
                         "reproduced it), counting it once; without it such files are not pooled")
@@ -475,6 +524,10 @@ def main(argv=None):
         for line in paired_lines(list(runs.values()), args.digits):
             print(line)
         print()
+        if args.validation:
+            print(VALIDATION_NOTE + "\n")
+            print("\n".join(validation_lines(validation_runs(record), args.digits) or ["(no pair on validation)"]))
+            print()
         if path in curves:
             print("\n".join(curves[path]) + "\n")
     if len(records) > 1:
@@ -489,6 +542,13 @@ def main(argv=None):
             print("\n".join(summary_table(records[0][1], "pooled", ours)) + "\n")
             for line in paired_lines(list(rows.values()), args.digits):
                 print(line)
+            if args.validation:
+                pooled = {}
+                for _, record in records:  # a run counted once (--reruns-once) is the first file's
+                    for key, run in validation_runs(record).items():
+                        pooled.setdefault(key, run)
+                print("\n" + VALIDATION_NOTE + "\n")
+                print("\n".join(validation_lines(pooled, args.digits) or ["(no pair on validation)"]))
     if against:
         print()
         print("\n".join(against))
