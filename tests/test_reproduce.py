@@ -336,6 +336,11 @@ def test_stage2_settings_curves_and_stage1_reuse(tmp_path, run_tool):
     # both stages of both runs finished before with these inputs: reused by their manifests, not trained,
     # and evaluated again from the same weights to the same figures
     assert again.stdout.count("stage2 reused from") == 2 and ": stage2\n" not in again.stdout
+    # each reused stage names the machine that trained it; the results name where the command ran
+    assert again.stdout.count("(manifest matches; trained on ") == 4, again.stdout[-3000:]
+    assert set(json.loads((out / "again.json").read_text())["machine"]) >= {"cpu", "cpu_capability", "torch",
+                                                                            "threads"}
+    assert "machine: " in again.stderr
     assert ": stage1\n" not in again.stdout
     before, now = (json.loads((out / f"{name}.json").read_text())["ours"] for name in ("defaults", "again"))
     assert now == before

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from mspcnn.runtime import configure_threads, free_cores
+from mspcnn import runtime
+from mspcnn.runtime import configure_threads, free_cores, machine_record, machine_text
 
 
 def test_free_cores_is_within_the_machine():
@@ -84,3 +85,21 @@ def test_auto_shares_the_free_cores_among_the_local_workers():
     assert out.returncode == 0, out.stderr
     line, n = out.stdout.splitlines()
     assert line.startswith("1 threads (auto:") and "workers" in line and n == "1"
+
+
+def test_machine_record_names_what_the_arithmetic_depends_on(monkeypatch):
+    """The processor, PyTorch's kernel instruction set, its version and threads; one log line from
+    it, also from an older record that lacks keys; no GPU keys on the CPU."""
+    record = machine_record("cpu")
+    assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["torch"] == torch.__version__ and record["threads"] == torch.get_num_threads()
+    assert isinstance(record["cpu"], str) and record["cpu"] and "gpu" not in record
+    assert machine_text(record) == (f"{record['cpu']} ({record['cpu_capability']}), torch {torch.__version__}, "
+                                    f"{torch.get_num_threads()} threads")
+    assert machine_text({"cpu": "X"}) == "X (?), torch ?, ? threads"
+    assert machine_text({**record, "gpu": "G", "cuda": "12.8"}).endswith(", G (CUDA 12.8)")
+    # without /proc/cpuinfo (another system): what platform knows
+    def no_file(*a, **k):
+        raise OSError("no such file")
+    monkeypatch.setattr("builtins.open", no_file)
+    assert runtime.cpu_model() == (runtime.platform.processor() or runtime.platform.machine() or "unknown")

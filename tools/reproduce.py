@@ -89,7 +89,7 @@ from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
 from mspcnn.cli import add_device_argument, add_input_size_argument, check_numbers, claim_folder, run
 from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_threads_argument,
-                            add_workers_argument, configure_threads)
+                            add_workers_argument, configure_threads, machine_record, machine_text)
 from mspcnn.data.datasets import convert_cuhk01, convert_cuhk03, convert_market1501
 from mspcnn.data.transformer import CROP, image_size_for
 from mspcnn.engine import TrainingError, solve
@@ -324,7 +324,9 @@ def finished_stage(path, inputs, where, stage):
     weights = old.get("weights")
     if (old.get("inputs") == inputs and isinstance(weights, str) and os.path.isfile(weights)
             and sha256(weights) == old.get("weights_sha256")):
-        print(f"== {where}: {stage} reused from {weights} (manifest matches)", flush=True)
+        machine = old.get("machine")  # absent in manifests written before it was recorded
+        trained_on = f"; trained on {machine_text(machine)}" if isinstance(machine, dict) else ""
+        print(f"== {where}: {stage} reused from {weights} (manifest matches{trained_on})", flush=True)
         return old
     return None
 
@@ -345,7 +347,7 @@ def trained_stage(args, solver, db, folder, stage, inputs, where, loss_weights, 
                                        announce=f"== {where}: {stage}", **kw)
     record = {"inputs": inputs, "weights": result.weights, "weights_sha256": sha256(result.weights),
               "iterations": result.iterations, "history": history, "seconds": result.seconds,
-              "resumed_from": state}
+              "resumed_from": state, "machine": machine_record(args.device)}
     atomic_write(path, json.dumps(record, indent=1), mode="w")
     return result.weights, history, result.iterations
 
@@ -406,7 +408,10 @@ def write_results(args, split_ids, seeds, results, chance, histories):
               "paired_high": paired_differences(summary, keys, HIGH_PAIRS),
               "interaction": interaction_differences(summary, keys),
               "chance": {k: 100 * v for k, v in chance.items()} if chance else None,
-              "learning_curves": histories, "args": vars(args)}
+              "learning_curves": histories, "args": vars(args),
+              # where this command ran (its tests, and any stage it trained rather than reused; a
+              # reused stage's manifest names the machine that trained it): runtime.machine_record
+              "machine": machine_record(args.device)}
     atomic_write(os.path.join(args.out, f"{args.name}.json"), json.dumps(record, indent=1), mode="w")
     return summary
 
@@ -529,6 +534,7 @@ def main(argv=None):
         p.error(f"--time-limit must be positive, got {args.time_limit}")
     args.stop_at = None if args.time_limit is None else time.time() + args.time_limit
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
+    print(f"machine: {machine_text(machine_record(args.device))}", file=sys.stderr, flush=True)
     recipe = RECIPES[args.recipe]
     if "datasets" in recipe and args.dataset.split("-")[0] not in recipe["datasets"]:
         p.error(f"--recipe {args.recipe}: only for {', '.join(recipe['datasets'])}")
