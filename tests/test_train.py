@@ -47,6 +47,7 @@ def test_logs_snapshots_and_bit_exact_resume(db, tmp_path):
     assert re.search(r"Iteration 3, lr = 0\.1$", out, re.M)
     assert re.search(r"Test net output #0: rank1 = [\d.]+", out) and "Optimization Done." in out
     assert (tmp_path / "a_iter_4.caffemodel").exists() and (tmp_path / "a_iter_2.solverstate").exists()
+    assert re.search(r"^machine: .+ \(.+\), torch .+, 2 threads$", straight.stderr, re.M)  # what it ran on
 
     train(db, tmp_path / "b", "--solver", STAGE1, "--max-iter", "2", "--snapshot-every", "2",
           "--test-interval", "2")

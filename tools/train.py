@@ -35,7 +35,7 @@ import sys
 from mspcnn.caffe.io import CaffeFormatError
 from mspcnn.cli import add_device_argument, add_input_size_argument, run
 from mspcnn.runtime import (add_cuda_graphs_argument, add_tf32_argument, add_threads_argument,
-                            add_workers_argument, configure_threads)
+                            add_workers_argument, configure_threads, machine_record, machine_text)
 from mspcnn.engine import SIGNAL_EFFECTS, TrainingError, solve
 from mspcnn.train_net import NetDefinitionError
 
@@ -79,6 +79,7 @@ def parse_args(argv=None):
     add_threads_argument(p)
     args = p.parse_args(argv)
     print(f"cpu: {configure_threads(args.threads)}", file=sys.stderr, flush=True)
+    print(f"machine: {machine_text(machine_record(args.device))}", file=sys.stderr, flush=True)
     if args.batch_pairs is not None and args.batch_pairs < 1:
         p.error(f"--batch-pairs must be >= 1, got {args.batch_pairs}")
     if args.workers < 1:
