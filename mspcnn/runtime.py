@@ -23,7 +23,7 @@ PyTorch's convolutions run, and so how their sums round. The same command with t
 trains the same weights bit for bit on the same kind of processor and PyTorch build, and different
 weights on another (on real images, split 0 of CUHK01-100 at stage-1 rate 0.025 gave test rank-1
 66.3% trained on an AMD EPYC with AVX-512, 63.5% on an Intel Xeon with AVX-512); a rerun there is a
-new draw, within the seed-to-seed spread. :func:`machine_record` names the machine, for results
+new draw, as another seed would be. :func:`machine_record` names the machine, for results
 files and stage manifests.
 """
 import os
@@ -57,7 +57,11 @@ def machine_record(device="cpu"):
     record = {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     if str(device).startswith("cuda") and torch.cuda.is_available():
-        record.update(gpu=torch.cuda.get_device_name(torch.device(device)), cuda=torch.version.cuda)
+        try:
+            gpu = torch.cuda.get_device_name(torch.device(device))
+        except (RuntimeError, AssertionError, ValueError):  # a device the tool refuses later, with its message
+            gpu = "unknown"
+        record.update(gpu=gpu, cuda=torch.version.cuda)
     return record
 
 
