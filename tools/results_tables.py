@@ -185,19 +185,16 @@ def validation_runs(record):
     the paired effects read them as they read the test's. Runs without a curve or without stage-2
     points are left out."""
     runs, _ = per_run_rows(record)
-    stage1 = {(r["split"], r["seed"], loss_set): stage1_seed(r)
-              for loss_set, entry in record["ours"].items() for r in entry["runs"]}
     out = {}
     for (split, seed, loss_set), history in run_curves(record, runs).items():
-        points = [h for h in history if isinstance(h, dict) and h.get("kind") == "test" and h.get("stage") == 2
-                  and isinstance(h.get("rank1"), (int, float)) and not math.isnan(h["rank1"])]
+        points = validation_points(history, 2)
         rank1, m_ap = mean_last3(points, "rank1"), mean_last3(points, "mAP")
         if rank1 is None:
             continue
         run = {"split": split, "seed": seed, "rank1": rank1 / 100}
         if m_ap is not None:
             run["mAP"] = m_ap / 100
-        out[(split, seed, stage1[(split, seed, loss_set)], loss_set)] = run
+        out[(split, seed, stage1_seed(runs[(split, seed)][loss_set]), loss_set)] = run
     return out
 
 
@@ -401,6 +398,13 @@ VALIDATION_NOTE = ("On validation identities (--validation): each run's figure i
                    "three validation points, rank-1 and mAP (held-out training identities, not the test).")
 
 
+def validation_points(history, stage):
+    """The validation points of ``stage`` in a learning curve that have a rank-1 (NaN counts as
+    none: a score before any statistics); points that are not such records are passed over."""
+    return [h for h in history if isinstance(h, dict) and h.get("kind") == "test" and h.get("stage") == stage
+            and isinstance(h.get("rank1"), (int, float)) and not math.isnan(h["rank1"])]
+
+
 def mean_last3(points, key):
     """The mean of points' last three values of key, in %; None without points or where one of
     the three lacks a number there (NaN counts as none: a score before any statistics)."""
@@ -430,8 +434,7 @@ def curve_rows(path, record):
                 and isinstance(h.get("rank1" if h["kind"] == "test" else "loss"), number) for h in history):
             raise ValueError(f"{path}: learning curve {label!r}: each point needs \"kind\" (test or train), "
                              "\"stage\" (1 or 2), \"iteration\", and \"rank1\" (test) or \"loss\" (train)")
-        val = {stage: [h for h in history if h["kind"] == "test" and h["stage"] == stage
-                       and not math.isnan(h["rank1"])] for stage in (1, 2)}
+        val = {stage: validation_points(history, stage) for stage in (1, 2)}
         length = max((h["iteration"] for h in history if h["stage"] == 1), default=0)
         at = []
         for share in TENTHS:
@@ -503,6 +506,8 @@ def main(argv=None):
     for path in left_out:
         print(f"{path}: left out, no run has a stage 1 trained with its own seed "
               "(its runs share the stage 1 of another seed: --stage1-seed)\n")
+    # each file's runs on validation (--validation), printed per file and pooled below
+    val_runs = {path: validation_runs(record) for path, record in records} if args.validation else {}
     for path, record in records:
         print(f"{path}: {heading(record)}, in %\n")
         print("\n".join(summary_table(record, path)) + "\n")
@@ -526,7 +531,7 @@ def main(argv=None):
         print()
         if args.validation:
             print(VALIDATION_NOTE + "\n")
-            print("\n".join(validation_lines(validation_runs(record), args.digits) or ["(no pair on validation)"]))
+            print("\n".join(validation_lines(val_runs[path], args.digits) or ["(no pair on validation)"]))
             print()
         if path in curves:
             print("\n".join(curves[path]) + "\n")
@@ -544,8 +549,8 @@ def main(argv=None):
                 print(line)
             if args.validation:
                 pooled = {}
-                for _, record in records:  # a run counted once (--reruns-once) is the first file's
-                    for key, run in validation_runs(record).items():
+                for path, _ in records:  # a run counted once (--reruns-once) is the first file's
+                    for key, run in val_runs[path].items():
                         pooled.setdefault(key, run)
                 print("\n" + VALIDATION_NOTE + "\n")
                 print("\n".join(validation_lines(pooled, args.digits) or ["(no pair on validation)"]))
