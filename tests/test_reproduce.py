@@ -1,6 +1,7 @@
 """tools/reproduce.py end to end on a fabricated CUHK01 (two seeded splits,
 single-shot CMC) with minimal training."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -78,6 +79,51 @@ def test_a_finished_stage_is_reused_only_with_its_inputs_and_weights(tmp_path, c
         assert reproduce.finished_stage(str(path), inputs, "w", "stage2") is None
     assert reproduce.finished_stage(str(tmp_path / "none.json"), inputs, "w", "stage2") is None
     assert "reused" not in capsys.readouterr().out
+
+
+def test_a_stopped_stage_records_the_machine_of_each_part(tmp_path, capsys):
+    """stop_if_stopped writes the resume record with the machine of every part so far;
+    resume_point gives them back (a record of a version that did not write them: one part of
+    unknown machine); a record that is not an object, or of other inputs, is removed; a finished
+    stage resumed from a part on another machine says so when it is reused."""
+    from types import SimpleNamespace
+
+    from conftest import load_tool
+
+    reproduce = load_tool("reproduce")
+    state = tmp_path / "stage1_iter_7.solverstate"
+    state.write_bytes(b"state")
+    (tmp_path / "stage1_iter_7.caffemodel").write_bytes(b"weights")
+    partial = str(tmp_path / "stage1.partial.json")
+    inputs = {"solver": "abc"}
+    amd = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "torch": "2.13.0", "threads": 2}
+    xeon = dict(amd, cpu="Intel Xeon")
+    result = SimpleNamespace(stopped_by="time limit", snapshots=[(7, str(state))], history=[[7, 0.5]],
+                             iterations=7, weights=str(tmp_path / "stage1_iter_7.caffemodel"))
+    with pytest.raises(reproduce.Stopped, match="the same command resumes it"):
+        reproduce.stop_if_stopped(result, "split 1", "stage 1", partial, inputs, [[0, 0.1]],
+                                  [{"machine": amd, "iterations": 7}])
+    got, history, parts = reproduce.resume_point(partial, inputs, "split 1", "stage1")
+    assert (got, history, parts) == (str(state), [[0, 0.1], [7, 0.5]], [{"machine": amd, "iterations": 7}])
+    assert reproduce.other_machine_parts(parts, amd) == [] and reproduce.other_machine_parts(parts, xeon) == parts
+    assert reproduce.parts_text(parts) == "AMD EPYC (AVX512), torch 2.13.0, 2 threads to iteration 7"
+    record = json.loads(open(partial).read())
+    del record["parts"]  # as written before the machines were recorded
+    open(partial, "w").write(json.dumps(record))
+    assert reproduce.resume_point(partial, inputs, "w", "stage1")[2] == [{"machine": None, "iterations": None}]
+    assert reproduce.parts_text([{"machine": None, "iterations": None}]) == "a machine not recorded"
+    for bad in ("[1, 2]", json.dumps(dict(record, inputs={"solver": "other"})), json.dumps(dict(record, solverstate=3))):
+        open(partial, "w").write(bad)
+        assert reproduce.resume_point(partial, inputs, "w", "stage1") == (None, [], [])
+        assert not os.path.exists(partial)
+    capsys.readouterr()
+    manifest = tmp_path / "stage1.manifest.json"
+    manifest.write_text(json.dumps({"inputs": inputs, "weights": result.weights, "machine": xeon,
+                                    "weights_sha256": reproduce.sha256(result.weights),
+                                    "earlier_parts": [{"machine": amd, "iterations": 7}]}))
+    assert reproduce.finished_stage(str(manifest), inputs, "split 1", "stage1") is not None
+    assert ("trained on Intel Xeon (AVX512), torch 2.13.0, 2 threads, resumed from a part trained on AMD EPYC "
+            "(AVX512), torch 2.13.0, 2 threads to iteration 7)") in capsys.readouterr().out
 
 
 def test_stage1_scale_stretches_the_schedule():
@@ -476,6 +522,12 @@ def test_a_stopped_run_is_not_a_result_and_resumes(tmp_path, run_tool):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stage1 resumed from" in resumed.stdout
     assert (folder / "stage1.manifest.json").exists() and not (folder / "stage1.partial.json").exists()
+    # The manifest names the machine of each part; all three parts ran here, so no note.
+    manifest = json.loads((folder / "stage1.manifest.json").read_text())
+    parts = manifest["earlier_parts"]
+    assert [p["machine"] for p in parts] == [manifest["machine"]] * 2, parts
+    assert 0 <= parts[0]["iterations"] < parts[1]["iterations"] < 50, parts
+    assert "note: the earlier part" not in limited.stdout + resumed.stdout
     straight = subprocess.run(command(tmp_path / "straight"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     for stage in ("stage1_cls+high/stage1_iter_50.caffemodel", "cls+high/stage2_iter_2.caffemodel"):

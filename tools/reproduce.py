@@ -218,15 +218,16 @@ class Stopped(Exception):
     """Training was stopped by a signal (SIGINT, SIGTERM): the run is not finished."""
 
 
-def stop_if_stopped(result, where, stage, partial=None, inputs=None, history=()):
+def stop_if_stopped(result, where, stage, partial=None, inputs=None, history=(), parts=()):
     """Raise Stopped when a signal stopped the training. With ``partial``, first record there the
-    stage's inputs, its last snapshot and its validation history so far: the next invocation with
-    the same inputs resumes from that snapshot (:func:`resume_point`)."""
+    stage's inputs, its last snapshot, its validation history so far and the machine of each part
+    trained so far (``parts``: {"machine", "iterations"}, the last one this part): the next
+    invocation with the same inputs resumes from that snapshot (:func:`resume_point`)."""
     if result.stopped_by:
         resumable = ""
         if partial and result.snapshots:
             record = {"inputs": inputs, "solverstate": result.snapshots[-1][1],
-                      "history": list(history) + list(result.history)}
+                      "history": list(history) + list(result.history), "parts": list(parts)}
             atomic_write(partial, json.dumps(record, indent=1), mode="w")
             resumable = "; the same command resumes it from that snapshot"
         raise Stopped(f"{where}: {stage} stopped by {result.stopped_by} after iteration {result.iterations} "
@@ -234,20 +235,37 @@ def stop_if_stopped(result, where, stage, partial=None, inputs=None, history=())
 
 
 def resume_point(partial, inputs, where, stage):
-    """(solverstate, history so far) of a stopped run of this stage with the same inputs, whose
-    snapshot is still there, else (None, []) (and an unmatched record is removed)."""
+    """(solverstate, history so far, the parts trained so far) of a stopped run of this stage with
+    the same inputs, whose snapshot is still there, else (None, [], []) (and an unmatched record is
+    removed). Each part is {"machine": machine_record or None where a version before 2026-12-07
+    did not record it, "iterations": the iteration it stopped at or None}."""
     try:
         with open(partial) as f:
             old = json.load(f)
     except (OSError, json.JSONDecodeError):
-        return None, []
-    state = old.get("solverstate")
-    if old.get("inputs") == inputs and state and os.path.isfile(state) \
+        return None, [], []
+    state = old.get("solverstate") if isinstance(old, dict) else None
+    if isinstance(state, str) and old.get("inputs") == inputs and os.path.isfile(state) \
             and os.path.isfile(state[:-len(".solverstate")] + ".caffemodel"):
         print(f"== {where}: {stage} resumed from {state} (stopped earlier with the same inputs)", flush=True)
-        return state, old.get("history", [])
+        parts = old.get("parts")
+        if not isinstance(parts, list):
+            parts = [{"machine": None, "iterations": None}]
+        return state, old.get("history", []), parts
     os.remove(partial)
-    return None, []
+    return None, [], []
+
+
+def parts_text(parts):
+    """The machines of a stage's earlier parts, for the log: "Y to iteration N", joined by ", "."""
+    return ", ".join((machine_text(p["machine"]) if isinstance(p.get("machine"), dict) else "a machine not recorded")
+                     + (f" to iteration {p['iterations']}" if p.get("iterations") is not None else "")
+                     for p in parts if isinstance(p, dict))
+
+
+def other_machine_parts(parts, machine):
+    """The earlier parts (:func:`resume_point`) not known to have trained on ``machine``."""
+    return [p for p in parts if isinstance(p, dict) and p.get("machine") != machine]
 
 
 def stage_inputs(args, solver, net, db, overrides, loss_weights, **extra):
@@ -270,18 +288,30 @@ def run_stage(args, solver, db, partial, inputs, where, stage, loss_weights, wei
     """Train one stage with mspcnn.engine.solve, resuming it from the stopped run recorded in
     ``partial`` when its inputs match (:func:`resume_point`; else ``announce`` is printed, if
     given); a stop records it there again and raises Stopped. Returns (SolveResult, the validation
-    history of the whole stage, the solverstate it resumed from or None)."""
-    state, before = resume_point(partial, inputs, where, stage.replace(" ", ""))
+    history of the whole stage, the solverstate it resumed from or None, the earlier parts'
+    machines, :func:`resume_point`)."""
+    state, before, parts = resume_point(partial, inputs, where, stage.replace(" ", ""))
     if state is None and announce:
         print(announce, flush=True)
+    here = machine_record(args.device)
+    others = other_machine_parts(parts, here)
+    if others:
+        known = any(isinstance(p.get("machine"), dict) for p in others)
+        print(f"== {where}: note: the earlier part trained on {parts_text(others)}, this part on "
+              f"{machine_text(here)}: " + ("the stage will match an uninterrupted run on neither" if known else
+                                           "if that was another kind of processor, the stage will match an "
+                                           "uninterrupted run on neither") +
+              " (another draw, as another seed would be: README, \"A rerun reproduces on the same kind of "
+              "processor only\")", flush=True)
     result = solve(solver, db, weights=None if state else weights, snapshot=state, device=args.device,
                    batch_pairs=args.batch_pairs, input_size=args.input_size, workers=args.workers, tf32=args.tf32,
                    stop_at=args.stop_at, cuda_graphs=args.cuda_graphs,
                    loss_weights=loss_weights, **kw)
-    stop_if_stopped(result, where, stage, partial, inputs, before)
+    stop_if_stopped(result, where, stage, partial, inputs, before,
+                    list(parts) + [{"machine": here, "iterations": result.iterations}])
     if os.path.exists(partial):
         os.remove(partial)
-    return result, list(before) + list(result.history), state
+    return result, list(before) + list(result.history), state, parts
 
 
 def stretched_schedule(solver, scale):
@@ -326,6 +356,10 @@ def finished_stage(path, inputs, where, stage):
             and sha256(weights) == old.get("weights_sha256")):
         machine = old.get("machine")  # absent in manifests written before it was recorded
         trained_on = f"; trained on {machine_text(machine)}" if isinstance(machine, dict) else ""
+        earlier = old.get("earlier_parts")
+        others = other_machine_parts(earlier, machine) if isinstance(earlier, list) else []
+        if trained_on and others:
+            trained_on += f", resumed from a part trained on {parts_text(others)}"
         print(f"== {where}: {stage} reused from {weights} (manifest matches{trained_on})", flush=True)
         return old
     return None
@@ -342,12 +376,14 @@ def trained_stage(args, solver, db, folder, stage, inputs, where, loss_weights, 
     old = finished_stage(path, inputs, where, stage)
     if old is not None:
         return old["weights"], old.get("history", []), old.get("iterations", 0)
-    result, history, state = run_stage(args, solver, db, os.path.join(folder, f"{stage}.partial.json"), inputs,
+    result, history, state, parts = run_stage(args, solver, db, os.path.join(folder, f"{stage}.partial.json"), inputs,
                                        where, stage.replace("stage", "stage "), loss_weights, weights=weights,
                                        announce=f"== {where}: {stage}", **kw)
     record = {"inputs": inputs, "weights": result.weights, "weights_sha256": sha256(result.weights),
               "iterations": result.iterations, "history": history, "seconds": result.seconds,
               "resumed_from": state, "machine": machine_record(args.device)}
+    if parts:
+        record["earlier_parts"] = parts  # the machines of the parts before a resume
     atomic_write(path, json.dumps(record, indent=1), mode="w")
     return result.weights, history, result.iterations
 
