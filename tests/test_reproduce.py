@@ -124,6 +124,9 @@ def test_a_stopped_stage_records_the_machine_of_each_part(tmp_path, capsys):
     assert reproduce.finished_stage(str(manifest), inputs, "split 1", "stage1") is not None
     assert ("trained on Intel Xeon (AVX512), torch 2.13.0, 2 threads, resumed from a part trained on AMD EPYC "
             "(AVX512), torch 2.13.0, 2 threads to iteration 7)") in capsys.readouterr().out
+    # the results JSON's "trained_on" of a run: each part's machine in order, None where unrecorded
+    assert reproduce.trained_on(json.loads(manifest.read_text())) == [amd, xeon]
+    assert reproduce.trained_on({"inputs": inputs}) == [None]
 
 
 def test_stage1_scale_stretches_the_schedule():
@@ -387,6 +390,11 @@ def test_stage2_settings_curves_and_stage1_reuse(tmp_path, run_tool):
     assert set(json.loads((out / "again.json").read_text())["machine"]) >= {"cpu", "cpu_capability", "torch",
                                                                             "threads"}
     assert "machine: " in again.stderr
+    # and each run names the machines that trained its two stages: one part each, by the first command
+    trainer = json.loads((out / "defaults.json").read_text())["machine"]
+    for entry in json.loads((out / "again.json").read_text())["ours"].values():
+        for run in entry["runs"]:
+            assert run["trained_on"] == {"stage1": [trainer], "stage2": [trainer]}, run
     assert ": stage1\n" not in again.stdout
     before, now = (json.loads((out / f"{name}.json").read_text())["ours"] for name in ("defaults", "again"))
     assert now == before

@@ -388,3 +388,26 @@ def test_validation_pairs_the_mean_of_stage_2s_last_three_points(tmp_path, run_t
     pooled = proc.stdout.split("Pooled:")[1]
     assert "validation, cls+low − cls, rank-1, 3 paired run(s): +0.50, -1.50, +0.50" in pooled
     assert f"{path2}: " in proc.stdout and "validation, cls+low − cls, rank-1, 1 paired run(s): +0.50" in proc.stdout
+
+
+def test_machines_that_trained_the_runs_are_named(tmp_path, run_tool):
+    """A file whose runs record "trained_on" (reproduce.py since 2026-12-07) gets a line naming
+    each machine with its runs, the runs without a record and those trained on two machines; a
+    file without any such record gets no line."""
+    xeon = {"cpu": "Intel Xeon", "cpu_capability": "AVX512", "torch": "2.13.0", "threads": 2}
+    amd = dict(xeon, cpu="AMD EPYC")
+    rec = record({"cls": [0.20, 0.22, 0.24], "cls+low": [0.21, 0.22, 0.27]})
+    cls_runs, low_runs = rec["ours"]["cls"]["runs"], rec["ours"]["cls+low"]["runs"]
+    for run in cls_runs[:2] + low_runs[:2]:
+        run["trained_on"] = {"stage1": [xeon], "stage2": [xeon]}
+    low_runs[2]["trained_on"] = {"stage1": [amd, xeon], "stage2": [None]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rec))
+    proc = run_tool("results_tables.py", path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("Trained on: Intel Xeon (AVX512), torch 2.13.0, 2 threads (5 runs); AMD EPYC (AVX512), torch 2.13.0, "
+            "2 threads (1 run); a machine not recorded (1 run); 1 run(s) without a record; 1 run(s) on more than "
+            "one machine") in proc.stdout
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(record({"cls": [0.20]})))
+    assert "Trained on" not in run_tool("results_tables.py", plain).stdout

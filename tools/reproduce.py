@@ -371,11 +371,11 @@ def trained_stage(args, solver, db, folder, stage, inputs, where, loss_weights, 
     (:func:`finished_stage`), else trained (:func:`run_stage`, resuming a stopped run with the
     same inputs) and then recorded in FOLDER/<stage>.manifest.json. An unfinished stage gets no
     manifest (never reused), only the record to resume from. Returns (weights, the stage's
-    validation history, its iterations)."""
+    validation history, its iterations, the machines that trained it: :func:`trained_on`)."""
     path = os.path.join(folder, f"{stage}.manifest.json")
     old = finished_stage(path, inputs, where, stage)
     if old is not None:
-        return old["weights"], old.get("history", []), old.get("iterations", 0)
+        return old["weights"], old.get("history", []), old.get("iterations", 0), trained_on(old)
     result, history, state, parts = run_stage(args, solver, db, os.path.join(folder, f"{stage}.partial.json"), inputs,
                                        where, stage.replace("stage", "stage "), loss_weights, weights=weights,
                                        announce=f"== {where}: {stage}", **kw)
@@ -385,7 +385,17 @@ def trained_stage(args, solver, db, folder, stage, inputs, where, loss_weights, 
     if parts:
         record["earlier_parts"] = parts  # the machines of the parts before a resume
     atomic_write(path, json.dumps(record, indent=1), mode="w")
-    return result.weights, history, result.iterations
+    return result.weights, history, result.iterations, trained_on(record)
+
+
+def trained_on(manifest):
+    """The machines that trained a finished stage, from its manifest, for the results JSON: the
+    machine_record of each part in order, the last the one that finished it (None for a machine a
+    version before 2026-12-07 did not record)."""
+    parts = manifest.get("earlier_parts")
+    earlier = [p.get("machine") for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+    machine = manifest.get("machine")
+    return earlier + [machine if isinstance(machine, dict) else None]
 
 
 def train_stage1(args, db, folder, loss_weights, seed, solver, where):
@@ -404,7 +414,8 @@ def train_stage1(args, db, folder, loss_weights, seed, solver, where):
 
 
 def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, stage2, where, tag):
-    """Stage 1 (or its reuse), then stage 2 from its weights; returns (final weights, history), the
+    """Stage 1 (or its reuse), then stage 2 from its weights; returns (final weights, history, the
+    machines that trained each stage: {"stage1": [...], "stage2": [...]}, :func:`trained_on`), the
     history's iterations counted from the start of stage 1. Raises what mspcnn.engine.solve raises."""
     # A stretched stage 1 has its own folder: a stage 1 of the recipe's length beside it stays.
     key = ("cls" if loss_weights[1] == 0 else "cls+high") + scale_tag(args)
@@ -413,10 +424,10 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
         seed1 = args.stage1_seed
     else:
         folder, seed1 = os.path.join(split_dir, f"stage1_{key}"), seed
-    weights, history, offset = train_stage1(args, db, folder, loss_weights, seed1, stage1, where)
+    weights, history, offset, machines1 = train_stage1(args, db, folder, loss_weights, seed1, stage1, where)
     history = [dict(h, stage=1) for h in history]
     if args.iters2 == 0:
-        return weights, history
+        return weights, history, {"stage1": machines1}
     run = os.path.join(split_dir, name + tag)
     ncc = {k: getattr(args, k) for k, _ in STAGE2_OPTIONS if k != "lr2"} if loss_weights[2] else None
     net = prepare_net(stage2, run, "stage2_net.prototxt", bn_maf=args.bn_maf, ncc=ncc)
@@ -426,11 +437,11 @@ def train_both_stages(args, db, split_dir, name, loss_weights, seed, stage1, sta
     w_cls, w_high, w_low = loss_weights
     weights_low = {"loss_low": w_low} if args.w_low is None or w_low == 0 else {}
     inputs = stage_inputs(args, stage2, net, db, overrides, loss_weights, stage1_weights_sha256=sha256(weights))
-    final, history2, _ = trained_stage(args, stage2, db, run, "stage2", inputs, where,
-                                       {"loss_cls": w_cls, "loss_high": w_high, **weights_low},
-                                       weights=weights, overrides=overrides, net=net)
+    final, history2, _, machines2 = trained_stage(args, stage2, db, run, "stage2", inputs, where,
+                                                  {"loss_cls": w_cls, "loss_high": w_high, **weights_low},
+                                                  weights=weights, overrides=overrides, net=net)
     history += [dict(h, stage=2, iteration=h["iteration"] + offset) for h in history2]
-    return final, history
+    return final, history, {"stage1": machines1, "stage2": machines2}
 
 
 def write_results(args, split_ids, seeds, results, chance, histories):
@@ -445,8 +456,8 @@ def write_results(args, split_ids, seeds, results, chance, histories):
               "interaction": interaction_differences(summary, keys),
               "chance": {k: 100 * v for k, v in chance.items()} if chance else None,
               "learning_curves": histories, "args": vars(args),
-              # where this command ran (its tests, and any stage it trained rather than reused; a
-              # reused stage's manifest names the machine that trained it): runtime.machine_record
+              # where this command ran (its tests, and any stage it trained rather than reused; each
+              # run's "trained_on" names the machines that trained its stages): runtime.machine_record
               "machine": machine_record(args.device)}
     atomic_write(os.path.join(args.out, f"{args.name}.json"), json.dumps(record, indent=1), mode="w")
     return summary
@@ -652,8 +663,8 @@ def main(argv=None):
                     tag += f"_stage1seed{args.stage1_seed}"
                 where = f"split {split + 1}" + ("" if seed is None else f", seed {seed}") + f", {name}{tag}"
                 try:
-                    weights, history = train_both_stages(args, db, split_dir, name, weights3, seed, stage1,
-                                                         stage2, where, tag)
+                    weights, history, machines = train_both_stages(args, db, split_dir, name, weights3, seed,
+                                                                   stage1, stage2, where, tag)
                 except (TrainingError, CaffeFormatError, NetDefinitionError, FileNotFoundError) as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2
@@ -666,7 +677,8 @@ def main(argv=None):
                 if chance is None:
                     chance = chance_level(args.dataset, feats, args.seed)
                 results[name].append(dict(row, split=split, seed=seed, weights=weights,
-                                          stage1_seed=seed if args.stage1_seed is None else args.stage1_seed))
+                                          stage1_seed=seed if args.stage1_seed is None else args.stage1_seed,
+                                          trained_on=machines))
                 histories[where] = history
                 write_results(args, split_ids, seeds, results, chance, histories)  # a crash loses nothing
                 draw(args, histories)

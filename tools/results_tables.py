@@ -19,6 +19,7 @@ tools/sweep_stage2.py), as docs/RESULTS.md shows them.
   training pairs, but not the same stage 1, since that loss trains in both stages).
   Over the runs with all four loss sets, the interaction of the two losses: (all - cls+high) -
   (cls+low - cls) per run, 0 where their effects add up.
+  Where the runs record the machines that trained them ("trained_on"), a "Trained on:" line.
 * Several JSON files: each file's tables and paired effect, then the runs of all files pooled (the
   loss sets' mean +- standard deviation and the paired effect over every run) when the files are
   runs of one experiment: the same dataset, recipe and training settings (input size, validation
@@ -58,6 +59,7 @@ import math
 import sys
 
 from mspcnn.cli import run
+from mspcnn.runtime import machine_text
 from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, figure_differences, interaction_pairs, loss_set_groups,
                                matched_pairs, p_values_text, paired_summary, run_summary)
 
@@ -152,6 +154,31 @@ def summary_table(record, name, ours=None):
 def last_val(history, stage):
     tests = [h for h in history if h.get("kind") == "test" and h.get("stage") == stage]
     return 100 * tests[-1]["rank1"] if tests else None
+
+
+def machines_line(record):
+    """"Trained on: ..." from the runs' "trained_on" (written by reproduce.py since 2026-12-07:
+    the machine of each part of each stage): each machine with the number of runs it trained a
+    stage or a part of, and the runs trained on more than one; None where no run records it. A
+    training is bit-for-bit repeatable only on the same kind of machine (README, reproduce.py)."""
+    counts, mixed, unrecorded = {}, 0, 0
+    for entry in record["ours"].values():
+        for run_ in entry["runs"]:
+            stages = run_.get("trained_on")
+            if not isinstance(stages, dict):
+                unrecorded += 1
+                continue
+            texts = {machine_text(m) if isinstance(m, dict) else "a machine not recorded"
+                     for parts in stages.values() if isinstance(parts, list) for m in parts}
+            for text in texts:
+                counts[text] = counts.get(text, 0) + 1
+            mixed += len(texts) > 1
+    if not counts:
+        return None
+    items = [f"{text} ({n} run{'s' if n != 1 else ''})" for text, n in counts.items()]
+    if unrecorded:
+        items.append(f"{unrecorded} run(s) without a record")
+    return "Trained on: " + "; ".join(items) + (f"; {mixed} run(s) on more than one machine" if mixed else "")
 
 
 def run_curves(record, runs):
@@ -526,6 +553,9 @@ def main(argv=None):
                              + f", **{100 * row[s]['rank1']:.1f}**")
             print(f"| {split} | {seed} | " + " | ".join(cells) + " |")
         print()
+        machines = machines_line(record)
+        if machines:
+            print(machines + "\n")
         for line in paired_lines(list(runs.values()), args.digits):
             print(line)
         print()
