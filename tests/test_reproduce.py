@@ -112,7 +112,8 @@ def test_a_stopped_stage_records_the_machine_of_each_part(tmp_path, capsys):
     open(partial, "w").write(json.dumps(record))
     assert reproduce.resume_point(partial, inputs, "w", "stage1")[2] == [{"machine": None, "iterations": None}]
     assert reproduce.parts_text([{"machine": None, "iterations": None}]) == "a machine not recorded"
-    for bad in ("[1, 2]", json.dumps(dict(record, inputs={"solver": "other"})), json.dumps(dict(record, solverstate=3))):
+    for bad in ("[1, 2]", json.dumps(dict(record, inputs={"solver": "other"})),
+                json.dumps(dict(record, solverstate=3))):
         open(partial, "w").write(bad)
         assert reproduce.resume_point(partial, inputs, "w", "stage1") == (None, [], [])
         assert not os.path.exists(partial)

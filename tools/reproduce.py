@@ -376,9 +376,9 @@ def trained_stage(args, solver, db, folder, stage, inputs, where, loss_weights, 
     old = finished_stage(path, inputs, where, stage)
     if old is not None:
         return old["weights"], old.get("history", []), old.get("iterations", 0), trained_on(old)
-    result, history, state, parts = run_stage(args, solver, db, os.path.join(folder, f"{stage}.partial.json"), inputs,
-                                       where, stage.replace("stage", "stage "), loss_weights, weights=weights,
-                                       announce=f"== {where}: {stage}", **kw)
+    result, history, state, parts = run_stage(args, solver, db, os.path.join(folder, f"{stage}.partial.json"),
+                                              inputs, where, stage.replace("stage", "stage "), loss_weights,
+                                              weights=weights, announce=f"== {where}: {stage}", **kw)
     record = {"inputs": inputs, "weights": result.weights, "weights_sha256": sha256(result.weights),
               "iterations": result.iterations, "history": history, "seconds": result.seconds,
               "resumed_from": state, "machine": machine_record(args.device)}

@@ -59,9 +59,9 @@ import math
 import sys
 
 from mspcnn.cli import run
-from mspcnn.runtime import machine_text
 from mspcnn.evaluation import (HIGH_PAIRS, NCC_PAIRS, figure_differences, interaction_pairs, loss_set_groups,
                                matched_pairs, p_values_text, paired_summary, run_summary)
+from mspcnn.runtime import machine_text
 
 KEYS = ("rank1", "rank5", "rank10", "rank20", "mAP")
 # reproduce.py's options that change what a run computes: files pool only when they agree on these
