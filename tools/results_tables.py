@@ -168,8 +168,8 @@ def machines_line(record):
             if not isinstance(stages, dict):
                 unrecorded += 1
                 continue
-            texts = {machine_text(m) if isinstance(m, dict) else "a machine not recorded"
-                     for parts in stages.values() if isinstance(parts, list) for m in parts}
+            texts = dict.fromkeys(machine_text(m) if isinstance(m, dict) else "a machine not recorded"
+                                  for parts in stages.values() if isinstance(parts, list) for m in parts)
             for text in texts:
                 counts[text] = counts.get(text, 0) + 1
             mixed += len(texts) > 1
