@@ -75,7 +75,6 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   (cls+low − cls) per split and seed, 0 where the two losses' effects add up (JSON "interaction").
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -99,6 +98,8 @@ from mspcnn.metrics import euclidean_distances, market1501_official
 from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
 from mspcnn.plots import draw_curves
+from mspcnn.stages import Stopped, message_sha256, sha256
+from mspcnn import stages
 from mspcnn.train_net import NetDefinitionError, edit_net, resolve_net_path, solver_net
 
 # docs/method.md, section 5: rank-1 (%) of MSP-CNN (and mAP for Market-1501).
@@ -180,18 +181,6 @@ def chance_level(dataset, feats, seed):
     return {k: float(np.mean([r[k] for r in runs])) for k in keys + ("mAP",)}
 
 
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def message_sha256(message):
-    """SHA-256 of what a parsed prototxt says rather than of its file's bytes: the message, serialised
-    deterministically. An edit of the file's comments or layout keeps a manifest (and a stopped run's
-    record) valid; a changed value does not."""
-    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
-
-
 def run_tag(args, uses_low):
     """The suffix naming a run's stage-2 settings: '_lr0.005' for --lr2, and for a loss set with the
     NCC loss '_wlow2_pf0.3_nc0.8_bal1' for --w-low/--pos-floor/--neg-ceiling/--balance-pairs; '' for the
@@ -214,60 +203,6 @@ def prepare_net(solver_path, folder, filename, bn_maf=None, ncc=None):
     return path
 
 
-class Stopped(Exception):
-    """Training was stopped by a signal (SIGINT, SIGTERM): the run is not finished."""
-
-
-def stop_if_stopped(result, where, stage, partial=None, inputs=None, history=(), parts=()):
-    """Raise Stopped when a signal stopped the training. With ``partial``, first record there the
-    stage's inputs, its last snapshot, its validation history so far and the machine of each part
-    trained so far (``parts``: {"machine", "iterations"}, the last one this part): the next
-    invocation with the same inputs resumes from that snapshot (:func:`resume_point`)."""
-    if result.stopped_by:
-        resumable = ""
-        if partial and result.snapshots:
-            record = {"inputs": inputs, "solverstate": result.snapshots[-1][1],
-                      "history": list(history) + list(result.history), "parts": list(parts)}
-            atomic_write(partial, json.dumps(record, indent=1), mode="w")
-            resumable = "; the same command resumes it from that snapshot"
-        raise Stopped(f"{where}: {stage} stopped by {result.stopped_by} after iteration {result.iterations} "
-                      f"(snapshot {result.weights}){resumable}; this run is left out of the results")
-
-
-def resume_point(partial, inputs, where, stage):
-    """(solverstate, history so far, the parts trained so far) of a stopped run of this stage with
-    the same inputs, whose snapshot is still there, else (None, [], []) (and an unmatched record is
-    removed). Each part is {"machine": machine_record or None where a version before 2026-12-07
-    did not record it, "iterations": the iteration it stopped at or None}."""
-    try:
-        with open(partial) as f:
-            old = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None, [], []
-    state = old.get("solverstate") if isinstance(old, dict) else None
-    if isinstance(state, str) and old.get("inputs") == inputs and os.path.isfile(state) \
-            and os.path.isfile(state[:-len(".solverstate")] + ".caffemodel"):
-        print(f"== {where}: {stage} resumed from {state} (stopped earlier with the same inputs)", flush=True)
-        parts = old.get("parts")
-        if not isinstance(parts, list):
-            parts = [{"machine": None, "iterations": None}]
-        return state, old.get("history", []), parts
-    os.remove(partial)
-    return None, [], []
-
-
-def parts_text(parts):
-    """The machines of a stage's earlier parts, for the log: "Y to iteration N", joined by ", "."""
-    return ", ".join((machine_text(p["machine"]) if isinstance(p.get("machine"), dict) else "a machine not recorded")
-                     + (f" to iteration {p['iterations']}" if p.get("iterations") is not None else "")
-                     for p in parts if isinstance(p, dict))
-
-
-def other_machine_parts(parts, machine):
-    """The earlier parts (:func:`resume_point`) not known to have trained on ``machine``."""
-    return [p for p in parts if isinstance(p, dict) and p.get("machine") != machine]
-
-
 def stage_inputs(args, solver, net, db, overrides, loss_weights, **extra):
     """What a stage's result depends on: the solver and the net that trains (``net``, or the one the
     solver names) by what they say (:func:`message_sha256`: comments aside), the training records
@@ -282,36 +217,6 @@ def stage_inputs(args, solver, net, db, overrides, loss_weights, **extra):
             "data": sha256(os.path.join(db, "train.json")), "loss_weights": list(loss_weights),
             "overrides": {k: v for k, v in overrides.items() if k != "snapshot_prefix"},
             "batch_pairs": args.batch_pairs, "device": args.device, "tf32": args.tf32}
-
-
-def run_stage(args, solver, db, partial, inputs, where, stage, loss_weights, weights=None, announce=None, **kw):
-    """Train one stage with mspcnn.engine.solve, resuming it from the stopped run recorded in
-    ``partial`` when its inputs match (:func:`resume_point`; else ``announce`` is printed, if
-    given); a stop records it there again and raises Stopped. Returns (SolveResult, the validation
-    history of the whole stage, the solverstate it resumed from or None, the earlier parts'
-    machines, :func:`resume_point`)."""
-    state, before, parts = resume_point(partial, inputs, where, stage.replace(" ", ""))
-    if state is None and announce:
-        print(announce, flush=True)
-    here = machine_record(args.device)
-    others = other_machine_parts(parts, here)
-    if others:
-        known = any(isinstance(p.get("machine"), dict) for p in others)
-        print(f"== {where}: note: the earlier part trained on {parts_text(others)}, this part on "
-              f"{machine_text(here)}: " + ("the stage will match an uninterrupted run on neither" if known else
-                                           "if that was another kind of processor, the stage will match an "
-                                           "uninterrupted run on neither") +
-              " (another draw, as another seed would be: README, \"A rerun reproduces on the same kind of "
-              "processor only\")", flush=True)
-    result = solve(solver, db, weights=None if state else weights, snapshot=state, device=args.device,
-                   batch_pairs=args.batch_pairs, input_size=args.input_size, workers=args.workers, tf32=args.tf32,
-                   stop_at=args.stop_at, cuda_graphs=args.cuda_graphs,
-                   loss_weights=loss_weights, **kw)
-    stop_if_stopped(result, where, stage, partial, inputs, before,
-                    list(parts) + [{"machine": here, "iterations": result.iterations}])
-    if os.path.exists(partial):
-        os.remove(partial)
-    return result, list(before) + list(result.history), state, parts
 
 
 def stretched_schedule(solver, scale):
@@ -339,63 +244,15 @@ def described(args):
     return f"{args.dataset}, recipe {args.recipe}{size}"
 
 
-def finished_stage(path, inputs, where, stage):
-    """The record at PATH (a stage's manifest) of a finished stage with these inputs whose weights
-    are still there, unchanged (by SHA-256): {"weights", "history", "iterations", ...}, and says
-    so; else None (an unreadable or unmatched manifest is left as it is: the training that follows
-    overwrites it)."""
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(old, dict):
-        return None
-    weights = old.get("weights")
-    if (old.get("inputs") == inputs and isinstance(weights, str) and os.path.isfile(weights)
-            and sha256(weights) == old.get("weights_sha256")):
-        machine = old.get("machine")  # absent in manifests written before it was recorded
-        trained_on = f"; trained on {machine_text(machine)}" if isinstance(machine, dict) else ""
-        earlier = old.get("earlier_parts")
-        others = other_machine_parts(earlier, machine) if isinstance(earlier, list) else []
-        if trained_on and others:
-            trained_on += f", resumed from a part trained on {parts_text(others)}"
-        print(f"== {where}: {stage} reused from {weights} (manifest matches{trained_on})", flush=True)
-        return old
-    return None
-
-
 def trained_stage(args, solver, db, folder, stage, inputs, where, loss_weights, weights=None, **kw):
-    """One stage (``stage``: "stage1" or "stage2") whose snapshots, manifest and resume record live
-    in FOLDER: the finished stage recorded there when its manifest matches ``inputs``
-    (:func:`finished_stage`), else trained (:func:`run_stage`, resuming a stopped run with the
-    same inputs) and then recorded in FOLDER/<stage>.manifest.json. An unfinished stage gets no
-    manifest (never reused), only the record to resume from. Returns (weights, the stage's
-    validation history, its iterations, the machines that trained it: :func:`trained_on`)."""
-    path = os.path.join(folder, f"{stage}.manifest.json")
-    old = finished_stage(path, inputs, where, stage)
-    if old is not None:
-        return old["weights"], old.get("history", []), old.get("iterations", 0), trained_on(old)
-    result, history, state, parts = run_stage(args, solver, db, os.path.join(folder, f"{stage}.partial.json"),
-                                              inputs, where, stage.replace("stage", "stage "), loss_weights,
-                                              weights=weights, announce=f"== {where}: {stage}", **kw)
-    record = {"inputs": inputs, "weights": result.weights, "weights_sha256": sha256(result.weights),
-              "iterations": result.iterations, "history": history, "seconds": result.seconds,
-              "resumed_from": state, "machine": machine_record(args.device)}
-    if parts:
-        record["earlier_parts"] = parts  # the machines of the parts before a resume
-    atomic_write(path, json.dumps(record, indent=1), mode="w")
-    return result.weights, history, result.iterations, trained_on(record)
-
-
-def trained_on(manifest):
-    """The machines that trained a finished stage, from its manifest, for the results JSON: the
-    machine_record of each part in order, the last the one that finished it (None for a machine a
-    version before 2026-12-07 did not record)."""
-    parts = manifest.get("earlier_parts")
-    earlier = [p.get("machine") for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
-    machine = manifest.get("machine")
-    return earlier + [machine if isinstance(machine, dict) else None]
+    """One stage trained with mspcnn.engine.solve (from ``weights``, or from a stopped run's
+    solverstate), or reused, or resumed: :func:`mspcnn.stages.trained_stage` in FOLDER. Returns
+    (weights, validation history, iterations, the machines that trained it)."""
+    def train(state):
+        return solve(solver, db, weights=None if state else weights, snapshot=state, device=args.device,
+                     batch_pairs=args.batch_pairs, input_size=args.input_size, workers=args.workers, tf32=args.tf32,
+                     stop_at=args.stop_at, cuda_graphs=args.cuda_graphs, loss_weights=loss_weights, **kw)
+    return stages.trained_stage(folder, stage, inputs, where, train, machine_record(args.device))
 
 
 def train_stage1(args, db, folder, loss_weights, seed, solver, where):
