@@ -45,7 +45,8 @@ all splits, and a table beside the paper's numbers and the chance level (docs/me
   evaluated again from those weights. So a multi-split command stopped part way and run again
   trains only what is unfinished. A stage stopped early (SIGINT, SIGTERM, --time-limit) leaves a
   snapshot and stage{1,2}.partial.json: the same command resumes it from there when its inputs
-  match. To train a finished run again (e.g. to check that it reproduces), give another --out.
+  match (the bookkeeping: mspcnn.stages). To train a finished run again (e.g. to check that it
+  reproduces), give another --out.
 * --input-size HxW: the network's input (default [1]'s 144 x 56, the paper's setting; the cpu64
   recipe's 64 x 24). Another size
   (a study of resolution, e.g. 64x24 as the main job) converts the images at it scaled by 160/144
@@ -83,6 +84,7 @@ import time
 import numpy as np
 import torch
 
+from mspcnn import stages
 from mspcnn.caffe import io as cio
 from mspcnn.caffe import proto
 from mspcnn.caffe.io import CaffeFormatError, atomic_write
@@ -99,7 +101,6 @@ from mspcnn.model import feature_model
 from mspcnn.paths import PROTOTXT_DIR
 from mspcnn.plots import draw_curves
 from mspcnn.stages import Stopped, message_sha256, sha256
-from mspcnn import stages
 from mspcnn.train_net import NetDefinitionError, edit_net, resolve_net_path, solver_net
 
 # docs/method.md, section 5: rank-1 (%) of MSP-CNN (and mAP for Market-1501).
