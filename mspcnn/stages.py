@@ -102,13 +102,13 @@ def other_machine_parts(parts, machine):
 
 
 def run_resumable(partial, inputs, where, stage, train, machine, announce=None):
-    """Run ``train(solverstate or None)`` (it returns an engine.SolveResult), resuming the stopped
-    run recorded in ``partial`` when its inputs match (:func:`resume_point`; else ``announce`` is
-    printed, if given); ``machine`` is this machine's runtime.machine_record, and a note is printed
-    when an earlier part trained on another. A stop records the run there again and raises
-    Stopped; a finished run removes the record. Returns (the result, the validation history of the
+    """Run ``train(solverstate or None)`` (it returns an engine.SolveResult) for ``stage`` ("stage1"
+    or "stage2"), resuming the stopped run recorded in ``partial`` when its inputs match
+    (:func:`resume_point`; else ``announce`` is printed, if given); ``machine`` is this machine's
+    runtime.machine_record, and a note is printed when an earlier part trained on another. A stop
+    records the run there again and raises Stopped; a finished run removes the record. Returns (the result, the validation history of the
     whole stage, the solverstate it resumed from or None, the earlier parts)."""
-    state, before, parts = resume_point(partial, inputs, where, stage.replace(" ", ""))
+    state, before, parts = resume_point(partial, inputs, where, stage)
     if state is None and announce:
         print(announce, flush=True)
     others = other_machine_parts(parts, machine)
@@ -121,7 +121,7 @@ def run_resumable(partial, inputs, where, stage, train, machine, announce=None):
               " (another draw, as another seed would be: README, \"A rerun reproduces on the same kind of "
               "processor only\")", flush=True)
     result = train(state)
-    stop_if_stopped(result, where, stage, partial, inputs, before,
+    stop_if_stopped(result, where, stage.replace("stage", "stage "), partial, inputs, before,
                     list(parts) + [{"machine": machine, "iterations": result.iterations}])
     if os.path.exists(partial):
         os.remove(partial)
@@ -167,8 +167,7 @@ def trained_stage(folder, stage, inputs, where, train, machine):
     if old is not None:
         return old["weights"], old.get("history", []), old.get("iterations", 0), trained_on(old)
     result, history, state, parts = run_resumable(os.path.join(folder, f"{stage}.partial.json"), inputs, where,
-                                                  stage.replace("stage", "stage "), train, machine,
-                                                  announce=f"== {where}: {stage}")
+                                                  stage, train, machine, announce=f"== {where}: {stage}")
     record = {"inputs": inputs, "weights": result.weights, "weights_sha256": sha256(result.weights),
               "iterations": result.iterations, "history": history, "seconds": result.seconds,
               "resumed_from": state, "machine": machine}
