@@ -106,8 +106,9 @@ def run_resumable(partial, inputs, where, stage, train, machine, announce=None):
     or "stage2"), resuming the stopped run recorded in ``partial`` when its inputs match
     (:func:`resume_point`; else ``announce`` is printed, if given); ``machine`` is this machine's
     runtime.machine_record, and a note is printed when an earlier part trained on another. A stop
-    records the run there again and raises Stopped; a finished run removes the record. Returns (the result, the validation history of the
-    whole stage, the solverstate it resumed from or None, the earlier parts)."""
+    records the run there again and raises Stopped; a finished run removes the record. Returns (the
+    result, the validation history of the whole stage, the solverstate it resumed from or None, the
+    earlier parts)."""
     state, before, parts = resume_point(partial, inputs, where, stage)
     if state is None and announce:
         print(announce, flush=True)
